@@ -1,0 +1,114 @@
+"""The architecture of a decoder-only transformer, as one frozen dataclass.
+
+Every family slimllm runs (Llama, Qwen, ChatGLM, Baichuan, OPT) is a point in this space: the
+fields name the maths (which norm, which positions, which MLP), never a family. Family names and
+hub config keys live only in `slimllm.weights.families`. The config is hashable so the JAX
+backend can use it as a static jit argument; runtime settings (batch, cache length, cache dtype,
+attention kind, tp) live elsewhere and never edit it.
+
+Shape letters used across the code: b batch, t query positions, s key positions, e model width,
+h query heads, k kv heads, g heads per kv head, d head dim, f ffn width, v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu", "relu")
+POSITIONS = ("rope", "rope2d", "alibi", "learned")
+ROPE_STYLES = ("half", "interleaved")
+RESIDUALS = ("pre_norm", "post_norm", "normed_input")
+ROPE_SCALINGS = ("llama3", "dynamic_ntk")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab: int  # v
+    width: int  # e
+    n_layers: int
+    n_heads: int  # h
+    n_kv_heads: int  # k
+    head_dim: int  # d
+    ffn_width: int  # f
+    max_len: int  # longest sequence the model was built for (positions table, default cache)
+    norm: str = "rms"  # "rms" | "layer" (with bias)
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # "swiglu": down(silu(gate x) * up x); "gelu" (tanh) / "relu": down(act(up x))
+    pos: str = "rope"  # "rope" | "rope2d" (two position ids, one per half) | "alibi" | "learned"
+    rope_style: str = "half"  # pairs (j, j + r/2) or interleaved (2j, 2j+1) within the rotated part
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # rotate only the first r = fraction * d dims of each head
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len) or
+    # ("dynamic_ntk", trained_len): NTK base scaling chosen from the prompt length.
+    rope_scaling: tuple | None = None
+    rope_f16_freqs: bool = False  # inverse frequencies rounded to float16 (an upstream quirk)
+    pos_offset: int = 0  # learned positions: row = position + offset
+    logn_len: int = 0  # > 0: queries past this position are scaled by log_len(position + 1)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over d on each q and k head before positions
+    residual: str = "pre_norm"  # "pre_norm" | "post_norm" | "normed_input" (alpha * LN(x) + f)
+    residual_alpha: float = 1.0  # scale of the normed input in the "normed_input" residual
+    final_norm: bool = True
+    tied_head: bool = False  # lm_head is the embedding table
+    embed_width: int = 0  # > 0 and != width: embeddings live in a smaller space, projected in/out
+    # Prefix-LM / 2-D positions: the token that opens the generated block, and the mask tokens
+    # whose index anchors the first position id of every token in that block.
+    block_start_id: int = -1
+    block_anchor_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("mlp", self.mlp, MLPS),
+            ("pos", self.pos, POSITIONS),
+            ("rope_style", self.rope_style, ROPE_STYLES),
+            ("residual", self.residual, RESIDUALS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name}={value!r}: expected one of {allowed}")
+        if self.rope_scaling is not None and self.rope_scaling[0] not in ROPE_SCALINGS:
+            raise ValueError(
+                f"ModelConfig.rope_scaling kind {self.rope_scaling[0]!r}: "
+                f"expected one of {ROPE_SCALINGS}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.pos in ("rope", "rope2d") and self.rotary_dim % 2:
+            raise ValueError(f"rotary dim {self.rotary_dim} must be even")
+        if self.pos == "rope2d" and (self.head_dim % 4 or self.block_start_id < 0):
+            raise ValueError("rope2d needs head_dim % 4 == 0 and a block_start_id")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per kv head (g)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (r); rope2d rotates each half with its own id."""
+        if self.pos == "rope2d":
+            return self.head_dim // 2
+        return int(self.head_dim * self.rope_fraction)
+
+    @property
+    def prefix_lm(self) -> bool:
+        """Tokens before the block start see each other bidirectionally."""
+        return self.block_start_id >= 0
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def n_params(self) -> int:
+        """Number of weights (embeddings and head counted once when tied)."""
+        e, f, d = self.width, self.ffn_width, self.head_dim
+        attn = e * d * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = e * f * (3 if self.mlp == "swiglu" else 2)
+        ew = self.embed_width or e
+        head = 0 if self.tied_head else self.vocab * ew
+        return self.n_layers * (attn + mlp) + self.vocab * ew + head

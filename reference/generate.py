@@ -1,0 +1,156 @@
+"""Generation: prefill a batch of prompts, then one decode step per token, in a plain loop.
+
+Prompts of different lengths share one padded prefill: row r writes its L_r real tokens to cache
+slots 0..L_r-1 (pad tokens after them are written too but are never visible to a real query,
+being in its future) and reads its first logits at L_r - 1. Each decode step writes row r's new
+token at slot `lengths[r]`, overwriting padding, so every row computes exactly what it would
+alone. Stopping: max new tokens, EOS ids, stop token sequences, stop strings (HF semantics: the
+stop token is part of the output). The JAX backend's `generate` has the same contract.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kv_cache, positions
+from .config import ModelConfig
+from .model import forward
+from .params import Params
+from .sampling import SamplingConfig, sample
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # generated ids only
+    finish_reason: str  # "length" | "eos" | "stop"
+    logits: list = field(default_factory=list)  # raw logits [v] that produced each id, if asked
+
+
+@dataclass
+class GenerateResult:
+    rows: list[Generation]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+
+@dataclass
+class Stopping:
+    max_new_tokens: int = 64
+    eos_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences
+    stop_strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None  # needed for stop strings
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.stop_strings and self.decode is None:
+            raise ValueError("stop strings need a tokenizer to decode the output")
+
+    def reason(self, ids: list[int]) -> str | None:
+        """Why generation of a row stops after its latest id, or None to continue."""
+        if ids[-1] in self.eos_ids:
+            return "eos"
+        for seq in self.stop_sequences:
+            if len(seq) and tuple(ids[-len(seq) :]) == tuple(seq):
+                return "stop"
+        if self.stop_strings:
+            text = self.decode(ids)
+            if any(s in text for s in self.stop_strings):
+                return "stop"
+        if len(ids) >= self.max_new_tokens:
+            return "length"
+        return None
+
+
+def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int | None) -> int:
+    """Validate prompts and return the cache length to allocate."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    for p in prompts:
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab})")
+    need = longest + max_new_tokens
+    if longest > cfg.max_len:
+        raise ValueError(f"prompt of {longest} tokens is longer than the model's context {cfg.max_len}")
+    if need > cfg.max_len:
+        raise ValueError(
+            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} exceeds the model's "
+            f"context {cfg.max_len}"
+        )
+    if cache_len is not None and need > cache_len:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} "
+                         f"is longer than the cache ({cache_len})")
+    return cache_len or need
+
+
+def pad(prompts, pad_id: int = 0) -> np.ndarray:
+    """Right-pad ragged prompts into [b, T]."""
+    out = np.full((len(prompts), max(len(p) for p in prompts)), pad_id, np.int64)
+    for r, p in enumerate(prompts):
+        out[r, : len(p)] = p
+    return out
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    stopping: Stopping,
+    sampling: SamplingConfig = SamplingConfig(),
+    seeds: int | Sequence[int] = 0,
+    on_token: Callable[[int, int], None] | None = None,
+    cache_len: int | None = None,
+    kv_dtype: str = "float32",
+    return_logits: bool = False,
+) -> GenerateResult:
+    """Generate for each prompt; `on_token(row, id)` is called as each id is chosen."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    b = len(prompts)
+    cache_len = check_prompts(cfg, prompts, stopping.max_new_tokens, cache_len)
+    seeds = np.broadcast_to(np.asarray(seeds, np.int64), (b,)).copy()
+    lengths = np.array([len(p) for p in prompts])
+    seen = np.zeros((b, cfg.vocab), bool)
+    for r, p in enumerate(prompts):
+        seen[r, p] = True
+
+    t0 = time.perf_counter()
+    cache = kv_cache.init_cache(cfg, b, cache_len, kv_dtype)
+    state = positions.start_state(cfg, prompts)
+    tokens = pad(prompts)
+    logits, cache = forward(params, cfg, tokens, cache, positions.positions_for(cfg, state, tokens.shape[1]))
+    last = logits[np.arange(b), lengths - 1]  # [b,v]
+    state = positions.advance(state, lengths)
+    t1 = time.perf_counter()
+
+    rows = [Generation([], "length") for _ in range(b)]
+    done = np.zeros(b, bool)
+    steps = 0
+    for step in range(stopping.max_new_tokens):
+        next_ids = sample(last, sampling, seen, seeds, step)
+        for r in np.flatnonzero(~done):
+            token = int(next_ids[r])
+            rows[r].ids.append(token)
+            if return_logits:
+                rows[r].logits.append(last[r].copy())
+            seen[r, token] = True
+            if on_token:
+                on_token(int(r), token)
+            reason = stopping.reason(rows[r].ids)
+            if reason:
+                rows[r].finish_reason, done[r] = reason, True
+        if done.all():
+            break
+        pos = positions.positions_for(cfg, state, 1)
+        logits, cache = forward(params, cfg, next_ids[:, None], cache, pos)
+        last = logits[:, 0]
+        state = positions.advance(state, 1)
+        steps += 1
+    return GenerateResult(rows, t1 - t0, time.perf_counter() - t1, steps)

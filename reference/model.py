@@ -1,0 +1,105 @@
+"""The whole decoder: one `forward` for prefill and decode.
+
+`forward(params, cfg, tokens, cache, pos)` embeds the tokens, runs every block (attention writes
+the new K/V into the cache, then reads the cache back), applies the final norm and the LM head,
+and returns logits for every input position plus the new cache. Prefill is a call with t > 1 on
+an empty cache, decode a call with t = 1; there is no other path. The three residual layouts:
+  pre_norm      h = x + attn(norm(x));  out = h + mlp(norm(h))         (Llama, Qwen, OPT, ...)
+  post_norm     h = norm(x + attn(x));  out = norm(h + mlp(h))         (OPT-350m)
+  normed_input  n = norm(x); h = a*n + attn(n); m = norm(h); out = a*m + mlp(m)  (GLM-6B)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kv_cache
+from .attention import attention_bias, naive_attention
+from .config import ModelConfig
+from .ops import MLPS, NORMS, linear, rms_norm
+from .params import LayerParams, Params
+from .positions import ROTATIONS, Positions, learned_positions, logn_scale
+
+
+def norm(x, w, b, cfg: ModelConfig):
+    return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
+
+
+def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
+    """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v."""
+    b, t, _ = x.shape
+    d = cfg.head_dim
+    q = linear(x, p.wq, p.bq).reshape(b, t, cfg.n_heads, d)  # [b,t,e] -> [b,t,h,d]
+    k = linear(x, p.wk, p.bk).reshape(b, t, cfg.n_kv_heads, d)  # [b,t,e] -> [b,t,k,d]
+    v = linear(x, p.wv, p.bv).reshape(b, t, cfg.n_kv_heads, d)
+    if cfg.qk_norm:
+        q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
+        k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
+    rotate = ROTATIONS[cfg.pos]
+    q, k = rotate(q, cfg, pos), rotate(k, cfg, pos)
+    if cfg.logn_len:
+        q = q * logn_scale(cfg, pos)[:, :, None, None]
+    return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
+
+
+def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias):
+    """Self-attention sublayer: [b,t,e] -> [b,t,e], writing this layer's K/V into the cache."""
+    b, t, _ = x.shape
+    q, k, v = qkv(x, p, cfg, pos)
+    cache = kv_cache.write(cache, layer, k, v, pos.slots)
+    keys, values = kv_cache.read(cache, layer)  # [b,k,s,d]
+    o = naive_attention(q, keys, values, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
+    return linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo), cache
+
+
+def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias):
+    """One transformer block in the config's residual layout."""
+    mlp = MLPS[cfg.mlp]
+    if cfg.residual == "pre_norm":
+        a, cache = attention_block(
+            norm(x, p.attn_norm, p.attn_norm_b, cfg), p, cfg, cache, layer, pos, bias
+        )
+        h = x + a
+        return h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg), p), cache
+    if cfg.residual == "post_norm":
+        a, cache = attention_block(x, p, cfg, cache, layer, pos, bias)
+        h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
+        return norm(h + mlp(h, p), p.mlp_norm, p.mlp_norm_b, cfg), cache
+    n = norm(x, p.attn_norm, p.attn_norm_b, cfg)  # normed_input
+    a, cache = attention_block(n, p, cfg, cache, layer, pos, bias)
+    h = np.float32(cfg.residual_alpha) * n + a
+    m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+    return np.float32(cfg.residual_alpha) * m + mlp(m, p), cache
+
+
+def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
+    """Token (and learned position) embeddings: [b,t] -> [b,t,e]."""
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
+        raise ValueError(f"token id out of range [0, {cfg.vocab}): {tokens.min()}..{tokens.max()}")
+    x = params.embed[tokens].astype(np.float32)  # [b,t] -> [b,t,e']
+    if params.proj_in is not None:
+        x = x @ params.proj_in  # [b,t,e'] -> [b,t,e]
+    if cfg.pos == "learned":
+        x = x + learned_positions(params.pos_embed, cfg, pos)
+    return x
+
+
+def unembed(params: Params, cfg: ModelConfig, x):
+    """Final norm, output projection and LM head: [b,t,e] -> logits [b,t,v]."""
+    if cfg.final_norm:
+        x = norm(x, params.final_norm, params.final_norm_b, cfg)
+    if params.proj_out is not None:
+        x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
+    head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
+    return (x @ head).astype(np.float32)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions):
+    """tokens [b,t] at positions `pos` -> (logits [b,t,v], new cache)."""
+    tokens = np.asarray(tokens)
+    kv_cache.check_fits(cache, pos.slots)
+    x = embed(params, cfg, tokens, pos)
+    bias = attention_bias(cfg, pos, cache.max_len)
+    for i, layer in enumerate(params.layers):
+        x, cache = block(x, layer, cfg, cache, i, pos, bias)
+    return unembed(params, cfg, x), cache

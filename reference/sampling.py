@@ -1,0 +1,154 @@
+"""Choosing the next token: logits processors with Hugging Face semantics and a seeded sampler.
+
+Order and rules follow `transformers` generate(): repetition penalty (score < 0 ? score * p :
+score / p over every id in the prompt and the output so far), then temperature, top-k (ties with
+the k-th value are kept), top-p (sort ascending, drop tokens whose cumulative probability is
+<= 1 - p, so the token that crosses p is kept), min-p (drop probabilities < min_p * max). Greedy
+is argmax after the penalty (lowest id on ties).
+
+Randomness is counter-based: the uniform number of row r at step n is a pure function of
+(seed_r, n), from the Threefry-2x32 block cipher (20 rounds, uint32 add/rotate/xor only). The
+JAX backend computes the same bits with the same formula, so the same seed gives the same
+tokens in both backends, and a row gives the same tokens alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ops import softmax
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---------------------------------------------------------------- counter-based RNG
+
+ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
+PARITY = np.uint32(0x1BD11BDA)
+
+
+def rotl(x, r):
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(key0, key1, x0, x1):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011): a keyed bijection of two uint32 words."""
+    with np.errstate(over="ignore"):
+        ks = (key0, key1, key0 ^ key1 ^ PARITY)
+        x0, x1 = x0 + ks[0], x1 + ks[1]
+        for block in range(5):
+            for r in ROTATIONS[(block % 2) * 4 : (block % 2) * 4 + 4]:
+                x0 = x0 + x1
+                x1 = rotl(x1, r) ^ x0
+            x0 = x0 + ks[(block + 1) % 3]
+            x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+    return x0, x1
+
+
+def uniform(seeds, step: int):
+    """One float32 in [0, 1) per row: a pure function of (seed of the row, step)."""
+    seeds = np.asarray(seeds, np.int64)
+    key0 = (seeds & 0xFFFFFFFF).astype(np.uint32)
+    key1 = ((seeds >> 32) & 0xFFFFFFFF).astype(np.uint32)
+    x0, _ = threefry2x32(key0, key1, np.full_like(key0, step, np.uint32), np.zeros_like(key0))
+    return (x0 >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+
+
+# ---------------------------------------------------------------- processors
+
+
+def repetition_penalty(logits, seen, penalty: float):
+    """HF rule on seen ids ([b,v] bool): negative scores * penalty, positive / penalty."""
+    if penalty == 1.0:
+        return logits
+    p = np.float32(penalty)
+    penalised = np.where(logits < 0, logits * p, logits / p)
+    return np.where(seen, penalised, logits)
+
+
+def top_k_filter(logits, k: int):
+    """Keep scores >= the k-th largest of each row (ties kept), -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = -np.sort(-logits, axis=-1)[:, k - 1 : k]  # [b,1]
+    return np.where(logits < kth, -np.inf, logits).astype(np.float32)
+
+
+def top_p_filter(logits, p: float):
+    """Keep the smallest top set whose probability reaches p (the crossing token kept)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits, axis=-1, kind="stable")  # ascending
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    cum = np.cumsum(softmax(sorted_logits, axis=-1), axis=-1)
+    drop_sorted = cum <= np.float32(1.0 - p)
+    drop_sorted[:, -1] = False  # always keep the best token
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits).astype(np.float32)
+
+
+def min_p_filter(logits, min_p: float):
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = softmax(logits, axis=-1)
+    threshold = np.float32(min_p) * probs.max(axis=-1, keepdims=True)
+    return np.where(probs < threshold, -np.inf, logits).astype(np.float32)
+
+
+def process(logits, sc: SamplingConfig, seen):
+    """All processors in HF order: [b,v] raw logits -> [b,v] scores (-inf = excluded)."""
+    logits = repetition_penalty(logits.astype(np.float32), seen, sc.repetition_penalty)
+    if sc.greedy:
+        return logits
+    logits = logits / np.float32(sc.temperature)
+    logits = top_k_filter(logits, sc.top_k)
+    logits = top_p_filter(logits, sc.top_p)
+    return min_p_filter(logits, sc.min_p)
+
+
+def choose(scores, u):
+    """Inverse-CDF draw: the first token (by descending score, lowest id on ties) whose
+    cumulative probability exceeds u * total."""
+    order = np.argsort(-scores, axis=-1, kind="stable")  # [b,v]
+    probs = softmax(np.take_along_axis(scores, order, axis=-1), axis=-1)
+    cum = np.cumsum(probs, axis=-1)
+    target = u[:, None] * cum[:, -1:]
+    idx = np.minimum(np.sum(cum <= target, axis=-1), scores.shape[-1] - 1)  # [b]
+    # a token with probability 0 can never be chosen, even if rounding points at it
+    idx = np.minimum(idx, np.sum(probs > 0, axis=-1) - 1)
+    return np.take_along_axis(order, idx[:, None], axis=-1)[:, 0]
+
+
+def sample(logits, sc: SamplingConfig, seen, seeds, step: int):
+    """Next token per row [b] from raw logits [b,v]."""
+    scores = process(logits, sc, seen)
+    if sc.greedy:
+        return np.argmax(scores, axis=-1)
+    return choose(scores, uniform(seeds, step))

@@ -1,0 +1,138 @@
+"""The public Python API: `load` a checkpoint, `generate` from text or ids.
+
+This layer only resolves user input (text or ids, one prompt or many, option names as in HF
+generate()) and picks a backend; the maths lives in `slimllm.reference` (NumPy, the definition)
+and `slimllm.jaxbackend` (jit-compiled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.params import Params, init_params
+
+BACKENDS = ("numpy",)
+
+
+@dataclass
+class Model:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: object | None = None
+    eos_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    family: str = ""
+    source: str = ""
+
+
+@dataclass
+class Output:
+    ids: list[list[int]]  # generated ids per prompt
+    texts: list[str | None]
+    finish_reasons: list[str]
+    prompt_ids: list[list[int]]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    logits: list = field(default_factory=list)
+
+    @property
+    def text(self) -> str | None:
+        return self.texts[0]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput over all rows, excluding the first token (prefill)."""
+        if self.decode_seconds <= 0:
+            return 0.0
+        return self.decode_steps * len(self.ids) / self.decode_seconds
+
+
+def load(path, progress=None) -> Model:
+    """Load a Hugging Face checkpoint directory or a llama2.c .bin file."""
+    from slimllm.weights import load_checkpoint
+
+    ck = load_checkpoint(path, progress=progress)
+    return Model(ck.cfg, ck.params, ck.tokenizer, ck.eos_ids, ck.bos_id, ck.family, ck.source)
+
+
+DEMO_CONFIG = ModelConfig(
+    vocab=32000, width=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, ffn_width=1376,
+    max_len=1024, norm_eps=1e-5, rope_theta=10000.0,
+)
+
+
+def demo_model(cfg: ModelConfig = DEMO_CONFIG, seed: int = 0) -> Model:
+    """A deterministic random-weight Llama-shaped model (no checkpoint needed)."""
+    return Model(cfg, init_params(cfg, seed), family="demo", source=f"random(seed={seed})")
+
+
+def resolve_prompts(model: Model, prompt, ids) -> list[list[int]]:
+    if (prompt is None) == (ids is None):
+        raise ValueError("give exactly one of prompt (text) or ids")
+    if ids is not None:
+        ids = list(ids)
+        rows = ids if ids and isinstance(ids[0], (list, tuple, np.ndarray)) else [ids]
+        return [[int(t) for t in row] for row in rows]
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids instead of text")
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [model.tokenizer.encode(t) for t in texts]
+
+
+def generate(
+    model: Model,
+    prompt: str | Sequence[str] | None = None,
+    *,
+    ids=None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | Sequence[int] = 0,
+    eos_ids: Sequence[int] | None = None,
+    stop: Sequence[str | Sequence[int]] = (),
+    on_token: Callable[[int, int], None] | None = None,
+    backend: str = "numpy",
+    cache_len: int | None = None,
+    return_logits: bool = False,
+) -> Output:
+    """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists)."""
+    from slimllm.reference.generate import Stopping
+    from slimllm.reference.sampling import SamplingConfig
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    prompts = resolve_prompts(model, prompt, ids)
+    tok = model.tokenizer
+    stopping = Stopping(
+        max_new_tokens=max_new_tokens,
+        eos_ids=tuple(model.eos_ids if eos_ids is None else eos_ids),
+        stop_sequences=tuple(tuple(int(t) for t in s) for s in stop if not isinstance(s, str)),
+        stop_strings=tuple(s for s in stop if isinstance(s, str)),
+        decode=tok.decode if tok is not None else None,
+    )
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    from slimllm.reference.generate import generate as run
+
+    result = run(
+        model.params, model.cfg, prompts, stopping, sampling, seeds=seed, on_token=on_token,
+        cache_len=cache_len, return_logits=return_logits,
+    )
+    ids_out = [row.ids for row in result.rows]
+    return Output(
+        ids=ids_out,
+        texts=[tok.decode(i) if tok is not None else None for i in ids_out],
+        finish_reasons=[row.finish_reason for row in result.rows],
+        prompt_ids=prompts,
+        prefill_seconds=result.prefill_seconds,
+        decode_seconds=result.decode_seconds,
+        decode_steps=result.decode_steps,
+        logits=[np.array(row.logits) for row in result.rows] if return_logits else [],
+    )

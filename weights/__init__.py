@@ -1,0 +1,79 @@
+"""Checkpoints and tokenizers -> reference Params: the only code that knows hub tensor names.
+
+`load_checkpoint(path)` accepts a Hugging Face checkpoint directory (config.json plus
+safetensors or PyTorch .bin weights, single or sharded) or a llama2.c `.bin` file, and returns
+the model config, the weights (float32, slimllm layout), the tokenizer found beside them, and
+the special ids generation needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.params import Params
+
+from .io import CheckpointError
+
+
+@dataclass
+class Checkpoint:
+    cfg: ModelConfig
+    params: Params
+    family: str
+    tokenizer: object | None = None
+    eos_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    source: str = ""
+    hf_config: dict = field(default_factory=dict)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def special_ids(directory: Path, hf: dict) -> tuple[tuple[int, ...], int | None]:
+    """EOS ids and BOS id: generation_config.json first, then config.json."""
+    from .families.common import eos_ids
+
+    gen = read_json(directory / "generation_config.json") if (directory / "generation_config.json").exists() else {}
+    eos = eos_ids(gen.get("eos_token_id", hf.get("eos_token_id")))
+    bos = gen.get("bos_token_id", hf.get("bos_token_id"))
+    return eos, bos
+
+
+def load_checkpoint(path, progress=None, tokenizer: bool = True) -> Checkpoint:
+    """Load a checkpoint directory or llama2.c .bin file (strict: see weights.convert)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        from .llama2c import read_llama2c
+
+        cfg, params = read_llama2c(path)
+        return Checkpoint(cfg, params, "llama2c", source=str(path))
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint?)")
+    from .convert import convert
+    from .families import detect
+    from .io import read_tensors
+
+    hf = read_json(config_path)
+    family = detect(hf)
+    cfg = family.config_from_hf(hf)
+    params = convert(family, cfg, read_tensors(path, progress))
+    eos, bos = special_ids(path, hf)
+    tok = None
+    if tokenizer:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(path, hf)
+        if tok is not None and not eos:
+            eos = tuple(tok.eos_ids)
+    return Checkpoint(cfg, params, family.name, tok, eos, bos, str(path), hf)

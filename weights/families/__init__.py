@@ -1,0 +1,28 @@
+"""The registry of model families: one file each, declarative (see `weights.convert.Family`).
+
+Adding a family that needs no new maths is one file plus one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from ..io import CheckpointError
+from . import llama
+
+FAMILIES = [llama.FAMILY]
+
+
+def detect(hf: dict):
+    """The family of a hub config.json, from `model_type`, `architectures` and `auto_map`."""
+    for family in FAMILIES:
+        if family.detect(hf):
+            return family
+    what = hf.get("model_type") or hf.get("architectures") or "no model_type"
+    supported = sorted({f.name for f in FAMILIES})
+    raise CheckpointError(f"unsupported model type {what!r} (supported families: {supported})")
+
+
+def by_name(name: str):
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise CheckpointError(f"unknown family {name!r}")
