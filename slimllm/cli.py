@@ -1,0 +1,171 @@
+"""The `slimllm` command line.
+
+    slimllm demo                                   random-weight Llama-shaped model, no files
+    slimllm generate --model DIR --prompt TEXT     stream a continuation
+    slimllm generate --model F.bin --ids 1 --json  one JSON object: ids, text, timings
+
+User mistakes (missing file, bad option, prompt longer than the context) exit with status 2 and
+one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .api import BACKENDS
+
+
+class UserError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise UserError(message)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"--ids expects comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UserError("--ids is empty")
+    return ids
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    src.add_argument("--ids", help="prompt token ids, comma separated, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-ids", action="append", default=[], help="stop id sequence, e.g. 13,13")
+    p.add_argument("--no-eos", action="store_true", help="ignore the model's EOS ids")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="slimllm", description="Exact, fast, teachable LLM inference on CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    g = sub.add_parser("generate", help="generate a continuation from a checkpoint")
+    g.add_argument("--model", required=True, help="HF checkpoint directory or llama2.c .bin")
+    add_generation_options(g)
+    d = sub.add_parser("demo", help="generate with a random-weight model (or --model PATH)")
+    d.add_argument("--model", help="run this checkpoint instead of the random demo model")
+    add_generation_options(d)
+    return parser
+
+
+def run_generation(model, args, default_ids=None) -> dict:
+    from .api import generate
+
+    if args.prompt is None and args.ids is None and default_ids is None:
+        raise UserError("give --prompt TEXT or --ids 1,2,3")
+    ids = parse_ids(args.ids) if args.ids else None
+    if args.prompt is None and ids is None:
+        ids = default_ids
+    stop = list(args.stop) + [parse_ids(s) for s in args.stop_ids]
+    printer = None if args.json else StreamPrinter(model.tokenizer)
+    out = generate(
+        model,
+        args.prompt,
+        ids=ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        eos_ids=() if args.no_eos else None,
+        stop=stop,
+        on_token=printer,
+        backend=args.backend,
+    )
+    if printer:
+        printer.finish()
+    result = {
+        "ids": out.ids[0],
+        "prompt_ids": out.prompt_ids[0],
+        "finish_reason": out.finish_reasons[0],
+        "prefill_seconds": round(out.prefill_seconds, 6),
+        "decode_seconds": round(out.decode_seconds, 6),
+        "tokens_per_second": round(out.tokens_per_second, 2),
+        "backend": args.backend,
+    }
+    if out.text is not None:
+        result["text"] = out.text
+    return result
+
+
+class StreamPrinter:
+    """Prints text (or ids) as tokens arrive; text is decoded in full and printed as it grows,
+    holding back a trailing incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        if self.tokenizer is None:
+            print(token, end=" ", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return
+        print(text[len(self.printed) :], end="", flush=True)
+        self.printed = text
+
+    def finish(self) -> None:
+        print(flush=True)
+
+
+def cmd_generate(args) -> dict:
+    from .api import load
+
+    return run_generation(load(args.model), args)
+
+
+def cmd_demo(args) -> dict:
+    from .api import demo_model, load
+
+    model = load(args.model) if args.model else demo_model()
+    if not args.json:
+        print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)", flush=True)
+    result = run_generation(model, args, default_ids=[model.bos_id or 1])
+    result["model"] = model.source
+    if not args.json:
+        print(f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s "
+              f"(decode, {args.backend} backend)")
+    return result
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    from slimllm.weights.io import CheckpointError
+
+    try:
+        args = build_parser().parse_args(argv)
+        result = COMMANDS[args.command](args)
+    except (UserError, CheckpointError, ValueError, OSError) as e:
+        print(f"slimllm: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared test setup: where the shared oracle data lives, and Hypothesis profiles.
+
+`../shared` (beside the checkout) holds the trained tiny Llama, the upstream-made fixtures and
+real tokenizers; tests that need it skip with a clear reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SLIMLLM_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+STORIES = SHARED / "models" / "stories260K"
+
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def need(path: Path) -> Path:
+    """Skip the calling test when shared data is absent (it lives outside the repository)."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: the shared oracle data sits beside the checkout")
+    return path
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the fixtures' relative logits measure."""
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="session")
+def stories():
+    from slimllm import load
+
+    model = load(need(STORIES / "stories260K.bin"))
+    return model, np.load(STORIES / "oracle.npz")

@@ -1,0 +1,85 @@
+"""The command line: JSON output, streaming, and one clear line for every user mistake."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import STORIES, need
+from slimllm.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_stories_greedy_json(capsys):
+    model = need(STORIES / "stories260K.bin")
+    oracle = np.load(STORIES / "oracle.npz")
+    code, out, err = run(capsys, "generate", "--model", str(model), "--ids", "1",
+                         "--max-new-tokens", "200", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ids"] == oracle["greedy_a"].tolist()
+    assert result["finish_reason"] == "length" and result["prompt_ids"] == [1]
+
+
+def test_generate_streams_ids_without_tokenizer(capsys):
+    model = need(STORIES / "stories260K.bin")
+    code, out, _ = run(capsys, "generate", "--model", str(model), "--ids", "1", "--max-new-tokens", "5")
+    assert code == 0
+    oracle = np.load(STORIES / "oracle.npz")
+    assert out.split() == [str(i) for i in oracle["greedy_a"][:5]]
+
+
+def test_sampling_options_are_seeded(capsys):
+    model = str(need(STORIES / "stories260K.bin"))
+    args = ["generate", "--model", model, "--ids", "1,2", "--max-new-tokens", "20", "--json",
+            "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01",
+            "--repetition-penalty", "1.1"]
+    a = json.loads(run(capsys, *args, "--seed", "1")[1])["ids"]
+    assert json.loads(run(capsys, *args, "--seed", "1")[1])["ids"] == a
+    assert json.loads(run(capsys, *args, "--seed", "2")[1])["ids"] != a
+
+
+def test_demo_runs_on_the_embedded_model(capsys):
+    code, out, err = run(capsys, "demo", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["ids"]) == 3 and result["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "/no/such/dir", "--ids", "1"], "no such file or directory"),
+        (["generate", "--ids", "1"], "required: --model"),
+        (["generate", "--model", "STORIES", "--ids", "1,a"], "comma-separated integers"),
+        (["generate", "--model", "STORIES"], "give --prompt TEXT or --ids"),
+        (["generate", "--model", "STORIES", "--prompt", "hi"], "no tokenizer"),
+        (["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "600"], "exceeds the model's context 512"),
+        (["generate", "--model", "STORIES", "--ids", "1", "--top-p", "2"], "top_p must be in"),
+        (["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "abc"], "invalid int value"),
+        (["generate", "--model", "STORIES", "--ids", "9999"], "outside the vocabulary"),
+        (["generate", "--model", "STORIES", "--ids", "1", "--backend", "cuda"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
+    model = str(need(STORIES / "stories260K.bin"))
+    code, out, err = run(capsys, *[model if a == "STORIES" else a for a in argv])
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("slimllm") or [sys.executable, "-m", "slimllm.cli"]
+    cmd = [exe] if isinstance(exe, str) else exe
+    proc = subprocess.run([*cmd, "demo", "--max-new-tokens", "2", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["ids"]) == 2

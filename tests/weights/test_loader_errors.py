@@ -1,0 +1,126 @@
+"""Strict loading: every bad checkpoint gives a clear error naming the problem."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import slimllm
+from conftest import FIXTURES, need, rel_err
+from slimllm.weights.io import CheckpointError
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A writable copy of the llama fixture: (directory, config dict, tensors dict)."""
+    src = need(FIXTURES / "llama")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(src / name, tmp_path / name)
+    return tmp_path, json.loads((src / "config.json").read_text()), load_file(src / "model.safetensors")
+
+
+def rewrite(directory, config=None, tensors=None):
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    if tensors is not None:
+        save_file(tensors, str(directory / "model.safetensors"))
+
+
+def test_missing_tensor(ckpt):
+    d, _, tensors = ckpt
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    rewrite(d, tensors=tensors)
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        slimllm.load(d)
+
+
+def test_unexpected_tensor(ckpt):
+    d, _, tensors = ckpt
+    tensors["model.layers.0.self_attn.mystery.weight"] = np.zeros(3, np.float32)
+    rewrite(d, tensors=tensors)
+    with pytest.raises(CheckpointError, match="unexpected tensor.*mystery"):
+        slimllm.load(d)
+
+
+def test_wrong_shape(ckpt):
+    d, _, tensors = ckpt
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+    rewrite(d, tensors=tensors)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.wk: shape \(64, 16\), expected \(64, 32\)"):
+        slimllm.load(d)
+
+
+def test_unknown_model_type(ckpt):
+    d, config, _ = ckpt
+    rewrite(d, config={**config, "model_type": "mamba", "architectures": ["MambaForCausalLM"]})
+    with pytest.raises(CheckpointError, match="unsupported model type 'mamba'"):
+        slimllm.load(d)
+
+
+def test_unknown_config_values(ckpt):
+    d, config, _ = ckpt
+    rewrite(d, config={**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(CheckpointError, match="rope scaling type 'yarn'"):
+        slimllm.load(d)
+    rewrite(d, config={**config, "hidden_act": "gelu"})
+    with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
+        slimllm.load(d)
+    del config["num_hidden_layers"]
+    rewrite(d, config=config)
+    with pytest.raises(CheckpointError, match="lacks num_hidden_layers"):
+        slimllm.load(d)
+
+
+def test_truncated_safetensors(ckpt):
+    d, _, _ = ckpt
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        slimllm.load(d)
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        slimllm.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        slimllm.load(tmp_path)
+
+
+def test_sharded_safetensors_and_rope_parameters(ckpt):
+    """A sharded index and the newer `rope_parameters` config form load to the same model."""
+    d, config, tensors = ckpt
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    (d / "model.safetensors").unlink()
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, str(d / file))
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    theta = config.pop("rope_theta")
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    rewrite(d, config=config)
+    model = slimllm.load(d)
+    ref = slimllm.load(FIXTURES / "llama")
+    assert model.cfg == ref.cfg
+    out = slimllm.generate(model, ids=[1, 5, 9], max_new_tokens=4, eos_ids=())
+    assert out.ids == slimllm.generate(ref, ids=[1, 5, 9], max_new_tokens=4, eos_ids=()).ids
+    assert rel_err(model.params.layers[1].w_down, ref.params.layers[1].w_down) == 0
+
+
+def test_bf16_and_f16_safetensors_load_as_float32(ckpt, tmp_path):
+    """Half-precision files widen to float32 exactly (bf16 by bit shift)."""
+    from slimllm.weights.io import read_safetensors
+
+    x = np.array([1.0, -2.5, 3.140625, 1e-3], np.float32)
+    bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+    header = {"a": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]},
+              "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bits.tobytes() + x.astype(np.float16).tobytes())
+    t = read_safetensors(path)
+    assert t["a"].dtype == np.float32 and t["b"].dtype == np.float32
+    np.testing.assert_array_equal(t["a"], (bits.astype(np.uint32) << 16).view(np.float32))
+    np.testing.assert_array_equal(t["b"], x.astype(np.float16).astype(np.float32))
