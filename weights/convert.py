@@ -36,6 +36,7 @@ class Family:
     transforms: dict[str, Callable] = field(default_factory=dict)  # canonical -> fn(w, cfg)
     ignored: tuple[str, ...] = ()
     tiny: dict = field(default_factory=dict)  # a tiny hub config.json for tests
+    rename: Callable[[str], str] | None = None  # normalise checkpoint names (e.g. drop a prefix)
 
 
 def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
@@ -52,6 +53,8 @@ def torch_to_ours(canonical: str, w: np.ndarray) -> np.ndarray:
 
 def convert(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
     """Build Params from checkpoint tensors (torch layout) following the family spec."""
+    if family.rename:
+        tensors = {family.rename(name): w for name, w in tensors.items()}
     needed = {f"layers.{{i}}.{n}" for n in layer_shapes(cfg)} | set(model_shapes(cfg))
     found: dict[str, np.ndarray] = {}
     used: set[str] = set()

@@ -6,9 +6,20 @@ Adding a family that needs no new maths is one file plus one line in `FAMILIES`.
 from __future__ import annotations
 
 from ..io import CheckpointError
-from . import llama
+from . import baichuan, chatglm, chatglm2, llama, opt, qwen, qwen2
 
-FAMILIES = [llama.FAMILY]
+FAMILIES = [
+    llama.FAMILY,
+    qwen.FAMILY,
+    qwen2.QWEN2,
+    qwen2.QWEN3,
+    chatglm.FAMILY,
+    chatglm2.CHATGLM2,
+    chatglm2.GLM,
+    baichuan.BAICHUAN,
+    baichuan.BAICHUAN2,
+    opt.FAMILY,
+]
 
 
 def detect(hf: dict):

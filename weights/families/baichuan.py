@@ -1,0 +1,76 @@
+"""Baichuan-7B, Baichuan-13B, Baichuan2-7B/13B: the Llama block with a fused `W_pack` [q|k|v].
+
+The variants differ in positions and head, told apart by keys their hub configs carry (the
+fixtures' ORIGIN.md documents the rule): `max_position_embeddings` present -> RoPE (7B models),
+only `model_max_length` -> ALiBi (13B models); Baichuan2 (`tokenizer_class` BaichuanTokenizer, or
+its 125696-token vocabulary) -> NormHead: LM-head rows are L2-normalised, as upstream does at its
+first eval forward (the checkpoint stores them un-normalised).
+"""
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.ops import l2_normalize_rows
+
+from ..convert import Family, qkv_sizes, split_rows
+from . import llama
+from .common import require
+
+BAICHUAN2_VOCAB = 125696
+
+
+def is_baichuan2(hf: dict) -> bool:
+    return hf.get("tokenizer_class") == "BaichuanTokenizer" or hf.get("vocab_size") == BAICHUAN2_VOCAB
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    rope = "max_position_embeddings" in hf
+    heads = require(hf, "num_attention_heads")
+    width = require(hf, "hidden_size")
+    return ModelConfig(
+        vocab=require(hf, "vocab_size"),
+        width=width,
+        n_layers=require(hf, "num_hidden_layers"),
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=width // heads,
+        ffn_width=require(hf, "intermediate_size"),
+        max_len=require(hf, "max_position_embeddings" if rope else "model_max_length"),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        pos="rope" if rope else "alibi",
+        tied_head=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def norm_head(w, cfg):
+    """Our lm_head is [e, v]: normalise each vocabulary row of the hub's [v, e] layout."""
+    return l2_normalize_rows(w.T).T.copy()
+
+
+QKV = ("layers.{i}.wq", "layers.{i}.wk", "layers.{i}.wv")
+
+
+def family(name, detect, transforms):
+    return Family(
+        name=name,
+        detect=detect,
+        config_from_hf=config_from_hf,
+        names=llama.NAMES,
+        fused={llama.LAYER + "self_attn.W_pack.weight": split_rows(qkv_sizes(QKV))},
+        transforms=transforms,
+        ignored=(llama.LAYER + "self_attn.rotary_emb.inv_freq",),
+        tiny={
+            **llama.FAMILY.tiny,
+            "model_type": "baichuan",
+            "architectures": ["BaichuanForCausalLM"],
+            "rms_norm_eps": 1e-6,
+        },
+    )
+
+
+BAICHUAN = family(
+    "baichuan", lambda hf: hf.get("model_type") == "baichuan" and not is_baichuan2(hf), {}
+)
+BAICHUAN2 = family(
+    "baichuan2",
+    lambda hf: hf.get("model_type") == "baichuan" and is_baichuan2(hf),
+    {"lm_head": norm_head},
+)

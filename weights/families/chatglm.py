@@ -1,0 +1,103 @@
+"""ChatGLM-6B (v1): LayerNorm, 2-D RoPE, prefix-LM attention, GeLU MLP, alpha-scaled residual.
+
+Upstream quirks reproduced (see the fixture's ORIGIN.md): the residual scale is sqrt(2 * 28)
+whatever num_layers is (the modeling file never passes num_layers to its blocks); the rotary
+inverse frequencies are rounded to float16; `query_key_value` rows are grouped per head as
+[q_h | k_h | v_h]; `lm_head.weight` is stored but tied to the word embeddings at load.
+"""
+
+import math
+
+
+from slimllm.reference.config import ModelConfig
+
+from ..convert import Family
+from .common import require
+
+LAYER = "transformer.layers.{i}."
+UPSTREAM_LAYERS = 28  # the GLMBlock default num_layers that sets alpha
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    heads = require(hf, "num_attention_heads")
+    width = require(hf, "hidden_size")
+    return ModelConfig(
+        vocab=require(hf, "vocab_size"),
+        width=width,
+        n_layers=require(hf, "num_layers"),
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=width // heads,
+        ffn_width=hf.get("inner_hidden_size") or 4 * width,
+        max_len=hf.get("max_sequence_length", 2048),
+        norm="layer",
+        norm_eps=hf.get("layernorm_epsilon", 1e-5),
+        mlp="gelu",
+        pos="rope2d" if hf.get("position_encoding_2d", True) else "rope",
+        rope_f16_freqs=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        residual="normed_input",
+        residual_alpha=math.sqrt(2 * UPSTREAM_LAYERS),
+        tied_head=True,
+        block_start_id=require(hf, "bos_token_id"),
+        block_anchor_ids=(require(hf, "gmask_token_id"), require(hf, "mask_token_id")),
+    )
+
+
+def split_per_head(prefix: str):
+    """Rows grouped per head [q_h | k_h | v_h] -> wq, wk, wv (or biases) with heads in order."""
+
+    def split(w, cfg):
+        grouped = w.reshape(cfg.n_heads, 3, cfg.head_dim, *w.shape[1:])
+        return {
+            f"layers.{{i}}.{prefix}{n}": grouped[:, j].reshape(cfg.n_heads * cfg.head_dim, *w.shape[1:])
+            for j, n in enumerate("qkv")
+        }
+
+    return split
+
+
+FAMILY = Family(
+    name="chatglm",
+    detect=lambda hf: hf.get("model_type") == "chatglm" and "inner_hidden_size" in hf,
+    config_from_hf=config_from_hf,
+    names={
+        "embed": "transformer.word_embeddings.weight",
+        "final_norm": "transformer.final_layernorm.weight",
+        "final_norm_b": "transformer.final_layernorm.bias",
+        "layers.{i}.attn_norm": LAYER + "input_layernorm.weight",
+        "layers.{i}.attn_norm_b": LAYER + "input_layernorm.bias",
+        "layers.{i}.mlp_norm": LAYER + "post_attention_layernorm.weight",
+        "layers.{i}.mlp_norm_b": LAYER + "post_attention_layernorm.bias",
+        "layers.{i}.wo": LAYER + "attention.dense.weight",
+        "layers.{i}.bo": LAYER + "attention.dense.bias",
+        "layers.{i}.w_up": LAYER + "mlp.dense_h_to_4h.weight",
+        "layers.{i}.b_up": LAYER + "mlp.dense_h_to_4h.bias",
+        "layers.{i}.w_down": LAYER + "mlp.dense_4h_to_h.weight",
+        "layers.{i}.b_down": LAYER + "mlp.dense_4h_to_h.bias",
+    },
+    fused={
+        LAYER + "attention.query_key_value.weight": split_per_head("w"),
+        LAYER + "attention.query_key_value.bias": split_per_head("b"),
+    },
+    # lm_head is tied to the embeddings at load upstream; rotary buffers are recomputed.
+    ignored=("lm_head.weight", LAYER + "attention.rotary_emb.inv_freq"),
+    tiny={
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "inner_hidden_size": 256,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "max_sequence_length": 256,
+        "layernorm_epsilon": 1e-5,
+        "position_encoding_2d": True,
+        "bos_token_id": 252,
+        "eos_token_id": 253,
+        "mask_token_id": 248,
+        "gmask_token_id": 249,
+    },
+)

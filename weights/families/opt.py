@@ -1,0 +1,91 @@
+"""OPT (`OPTForCausalLM`): LayerNorm with bias, learned positions with an offset of 2, ReLU MLP,
+biases everywhere, tied head. opt-350m is post-LN (`do_layer_norm_before` false, no final norm)
+and embeds in a smaller space with `project_in` / `project_out`.
+
+The facebook/opt-* hub files were written from `OPTModel`, so names start at `decoder.`;
+checkpoints saved from `OPTForCausalLM` prefix `model.` and add a tied `lm_head.weight`. Both
+load: the prefix is dropped and the tied head is ignored.
+"""
+
+from slimllm.reference.config import ModelConfig
+
+from ..convert import Family
+from .common import expect, require
+
+LAYER = "decoder.layers.{i}."
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    expect(hf, "activation_function", ("relu",), "relu")
+    expect(hf, "enable_bias", (True,), True)
+    expect(hf, "layer_norm_elementwise_affine", (True,), True)
+    pre = bool(hf.get("do_layer_norm_before", True))
+    width = require(hf, "hidden_size")
+    heads = require(hf, "num_attention_heads")
+    embed_width = hf.get("word_embed_proj_dim") or width
+    return ModelConfig(
+        vocab=require(hf, "vocab_size"),
+        width=width,
+        n_layers=require(hf, "num_hidden_layers"),
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=width // heads,
+        ffn_width=require(hf, "ffn_dim"),
+        max_len=require(hf, "max_position_embeddings"),
+        norm="layer",
+        norm_eps=1e-5,
+        mlp="relu",
+        pos="learned",
+        pos_offset=2,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        residual="pre_norm" if pre else "post_norm",
+        final_norm=pre and not hf.get("_remove_final_layer_norm", False),
+        tied_head=True,
+        embed_width=embed_width if embed_width != width else 0,
+    )
+
+
+NAMES = {
+    "embed": "decoder.embed_tokens.weight",
+    "pos_embed": "decoder.embed_positions.weight",
+    "proj_in": "decoder.project_in.weight",
+    "proj_out": "decoder.project_out.weight",
+    "final_norm": "decoder.final_layer_norm.weight",
+    "final_norm_b": "decoder.final_layer_norm.bias",
+    "layers.{i}.attn_norm": LAYER + "self_attn_layer_norm.weight",
+    "layers.{i}.attn_norm_b": LAYER + "self_attn_layer_norm.bias",
+    "layers.{i}.mlp_norm": LAYER + "final_layer_norm.weight",
+    "layers.{i}.mlp_norm_b": LAYER + "final_layer_norm.bias",
+    **{f"layers.{{i}}.w{n}": LAYER + f"self_attn.{n}_proj.weight" for n in "qkv"},
+    **{f"layers.{{i}}.b{n}": LAYER + f"self_attn.{n}_proj.bias" for n in "qkv"},
+    "layers.{i}.wo": LAYER + "self_attn.out_proj.weight",
+    "layers.{i}.bo": LAYER + "self_attn.out_proj.bias",
+    "layers.{i}.w_up": LAYER + "fc1.weight",
+    "layers.{i}.b_up": LAYER + "fc1.bias",
+    "layers.{i}.w_down": LAYER + "fc2.weight",
+    "layers.{i}.b_down": LAYER + "fc2.bias",
+}
+
+FAMILY = Family(
+    name="opt",
+    detect=lambda hf: hf.get("model_type") == "opt",
+    config_from_hf=config_from_hf,
+    names=NAMES,
+    ignored=("lm_head.weight",),
+    rename=lambda name: name.removeprefix("model."),
+    tiny={
+        "model_type": "opt",
+        "architectures": ["OPTForCausalLM"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "ffn_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "do_layer_norm_before": True,
+        "word_embed_proj_dim": 64,
+        "activation_function": "relu",
+    },
+)

@@ -1,0 +1,80 @@
+"""Qwen (v1, remote-code `QWenLMHeadModel`): fused `c_attn` [q|k|v] with bias, no output bias,
+and an MLP whose hub names are swapped relative to their roles: `c_proj(w1(x) * silu(w2(x)))`,
+so w2 is the gate and w1 the up projection; `intermediate_size` is twice the FFN width.
+Dynamic NTK (base scaled by an alpha fixed from the prompt length) and logN query scaling apply
+past the trained `seq_length` when the config enables them.
+"""
+
+from slimllm.reference.config import ModelConfig
+
+from ..convert import Family, qkv_sizes, split_rows
+from ..io import CheckpointError
+from .common import require
+
+LAYER = "transformer.h.{i}."
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    if not hf.get("no_bias", True):
+        raise CheckpointError("config.json no_bias=false (biased Qwen projections) is not supported")
+    heads = require(hf, "num_attention_heads")
+    width = require(hf, "hidden_size")
+    trained = require(hf, "seq_length")
+    return ModelConfig(
+        vocab=require(hf, "vocab_size"),
+        width=width,
+        n_layers=require(hf, "num_hidden_layers"),
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=hf.get("kv_channels") or width // heads,
+        ffn_width=require(hf, "intermediate_size") // 2,
+        max_len=hf.get("max_position_embeddings", trained),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        rope_theta=float(hf.get("rotary_emb_base", 10000)),
+        rope_fraction=float(hf.get("rotary_pct", 1.0)),
+        rope_scaling=("dynamic_ntk", trained) if hf.get("use_dynamic_ntk") else None,
+        logn_len=trained if hf.get("use_logn_attn") else 0,
+        qkv_bias=True,
+        tied_head=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+QKV = ("layers.{i}.wq", "layers.{i}.wk", "layers.{i}.wv")
+QKV_B = ("layers.{i}.bq", "layers.{i}.bk", "layers.{i}.bv")
+
+FAMILY = Family(
+    name="qwen",
+    detect=lambda hf: hf.get("model_type") == "qwen" or "QWenLMHeadModel" in hf.get("architectures", []),
+    config_from_hf=config_from_hf,
+    names={
+        "embed": "transformer.wte.weight",
+        "final_norm": "transformer.ln_f.weight",
+        "lm_head": "lm_head.weight",
+        "layers.{i}.attn_norm": LAYER + "ln_1.weight",
+        "layers.{i}.mlp_norm": LAYER + "ln_2.weight",
+        "layers.{i}.wo": LAYER + "attn.c_proj.weight",
+        "layers.{i}.w_up": LAYER + "mlp.w1.weight",
+        "layers.{i}.w_gate": LAYER + "mlp.w2.weight",
+        "layers.{i}.w_down": LAYER + "mlp.c_proj.weight",
+    },
+    fused={
+        LAYER + "attn.c_attn.weight": split_rows(qkv_sizes(QKV)),
+        LAYER + "attn.c_attn.bias": split_rows(qkv_sizes(QKV_B)),
+    },
+    tiny={
+        "model_type": "qwen",
+        "architectures": ["QWenLMHeadModel"],
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "kv_channels": 16,
+        "layer_norm_epsilon": 1e-6,
+        "seq_length": 8,
+        "max_position_embeddings": 256,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "no_bias": True,
+    },
+)
