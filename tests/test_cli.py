@@ -83,3 +83,16 @@ def test_console_script_is_installed():
     proc = subprocess.run([*cmd, "demo", "--max-new-tokens", "2", "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["ids"]) == 2
+
+
+def test_generate_works_for_every_fixture_family(capsys):
+    from conftest import FIXTURES
+
+    variants = sorted(p for p in need(FIXTURES).glob("*") if (p / "oracle.npz").exists())
+    for path in variants:
+        oracle = np.load(path / "oracle.npz")
+        ids = ",".join(str(i) for i in oracle["prompt_a"])
+        code, out, err = run(capsys, "generate", "--model", str(path), "--ids", ids, "--no-eos",
+                             "--max-new-tokens", str(len(oracle["greedy_a"])), "--json")
+        assert code == 0, (path.name, err)
+        assert json.loads(out)["ids"] == oracle["greedy_a"].tolist(), path.name

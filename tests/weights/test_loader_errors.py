@@ -124,3 +124,32 @@ def test_bf16_and_f16_safetensors_load_as_float32(ckpt, tmp_path):
     assert t["a"].dtype == np.float32 and t["b"].dtype == np.float32
     np.testing.assert_array_equal(t["a"], (bits.astype(np.uint32) << 16).view(np.float32))
     np.testing.assert_array_equal(t["b"], x.astype(np.float16).astype(np.float32))
+
+
+def test_pytorch_bin_checkpoint_loads_like_safetensors(ckpt):
+    """A pytorch_model.bin (torch zip layout, written without torch) gives identical weights."""
+    from slimllm.weights.torch_bin import write_torch_bin
+
+    d, _, tensors = ckpt
+    (d / "model.safetensors").unlink()
+    write_torch_bin(d / "pytorch_model.bin", tensors)
+    model, ref = slimllm.load(d), slimllm.load(FIXTURES / "llama")
+    for a, b in zip(model.params.layers, ref.params.layers):
+        np.testing.assert_array_equal(a.wq, b.wq)
+        np.testing.assert_array_equal(a.w_down, b.w_down)
+    np.testing.assert_array_equal(model.params.lm_head, ref.params.lm_head)
+
+
+def test_pickle_calling_another_global_is_rejected(ckpt):
+    import zipfile
+
+    from slimllm.weights.torch_bin import UnsafePickleError
+
+    d, _, _ = ckpt
+    (d / "model.safetensors").unlink()
+    payload = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R."  # os.system("true")
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(UnsafePickleError, match="os.system"):
+        slimllm.load(d)
