@@ -109,6 +109,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     cache_len: int | None = None,
     kv_dtype: str = "float32",
+    attention: str = "naive",
     return_logits: bool = False,
 ) -> GenerateResult:
     """Generate for each prompt; `on_token(row, id)` is called as each id is chosen."""
@@ -125,7 +126,8 @@ def generate(
     cache = kv_cache.init_cache(cfg, b, cache_len, kv_dtype)
     state = positions.start_state(cfg, prompts)
     tokens = pad(prompts)
-    logits, cache = forward(params, cfg, tokens, cache, positions.positions_for(cfg, state, tokens.shape[1]))
+    pos = positions.positions_for(cfg, state, tokens.shape[1])
+    logits, cache = forward(params, cfg, tokens, cache, pos, attention)
     last = logits[np.arange(b), lengths - 1]  # [b,v]
     state = positions.advance(state, lengths)
     t1 = time.perf_counter()
@@ -149,7 +151,7 @@ def generate(
         if done.all():
             break
         pos = positions.positions_for(cfg, state, 1)
-        logits, cache = forward(params, cfg, next_ids[:, None], cache, pos)
+        logits, cache = forward(params, cfg, next_ids[:, None], cache, pos, attention)
         last = logits[:, 0]
         state = positions.advance(state, 1)
         steps += 1

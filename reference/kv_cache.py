@@ -3,8 +3,14 @@
 `write(cache, layer, k, v, slots)` returns a new cache with the new keys and values placed at
 their slots (the JAX backend does the same with donated buffers, so its writes are in place).
 Attention always reads K and V back from the cache after writing, in prefill and in decode, so
-prefilling T tokens equals T single-token steps. The storage dtype is a runtime setting
-(`kv_dtype`), never part of the model config.
+prefilling T tokens equals T single-token steps for every storage dtype.
+
+Storage dtypes (a runtime setting, never part of the model config): float32, float16, bfloat16
+(bit patterns in uint16, NumPy has no bf16) and int8 with one float32 scale per (batch, kv head,
+token) for K and for V (PAPER.md section 3; K is quantised after RoPE and q/k norm, because the
+cache stores what attention reads). Attention reads a layer through `LayerKV`, which widens one
+block of keys or values to float32 at a time: for int8 the scales are applied to score columns
+and folded into probabilities (the hybrid formulation), so no float copy of the cache exists.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
+from .quant import from_bf16_bits, quantize, to_bf16_bits
 
-KV_DTYPES = ("float32",)
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
+KV_DTYPES = tuple(STORAGE)
 
 
 @dataclass
 class KVCache:
-    k: tuple  # per layer [b,k,s,d]
-    v: tuple  # per layer [b,k,s,d]
+    k: tuple  # per layer [b,k,s,d] in the storage dtype
+    v: tuple
+    k_scale: tuple | None = None  # int8 only: per layer [b,k,s] float32
+    v_scale: tuple | None = None
     dtype: str = "float32"
 
     @property
@@ -36,11 +46,30 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens."""
-    if dtype not in KV_DTYPES:
+    if dtype not in STORAGE:
         raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
     shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    zeros = tuple(np.zeros(shape, np.float32) for _ in range(cfg.n_layers))
-    return KVCache(zeros, tuple(np.zeros(shape, np.float32) for _ in range(cfg.n_layers)), dtype)
+
+    def zeros(shape, dt):
+        return tuple(np.zeros(shape, dt) for _ in range(cfg.n_layers))
+
+    scales = dtype == "int8"
+    return KVCache(
+        zeros(shape, STORAGE[dtype]),
+        zeros(shape, STORAGE[dtype]),
+        zeros(shape[:3], np.float32) if scales else None,
+        zeros(shape[:3], np.float32) if scales else None,
+        dtype,
+    )
+
+
+def encode(x, dtype: str):
+    """float32 [..., d] -> (stored values, scale [...] or None)."""
+    if dtype == "int8":
+        return quantize(x)
+    if dtype == "bfloat16":
+        return to_bf16_bits(x), None
+    return x.astype(STORAGE[dtype]), None
 
 
 def check_fits(cache: KVCache, slots) -> None:
@@ -51,23 +80,72 @@ def check_fits(cache: KVCache, slots) -> None:
         )
 
 
+def replace_layer(layers: tuple | None, layer: int, value):
+    return None if layers is None else layers[:layer] + (value,) + layers[layer + 1 :]
+
+
 def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
     """Place k, v [b,t,k,d] at slots [b,t] of `layer`; returns the new cache."""
     check_fits(cache, slots)
     rows = np.arange(k.shape[0])[:, None]  # [b,1]
-    new_k, new_v = cache.k[layer].copy(), cache.v[layer].copy()
-    new_k[rows, :, slots] = k  # [b,t,k,d] into [b,k,s,d] at (row, :, slot)
-    new_v[rows, :, slots] = v
-    ks = cache.k[:layer] + (new_k,) + cache.k[layer + 1 :]
-    vs = cache.v[:layer] + (new_v,) + cache.v[layer + 1 :]
-    return dataclasses.replace(cache, k=ks, v=vs)
+    out = {}
+    for name, x in (("k", k), ("v", v)):
+        stored, scale = encode(x, cache.dtype)
+        values = getattr(cache, name)[layer].copy()
+        values[rows, :, slots] = stored  # [b,t,k,d] into [b,k,s,d] at (row, :, slot)
+        out[name] = replace_layer(getattr(cache, name), layer, values)
+        if scale is not None:
+            scales = getattr(cache, f"{name}_scale")[layer].copy()
+            scales[rows, :, slots] = scale  # [b,t,k] into [b,k,s]
+            out[f"{name}_scale"] = replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
+    return dataclasses.replace(cache, **out)
 
 
-def read(cache: KVCache, layer: int):
-    """Keys and values [b,k,s,d] of `layer`."""
-    return cache.k[layer], cache.v[layer]
+@dataclass
+class LayerKV:
+    """One layer's stored K/V as attention reads them: float32 one key block at a time."""
+
+    k: np.ndarray  # [b,k,s,d] storage dtype
+    v: np.ndarray
+    k_scale: np.ndarray | None  # [b,k,s] (int8)
+    v_scale: np.ndarray | None
+    dtype: str
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def widen(self, x):
+        if self.dtype == "bfloat16":
+            return from_bf16_bits(x)
+        return x if x.dtype == np.float32 else x.astype(np.float32)
+
+    def keys(self, a: int, b: int):
+        """Keys of slots [a, b) as float32 [b,k,n,d]: int8 values are NOT scaled here."""
+        return self.widen(self.k[:, :, a:b])
+
+    def values(self, a: int, b: int):
+        return self.widen(self.v[:, :, a:b])
+
+
+def read(cache: KVCache, layer: int) -> LayerKV:
+    """What attention reads for `layer` (the stored arrays, no conversion yet)."""
+    k_scale = cache.k_scale[layer] if cache.k_scale is not None else None
+    v_scale = cache.v_scale[layer] if cache.v_scale is not None else None
+    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, cache.dtype)
+
+
+def dequantized(kv: LayerKV):
+    """Full float32 K and V of a layer: for tests and the definition only, never on a hot path."""
+    k, v = kv.keys(0, kv.length), kv.values(0, kv.length)
+    if kv.k_scale is not None:
+        k, v = k * kv.k_scale[..., None], v * kv.v_scale[..., None]
+    return k, v
 
 
 def nbytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:
-    """Cache bytes one token costs across all layers (keys and values)."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    """Cache bytes one token costs across all layers, keys and values (int8: + a scale each)."""
+    if dtype not in STORAGE:
+        raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
+    per_vector = cfg.head_dim * np.dtype(STORAGE[dtype]).itemsize + (4 if dtype == "int8" else 0)
+    return 2 * cfg.n_layers * cfg.n_kv_heads * per_vector

@@ -16,9 +16,23 @@ import numpy as np
 from . import kv_cache
 from .attention import attention_bias, naive_attention
 from .config import ModelConfig
+from .flash_attention import flash_attention
 from .ops import MLPS, NORMS, linear, rms_norm
 from .params import LayerParams, Params
 from .positions import ROTATIONS, Positions, learned_positions, logn_scale
+from .slim_attention import slim_attention
+
+# Attention kinds, a runtime setting: all three are tested equal to the naive definition.
+ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
+
+
+def attention_fn(kind):
+    """An attention kind by name (or a callable with the same signature)."""
+    if callable(kind):
+        return kind
+    if kind not in ATTENTION:
+        raise ValueError(f"unknown attention {kind!r}: expected one of {tuple(ATTENTION)}")
+    return ATTENTION[kind]
 
 
 def norm(x, w, b, cfg: ModelConfig):
@@ -42,31 +56,36 @@ def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
     return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
 
 
-def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias):
-    """Self-attention sublayer: [b,t,e] -> [b,t,e], writing this layer's K/V into the cache."""
+def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
+                    attention="naive"):
+    """Self-attention sublayer: [b,t,e] -> [b,t,e], writing this layer's K/V into the cache
+    and then reading the cache back (so prefill equals decode steps for every cache dtype)."""
     b, t, _ = x.shape
     q, k, v = qkv(x, p, cfg, pos)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
-    keys, values = kv_cache.read(cache, layer)  # [b,k,s,d]
-    o = naive_attention(q, keys, values, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
+    kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
+    o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
     return linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo), cache
 
 
-def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias):
+def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
+          attention="naive"):
     """One transformer block in the config's residual layout."""
     mlp = MLPS[cfg.mlp]
+
+    def attend(y, cache):
+        return attention_block(y, p, cfg, cache, layer, pos, bias, attention)
+
     if cfg.residual == "pre_norm":
-        a, cache = attention_block(
-            norm(x, p.attn_norm, p.attn_norm_b, cfg), p, cfg, cache, layer, pos, bias
-        )
+        a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache)
         h = x + a
         return h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg), p), cache
     if cfg.residual == "post_norm":
-        a, cache = attention_block(x, p, cfg, cache, layer, pos, bias)
+        a, cache = attend(x, cache)
         h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
         return norm(h + mlp(h, p), p.mlp_norm, p.mlp_norm_b, cfg), cache
     n = norm(x, p.attn_norm, p.attn_norm_b, cfg)  # normed_input
-    a, cache = attention_block(n, p, cfg, cache, layer, pos, bias)
+    a, cache = attend(n, cache)
     h = np.float32(cfg.residual_alpha) * n + a
     m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
     return np.float32(cfg.residual_alpha) * m + mlp(m, p), cache
@@ -94,12 +113,13 @@ def unembed(params: Params, cfg: ModelConfig, x):
     return (x @ head).astype(np.float32)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions):
+def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive"):
     """tokens [b,t] at positions `pos` -> (logits [b,t,v], new cache)."""
     tokens = np.asarray(tokens)
     kv_cache.check_fits(cache, pos.slots)
+    attention_fn(attention)
     x = embed(params, cfg, tokens, pos)
     bias = attention_bias(cfg, pos, cache.max_len)
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention)
     return unembed(params, cfg, x), cache
