@@ -52,6 +52,20 @@ class Output:
         return self.decode_steps * len(self.ids) / self.decode_seconds
 
 
+def check_setting(backend: str, attention: str, kv_dtype: str) -> None:
+    """Reject unknown runtime settings with the list of valid ones."""
+    from slimllm.reference.kv_cache import KV_DTYPES
+    from slimllm.reference.model import ATTENTION
+
+    for what, value, allowed in (
+        ("backend", backend, BACKENDS),
+        ("attention", attention, tuple(ATTENTION)),
+        ("kv cache dtype", kv_dtype, KV_DTYPES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}: expected one of {allowed}")
+
+
 def load(path, progress=None) -> Model:
     """Load a Hugging Face checkpoint directory or a llama2.c .bin file."""
     from slimllm.weights import load_checkpoint
@@ -100,6 +114,8 @@ def generate(
     stop: Sequence[str | Sequence[int]] = (),
     on_token: Callable[[int, int], None] | None = None,
     backend: str = "numpy",
+    attention: str = "naive",
+    kv_dtype: str = "float32",
     cache_len: int | None = None,
     return_logits: bool = False,
 ) -> Output:
@@ -107,8 +123,7 @@ def generate(
     from slimllm.reference.generate import Stopping
     from slimllm.reference.sampling import SamplingConfig
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    check_setting(backend, attention, kv_dtype)
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer
     stopping = Stopping(
@@ -123,7 +138,7 @@ def generate(
 
     result = run(
         model.params, model.cfg, prompts, stopping, sampling, seeds=seed, on_token=on_token,
-        cache_len=cache_len, return_logits=return_logits,
+        cache_len=cache_len, kv_dtype=kv_dtype, attention=attention, return_logits=return_logits,
     )
     ids_out = [row.ids for row in result.rows]
     return Output(

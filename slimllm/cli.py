@@ -50,8 +50,18 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-ids", action="append", default=[], help="stop id sequence, e.g. 13,13")
     p.add_argument("--no-eos", action="store_true", help="ignore the model's EOS ids")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    add_setting_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def add_setting_options(p: argparse.ArgumentParser) -> None:
+    from slimllm.reference.kv_cache import KV_DTYPES
+    from slimllm.reference.model import ATTENTION
+
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    p.add_argument("--attention", choices=tuple(ATTENTION), default="naive",
+                   help="naive (the definition), slim (SlimAttention) or flash")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate with a random-weight model (or --model PATH)")
     d.add_argument("--model", help="run this checkpoint instead of the random demo model")
     add_generation_options(d)
+    k = sub.add_parser("kv-size", help="KV cache memory per dtype for a model's shape")
+    k.add_argument("--model", required=True, help="checkpoint directory, config.json or .bin")
+    k.add_argument("--context", type=int, default=4096)
+    k.add_argument("--batch", type=int, default=1)
+    k.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval", help="accuracy of a setting against the float32 naive reference")
+    e.add_argument("--model", required=True)
+    seq = e.add_mutually_exclusive_group()
+    seq.add_argument("--ids-file", help="token ids (whitespace or comma separated)")
+    seq.add_argument("--text", help="text to tokenize (needs the model's tokenizer)")
+    e.add_argument("--ids", help="prompt ids; the rest of the sequence is sampled from the model")
+    e.add_argument("--prompt-len", type=int, help="tokens of the sequence prefilled as a prompt")
+    e.add_argument("--length", type=int, default=500, help="positions to evaluate")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--greedy-tokens", type=int, default=200)
+    add_setting_options(e)
+    e.add_argument("--json", action="store_true")
     return parser
 
 
@@ -91,6 +118,8 @@ def run_generation(model, args, default_ids=None) -> dict:
         stop=stop,
         on_token=printer,
         backend=args.backend,
+        attention=args.attention,
+        kv_dtype=args.kv_dtype,
     )
     if printer:
         printer.finish()
@@ -102,6 +131,8 @@ def run_generation(model, args, default_ids=None) -> dict:
         "decode_seconds": round(out.decode_seconds, 6),
         "tokens_per_second": round(out.tokens_per_second, 2),
         "backend": args.backend,
+        "attention": args.attention,
+        "kv_dtype": args.kv_dtype,
     }
     if out.text is not None:
         result["text"] = out.text
@@ -150,7 +181,66 @@ def cmd_demo(args) -> dict:
     return result
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo}
+def cmd_kv_size(args) -> dict:
+    from slimllm.weights import load_config
+
+    from .evaluate import kv_size_report
+
+    if args.context < 1 or args.batch < 1:
+        raise UserError("--context and --batch must be positive")
+    report = kv_size_report(load_config(args.model), args.context, args.batch)
+    if not args.json:
+        print(f"KV cache for batch {args.batch} x context {args.context} "
+              f"({report['layers']} layers, {report['kv_heads']} kv heads, d={report['head_dim']})")
+        for dtype, row in report["dtypes"].items():
+            print(f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
+                  f"{row['total_bytes'] / 2**20:>12,.1f} MiB  ({row['vs_float32']:.3f}x float32)")
+    return report
+
+
+def read_ids_file(path) -> list[int]:
+    from pathlib import Path
+
+    text = Path(path).read_text().replace(",", " ")
+    try:
+        return [int(t) for t in text.split()]
+    except ValueError:
+        raise UserError(f"{path}: expected whitespace or comma separated token ids") from None
+
+
+def cmd_eval(args) -> dict:
+    from .api import load
+    from .evaluate import Setting, compare, sample_sequence
+
+    model = load(args.model)
+    setting = Setting(args.backend, args.attention, args.kv_dtype)
+    prompt = parse_ids(args.ids) if args.ids else None
+    if args.ids_file:
+        tokens = read_ids_file(args.ids_file)
+    elif args.text:
+        if model.tokenizer is None:
+            raise UserError("this model has no tokenizer: use --ids-file")
+        tokens = model.tokenizer.encode(args.text)
+    else:
+        prompt = prompt or [model.bos_id if model.bos_id is not None else 1]
+        tokens = sample_sequence(model, prompt, min(args.length, model.cfg.max_len), args.seed)
+    tokens = tokens[: args.length]
+    prompt_len = args.prompt_len or (len(prompt) if prompt else 1)
+    if not 1 <= prompt_len < len(tokens):
+        raise UserError(f"need a prompt of 1..{len(tokens) - 1} tokens, got {prompt_len}")
+    report = compare(model, tokens, prompt_len, setting, greedy_tokens=args.greedy_tokens)
+    report["model"] = model.source
+    if not args.json:
+        kl, g = report["kl"], report["greedy"]
+        print(f"{model.source}: {setting} vs float32 naive reference, {len(tokens)} positions")
+        print(f"  KL mean {kl['mean']:.3e}  p99 {kl['p99']:.3e}  max {kl['max']:.3e}")
+        print(f"  top-1 agreement {report['top1_agreement']:.4f}")
+        print(f"  perplexity {report['perplexity']['baseline']:.4f} -> {report['perplexity']['setting']:.4f}")
+        print(f"  greedy: identical for {g['identical_prefix']} of {g['tokens']} tokens")
+    return report
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "kv-size": cmd_kv_size, "eval": cmd_eval}
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,21 @@ def special_ids(directory: Path, hf: dict) -> tuple[tuple[int, ...], int | None]
     return eos, bos
 
 
+def load_config(path) -> ModelConfig:
+    """Only the model config of a checkpoint directory, a config.json, or a llama2.c .bin."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix != ".json":
+        from .llama2c import read_llama2c
+
+        return read_llama2c(path)[0]
+    from .families import detect
+
+    hf = read_json(path if path.is_file() else path / "config.json")
+    return detect(hf).config_from_hf(hf)
+
+
 def load_checkpoint(path, progress=None, tokenizer: bool = True) -> Checkpoint:
     """Load a checkpoint directory or llama2.c .bin file (strict: see weights.convert)."""
     path = Path(path)

@@ -1,0 +1,28 @@
+"""The one tolerance table of slimllm's tests, keyed by what can differ.
+
+float32 paths differ only by the order of float operations: 1e-5 relative for one function,
+1e-4 relative (max abs diff / max abs value) for a whole model, the fixtures' published bound.
+A lossy cache stores rounded values; two computations whose float32 K/V differ in the last bit
+can round to neighbouring storage values (one fp16/bf16 ulp, one int8 step), so comparisons that
+go through a lossy cache get the bound of one storage quantum propagated to the logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FUNCTION = {"float32": 1e-5}
+MODEL = {"float32": 1e-4}
+# Same model, same inputs, two evaluation orders, through a cache of this dtype.
+THROUGH_CACHE = {"float32": 1e-5, "float16": 2e-4, "bfloat16": 2e-3, "int8": 2e-3}
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def assert_close(got, want, rtol: float, what: str = "") -> None:
+    err = rel_err(got, want)
+    assert err <= rtol, f"{what} relative error {err:.3g} > {rtol:.3g}"

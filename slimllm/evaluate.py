@@ -1,0 +1,109 @@
+"""Accuracy harness: how far a setting (cache dtype, attention kind, backend) drifts from the
+float32 naive NumPy reference on the same model and tokens.
+
+For a token sequence it reports, per position, the KL divergence KL(baseline || setting) of the
+next-token distributions (mean, p99, max), top-1 agreement, the perplexity of the sequence
+under both, and over N greedy tokens from the sequence's prompt the length of the identical
+prefix — the figures llama.cpp's perplexity/KL tool gives its users, for any family.
+Logits are teacher-forced: the prompt is prefilled as generation would, the rest of the sequence
+in chunks (equal to token-by-token decode, since attention always reads the cache back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from slimllm.reference import kv_cache, positions
+from slimllm.reference.ops import log_softmax
+
+from .api import Model, check_setting, generate
+
+
+@dataclass(frozen=True)
+class Setting:
+    backend: str = "numpy"
+    attention: str = "naive"
+    kv_dtype: str = "float32"
+
+    def __post_init__(self):
+        check_setting(self.backend, self.attention, self.kv_dtype)
+
+
+BASELINE = Setting()
+
+
+def sequence_logits(model: Model, tokens, prompt_len: int, setting: Setting, chunk: int = 128):
+    """Logits [n, v] at every position of `tokens` under `setting` (prompt prefilled first)."""
+    from slimllm.reference.model import forward
+
+    cfg = model.cfg
+    tokens = [int(t) for t in tokens]
+    state = positions.start_state(cfg, [tokens[:prompt_len]])
+    cache = kv_cache.init_cache(cfg, 1, len(tokens), setting.kv_dtype)
+    out, start = [], 0
+    bounds = [prompt_len, *range(prompt_len + chunk, len(tokens), chunk), len(tokens)]
+    for end in sorted(set(b for b in bounds if b > 0)):
+        pos = positions.positions_for(cfg, state, end - start)
+        logits, cache = forward(model.params, cfg, np.array([tokens[start:end]]), cache, pos,
+                                setting.attention)
+        out.append(logits[0])
+        state, start = positions.advance(state, end - start), end
+    return np.concatenate(out)
+
+
+def sample_sequence(model: Model, prompt: list[int], length: int, seed: int) -> list[int]:
+    """A sequence drawn from the model itself (float32 reference, temperature 1): realistic
+    text for models without a tokenizer or data set."""
+    n = length - len(prompt)
+    if n <= 0:
+        return list(prompt[:length])
+    out = generate(model, ids=prompt, max_new_tokens=n, temperature=1.0, seed=seed, eos_ids=())
+    return list(prompt) + out.ids[0]
+
+
+def compare(model: Model, tokens, prompt_len: int, setting: Setting,
+            baseline: Setting = BASELINE, greedy_tokens: int = 200) -> dict:
+    """All harness figures for `setting` against `baseline` on one sequence."""
+    base = log_softmax(sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64))
+    test = log_softmax(sequence_logits(model, tokens, prompt_len, setting).astype(np.float64))
+    kl = np.sum(np.exp(base) * (base - test), axis=-1)  # [n]
+    targets = np.asarray(tokens[1:])
+    rows = np.arange(len(targets))
+
+    def perplexity(logp):
+        return float(np.exp(-logp[rows, targets].mean()))
+
+    prompt = list(tokens[:prompt_len])
+    greedy_tokens = min(greedy_tokens, model.cfg.max_len - prompt_len)
+    runs = [
+        generate(model, ids=prompt, max_new_tokens=greedy_tokens, eos_ids=(), backend=s.backend,
+                 attention=s.attention, kv_dtype=s.kv_dtype).ids[0]
+        for s in (baseline, setting)
+    ]
+    same = next((i for i, (a, b) in enumerate(zip(*runs, strict=True)) if a != b), greedy_tokens)
+    return {
+        "positions": len(tokens),
+        "prompt_len": prompt_len,
+        "baseline": asdict(baseline),
+        "setting": asdict(setting),
+        "kl": {"mean": float(kl.mean()), "p99": float(np.quantile(kl, 0.99)), "max": float(kl.max())},
+        "top1_agreement": float((base.argmax(-1) == test.argmax(-1)).mean()),
+        "perplexity": {"baseline": perplexity(base), "setting": perplexity(test)},
+        "greedy": {"tokens": greedy_tokens, "identical_prefix": same,
+                   "agreement": float(np.mean(np.equal(*runs)))},
+    }
+
+
+def kv_size_report(cfg, context: int, batch: int) -> dict:
+    """Cache bytes per token and for `batch` sequences of `context` tokens, per storage dtype."""
+    rows = {}
+    for dtype in kv_cache.KV_DTYPES:
+        per_token = kv_cache.nbytes_per_token(cfg, dtype)
+        rows[dtype] = {"bytes_per_token": per_token, "total_bytes": per_token * context * batch}
+    f32 = rows["float32"]["total_bytes"]
+    for row in rows.values():
+        row["vs_float32"] = row["total_bytes"] / f32
+    return {"context": context, "batch": batch, "layers": cfg.n_layers, "kv_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim, "dtypes": rows}
