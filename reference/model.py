@@ -113,8 +113,10 @@ def unembed(params: Params, cfg: ModelConfig, x):
     return (x @ head).astype(np.float32)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive"):
-    """tokens [b,t] at positions `pos` -> (logits [b,t,v], new cache)."""
+def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive",
+            select=None):
+    """tokens [b,t] at positions `pos` -> (logits [b,t,v], new cache); with `select` [b], only
+    the logits at position select[r] of each row ([b,1,v]: a prefill needs just the last)."""
     tokens = np.asarray(tokens)
     kv_cache.check_fits(cache, pos.slots)
     attention_fn(attention)
@@ -122,4 +124,6 @@ def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, att
     bias = attention_bias(cfg, pos, cache.max_len)
     for i, layer in enumerate(params.layers):
         x, cache = block(x, layer, cfg, cache, i, pos, bias, attention)
+    if select is not None:
+        x = x[np.arange(x.shape[0]), np.asarray(select)][:, None]  # [b,t,e] -> [b,1,e]
     return unembed(params, cfg, x), cache

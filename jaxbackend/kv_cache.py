@@ -1,0 +1,115 @@
+"""The KV cache as a value, in JAX: the reference's `kv_cache.py` with scatter writes.
+
+The same `KVCache` class, registered as a pytree; under jit the cache is donated, so
+`write` updates the buffers in place. bfloat16 is stored as `jnp.bfloat16` (the reference keeps
+the same bits in uint16). `LayerKV` gives attention one block of keys or values widened to
+float32 at a time (`lax.dynamic_slice` on the stored array: never a float copy of the cache).
+The preallocated length is rounded up to whole key blocks (or tiles, for short caches), so
+blocks and tiles never overhang the end; the extra slots are in every query's future.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.kv_cache import KV_DTYPES, KVCache, nbytes_per_token
+
+from .quant import quantize
+
+__all__ = ["KVCache", "KV_DTYPES", "nbytes_per_token", "init_cache", "write", "read", "LayerKV"]
+
+STORAGE = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+KEY_BLOCK = 256  # keys widened to float32 at a time
+TILE = 64  # every cache length is a multiple of this, so key tiles never overhang
+
+jax.tree_util.register_dataclass(
+    KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=["dtype"]
+)
+
+
+def padded_len(max_len: int) -> int:
+    """Cache length rounded up to whole tiles (<= one key block) or whole key blocks."""
+    unit = TILE if max_len <= KEY_BLOCK else KEY_BLOCK
+    return -(-max_len // unit) * unit
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
+    if dtype not in STORAGE:
+        raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
+    shape = (batch, cfg.n_kv_heads, padded_len(max_len), cfg.head_dim)
+
+    def zeros(shape, dt):
+        return tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+
+    scales = dtype == "int8"
+    return KVCache(
+        zeros(shape, STORAGE[dtype]),
+        zeros(shape, STORAGE[dtype]),
+        zeros(shape[:3], jnp.float32) if scales else None,
+        zeros(shape[:3], jnp.float32) if scales else None,
+        dtype,
+    )
+
+
+def encode(x, dtype: str):
+    if dtype == "int8":
+        return quantize(x)
+    return x.astype(STORAGE[dtype]), None
+
+
+def replace_layer(layers, layer: int, value):
+    return None if layers is None else layers[:layer] + (value,) + layers[layer + 1 :]
+
+
+def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
+    """Place k, v [b,t,k,d] at slots [b,t] of `layer` (slots are checked on the host)."""
+    rows = jnp.arange(k.shape[0])[:, None]  # [b,1]
+    out = {}
+    for name, x in (("k", k), ("v", v)):
+        stored, scale = encode(x, cache.dtype)
+        values = getattr(cache, name)[layer].at[rows, :, slots].set(stored)
+        out[name] = replace_layer(getattr(cache, name), layer, values)
+        if scale is not None:
+            scales = getattr(cache, f"{name}_scale")[layer].at[rows, :, slots].set(scale)
+            out[f"{name}_scale"] = replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
+    return dataclasses.replace(cache, **out)
+
+
+@dataclass
+class LayerKV:
+    """One layer's stored K/V as attention reads them: float32 one key block at a time."""
+
+    k: jax.Array  # [b,k,s,d] storage dtype
+    v: jax.Array
+    k_scale: jax.Array | None
+    v_scale: jax.Array | None
+    dtype: str
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def keys(self, a, n: int):
+        """Keys of slots [a, a + n) as float32 [b,k,n,d] (a may be traced; n is static)."""
+        return lax.dynamic_slice_in_dim(self.k, a, n, axis=2).astype(jnp.float32)
+
+    def values(self, a, n: int):
+        return lax.dynamic_slice_in_dim(self.v, a, n, axis=2).astype(jnp.float32)
+
+    def key_scales(self, a, n: int):
+        return lax.dynamic_slice_in_dim(self.k_scale, a, n, axis=2)
+
+    def value_scales(self, a, n: int):
+        return lax.dynamic_slice_in_dim(self.v_scale, a, n, axis=2)
+
+
+def read(cache: KVCache, layer: int) -> LayerKV:
+    k_scale = cache.k_scale[layer] if cache.k_scale is not None else None
+    v_scale = cache.v_scale[layer] if cache.v_scale is not None else None
+    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, cache.dtype)

@@ -1,0 +1,120 @@
+"""The whole decoder in JAX: the reference's `model.py` with `jnp` for `np`.
+
+`forward` is a pure function of arrays (jit it with `cfg` and `attention` static and the cache
+donated; `generate.py` does). Layers are a Python loop: the per-layer cache is a tuple, and an
+unrolled loop keeps this file a line-by-line mirror of the reference. Bounds (token ids, cache
+length, learned-position table) are checked on the host before calling, since a traced
+function cannot raise on values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.params import LayerParams, Params
+
+from . import kv_cache
+from .attention import attention_bias, naive_attention
+from .flash_attention import flash_attention
+from .ops import MLPS, NORMS, linear, rms_norm
+from .positions import ROTATIONS, Positions, learned_positions, logn_scale
+from .slim_attention import slim_attention
+
+ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
+
+
+def attention_fn(kind):
+    """An attention kind by name (or a callable with the same signature)."""
+    if callable(kind):
+        return kind
+    if kind not in ATTENTION:
+        raise ValueError(f"unknown attention {kind!r}: expected one of {tuple(ATTENTION)}")
+    return ATTENTION[kind]
+
+
+def norm(x, w, b, cfg: ModelConfig):
+    return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
+
+
+def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
+    """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v."""
+    b, t, _ = x.shape
+    d = cfg.head_dim
+    q = linear(x, p.wq, p.bq).reshape(b, t, cfg.n_heads, d)  # [b,t,e] -> [b,t,h,d]
+    k = linear(x, p.wk, p.bk).reshape(b, t, cfg.n_kv_heads, d)  # [b,t,e] -> [b,t,k,d]
+    v = linear(x, p.wv, p.bv).reshape(b, t, cfg.n_kv_heads, d)
+    if cfg.qk_norm:
+        q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
+        k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
+    rotate = ROTATIONS[cfg.pos]
+    q, k = rotate(q, cfg, pos), rotate(k, cfg, pos)
+    if cfg.logn_len:
+        q = q * logn_scale(cfg, pos)[:, :, None, None]
+    return q, k, v
+
+
+def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
+                    attention="naive"):
+    """Self-attention sublayer: writes this layer's K/V, then reads the cache back."""
+    b, t, _ = x.shape
+    q, k, v = qkv(x, p, cfg, pos)
+    cache = kv_cache.write(cache, layer, k, v, pos.slots)
+    kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
+    o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
+    return linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo), cache
+
+
+def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
+          attention="naive"):
+    """One transformer block in the config's residual layout."""
+    mlp = MLPS[cfg.mlp]
+    attend = functools.partial(attention_block, p=p, cfg=cfg, layer=layer, pos=pos, bias=bias,
+                               attention=attention)
+    if cfg.residual == "pre_norm":
+        a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
+        h = x + a
+        return h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg), p), cache
+    if cfg.residual == "post_norm":
+        a, cache = attend(x, cache=cache)
+        h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
+        return norm(h + mlp(h, p), p.mlp_norm, p.mlp_norm_b, cfg), cache
+    n = norm(x, p.attn_norm, p.attn_norm_b, cfg)  # normed_input
+    a, cache = attend(n, cache=cache)
+    h = jnp.float32(cfg.residual_alpha) * n + a
+    m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+    return jnp.float32(cfg.residual_alpha) * m + mlp(m, p), cache
+
+
+def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
+    """Token (and learned position) embeddings: [b,t] -> [b,t,e]."""
+    x = params.embed[tokens].astype(jnp.float32)  # [b,t] -> [b,t,e']
+    if params.proj_in is not None:
+        x = x @ params.proj_in  # [b,t,e'] -> [b,t,e]
+    if cfg.pos == "learned":
+        x = x + learned_positions(params.pos_embed, cfg, pos)
+    return x
+
+
+def unembed(params: Params, cfg: ModelConfig, x):
+    """Final norm, output projection and LM head: [b,t,e] -> logits [b,t,v]."""
+    if cfg.final_norm:
+        x = norm(x, params.final_norm, params.final_norm_b, cfg)
+    if params.proj_out is not None:
+        x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
+    head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
+    return (x @ head).astype(jnp.float32)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive",
+            select=None):
+    """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache)."""
+    x = embed(params, cfg, tokens, pos)
+    bias = attention_bias(cfg, pos, cache.max_len)
+    for i, layer in enumerate(params.layers):
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention)
+    if select is not None:
+        x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
+    return unembed(params, cfg, x), cache

@@ -1,0 +1,136 @@
+"""Positions and position encodings: the reference's `positions.py` in jnp.
+
+`Positions` and `SeqState` are the reference's classes, registered as pytrees. Reading facts off
+a prompt (`start_state`) happens on the host, before jit, with the reference's function; every
+per-token computation below runs inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.positions import Positions, SeqState, alibi_slopes, start_state
+
+from .params import register
+
+register(Positions)
+register(SeqState)
+
+__all__ = ["Positions", "SeqState", "alibi_slopes", "start_state", "positions_for", "advance"]
+
+
+def positions_for(cfg: ModelConfig, state: SeqState, t: int) -> Positions:
+    """Positions of the next t tokens of every row (slots continue from state.lengths)."""
+    slots = state.lengths[:, None] + jnp.arange(t)[None, :]  # [b,t]
+    if cfg.pos == "rope2d":
+        ctx = state.prefix[:, None]
+        in_block = slots >= ctx
+        pos = jnp.where(in_block, state.anchor[:, None], slots)
+        block = jnp.where(in_block, slots - ctx + 1, 0)
+        ids = jnp.stack([pos, block], axis=-1)  # [b,t,2]
+    else:
+        ids = slots
+    return Positions(slots, ids, state.prefix, state.ntk_alpha)
+
+
+def advance(state: SeqState, n) -> SeqState:
+    return dataclasses.replace(state, lengths=state.lengths + n)
+
+
+def device_state(state: SeqState) -> SeqState:
+    """A host SeqState as int32/float32 device arrays."""
+    return SeqState(
+        jnp.asarray(state.lengths, jnp.int32), jnp.asarray(state.prefix, jnp.int32),
+        jnp.asarray(state.anchor, jnp.int32), jnp.asarray(state.ntk_alpha, jnp.float32),
+    )
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def inv_freq(cfg: ModelConfig, alpha):
+    """Inverse frequencies [b, r/2] for per-row NTK alpha [b]."""
+    r = cfg.rotary_dim
+    base = jnp.float32(cfg.rope_theta) * jnp.ones_like(alpha)
+    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "dynamic_ntk":
+        base = base * alpha ** jnp.float32(r / (r - 2))  # dynamic NTK: stretch the base
+    exponents = jnp.arange(0, r, 2, dtype=jnp.float32) / jnp.float32(r)
+    freqs = 1.0 / (base[:, None] ** exponents[None, :])
+    if cfg.rope_f16_freqs:
+        freqs = freqs.astype(jnp.float16).astype(jnp.float32)
+    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":
+        freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])
+    return freqs
+
+
+def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):
+    """Llama-3.1 frequency scaling: long wavelengths / factor, short kept, a smooth band between."""
+    wavelen = 2 * math.pi / freqs
+    low_wavelen = original_len / low_freq_factor
+    high_wavelen = original_len / high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, freqs / factor, freqs)
+    smooth = (original_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
+
+
+def rope_angles(cfg: ModelConfig, ids, alpha):
+    """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]."""
+    angles = ids.astype(jnp.float32)[:, :, None] * inv_freq(cfg, alpha)[:, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x, cos, sin, style):
+    """Rotate pairs of x [b,t,n,r] by angles [b,t,r/2]: pairs (j, j+r/2) or (2j, 2j+1)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if style == "half":
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape)
+
+
+def apply_rope(x, cfg: ModelConfig, pos: Positions):
+    """RoPE on the first r dims of every head of x [b,t,n,d]; the rest pass through."""
+    r = cfg.rotary_dim
+    cos, sin = rope_angles(cfg, pos.ids, pos.ntk_alpha)
+    rotated = rotate(x[..., :r], cos, sin, cfg.rope_style)
+    return jnp.concatenate([rotated, x[..., r:]], axis=-1)
+
+
+def apply_rope2d(x, cfg: ModelConfig, pos: Positions):
+    """2-D RoPE: first half of each head by position id, second half by block position id."""
+    half = cfg.head_dim // 2
+    out = []
+    for j in range(2):
+        cos, sin = rope_angles(cfg, pos.ids[..., j], pos.ntk_alpha)
+        out.append(rotate(x[..., j * half : (j + 1) * half], cos, sin, cfg.rope_style))
+    return jnp.concatenate(out, axis=-1)
+
+
+def no_rotation(x, cfg, pos):
+    return x
+
+
+ROTATIONS = {"rope": apply_rope, "rope2d": apply_rope2d, "alibi": no_rotation, "learned": no_rotation}
+
+
+def learned_positions(table, cfg: ModelConfig, pos: Positions):
+    """Rows of the learned position table for position ids [b,t] (bounds checked on the host)."""
+    return table[pos.ids + cfg.pos_offset]  # [b,t,e]
+
+
+def logn_scale(cfg: ModelConfig, pos: Positions):
+    """Query scale [b,t]: log(p+1)/log(n) for positions p+1 > n = logn_len, else 1."""
+    p1 = pos.ids.astype(jnp.float32) + 1
+    scale = jnp.where(p1 > cfg.logn_len, jnp.log(p1) / np.float32(math.log(cfg.logn_len)), 1.0)
+    return scale.astype(jnp.float32)
