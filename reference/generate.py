@@ -36,6 +36,7 @@ class GenerateResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    compile_seconds: float = 0.0  # JAX backend: compilation, kept out of the timings above
 
 
 @dataclass

@@ -134,16 +134,15 @@ def process(logits, sc: SamplingConfig, seen):
 
 
 def choose(scores, u):
-    """Inverse-CDF draw: the first token (by descending score, lowest id on ties) whose
-    cumulative probability exceeds u * total."""
-    order = np.argsort(-scores, axis=-1, kind="stable")  # [b,v]
-    probs = softmax(np.take_along_axis(scores, order, axis=-1), axis=-1)
+    """Inverse-CDF draw in token-id order: the first id whose cumulative probability exceeds
+    u * total. Id order (not score order) keeps the draw stable under last-bit differences
+    between backends or batch shapes: near-equal scores cannot swap places."""
+    probs = softmax(scores, axis=-1)  # [b,v]
     cum = np.cumsum(probs, axis=-1)
-    target = u[:, None] * cum[:, -1:]
-    idx = np.minimum(np.sum(cum <= target, axis=-1), scores.shape[-1] - 1)  # [b]
-    # a token with probability 0 can never be chosen, even if rounding points at it
-    idx = np.minimum(idx, np.sum(probs > 0, axis=-1) - 1)
-    return np.take_along_axis(order, idx[:, None], axis=-1)[:, 0]
+    idx = np.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)  # [b]
+    # never a token of probability 0, even if rounding points past the last possible one
+    last = scores.shape[-1] - 1 - np.argmax((probs > 0)[:, ::-1], axis=-1)
+    return np.minimum(idx, last)
 
 
 def sample(logits, sc: SamplingConfig, seen, seeds, step: int):

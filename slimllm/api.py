@@ -15,7 +15,7 @@ import numpy as np
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import Params, init_params
 
-BACKENDS = ("numpy",)
+BACKENDS = ("jax", "numpy")  # jax: compiled fast path (default); numpy: the reference
 
 
 @dataclass
@@ -27,6 +27,15 @@ class Model:
     bos_id: int | None = None
     family: str = ""
     source: str = ""
+    _engine: object = field(default=None, repr=False)
+
+    def engine(self):
+        """The JAX engine of this model (device weights, compiled programs), made on first use."""
+        if self._engine is None:
+            from slimllm.jaxbackend.generate import Engine
+
+            self._engine = Engine(self.params, self.cfg)
+        return self._engine
 
 
 @dataclass
@@ -38,6 +47,7 @@ class Output:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    compile_seconds: float = 0.0
     logits: list = field(default_factory=list)
 
     @property
@@ -113,11 +123,12 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     stop: Sequence[str | Sequence[int]] = (),
     on_token: Callable[[int, int], None] | None = None,
-    backend: str = "numpy",
+    backend: str = "jax",
     attention: str = "naive",
     kv_dtype: str = "float32",
     cache_len: int | None = None,
     return_logits: bool = False,
+    mode: str | None = None,
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists)."""
     from slimllm.reference.generate import Stopping
@@ -134,12 +145,16 @@ def generate(
         decode=tok.decode if tok is not None else None,
     )
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    from slimllm.reference.generate import generate as run
+    options = dict(seeds=seed, on_token=on_token, cache_len=cache_len, kv_dtype=kv_dtype,
+                   attention=attention, return_logits=return_logits)
+    if backend == "jax":
+        from slimllm.jaxbackend.generate import generate as run_jax
 
-    result = run(
-        model.params, model.cfg, prompts, stopping, sampling, seeds=seed, on_token=on_token,
-        cache_len=cache_len, kv_dtype=kv_dtype, attention=attention, return_logits=return_logits,
-    )
+        result = run_jax(model.engine(), prompts, stopping, sampling, mode=mode, **options)
+    else:
+        from slimllm.reference.generate import generate as run
+
+        result = run(model.params, model.cfg, prompts, stopping, sampling, **options)
     ids_out = [row.ids for row in result.rows]
     return Output(
         ids=ids_out,
@@ -149,5 +164,6 @@ def generate(
         prefill_seconds=result.prefill_seconds,
         decode_seconds=result.decode_seconds,
         decode_steps=result.decode_steps,
+        compile_seconds=result.compile_seconds,
         logits=[np.array(row.logits) for row in result.rows] if return_logits else [],
     )

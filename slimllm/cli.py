@@ -58,7 +58,8 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
     from slimllm.reference.kv_cache import KV_DTYPES
     from slimllm.reference.model import ATTENTION
 
-    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    p.add_argument("--backend", choices=BACKENDS, default="jax",
+                   help="jax: compiled (default); numpy: the reference")
     p.add_argument("--attention", choices=tuple(ATTENTION), default="naive",
                    help="naive (the definition), slim (SlimAttention) or flash")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
@@ -130,6 +131,7 @@ def run_generation(model, args, default_ids=None) -> dict:
         "prefill_seconds": round(out.prefill_seconds, 6),
         "decode_seconds": round(out.decode_seconds, 6),
         "tokens_per_second": round(out.tokens_per_second, 2),
+        "compile_seconds": round(out.compile_seconds, 3),
         "backend": args.backend,
         "attention": args.attention,
         "kv_dtype": args.kv_dtype,

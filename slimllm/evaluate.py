@@ -23,7 +23,7 @@ from .api import Model, check_setting, generate
 
 @dataclass(frozen=True)
 class Setting:
-    backend: str = "numpy"
+    backend: str = "numpy"  # the harness's baseline is the NumPy reference
     attention: str = "naive"
     kv_dtype: str = "float32"
 
@@ -34,17 +34,24 @@ class Setting:
 BASELINE = Setting()
 
 
+def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
+    """Where each forward chunk ends: the prompt, then `chunk` tokens at a time."""
+    return sorted({prompt_len, *range(prompt_len + chunk, n, chunk), n})
+
+
 def sequence_logits(model: Model, tokens, prompt_len: int, setting: Setting, chunk: int = 128):
     """Logits [n, v] at every position of `tokens` under `setting` (prompt prefilled first)."""
     from slimllm.reference.model import forward
 
     cfg = model.cfg
     tokens = [int(t) for t in tokens]
+    bounds = chunk_bounds(len(tokens), prompt_len, chunk)
+    if setting.backend == "jax":
+        return model.engine().sequence_logits(tokens, bounds, setting.kv_dtype, setting.attention)
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), setting.kv_dtype)
     out, start = [], 0
-    bounds = [prompt_len, *range(prompt_len + chunk, len(tokens), chunk), len(tokens)]
-    for end in sorted(set(b for b in bounds if b > 0)):
+    for end in bounds:
         pos = positions.positions_for(cfg, state, end - start)
         logits, cache = forward(model.params, cfg, np.array([tokens[start:end]]), cache, pos,
                                 setting.attention)
@@ -59,7 +66,8 @@ def sample_sequence(model: Model, prompt: list[int], length: int, seed: int) -> 
     n = length - len(prompt)
     if n <= 0:
         return list(prompt[:length])
-    out = generate(model, ids=prompt, max_new_tokens=n, temperature=1.0, seed=seed, eos_ids=())
+    out = generate(model, ids=prompt, max_new_tokens=n, temperature=1.0, seed=seed, eos_ids=(),
+                   backend="numpy")
     return list(prompt) + out.ids[0]
 
 

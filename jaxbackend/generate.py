@@ -1,0 +1,301 @@
+"""Generation in JAX: the reference's contract (same prompts, stopping rules, seeds and results),
+compiled.
+
+Two forms:
+- `loop` (batch use): prefill, then the whole token loop in one XLA program (`lax.while_loop`:
+  sample, record, check EOS / stop sequences / length, decode the next token unless finished).
+- `stream`: prefill, then one compiled decode step and one compiled sampling step per token; the
+  host sees every id as it is chosen (callbacks, stop strings, streamed text).
+
+jit discipline: the cache is preallocated to a static length and donated to every program;
+prompts are right-padded to a bucket (16, 32, 64, ... tokens) and the cache length is rounded up
+to whole key blocks, so a new prompt length rarely compiles anything; programs are compiled
+ahead of time (`lower().compile()`), cached per shape, and their compile time is reported apart
+from run time. `enable_compilation_cache(dir)` turns on JAX's persistent cache across processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slimllm.reference import positions as ref_positions
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.generate import (
+    GenerateResult,
+    Generation,
+    Stopping,
+    check_prompts,
+    pad,
+)
+from slimllm.reference.params import Params
+from slimllm.reference.sampling import SamplingConfig
+
+from . import kv_cache, positions
+from .model import attention_fn, forward
+from .params import to_device
+from .sampling import sample, seed_words
+
+MIN_BUCKET = 16
+REASONS = {1: "length", 2: "eos", 3: "stop"}
+
+
+def bucket(n: int) -> int:
+    """Prompt lengths are padded to the next power of two (at least 16)."""
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persist compiled programs across processes (JAX's compilation cache)."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+# ---------------------------------------------------------------- programs (pure functions)
+
+
+def prefill_fn(params, tokens, cache, state, select, *, cfg, attention):
+    """Prompt tokens [b,T] -> logits [b,v] at each row's last real token, filled cache."""
+    pos = positions.positions_for(cfg, state, tokens.shape[1])
+    logits, cache = forward(params, cfg, tokens, cache, pos, attention, select=select)
+    return logits[:, 0], cache
+
+
+def decode_fn(params, ids, cache, state, *, cfg, attention):
+    """One token per row [b] at slot state.lengths -> logits [b,v], cache."""
+    pos = positions.positions_for(cfg, state, 1)
+    logits, cache = forward(params, cfg, ids[:, None], cache, pos, attention)
+    return logits[:, 0], cache
+
+
+def chunk_fn(params, tokens, cache, state, *, cfg, attention):
+    """Tokens [b,t] after state.lengths -> logits at every position [b,t,v], cache."""
+    pos = positions.positions_for(cfg, state, tokens.shape[1])
+    return forward(params, cfg, tokens, cache, pos, attention)
+
+
+def sample_fn(logits, seen, seeds, step, *, sampling):
+    """Choose ids [b] and mark them as seen (for the repetition penalty)."""
+    ids = sample(logits, sampling, seen, seeds, step)
+    return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True)
+
+
+def stop_match(out, n, stops, stop_lens):
+    """Does the tail of out[:, :n+1] equal any stop sequence? stops [m, L] padded, lens [m]."""
+    L = stops.shape[1]
+    idx = n - L + 1 + jnp.arange(L)  # the last L positions, oldest first
+    tail = jnp.take(out, jnp.clip(idx, 0, out.shape[1] - 1), axis=1)  # [b, L]
+    # right-align each stop sequence against the tail
+    shift = L - stop_lens[:, None] + jnp.arange(L)[None, :]  # [m, L]: tail index of stop[j, i]
+    want = jnp.where(jnp.arange(L)[None, :] < stop_lens[:, None], stops, -1)
+    got = jnp.take(tail, jnp.clip(shift, 0, L - 1), axis=1)  # [b, m, L]
+    ok = (got == want[None]) | (jnp.arange(L)[None, None, :] >= stop_lens[None, :, None])
+    long_enough = (n + 1 >= stop_lens)[None, :] & (stop_lens > 0)[None, :]
+    return jnp.any(jnp.all(ok, axis=-1) & long_enough, axis=-1)
+
+
+def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *, cfg, attention,
+            sampling, max_new):
+    """The whole decode loop in one program: -> ids [b, max_new] (-1 after a row stops),
+    count [b], reason [b] (1 length, 2 eos, 3 stop)."""
+    b = logits.shape[0]
+    out = jnp.full((b, max_new), -1, jnp.int32)
+
+    def body(carry):
+        n, logits, cache, state, seen, out, done, reason = carry
+        ids, seen = sample_fn(logits, seen, seeds, n, sampling=sampling)
+        out = out.at[:, n].set(jnp.where(done, -1, ids))
+        new = jnp.where(jnp.isin(ids, eos), 2, 0)
+        new = jnp.where((new == 0) & stop_match(out, n, stops, stop_lens), 3, new)
+        new = jnp.where((new == 0) & (n + 1 >= max_new), 1, new)
+        reason = jnp.where(done, reason, new)
+        done = done | (new > 0)
+
+        def step(args):
+            cache, state = args
+            logits, cache = decode_fn(params, ids, cache, state, cfg=cfg, attention=attention)
+            return logits, cache, positions.advance(state, 1)
+
+        logits, cache, state = jax.lax.cond(
+            jnp.all(done), lambda args: (logits, *args), step, (cache, state)
+        )
+        return n + 1, logits, cache, state, seen, out, done, reason
+
+    start = (jnp.int32(0), logits, cache, state, seen, out, jnp.zeros(b, bool),
+             jnp.zeros(b, jnp.int32))
+    n, _, cache, _, _, out, done, reason = jax.lax.while_loop(
+        lambda c: (c[0] < max_new) & ~jnp.all(c[6]), body, start
+    )
+    return out, reason, n, cache  # the cache is returned so its donated buffers are reused
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass
+class Compiled:
+    program: Callable
+    seconds: float
+
+
+class Engine:
+    """One model on the device: weights and its compiled programs, reused across calls."""
+
+    def __init__(self, params: Params, cfg: ModelConfig):
+        self.cfg = cfg
+        self.params = to_device(params)
+        self.programs: dict = {}
+        self.compile_seconds = 0.0
+
+    def compiled(self, fn, static: dict, donate: tuple, *args):
+        """`fn` jit-compiled ahead of time for these argument shapes (cached)."""
+        # the engine's weights never change shape: leave them out of the (per-token) key
+        keyed = args[1:] if args and args[0] is self.params else args
+        shapes = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), keyed)
+        key = (fn.__name__, tuple(sorted(static.items())), str(shapes))
+        if key not in self.programs:
+            t0 = time.perf_counter()
+            jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
+            program = jitted.lower(*args, **static).compile()
+            self.programs[key] = Compiled(program, time.perf_counter() - t0)
+            self.compile_seconds += self.programs[key].seconds
+        return self.programs[key].program
+
+    def prefill(self, prompts, cache, attention):
+        """Bucketed prefill of ragged prompts -> (logits [b,v], cache, state after the prompts)."""
+        cfg = self.cfg
+        host_state = ref_positions.start_state(cfg, prompts)
+        lengths = np.array([len(p) for p in prompts])
+        tokens = pad(prompts)
+        tokens = np.pad(tokens, ((0, 0), (0, bucket(tokens.shape[1]) - tokens.shape[1])))
+        state = positions.device_state(host_state)
+        args = (self.params, jnp.asarray(tokens, jnp.int32), cache, state,
+                jnp.asarray(lengths - 1, jnp.int32))
+        program = self.compiled(prefill_fn, {"cfg": cfg, "attention": attention}, (2,), *args)
+        logits, cache = program(*args)
+        return logits, cache, positions.advance(state, jnp.asarray(lengths, jnp.int32))
+
+    def sequence_logits(self, tokens, bounds, kv_dtype: str, attention: str):
+        """Teacher-forced logits [n, v] of one sequence, forwarded in chunks ending at `bounds`
+        (the first chunk is the prompt)."""
+        cfg = self.cfg
+        state = positions.device_state(ref_positions.start_state(cfg, [tokens[: bounds[0]]]))
+        cache = kv_cache.init_cache(cfg, 1, len(tokens), kv_dtype)
+        out, start = [], 0
+        for end in bounds:
+            args = (self.params, jnp.asarray([tokens[start:end]], jnp.int32), cache, state)
+            program = self.compiled(chunk_fn, {"cfg": cfg, "attention": attention}, (2,), *args)
+            logits, cache = program(*args)
+            out.append(np.asarray(logits[0]))
+            state, start = positions.advance(state, end - start), end
+        return np.concatenate(out)
+
+    def new_cache(self, prompts, max_new_tokens, cache_len, kv_dtype):
+        longest = max(len(p) for p in prompts)
+        need = max(bucket(longest), cache_len or longest + max_new_tokens)
+        return kv_cache.init_cache(self.cfg, len(prompts), need, kv_dtype)
+
+
+def generate(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    stopping: Stopping,
+    sampling: SamplingConfig = SamplingConfig(),
+    seeds: int | Sequence[int] = 0,
+    on_token: Callable[[int, int], None] | None = None,
+    cache_len: int | None = None,
+    kv_dtype: str = "float32",
+    attention: str = "naive",
+    return_logits: bool = False,
+    mode: str | None = None,
+) -> GenerateResult:
+    """Generate for each prompt, as the reference's `generate` (mode: "loop" or "stream";
+    default: stream when the host must see each token, else loop)."""
+    cfg = engine.cfg
+    prompts = [[int(t) for t in p] for p in prompts]
+    check_prompts(cfg, prompts, stopping.max_new_tokens, cache_len)
+    attention_fn(attention)
+    if mode is None:
+        host_needed = on_token or stopping.stop_strings or return_logits
+        mode = "stream" if host_needed else "loop"
+    if mode not in ("loop", "stream"):
+        raise ValueError(f"unknown generation mode {mode!r}: expected 'loop' or 'stream'")
+    if mode == "loop" and (on_token or stopping.stop_strings or return_logits):
+        raise ValueError("callbacks, stop strings and logits need mode='stream'")
+    b = len(prompts)
+    seeds = jnp.asarray(seed_words(np.broadcast_to(np.asarray(seeds, np.int64), (b,))))
+    seen = np.zeros((b, cfg.vocab), bool)
+    for r, p in enumerate(prompts):
+        seen[r, p] = True
+    seen = jnp.asarray(seen)
+
+    # Programs compile on first use; their compile time is subtracted from the phase it fell in.
+    compile0 = engine.compile_seconds
+    cache = engine.new_cache(prompts, stopping.max_new_tokens, cache_len, kv_dtype)
+    t0 = time.perf_counter()
+    logits, cache, state = engine.prefill(prompts, cache, attention)
+    logits.block_until_ready()
+    t1, compile1 = time.perf_counter(), engine.compile_seconds
+    run = stream if mode == "stream" else loop
+    rows, steps = run(engine, logits, cache, state, seen, seeds, stopping, sampling, attention,
+                      on_token, return_logits)
+    t2, compile2 = time.perf_counter(), engine.compile_seconds
+    return GenerateResult(rows, t1 - t0 - (compile1 - compile0), t2 - t1 - (compile2 - compile1),
+                          steps, compile2 - compile0)
+
+
+def loop(engine, logits, cache, state, seen, seeds, stopping, sampling, attention, on_token,
+         return_logits):
+    eos = jnp.asarray(list(stopping.eos_ids) or [-1], jnp.int32)
+    seqs = stopping.stop_sequences or ((),)
+    width = max(1, max(len(s) for s in seqs))
+    stops = jnp.asarray([list(s) + [-1] * (width - len(s)) for s in seqs], jnp.int32)
+    stop_lens = jnp.asarray([len(s) for s in seqs], jnp.int32)
+    static = {"cfg": engine.cfg, "attention": attention, "sampling": sampling,
+              "max_new": stopping.max_new_tokens}
+    args = (engine.params, logits, cache, state, seen, seeds, eos, stops, stop_lens)
+    program = engine.compiled(loop_fn, static, (2,), *args)
+    out, reason, n, _ = program(*args)
+    out, reason = np.asarray(out), np.asarray(reason)
+    rows = []
+    for r in range(out.shape[0]):
+        ids = [int(t) for t in out[r] if t >= 0]
+        rows.append(Generation(ids, REASONS.get(int(reason[r]), "length")))
+    return rows, max(int(n) - 1, 0)
+
+
+def stream(engine, logits, cache, state, seen, seeds, stopping, sampling, attention, on_token,
+           return_logits):
+    cfg = engine.cfg
+    b = logits.shape[0]
+    rows = [Generation([], "length") for _ in range(b)]
+    done = np.zeros(b, bool)
+    steps = 0
+    for step in range(stopping.max_new_tokens):
+        args = (logits, seen, seeds, jnp.int32(step))
+        ids, seen = engine.compiled(sample_fn, {"sampling": sampling}, (), *args)(*args)
+        host_ids = np.asarray(ids)
+        host_logits = np.asarray(logits) if return_logits else None
+        for r in np.flatnonzero(~done):
+            token = int(host_ids[r])
+            rows[r].ids.append(token)
+            if return_logits:
+                rows[r].logits.append(host_logits[r])
+            if on_token:
+                on_token(int(r), token)
+            reason = stopping.reason(rows[r].ids)
+            if reason:
+                rows[r].finish_reason, done[r] = reason, True
+        if done.all():
+            break
+        args = (engine.params, ids, cache, state)
+        program = engine.compiled(decode_fn, {"cfg": cfg, "attention": attention}, (2,), *args)
+        logits, cache = program(*args)
+        state = positions.advance(state, 1)
+        steps += 1
+    return rows, steps
