@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Two XLA CPU devices, so tensor-parallel tests run in one process; set before jax is imported.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+).strip()
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
