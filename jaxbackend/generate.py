@@ -16,6 +16,7 @@ from run time. `enable_compilation_cache(dir)` turns on JAX's persistent cache a
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,10 +37,11 @@ from slimllm.reference.generate import (
 from slimllm.reference.params import Params
 from slimllm.reference.sampling import SamplingConfig
 
-from . import kv_cache, positions
+from . import kv_cache, positions, sharding, tp
 from .model import attention_fn, forward
 from .params import to_device
-from .sampling import sample, seed_words
+from .sampling import choose, process, repetition_penalty, sample, seed_words, uniform
+from .tp import SINGLE, Comm
 
 MIN_BUCKET = 16
 REASONS = {1: "length", 2: "eos", 3: "stop"}
@@ -59,30 +61,59 @@ def enable_compilation_cache(directory: str) -> None:
 # ---------------------------------------------------------------- programs (pure functions)
 
 
-def prefill_fn(params, tokens, cache, state, select, *, cfg, attention):
+# Logits and seen-token masks are [b, v] on one rank and this rank's vocabulary slice
+# [b, v/R] under tensor parallelism; ids, positions and seeds are replicated on every rank.
+
+
+def prefill_fn(params, tokens, cache, state, select, *, cfg, attention, comm=SINGLE):
     """Prompt tokens [b,T] -> logits [b,v] at each row's last real token, filled cache."""
     pos = positions.positions_for(cfg, state, tokens.shape[1])
-    logits, cache = forward(params, cfg, tokens, cache, pos, attention, select=select)
+    logits, cache = forward(params, cfg, tokens, cache, pos, attention, select=select, comm=comm)
     return logits[:, 0], cache
 
 
-def decode_fn(params, ids, cache, state, *, cfg, attention):
+def decode_fn(params, ids, cache, state, *, cfg, attention, comm=SINGLE):
     """One token per row [b] at slot state.lengths -> logits [b,v], cache."""
     pos = positions.positions_for(cfg, state, 1)
-    logits, cache = forward(params, cfg, ids[:, None], cache, pos, attention)
+    logits, cache = forward(params, cfg, ids[:, None], cache, pos, attention, comm=comm)
     return logits[:, 0], cache
 
 
-def chunk_fn(params, tokens, cache, state, *, cfg, attention):
+def chunk_fn(params, tokens, cache, state, *, cfg, attention, comm=SINGLE):
     """Tokens [b,t] after state.lengths -> logits at every position [b,t,v], cache."""
     pos = positions.positions_for(cfg, state, tokens.shape[1])
-    return forward(params, cfg, tokens, cache, pos, attention)
+    return forward(params, cfg, tokens, cache, pos, attention, comm=comm)
 
 
-def sample_fn(logits, seen, seeds, step, *, sampling):
+def gather_fn(logits, *, comm=SINGLE):
+    """Full logits [b, v] from the ranks' slices (only when the caller asks for them)."""
+    return tp.gather_vocab(logits, comm)
+
+
+def choose_sharded(logits, sampling: SamplingConfig, seen, seeds, step, comm: Comm):
+    """The single-rank sampler's choice, from vocabulary slices: greedy by a (value, id)
+    reduction, top-k sampling from the gathered local top-k, else from gathered logits."""
+    scores = repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        return tp.greedy(scores, comm)
+    if sampling.top_k > 0:
+        cand, ids = tp.top_k_candidates(scores, sampling.top_k, comm)
+        picked = choose(process(cand, sampling, jnp.zeros(cand.shape, bool), penalty=False),
+                        uniform(seeds, step))
+        return jnp.take_along_axis(ids, picked[:, None], -1)[:, 0]
+    full = tp.gather_vocab(scores, comm)
+    return choose(process(full, sampling, None, penalty=False), uniform(seeds, step))
+
+
+def sample_fn(logits, seen, seeds, step, *, sampling, comm=SINGLE):
     """Choose ids [b] and mark them as seen (for the repetition penalty)."""
-    ids = sample(logits, sampling, seen, seeds, step)
-    return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True)
+    if comm.size == 1:
+        ids = sample(logits, sampling, seen, seeds, step)
+        return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True)
+    ids = choose_sharded(logits, sampling, seen, seeds, step, comm).astype(jnp.int32)
+    local = ids - tp.vocab_offset(comm, seen.shape[-1])
+    local = jnp.where((local >= 0) & (local < seen.shape[-1]), local, seen.shape[-1])
+    return ids, seen.at[jnp.arange(ids.shape[0]), local].set(True, mode="drop")
 
 
 def stop_match(out, n, stops, stop_lens):
@@ -100,7 +131,7 @@ def stop_match(out, n, stops, stop_lens):
 
 
 def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *, cfg, attention,
-            sampling, max_new):
+            sampling, max_new, comm=SINGLE):
     """The whole decode loop in one program: -> ids [b, max_new] (-1 after a row stops),
     count [b], reason [b] (1 length, 2 eos, 3 stop)."""
     b = logits.shape[0]
@@ -108,7 +139,7 @@ def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *,
 
     def body(carry):
         n, logits, cache, state, seen, out, done, reason = carry
-        ids, seen = sample_fn(logits, seen, seeds, n, sampling=sampling)
+        ids, seen = sample_fn(logits, seen, seeds, n, sampling=sampling, comm=comm)
         out = out.at[:, n].set(jnp.where(done, -1, ids))
         new = jnp.where(jnp.isin(ids, eos), 2, 0)
         new = jnp.where((new == 0) & stop_match(out, n, stops, stop_lens), 3, new)
@@ -118,7 +149,8 @@ def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *,
 
         def step(args):
             cache, state = args
-            logits, cache = decode_fn(params, ids, cache, state, cfg=cfg, attention=attention)
+            logits, cache = decode_fn(params, ids, cache, state, cfg=cfg, attention=attention,
+                                      comm=comm)
             return logits, cache, positions.advance(state, 1)
 
         logits, cache, state = jax.lax.cond(
@@ -136,6 +168,17 @@ def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *,
 
 # ---------------------------------------------------------------- the engine
 
+# How each program's arguments and results are laid out across tensor-parallel ranks.
+LAYOUTS = {
+    "prefill_fn": (("params", "rep", "cache", "rep", "rep"), ("vocab", "cache")),
+    "decode_fn": (("params", "rep", "cache", "rep"), ("vocab", "cache")),
+    "chunk_fn": (("params", "rep", "cache", "rep"), ("vocab3", "cache")),
+    "gather_fn": (("vocab",), "rep"),
+    "sample_fn": (("vocab", "vocab", "rep", "rep"), ("rep", "vocab")),
+    "loop_fn": (("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep"),
+                ("rep", "rep", "rep", "cache")),
+}
+
 
 @dataclass
 class Compiled:
@@ -144,27 +187,116 @@ class Compiled:
 
 
 class Engine:
-    """One model on the device: weights and its compiled programs, reused across calls."""
+    """One model on the device(s): weights and its compiled programs, reused across calls.
 
-    def __init__(self, params: Params, cfg: ModelConfig):
-        self.cfg = cfg
-        self.params = to_device(params)
+    tp > 1 splits the model over tensor-parallel ranks: `transport="devices"` uses tp XLA
+    devices of this process (shard_map), `transport="mpi"` makes this process one of tp MPI
+    ranks holding only its slice of the weights.
+    """
+
+    def __init__(self, params: Params, cfg: ModelConfig, tp: int = 1, transport: str = "devices"):
+        self.mesh = None
+        if tp == 1:
+            self.comm, self.cfg, self.params = SINGLE, cfg, to_device(params)
+        else:
+            prepared, self.cfg = sharding.prepare(params, cfg, tp)
+            if transport == "devices":
+                devices = jax.devices()
+                if len(devices) < tp:
+                    raise ValueError(
+                        f"tp={tp} needs {tp} XLA devices but this process has {len(devices)} "
+                        f"(set XLA_FLAGS=--xla_force_host_platform_device_count={tp} before "
+                        "jax is imported, or run under mpiexec)"
+                    )
+                self.mesh = jax.sharding.Mesh(np.array(devices[:tp]), (tp_axis(),))
+                self.comm, self.params = Comm("axis", tp), sharding.shard_params(prepared, self.mesh)
+            elif transport == "mpi":
+                from . import mpi
+
+                if mpi.size() != tp:
+                    raise ValueError(f"tp={tp} but the MPI job has {mpi.size()} ranks")
+                self.comm = Comm("mpi", tp)
+                self.params = to_device(sharding.local_slice(prepared, mpi.rank(), tp))
+            else:
+                raise ValueError(f"unknown transport {transport!r}: expected devices or mpi")
         self.programs: dict = {}
         self.compile_seconds = 0.0
 
-    def compiled(self, fn, static: dict, donate: tuple, *args):
-        """`fn` jit-compiled ahead of time for these argument shapes (cached)."""
+    # -- layout of arguments over the ranks
+
+    def spec(self, kind, arg):
+        P = jax.sharding.PartitionSpec
+        return {
+            "params": lambda: sharding.spec_tree(self.params),
+            "cache": lambda: sharding.cache_specs(arg),
+            "vocab": lambda: sharding.VOCAB,
+            "vocab3": lambda: P(None, None, tp_axis()),
+            "rep": lambda: P(),
+        }[kind]()
+
+    def place(self, args, kinds):
+        """Put arguments where the compiled program expects them (no-op when already there)."""
+        if self.mesh is None:
+            return args
+        Sharding = jax.sharding.NamedSharding
+        out = []
+        for arg, kind in zip(args, kinds, strict=True):
+            if kind == "params":
+                out.append(arg)
+                continue
+            specs = self.spec(kind, arg)
+            out.append(jax.tree_util.tree_map(
+                lambda s, a: a if s is None else jax.device_put(a, Sharding(self.mesh, s)),
+                specs, arg,
+                is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)))
+        return tuple(out)
+
+    def run(self, fn, static: dict, donate: tuple, *args):
+        """Run `fn` compiled ahead of time for these argument shapes (compiled once, cached)."""
+        ins, outs = LAYOUTS[fn.__name__]
+        args = self.place(args, ins)
         # the engine's weights never change shape: leave them out of the (per-token) key
         keyed = args[1:] if args and args[0] is self.params else args
         shapes = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), keyed)
         key = (fn.__name__, tuple(sorted(static.items())), str(shapes))
         if key not in self.programs:
             t0 = time.perf_counter()
-            jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
-            program = jitted.lower(*args, **static).compile()
+            body = functools.partial(fn, **static, comm=self.comm)
+            if self.mesh is not None:
+                out_specs = outs if isinstance(outs, str) else tuple(outs)
+                cache = next((a for a, k in zip(args, ins) if k == "cache"), None)
+                resolve = lambda k: self.spec(k, cache)  # noqa: E731
+                # check_vma=False: loops carry values that are per-rank by construction (local
+                # heads) and replicated results come from collectives; the tests check equality.
+                body = jax.shard_map(
+                    body, mesh=self.mesh, check_vma=False,
+                    in_specs=tuple(self.spec(k, a) for k, a in zip(ins, args)),
+                    out_specs=resolve(out_specs) if isinstance(out_specs, str)
+                    else tuple(resolve(k) for k in out_specs),
+                )
+            # Compile ahead of time (to time it), but call through the jitted function: it reuses
+            # that executable and, unlike a bare AOT executable, threads the runtime tokens of
+            # ordered effects (mpi4jax collectives) from one call to the next.
+            program = jax.jit(body, donate_argnums=donate)
+            program.lower(*args).compile()
             self.programs[key] = Compiled(program, time.perf_counter() - t0)
             self.compile_seconds += self.programs[key].seconds
-        return self.programs[key].program
+        return self.programs[key].program(*args)
+
+    # -- the steps generation is made of
+
+    def new_cache(self, prompts, max_new_tokens, cache_len, kv_dtype):
+        longest = max(len(p) for p in prompts)
+        need = max(bucket(longest), cache_len or longest + max_new_tokens)
+        cache = kv_cache.init_cache(self.cfg_local(), len(prompts), need, kv_dtype)
+        return self.place((cache,), ("cache",))[0] if self.mesh is not None else cache
+
+    def cfg_local(self) -> ModelConfig:
+        """The config whose kv-head count sizes this process's cache arrays (MPI: one slice)."""
+        if self.comm.kind == "mpi":
+            return self.cfg.replace(n_kv_heads=self.cfg.n_kv_heads // self.comm.size,
+                                    n_heads=self.cfg.n_heads // self.comm.size)
+        return self.cfg
 
     def prefill(self, prompts, cache, attention):
         """Bucketed prefill of ragged prompts -> (logits [b,v], cache, state after the prompts)."""
@@ -174,10 +306,10 @@ class Engine:
         tokens = pad(prompts)
         tokens = np.pad(tokens, ((0, 0), (0, bucket(tokens.shape[1]) - tokens.shape[1])))
         state = positions.device_state(host_state)
-        args = (self.params, jnp.asarray(tokens, jnp.int32), cache, state,
-                jnp.asarray(lengths - 1, jnp.int32))
-        program = self.compiled(prefill_fn, {"cfg": cfg, "attention": attention}, (2,), *args)
-        logits, cache = program(*args)
+        logits, cache = self.run(
+            prefill_fn, {"cfg": cfg, "attention": attention}, (2,), self.params,
+            jnp.asarray(tokens, jnp.int32), cache, state, jnp.asarray(lengths - 1, jnp.int32),
+        )
         return logits, cache, positions.advance(state, jnp.asarray(lengths, jnp.int32))
 
     def sequence_logits(self, tokens, bounds, kv_dtype: str, attention: str):
@@ -185,20 +317,35 @@ class Engine:
         (the first chunk is the prompt)."""
         cfg = self.cfg
         state = positions.device_state(ref_positions.start_state(cfg, [tokens[: bounds[0]]]))
-        cache = kv_cache.init_cache(cfg, 1, len(tokens), kv_dtype)
+        cache = kv_cache.init_cache(self.cfg_local(), 1, len(tokens), kv_dtype)
         out, start = [], 0
         for end in bounds:
-            args = (self.params, jnp.asarray([tokens[start:end]], jnp.int32), cache, state)
-            program = self.compiled(chunk_fn, {"cfg": cfg, "attention": attention}, (2,), *args)
-            logits, cache = program(*args)
-            out.append(np.asarray(logits[0]))
+            logits, cache = self.run(
+                chunk_fn, {"cfg": cfg, "attention": attention}, (2,), self.params,
+                jnp.asarray([tokens[start:end]], jnp.int32), cache, state,
+            )
+            out.append(self.full_logits(logits[0]))
             state, start = positions.advance(state, end - start), end
         return np.concatenate(out)
 
-    def new_cache(self, prompts, max_new_tokens, cache_len, kv_dtype):
-        longest = max(len(p) for p in prompts)
-        need = max(bucket(longest), cache_len or longest + max_new_tokens)
-        return kv_cache.init_cache(self.cfg, len(prompts), need, kv_dtype)
+    def vocab_slice(self, a: np.ndarray) -> np.ndarray:
+        """This process's columns of a host [b, v] array (all of them unless an MPI rank)."""
+        if self.comm.kind != "mpi":
+            return a
+        n = a.shape[-1] // self.comm.size
+        return a[..., self.comm.rank() * n : (self.comm.rank() + 1) * n]
+
+    def full_logits(self, logits) -> np.ndarray:
+        """Host copy of full logits from per-rank slices ([..., v/R] -> [..., v])."""
+        if self.comm.kind != "mpi":
+            return np.asarray(logits)  # a sharded global array already has the full shape
+        flat = logits.reshape(-1, logits.shape[-1])
+        full = self.run(gather_fn, {}, (), flat)
+        return np.asarray(full).reshape(*logits.shape[:-1], -1)
+
+
+def tp_axis() -> str:
+    return tp.AXIS
 
 
 def generate(
@@ -232,7 +379,7 @@ def generate(
     seen = np.zeros((b, cfg.vocab), bool)
     for r, p in enumerate(prompts):
         seen[r, p] = True
-    seen = jnp.asarray(seen)
+    seen = jnp.asarray(engine.vocab_slice(seen))
 
     # Programs compile on first use; their compile time is subtracted from the phase it fell in.
     compile0 = engine.compile_seconds
@@ -258,9 +405,8 @@ def loop(engine, logits, cache, state, seen, seeds, stopping, sampling, attentio
     stop_lens = jnp.asarray([len(s) for s in seqs], jnp.int32)
     static = {"cfg": engine.cfg, "attention": attention, "sampling": sampling,
               "max_new": stopping.max_new_tokens}
-    args = (engine.params, logits, cache, state, seen, seeds, eos, stops, stop_lens)
-    program = engine.compiled(loop_fn, static, (2,), *args)
-    out, reason, n, _ = program(*args)
+    out, reason, n, _ = engine.run(loop_fn, static, (2,), engine.params, logits, cache, state,
+                                   seen, seeds, eos, stops, stop_lens)
     out, reason = np.asarray(out), np.asarray(reason)
     rows = []
     for r in range(out.shape[0]):
@@ -277,10 +423,10 @@ def stream(engine, logits, cache, state, seen, seeds, stopping, sampling, attent
     done = np.zeros(b, bool)
     steps = 0
     for step in range(stopping.max_new_tokens):
-        args = (logits, seen, seeds, jnp.int32(step))
-        ids, seen = engine.compiled(sample_fn, {"sampling": sampling}, (), *args)(*args)
+        ids, seen = engine.run(sample_fn, {"sampling": sampling}, (), logits, seen, seeds,
+                               jnp.int32(step))
         host_ids = np.asarray(ids)
-        host_logits = np.asarray(logits) if return_logits else None
+        host_logits = engine.full_logits(logits) if return_logits else None
         for r in np.flatnonzero(~done):
             token = int(host_ids[r])
             rows[r].ids.append(token)
@@ -293,9 +439,8 @@ def stream(engine, logits, cache, state, seen, seeds, stopping, sampling, attent
                 rows[r].finish_reason, done[r] = reason, True
         if done.all():
             break
-        args = (engine.params, ids, cache, state)
-        program = engine.compiled(decode_fn, {"cfg": cfg, "attention": attention}, (2,), *args)
-        logits, cache = program(*args)
+        logits, cache = engine.run(decode_fn, {"cfg": cfg, "attention": attention}, (2,),
+                                   engine.params, ids, cache, state)
         state = positions.advance(state, 1)
         steps += 1
     return rows, steps

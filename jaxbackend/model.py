@@ -5,10 +5,16 @@ donated; `generate.py` does). Layers are a Python loop: the per-layer cache is a
 unrolled loop keeps this file a line-by-line mirror of the reference. Bounds (token ids, cache
 length, learned-position table) are checked on the host before calling, since a traced
 function cannot raise on values.
+
+The one addition over the reference is tensor parallelism (see `tp.py`): given a `Comm` of
+several ranks, `forward` runs on this rank's heads and ffn columns (shapes come from the
+weights), and the two row-parallel projections of each block (attention output, MLP down) end in
+`row_parallel`, the only place partial sums are reduced; their biases are added once, after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -22,6 +28,7 @@ from .flash_attention import flash_attention
 from .ops import MLPS, NORMS, linear, rms_norm
 from .positions import ROTATIONS, Positions, learned_positions, logn_scale
 from .slim_attention import slim_attention
+from .tp import SINGLE, Comm
 
 ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
 
@@ -39,13 +46,21 @@ def norm(x, w, b, cfg: ModelConfig):
     return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
 
 
+def row_parallel(y, b, comm: Comm):
+    """Finish a row-parallel projection: sum the ranks' partial results, then add the bias once
+    (collective #1 after the attention output, #2 after the MLP down projection)."""
+    y = comm.sum(y)
+    return y if b is None else y + b
+
+
 def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
-    """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v."""
+    """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v.
+    Head counts come from the weights (a tensor-parallel rank holds a slice of the heads)."""
     b, t, _ = x.shape
     d = cfg.head_dim
-    q = linear(x, p.wq, p.bq).reshape(b, t, cfg.n_heads, d)  # [b,t,e] -> [b,t,h,d]
-    k = linear(x, p.wk, p.bk).reshape(b, t, cfg.n_kv_heads, d)  # [b,t,e] -> [b,t,k,d]
-    v = linear(x, p.wv, p.bv).reshape(b, t, cfg.n_kv_heads, d)
+    q = linear(x, p.wq, p.bq).reshape(b, t, -1, d)  # [b,t,e] -> [b,t,h,d]
+    k = linear(x, p.wk, p.bk).reshape(b, t, -1, d)  # [b,t,e] -> [b,t,k,d]
+    v = linear(x, p.wv, p.bv).reshape(b, t, -1, d)
     if cfg.qk_norm:
         q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
         k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
@@ -57,22 +72,27 @@ def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
 
 
 def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
-                    attention="naive"):
+                    attention="naive", comm: Comm = SINGLE):
     """Self-attention sublayer: writes this layer's K/V, then reads the cache back."""
     b, t, _ = x.shape
     q, k, v = qkv(x, p, cfg, pos)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
-    return linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo), cache
+    return row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm), cache
+
+
+def mlp_block(x, p: LayerParams, cfg: ModelConfig, comm: Comm = SINGLE):
+    """The MLP sublayer: [b,t,e] -> [b,t,e] (down-projection bias added after the reduce)."""
+    return row_parallel(MLPS[cfg.mlp](x, dataclasses.replace(p, b_down=None)), p.b_down, comm)
 
 
 def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
-          attention="naive"):
+          attention="naive", comm: Comm = SINGLE):
     """One transformer block in the config's residual layout."""
-    mlp = MLPS[cfg.mlp]
+    mlp = functools.partial(mlp_block, cfg=cfg, comm=comm)
     attend = functools.partial(attention_block, p=p, cfg=cfg, layer=layer, pos=pos, bias=bias,
-                               attention=attention)
+                               attention=attention, comm=comm)
     if cfg.residual == "pre_norm":
         a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
         h = x + a
@@ -109,12 +129,13 @@ def unembed(params: Params, cfg: ModelConfig, x):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive",
-            select=None):
-    """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache)."""
+            select=None, comm: Comm = SINGLE):
+    """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache).
+    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]."""
     x = embed(params, cfg, tokens, pos)
-    bias = attention_bias(cfg, pos, cache.max_len)
+    bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm)
     if select is not None:
         x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
     return unembed(params, cfg, x), cache

@@ -83,8 +83,10 @@ def min_p_filter(logits, min_p: float):
     return jnp.where(probs < threshold, -jnp.inf, logits)
 
 
-def process(logits, sc: SamplingConfig, seen):
-    logits = repetition_penalty(logits.astype(jnp.float32), seen, sc.repetition_penalty)
+def process(logits, sc: SamplingConfig, seen, penalty: bool = True):
+    """All processors in HF order (penalty=False: already applied, e.g. before a top-k gather)."""
+    if penalty:
+        logits = repetition_penalty(logits.astype(jnp.float32), seen, sc.repetition_penalty)
     if sc.greedy:
         return logits
     logits = logits / jnp.float32(sc.temperature)

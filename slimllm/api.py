@@ -7,6 +7,7 @@ and `slimllm.jaxbackend` (jit-compiled).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,15 +28,22 @@ class Model:
     bos_id: int | None = None
     family: str = ""
     source: str = ""
-    _engine: object = field(default=None, repr=False)
+    _engines: dict = field(default_factory=dict, repr=False)
 
-    def engine(self):
-        """The JAX engine of this model (device weights, compiled programs), made on first use."""
-        if self._engine is None:
+    def engine(self, tp: int = 1):
+        """The JAX engine of this model (device weights, compiled programs), made on first use.
+        Under mpiexec the ranks split the model (tp = the job's size); else tp XLA devices."""
+        from slimllm.jaxbackend.mpi import launched_size
+
+        ranks = launched_size()
+        if ranks > 1 and tp not in (1, ranks):
+            raise ValueError(f"--tp {tp} but mpiexec started {ranks} ranks: they must match")
+        tp, transport = (ranks, "mpi") if ranks > 1 else (tp, "devices")
+        if (tp, transport) not in self._engines:
             from slimllm.jaxbackend.generate import Engine
 
-            self._engine = Engine(self.params, self.cfg)
-        return self._engine
+            self._engines[tp, transport] = Engine(self.params, self.cfg, tp, transport)
+        return self._engines[tp, transport]
 
 
 @dataclass
@@ -129,12 +137,15 @@ def generate(
     cache_len: int | None = None,
     return_logits: bool = False,
     mode: str | None = None,
+    tp: int = 1,
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists)."""
     from slimllm.reference.generate import Stopping
     from slimllm.reference.sampling import SamplingConfig
 
     check_setting(backend, attention, kv_dtype)
+    if tp > 1 and backend != "jax":
+        raise ValueError("tensor parallelism (tp > 1) needs the jax backend")
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer
     stopping = Stopping(
@@ -148,9 +159,15 @@ def generate(
     options = dict(seeds=seed, on_token=on_token, cache_len=cache_len, kv_dtype=kv_dtype,
                    attention=attention, return_logits=return_logits)
     if backend == "jax":
+        from slimllm.jaxbackend import mpi
         from slimllm.jaxbackend.generate import generate as run_jax
 
-        result = run_jax(model.engine(), prompts, stopping, sampling, mode=mode, **options)
+        engine = model.engine(tp)
+        if engine.comm.kind == "mpi":  # the master's ids and settings reach every rank
+            prompts, stopping, sampling, options["seeds"] = mpi.bcast_object(
+                (prompts, dataclasses.replace(stopping, decode=None), sampling, seed))
+            stopping = dataclasses.replace(stopping, decode=tok.decode if tok else None)
+        result = run_jax(engine, prompts, stopping, sampling, mode=mode, **options)
     else:
         from slimllm.reference.generate import generate as run
 

@@ -60,6 +60,8 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--backend", choices=BACKENDS, default="jax",
                    help="jax: compiled (default); numpy: the reference")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: XLA devices of this process, or the mpiexec job")
     p.add_argument("--attention", choices=tuple(ATTENTION), default="naive",
                    help="naive (the definition), slim (SlimAttention) or flash")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--greedy-tokens", type=int, default=200)
     add_setting_options(e)
     e.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="decode latency, attention and KV-cache micro-benchmarks")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(b)
     return parser
 
 
@@ -103,6 +109,7 @@ def run_generation(model, args, default_ids=None) -> dict:
     if args.prompt is None and ids is None:
         ids = default_ids
     stop = list(args.stop) + [parse_ids(s) for s in args.stop_ids]
+    inject_fault()
     printer = None if args.json else StreamPrinter(model.tokenizer)
     out = generate(
         model,
@@ -121,6 +128,7 @@ def run_generation(model, args, default_ids=None) -> dict:
         backend=args.backend,
         attention=args.attention,
         kv_dtype=args.kv_dtype,
+        tp=args.tp,
     )
     if printer:
         printer.finish()
@@ -135,10 +143,29 @@ def run_generation(model, args, default_ids=None) -> dict:
         "backend": args.backend,
         "attention": args.attention,
         "kv_dtype": args.kv_dtype,
+        "tp": model.engine(args.tp).comm.size if args.backend == "jax" else 1,
     }
     if out.text is not None:
         result["text"] = out.text
     return result
+
+
+def inject_fault() -> None:
+    """Testing aid for distributed runs: SLIMLLM_FAULT="RANK:raise" or "RANK:kill" makes that
+    MPI rank fail just before generating, while the others enter their first collective."""
+    import os
+    import signal
+
+    fault = os.environ.get("SLIMLLM_FAULT", "")
+    if not fault:
+        return
+    from slimllm.jaxbackend import mpi
+
+    rank, kind = fault.split(":")
+    if mpi.launched_size() > 1 and mpi.rank() == int(rank):
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault on rank {rank}")
 
 
 class StreamPrinter:
@@ -242,14 +269,42 @@ def cmd_eval(args) -> dict:
     return report
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "kv-size": cmd_kv_size, "eval": cmd_eval}
+def cmd_bench(args) -> dict:
+    from .bench import run, summary
+
+    report = run(args)
+    if not args.json:
+        print(summary(report))
+    return report
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "kv-size": cmd_kv_size, "eval": cmd_eval,
+            "bench": cmd_bench}
+
+
+def prepare_devices(args) -> None:
+    """Before jax is imported: one process with --tp N needs N XLA CPU devices."""
+    import os
+
+    from slimllm.jaxbackend.mpi import launched_size
+
+    tp = getattr(args, "tp", 1)
+    if tp > 1 and launched_size() == 1 and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={tp}".strip()
 
 
 def main(argv=None) -> int:
+    from slimllm.jaxbackend.mpi import launched_size
+
+    if launched_size() > 1:
+        return main_mpi(argv)
     from slimllm.weights.io import CheckpointError
 
     try:
         args = build_parser().parse_args(argv)
+        prepare_devices(args)
         result = COMMANDS[args.command](args)
     except (UserError, CheckpointError, ValueError, OSError) as e:
         print(f"slimllm: error: {e}", file=sys.stderr)
@@ -257,6 +312,33 @@ def main(argv=None) -> int:
     if getattr(args, "json", False):
         print(json.dumps(result))
     return 0
+
+
+def main_mpi(argv=None) -> int:
+    """One rank of `mpiexec -n R slimllm ...`: rank 0 prints, the others stay quiet; any failure
+    on any rank prints one line and aborts the whole job, so no rank waits forever."""
+    import os
+
+    from slimllm.jaxbackend import mpi
+
+    rank = mpi.rank()
+    quiet = open(os.devnull, "w") if rank else None  # noqa: SIM115
+    try:
+        args = build_parser().parse_args(argv)
+        if quiet:
+            sys.stdout = quiet
+        result = COMMANDS[args.command](args)
+        if getattr(args, "json", False):
+            print(json.dumps(result))
+        sys.stdout.flush()
+        mpi.barrier()
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - any failure must end every rank
+        print(f"slimllm: error (rank {rank} of {mpi.size()}): {e}", file=sys.stderr, flush=True)
+        mpi.abort(2)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""How a model is split across tensor-parallel ranks: one table, parameter name -> PartitionSpec.
+
+Weights are stored [in, out] (y = x @ w), so "column-parallel" splits the last axis and
+"row-parallel" the first (Megatron-LM's terms). The mesh has one axis, "tp".
+
+Before splitting, `prepare` makes an equivalent model whose every split is even:
+- tp must divide the query heads, the FFN width and the vocabulary (else a clear error);
+- when tp exceeds the kv heads (GQA/MQA), each kv head is replicated tp / k times, as xFT does,
+  so every rank holds the one kv head its query heads use (k must divide tp);
+- a tied LM head gets its own copy of the embedding table (the embedding is replicated for
+  the token lookup, the head is split by vocabulary).
+The returned config describes that equivalent model (n_kv_heads possibly larger, head untied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.params import LayerParams, Params
+
+from .tp import AXIS
+
+COLUMNS, ROWS, SPLIT, REPLICATED = P(None, AXIS), P(AXIS, None), P(AXIS), P()
+
+SPECS = {
+    # layer weights
+    "wq": COLUMNS,  # column-parallel: a rank owns h/R query heads
+    "wk": COLUMNS,  # column-parallel: ... and the matching kv heads
+    "wv": COLUMNS,
+    "bq": SPLIT,
+    "bk": SPLIT,
+    "bv": SPLIT,
+    "q_norm": REPLICATED,  # per-head norm weights are shared by all heads
+    "k_norm": REPLICATED,
+    "wo": ROWS,  # row-parallel: partial sums -> allreduce #1
+    "bo": REPLICATED,  # added once, after the reduce
+    "w_gate": COLUMNS,  # column-parallel by FFN columns
+    "w_up": COLUMNS,
+    "b_up": SPLIT,
+    "w_down": ROWS,  # row-parallel: partial sums -> allreduce #2
+    "b_down": REPLICATED,  # added once, after the reduce
+    "attn_norm": REPLICATED,  # norms run redundantly on the replicated hidden state
+    "attn_norm_b": REPLICATED,
+    "mlp_norm": REPLICATED,
+    "mlp_norm_b": REPLICATED,
+    # model weights
+    "embed": REPLICATED,  # every rank embeds the broadcast token ids itself
+    "pos_embed": REPLICATED,
+    "proj_in": REPLICATED,
+    "proj_out": REPLICATED,
+    "final_norm": REPLICATED,
+    "final_norm_b": REPLICATED,
+    "lm_head": COLUMNS,  # vocab-parallel: each rank scores its slice of the vocabulary
+}
+CACHE = P(None, AXIS, None, None)  # KV cache [b,k,s,d]: sharded on kv heads
+CACHE_SCALES = P(None, AXIS, None)  # int8 scales [b,k,s]
+VOCAB = P(None, AXIS)  # logits and seen-token masks [b, v]
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise a clear error when the model cannot be split evenly over tp ranks."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    for what, n in (("query heads", cfg.n_heads), ("FFN width", cfg.ffn_width),
+                    ("vocabulary", cfg.vocab)):
+        if n % tp:
+            raise ValueError(f"tp={tp} does not divide the {n} {what}")
+    k = cfg.n_kv_heads
+    if k % tp and tp % k:
+        raise ValueError(f"tp={tp} neither divides nor is a multiple of the {k} kv heads")
+
+
+def prepare(params: Params, cfg: ModelConfig, tp: int) -> tuple[Params, ModelConfig]:
+    """An equivalent model whose splits over tp ranks are all even (see the module docstring)."""
+    check_tp(cfg, tp)
+    copies = tp // cfg.n_kv_heads if tp > cfg.n_kv_heads else 1
+    d = cfg.head_dim
+
+    def replicate_kv(w):  # [..., k*d] -> [..., k*copies*d], each head repeated in place
+        if w is None or copies == 1:
+            return w
+        shape = w.shape[:-1]
+        heads = w.reshape(*shape, cfg.n_kv_heads, 1, d)
+        return np.broadcast_to(heads, (*shape, cfg.n_kv_heads, copies, d)).reshape(*shape, -1)
+
+    layers = [
+        dataclasses.replace(layer, wk=replicate_kv(layer.wk), wv=replicate_kv(layer.wv),
+                            bk=replicate_kv(layer.bk), bv=replicate_kv(layer.bv))
+        for layer in params.layers
+    ]
+    lm_head = params.embed.T.copy() if cfg.tied_head else params.lm_head
+    prepared = dataclasses.replace(params, layers=layers, lm_head=lm_head)
+    return prepared, cfg.replace(n_kv_heads=cfg.n_kv_heads * copies, tied_head=False)
+
+
+def spec_tree(params: Params) -> Params:
+    """A Params-shaped tree of PartitionSpecs (None where a weight is absent)."""
+
+    def specs(obj):
+        return {f.name: None if getattr(obj, f.name) is None else SPECS[f.name]
+                for f in dataclasses.fields(obj) if f.name != "layers"}
+
+    layers = tuple(LayerParams(**specs(layer)) for layer in params.layers)
+    return Params(layers=layers, **specs(params))
+
+
+def cache_specs(cache):
+    """The KV cache's PartitionSpecs (same tree as the cache)."""
+    return dataclasses.replace(
+        cache,
+        k=tuple(CACHE for _ in cache.k),
+        v=tuple(CACHE for _ in cache.v),
+        k_scale=None if cache.k_scale is None else tuple(CACHE_SCALES for _ in cache.k_scale),
+        v_scale=None if cache.v_scale is None else tuple(CACHE_SCALES for _ in cache.v_scale),
+    )
+
+
+def shard_params(params: Params, mesh):
+    """Place prepared params on the mesh devices following the table."""
+    import jax
+
+    from .params import to_device
+
+    specs = spec_tree(params)
+    device = to_device(params)
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), device, specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def local_slice(params: Params, rank: int, tp: int) -> Params:
+    """Rank `rank`'s part of prepared NumPy params (MPI processes hold only their part)."""
+
+    def part(name, a):
+        if a is None:
+            return None
+        spec = SPECS[name]
+        axis = next((i for i, ax in enumerate(spec) if ax == AXIS), None)
+        if axis is None:
+            return a
+        n = a.shape[axis] // tp
+        return np.ascontiguousarray(np.take(a, range(rank * n, (rank + 1) * n), axis=axis))
+
+    def sliced(obj):
+        return dataclasses.replace(obj, **{f.name: part(f.name, getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.name != "layers"})
+
+    return dataclasses.replace(sliced(params), layers=[sliced(layer) for layer in params.layers])

@@ -1,0 +1,128 @@
+"""Tensor parallelism (PAPER.md section 4): the per-rank view of the model and its collectives.
+
+A `Comm` says how this rank talks to the others; the model code is the same for one rank and
+many. Per block there are exactly two collectives, both in `model.row_parallel`: the sum of the
+attention output projection's partial results and the sum of the MLP down projection's. Every
+rank embeds the (replicated) token ids itself, so only ids cross ranks, never embeddings.
+
+The LM head is vocabulary-parallel: rank r computes logits for its slice of the vocabulary only.
+- Greedy: each rank offers (best value, its global id); `max` then `min` over ranks pick the
+  global argmax with ties to the lowest id: two reductions of b values, never the vocabulary.
+- Sampling with top-k: each rank offers its local top-k (value, id); the gathered R*k candidates
+  go through the same processors and draw as the single-rank sampler (a token outside every
+  rank's top-k is outside the global top-k too, so the result is identical).
+- Full logits are gathered only when asked for (sampling without top-k, `return_logits`).
+
+Two transports: `Comm("axis", R)` inside `shard_map` over the mesh axis "tp" (R XLA devices in
+one process, `lax.psum`), and `Comm("mpi", R)` across R MPI processes (`mpi.py`, the only
+importer of mpi4jax/mpi4py). `SINGLE` is the one-rank case: every collective is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+from jax import lax
+
+AXIS = "tp"
+
+
+@dataclass(frozen=True)
+class Comm:
+    kind: str = "single"  # "single" | "axis" (shard_map devices) | "mpi" (processes)
+    size: int = 1
+
+    def rank(self):
+        if self.kind == "axis":
+            return lax.axis_index(AXIS)
+        if self.kind == "mpi":
+            from . import mpi
+
+            return mpi.rank()
+        return 0
+
+    def sum(self, x):
+        """Sum over ranks (the row-parallel reduction)."""
+        if self.kind == "axis":
+            return lax.psum(x, AXIS)
+        if self.kind == "mpi":
+            from . import mpi
+
+            return mpi.allreduce(x, "sum")
+        return x
+
+    def max(self, x):
+        if self.kind == "axis":
+            return lax.pmax(x, AXIS)
+        if self.kind == "mpi":
+            from . import mpi
+
+            return mpi.allreduce(x, "max")
+        return x
+
+    def min(self, x):
+        if self.kind == "axis":
+            return lax.pmin(x, AXIS)
+        if self.kind == "mpi":
+            from . import mpi
+
+            return mpi.allreduce(x, "min")
+        return x
+
+    def gather(self, x):
+        """Every rank's x stacked on a new leading axis [R, ...] (rank order)."""
+        if self.kind == "axis":
+            return lax.all_gather(x, AXIS)
+        if self.kind == "mpi":
+            from . import mpi
+
+            return mpi.allgather(x)
+        return x[None]
+
+    def local_heads(self, bias):
+        """This rank's heads of a per-head attention bias [b,h,t,s] (ALiBi); others pass."""
+        if self.size == 1 or bias.shape[1] == 1:
+            return bias
+        n = bias.shape[1] // self.size
+        return lax.dynamic_slice_in_dim(bias, self.rank() * n, n, axis=1)
+
+
+SINGLE = Comm()
+
+
+# ---------------------------------------------------------------- the vocabulary-parallel head
+
+
+def vocab_offset(comm: Comm, local_vocab: int):
+    return comm.rank() * local_vocab
+
+
+def greedy(local_scores, comm: Comm):
+    """Global argmax [b] (lowest id on ties) from each rank's scores [b, v/R]."""
+    local_vocab = local_scores.shape[-1]
+    best = jnp.max(local_scores, axis=-1)  # [b]
+    ids = jnp.argmax(local_scores, axis=-1).astype(jnp.int32) + vocab_offset(comm, local_vocab)
+    top = comm.max(best)  # reduction 1: b values
+    mine = jnp.where(best == top, ids, jnp.iinfo(jnp.int32).max)
+    return comm.min(mine)  # reduction 2: b values
+
+
+def gather_vocab(local, comm: Comm):
+    """Full [b, v] from each rank's [b, v/R] slice (only when full logits are needed)."""
+    if comm.size == 1:
+        return local
+    parts = comm.gather(local)  # [R, b, v/R]
+    return jnp.moveaxis(parts, 0, 1).reshape(local.shape[0], -1)
+
+
+def top_k_candidates(local_scores, k: int, comm: Comm):
+    """The global top-k candidates of every row, sorted by id: (scores [b, R*k], ids [b, R*k])."""
+    local_vocab = local_scores.shape[-1]
+    k = min(k, local_vocab)
+    values, idx = lax.top_k(local_scores, k)  # [b,k]
+    ids = idx.astype(jnp.int32) + vocab_offset(comm, local_vocab)
+    values = jnp.moveaxis(comm.gather(values), 0, 1).reshape(values.shape[0], -1)  # [b, R*k]
+    ids = jnp.moveaxis(comm.gather(ids), 0, 1).reshape(ids.shape[0], -1)
+    order = jnp.argsort(ids, axis=-1)  # id order, as the single-rank sampler walks the vocabulary
+    return jnp.take_along_axis(values, order, -1), jnp.take_along_axis(ids, order, -1)
