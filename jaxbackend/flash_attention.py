@@ -35,8 +35,11 @@ def flash_attention(q, kv: LayerKV, bias, scale, q_tile: int = 64, k_tile: int =
             acc = rescale * acc + block_output(p, kv, j * n, n)
             return m_new, l, acc
 
-        start = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-                 jnp.zeros(qt.shape, jnp.float32))
+        start = (
+            jnp.full(shape, -jnp.inf, jnp.float32),
+            jnp.zeros(shape, jnp.float32),
+            jnp.zeros(qt.shape, jnp.float32),
+        )
         m, l, acc = lax.fori_loop(0, (last_visible(bt) + n - 1) // n, tile, start)
         out.append(acc / jnp.where(l > 0, l, jnp.float32(1.0)))
     return ungroup(jnp.concatenate(out, axis=3)).astype(jnp.float32)

@@ -85,6 +85,15 @@ def chunk_fn(params, tokens, cache, state, *, cfg, attention, comm=SINGLE):
     return forward(params, cfg, tokens, cache, pos, attention, comm=comm)
 
 
+def trace_fn(params, tokens, cache, state, *, cfg, attention, comm=SINGLE):
+    """chunk_fn that also returns the named intermediates (model.TRACE_KEYS): a separate
+    program, so the untraced ones are unchanged."""
+    pos = positions.positions_for(cfg, state, tokens.shape[1])
+    trace = {}
+    logits, cache = forward(params, cfg, tokens, cache, pos, attention, comm=comm, trace=trace)
+    return trace, cache
+
+
 def gather_fn(logits, *, comm=SINGLE):
     """Full logits [b, v] from the ranks' slices (only when the caller asks for them)."""
     return tp.gather_vocab(logits, comm)
@@ -98,8 +107,10 @@ def choose_sharded(logits, sampling: SamplingConfig, seen, seeds, step, comm: Co
         return tp.greedy(scores, comm)
     if sampling.top_k > 0:
         cand, ids = tp.top_k_candidates(scores, sampling.top_k, comm)
-        picked = choose(process(cand, sampling, jnp.zeros(cand.shape, bool), penalty=False),
-                        uniform(seeds, step))
+        picked = choose(
+            process(cand, sampling, jnp.zeros(cand.shape, bool), penalty=False),
+            uniform(seeds, step),
+        )
         return jnp.take_along_axis(ids, picked[:, None], -1)[:, 0]
     full = tp.gather_vocab(scores, comm)
     return choose(process(full, sampling, None, penalty=False), uniform(seeds, step))
@@ -130,8 +141,23 @@ def stop_match(out, n, stops, stop_lens):
     return jnp.any(jnp.all(ok, axis=-1) & long_enough, axis=-1)
 
 
-def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *, cfg, attention,
-            sampling, max_new, comm=SINGLE):
+def loop_fn(
+    params,
+    logits,
+    cache,
+    state,
+    seen,
+    seeds,
+    eos,
+    stops,
+    stop_lens,
+    *,
+    cfg,
+    attention,
+    sampling,
+    max_new,
+    comm=SINGLE,
+):
     """The whole decode loop in one program: -> ids [b, max_new] (-1 after a row stops),
     count [b], reason [b] (1 length, 2 eos, 3 stop)."""
     b = logits.shape[0]
@@ -149,8 +175,9 @@ def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *,
 
         def step(args):
             cache, state = args
-            logits, cache = decode_fn(params, ids, cache, state, cfg=cfg, attention=attention,
-                                      comm=comm)
+            logits, cache = decode_fn(
+                params, ids, cache, state, cfg=cfg, attention=attention, comm=comm
+            )
             return logits, cache, positions.advance(state, 1)
 
         logits, cache, state = jax.lax.cond(
@@ -158,8 +185,16 @@ def loop_fn(params, logits, cache, state, seen, seeds, eos, stops, stop_lens, *,
         )
         return n + 1, logits, cache, state, seen, out, done, reason
 
-    start = (jnp.int32(0), logits, cache, state, seen, out, jnp.zeros(b, bool),
-             jnp.zeros(b, jnp.int32))
+    start = (
+        jnp.int32(0),
+        logits,
+        cache,
+        state,
+        seen,
+        out,
+        jnp.zeros(b, bool),
+        jnp.zeros(b, jnp.int32),
+    )
     n, _, cache, _, _, out, done, reason = jax.lax.while_loop(
         lambda c: (c[0] < max_new) & ~jnp.all(c[6]), body, start
     )
@@ -173,10 +208,13 @@ LAYOUTS = {
     "prefill_fn": (("params", "rep", "cache", "rep", "rep"), ("vocab", "cache")),
     "decode_fn": (("params", "rep", "cache", "rep"), ("vocab", "cache")),
     "chunk_fn": (("params", "rep", "cache", "rep"), ("vocab3", "cache")),
+    "trace_fn": (("params", "rep", "cache", "rep"), ("trace", "cache")),
     "gather_fn": (("vocab",), "rep"),
     "sample_fn": (("vocab", "vocab", "rep", "rep"), ("rep", "vocab")),
-    "loop_fn": (("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep"),
-                ("rep", "rep", "rep", "cache")),
+    "loop_fn": (
+        ("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep"),
+        ("rep", "rep", "rep", "cache"),
+    ),
 }
 
 
@@ -196,10 +234,12 @@ class Engine:
 
     def __init__(self, params: Params, cfg: ModelConfig, tp: int = 1, transport: str = "devices"):
         self.mesh = None
+        self.kv_copies = 1  # > 1 when tp exceeds the kv heads and each is replicated
         if tp == 1:
             self.comm, self.cfg, self.params = SINGLE, cfg, to_device(params)
         else:
             prepared, self.cfg = sharding.prepare(params, cfg, tp)
+            self.kv_copies = self.cfg.n_kv_heads // cfg.n_kv_heads
             if transport == "devices":
                 devices = jax.devices()
                 if len(devices) < tp:
@@ -209,7 +249,10 @@ class Engine:
                         "jax is imported, or run under mpiexec)"
                     )
                 self.mesh = jax.sharding.Mesh(np.array(devices[:tp]), (tp_axis(),))
-                self.comm, self.params = Comm("axis", tp), sharding.shard_params(prepared, self.mesh)
+                self.comm, self.params = (
+                    Comm("axis", tp),
+                    sharding.shard_params(prepared, self.mesh),
+                )
             elif transport == "mpi":
                 from . import mpi
 
@@ -232,7 +275,25 @@ class Engine:
             "vocab": lambda: sharding.VOCAB,
             "vocab3": lambda: P(None, None, tp_axis()),
             "rep": lambda: P(),
+            "trace": lambda: {name: self.trace_spec(name) for name in self.trace_names()},
         }[kind]()
+
+    def trace_names(self) -> list[str]:
+        from .model import TRACE_KEYS
+
+        names = []
+        for key in TRACE_KEYS:
+            if key == "final_norm" and not self.cfg.final_norm:
+                continue
+            names += [key.format(i=i) for i in range(self.cfg.n_layers)] if "{i}" in key else [key]
+        return names
+
+    def trace_spec(self, name: str):
+        """q/k/v are split by heads across ranks, logits by vocabulary; the rest replicated."""
+        P = jax.sharding.PartitionSpec
+        if name.rsplit(".", 1)[-1] in ("q", "k", "v"):
+            return P(None, None, tp_axis(), None)
+        return P(None, None, tp_axis()) if name == "logits" else P()
 
     def place(self, args, kinds):
         """Put arguments where the compiled program expects them (no-op when already there)."""
@@ -245,10 +306,14 @@ class Engine:
                 out.append(arg)
                 continue
             specs = self.spec(kind, arg)
-            out.append(jax.tree_util.tree_map(
-                lambda s, a: a if s is None else jax.device_put(a, Sharding(self.mesh, s)),
-                specs, arg,
-                is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)))
+            out.append(
+                jax.tree_util.tree_map(
+                    lambda s, a: a if s is None else jax.device_put(a, Sharding(self.mesh, s)),
+                    specs,
+                    arg,
+                    is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec),
+                )
+            )
         return tuple(out)
 
     def run(self, fn, static: dict, donate: tuple, *args):
@@ -269,9 +334,12 @@ class Engine:
                 # check_vma=False: loops carry values that are per-rank by construction (local
                 # heads) and replicated results come from collectives; the tests check equality.
                 body = jax.shard_map(
-                    body, mesh=self.mesh, check_vma=False,
+                    body,
+                    mesh=self.mesh,
+                    check_vma=False,
                     in_specs=tuple(self.spec(k, a) for k, a in zip(ins, args)),
-                    out_specs=resolve(out_specs) if isinstance(out_specs, str)
+                    out_specs=resolve(out_specs)
+                    if isinstance(out_specs, str)
                     else tuple(resolve(k) for k in out_specs),
                 )
             # Compile ahead of time (to time it), but call through the jitted function: it reuses
@@ -294,8 +362,10 @@ class Engine:
     def cfg_local(self) -> ModelConfig:
         """The config whose kv-head count sizes this process's cache arrays (MPI: one slice)."""
         if self.comm.kind == "mpi":
-            return self.cfg.replace(n_kv_heads=self.cfg.n_kv_heads // self.comm.size,
-                                    n_heads=self.cfg.n_heads // self.comm.size)
+            return self.cfg.replace(
+                n_kv_heads=self.cfg.n_kv_heads // self.comm.size,
+                n_heads=self.cfg.n_heads // self.comm.size,
+            )
         return self.cfg
 
     def prefill(self, prompts, cache, attention):
@@ -307,8 +377,14 @@ class Engine:
         tokens = np.pad(tokens, ((0, 0), (0, bucket(tokens.shape[1]) - tokens.shape[1])))
         state = positions.device_state(host_state)
         logits, cache = self.run(
-            prefill_fn, {"cfg": cfg, "attention": attention}, (2,), self.params,
-            jnp.asarray(tokens, jnp.int32), cache, state, jnp.asarray(lengths - 1, jnp.int32),
+            prefill_fn,
+            {"cfg": cfg, "attention": attention},
+            (2,),
+            self.params,
+            jnp.asarray(tokens, jnp.int32),
+            cache,
+            state,
+            jnp.asarray(lengths - 1, jnp.int32),
         )
         return logits, cache, positions.advance(state, jnp.asarray(lengths, jnp.int32))
 
@@ -321,8 +397,13 @@ class Engine:
         out, start = [], 0
         for end in bounds:
             logits, cache = self.run(
-                chunk_fn, {"cfg": cfg, "attention": attention}, (2,), self.params,
-                jnp.asarray([tokens[start:end]], jnp.int32), cache, state,
+                chunk_fn,
+                {"cfg": cfg, "attention": attention},
+                (2,),
+                self.params,
+                jnp.asarray([tokens[start:end]], jnp.int32),
+                cache,
+                state,
             )
             out.append(self.full_logits(logits[0]))
             state, start = positions.advance(state, end - start), end
@@ -334,6 +415,29 @@ class Engine:
             return a
         n = a.shape[-1] // self.comm.size
         return a[..., self.comm.rank() * n : (self.comm.rank() + 1) * n]
+
+    def trace(self, tokens, prompt_len: int, kv_dtype: str, attention: str) -> dict:
+        """Named intermediates of one forward over `tokens` (prefix-LM / NTK facts from the
+        first `prompt_len` tokens): name -> host array [t, ...]."""
+        if self.comm.kind == "mpi":
+            raise ValueError("tracing runs in one process: use tp over devices, not mpiexec")
+        cfg = self.cfg
+        state = positions.device_state(ref_positions.start_state(cfg, [tokens[:prompt_len]]))
+        cache = kv_cache.init_cache(cfg, 1, len(tokens), kv_dtype)
+        trace, _ = self.run(
+            trace_fn,
+            {"cfg": cfg, "attention": attention},
+            (2,),
+            self.params,
+            jnp.asarray([tokens], jnp.int32),
+            cache,
+            state,
+        )
+        out = {name: np.asarray(value[0]) for name, value in trace.items()}
+        for name in out:  # report the model's own kv heads, not their tensor-parallel copies
+            if name.rsplit(".", 1)[-1] in ("k", "v"):
+                out[name] = out[name][:, :: self.kv_copies]
+        return out
 
     def full_logits(self, logits) -> np.ndarray:
         """Host copy of full logits from per-rank slices ([..., v/R] -> [..., v])."""
@@ -389,24 +493,67 @@ def generate(
     logits.block_until_ready()
     t1, compile1 = time.perf_counter(), engine.compile_seconds
     run = stream if mode == "stream" else loop
-    rows, steps = run(engine, logits, cache, state, seen, seeds, stopping, sampling, attention,
-                      on_token, return_logits)
+    rows, steps = run(
+        engine,
+        logits,
+        cache,
+        state,
+        seen,
+        seeds,
+        stopping,
+        sampling,
+        attention,
+        on_token,
+        return_logits,
+    )
     t2, compile2 = time.perf_counter(), engine.compile_seconds
-    return GenerateResult(rows, t1 - t0 - (compile1 - compile0), t2 - t1 - (compile2 - compile1),
-                          steps, compile2 - compile0)
+    return GenerateResult(
+        rows,
+        t1 - t0 - (compile1 - compile0),
+        t2 - t1 - (compile2 - compile1),
+        steps,
+        compile2 - compile0,
+    )
 
 
-def loop(engine, logits, cache, state, seen, seeds, stopping, sampling, attention, on_token,
-         return_logits):
+def loop(
+    engine,
+    logits,
+    cache,
+    state,
+    seen,
+    seeds,
+    stopping,
+    sampling,
+    attention,
+    on_token,
+    return_logits,
+):
     eos = jnp.asarray(list(stopping.eos_ids) or [-1], jnp.int32)
     seqs = stopping.stop_sequences or ((),)
     width = max(1, max(len(s) for s in seqs))
     stops = jnp.asarray([list(s) + [-1] * (width - len(s)) for s in seqs], jnp.int32)
     stop_lens = jnp.asarray([len(s) for s in seqs], jnp.int32)
-    static = {"cfg": engine.cfg, "attention": attention, "sampling": sampling,
-              "max_new": stopping.max_new_tokens}
-    out, reason, n, _ = engine.run(loop_fn, static, (2,), engine.params, logits, cache, state,
-                                   seen, seeds, eos, stops, stop_lens)
+    static = {
+        "cfg": engine.cfg,
+        "attention": attention,
+        "sampling": sampling,
+        "max_new": stopping.max_new_tokens,
+    }
+    out, reason, n, _ = engine.run(
+        loop_fn,
+        static,
+        (2,),
+        engine.params,
+        logits,
+        cache,
+        state,
+        seen,
+        seeds,
+        eos,
+        stops,
+        stop_lens,
+    )
     out, reason = np.asarray(out), np.asarray(reason)
     rows = []
     for r in range(out.shape[0]):
@@ -415,16 +562,28 @@ def loop(engine, logits, cache, state, seen, seeds, stopping, sampling, attentio
     return rows, max(int(n) - 1, 0)
 
 
-def stream(engine, logits, cache, state, seen, seeds, stopping, sampling, attention, on_token,
-           return_logits):
+def stream(
+    engine,
+    logits,
+    cache,
+    state,
+    seen,
+    seeds,
+    stopping,
+    sampling,
+    attention,
+    on_token,
+    return_logits,
+):
     cfg = engine.cfg
     b = logits.shape[0]
     rows = [Generation([], "length") for _ in range(b)]
     done = np.zeros(b, bool)
     steps = 0
     for step in range(stopping.max_new_tokens):
-        ids, seen = engine.run(sample_fn, {"sampling": sampling}, (), logits, seen, seeds,
-                               jnp.int32(step))
+        ids, seen = engine.run(
+            sample_fn, {"sampling": sampling}, (), logits, seen, seeds, jnp.int32(step)
+        )
         host_ids = np.asarray(ids)
         host_logits = engine.full_logits(logits) if return_logits else None
         for r in np.flatnonzero(~done):
@@ -439,8 +598,9 @@ def stream(engine, logits, cache, state, seen, seeds, stopping, sampling, attent
                 rows[r].finish_reason, done[r] = reason, True
         if done.all():
             break
-        logits, cache = engine.run(decode_fn, {"cfg": cfg, "attention": attention}, (2,),
-                                   engine.params, ids, cache, state)
+        logits, cache = engine.run(
+            decode_fn, {"cfg": cfg, "attention": attention}, (2,), engine.params, ids, cache, state
+        )
         state = positions.advance(state, 1)
         steps += 1
     return rows, steps

@@ -24,7 +24,12 @@ from .quant import quantize
 
 __all__ = ["KVCache", "KV_DTYPES", "nbytes_per_token", "init_cache", "write", "read", "LayerKV"]
 
-STORAGE = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+STORAGE = {
+    "float32": jnp.float32,
+    "float16": jnp.float16,
+    "bfloat16": jnp.bfloat16,
+    "int8": jnp.int8,
+}
 KEY_BLOCK = 256  # keys widened to float32 at a time
 TILE = 64  # every cache length is a multiple of this, so key tiles never overhang
 

@@ -46,6 +46,30 @@ def norm(x, w, b, cfg: ModelConfig):
     return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
 
 
+def record(trace: dict | None, name: str, x):
+    """Keep a named intermediate when tracing (`trace` is a dict); x passes through unchanged.
+    The names are the public keys of `slimllm diff` and of user dumps (see TRACE_KEYS)."""
+    if trace is not None:
+        trace[name] = x
+    return x
+
+
+# Intermediates a traced forward records, in computation order ({i}: layer index).
+TRACE_KEYS = (
+    "embed",  # token (+ position) embeddings [b,t,e]
+    "layers.{i}.attn_in",  # input of the attention sublayer (normed, except post-norm) [b,t,e]
+    "layers.{i}.q",  # queries after q/k norm, positions and logN scaling [b,t,h,d]
+    "layers.{i}.k",  # keys after q/k norm and positions, before the cache [b,t,k,d]
+    "layers.{i}.v",  # values [b,t,k,d]
+    "layers.{i}.attn_out",  # attention sublayer output, after the output projection [b,t,e]
+    "layers.{i}.mlp_in",  # input of the MLP sublayer [b,t,e]
+    "layers.{i}.mlp_out",  # MLP sublayer output [b,t,e]
+    "layers.{i}.out",  # block output (the residual stream) [b,t,e]
+    "final_norm",  # after the final norm (absent without one) [b,t,e]
+    "logits",  # [b,t,v]
+)
+
+
 def row_parallel(y, b, comm: Comm):
     """Finish a row-parallel projection: sum the ranks' partial results, then add the bias once
     (collective #1 after the attention output, #2 after the MLP down projection)."""
@@ -71,15 +95,29 @@ def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
     return q, k, v
 
 
-def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
-                    attention="naive", comm: Comm = SINGLE):
+def attention_block(
+    x,
+    p: LayerParams,
+    cfg: ModelConfig,
+    cache,
+    layer: int,
+    pos: Positions,
+    bias,
+    attention="naive",
+    comm: Comm = SINGLE,
+    trace=None,
+):
     """Self-attention sublayer: writes this layer's K/V, then reads the cache back."""
     b, t, _ = x.shape
+    record(trace, f"layers.{layer}.attn_in", x)
     q, k, v = qkv(x, p, cfg, pos)
+    for name, y in (("q", q), ("k", k), ("v", v)):
+        record(trace, f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
-    return row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm), cache
+    out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)
+    return record(trace, f"layers.{layer}.attn_out", out), cache
 
 
 def mlp_block(x, p: LayerParams, cfg: ModelConfig, comm: Comm = SINGLE):
@@ -87,25 +125,50 @@ def mlp_block(x, p: LayerParams, cfg: ModelConfig, comm: Comm = SINGLE):
     return row_parallel(MLPS[cfg.mlp](x, dataclasses.replace(p, b_down=None)), p.b_down, comm)
 
 
-def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
-          attention="naive", comm: Comm = SINGLE):
+def block(
+    x,
+    p: LayerParams,
+    cfg: ModelConfig,
+    cache,
+    layer: int,
+    pos: Positions,
+    bias,
+    attention="naive",
+    comm: Comm = SINGLE,
+    trace=None,
+):
     """One transformer block in the config's residual layout."""
-    mlp = functools.partial(mlp_block, cfg=cfg, comm=comm)
-    attend = functools.partial(attention_block, p=p, cfg=cfg, layer=layer, pos=pos, bias=bias,
-                               attention=attention, comm=comm)
+
+    def mlp(y):
+        record(trace, f"layers.{layer}.mlp_in", y)
+        return record(trace, f"layers.{layer}.mlp_out", mlp_block(y, p, cfg, comm))
+
+    attend = functools.partial(
+        attention_block,
+        p=p,
+        cfg=cfg,
+        layer=layer,
+        pos=pos,
+        bias=bias,
+        attention=attention,
+        comm=comm,
+        trace=trace,
+    )
     if cfg.residual == "pre_norm":
         a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
         h = x + a
-        return h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg), p), cache
-    if cfg.residual == "post_norm":
+        out = h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg))
+    elif cfg.residual == "post_norm":
         a, cache = attend(x, cache=cache)
         h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
-        return norm(h + mlp(h, p), p.mlp_norm, p.mlp_norm_b, cfg), cache
-    n = norm(x, p.attn_norm, p.attn_norm_b, cfg)  # normed_input
-    a, cache = attend(n, cache=cache)
-    h = jnp.float32(cfg.residual_alpha) * n + a
-    m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
-    return jnp.float32(cfg.residual_alpha) * m + mlp(m, p), cache
+        out = norm(h + mlp(h), p.mlp_norm, p.mlp_norm_b, cfg)
+    else:  # normed_input
+        n = norm(x, p.attn_norm, p.attn_norm_b, cfg)
+        a, cache = attend(n, cache=cache)
+        h = jnp.float32(cfg.residual_alpha) * n + a
+        m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+        out = jnp.float32(cfg.residual_alpha) * m + mlp(m)
+    return record(trace, f"layers.{layer}.out", out), cache
 
 
 def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
@@ -118,24 +181,35 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     return x
 
 
-def unembed(params: Params, cfg: ModelConfig, x):
+def unembed(params: Params, cfg: ModelConfig, x, trace=None):
     """Final norm, output projection and LM head: [b,t,e] -> logits [b,t,v]."""
     if cfg.final_norm:
-        x = norm(x, params.final_norm, params.final_norm_b, cfg)
+        x = record(trace, "final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
         x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
     head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
     return (x @ head).astype(jnp.float32)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive",
-            select=None, comm: Comm = SINGLE):
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens,
+    cache,
+    pos: Positions,
+    attention="naive",
+    select=None,
+    comm: Comm = SINGLE,
+    trace: dict | None = None,
+):
     """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache).
-    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]."""
-    x = embed(params, cfg, tokens, pos)
+    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]. With a
+    `trace` dict, the intermediates named in TRACE_KEYS are stored in it (under jit, trace in
+    a separate function that returns the dict: the untraced program is unchanged)."""
+    x = record(trace, "embed", embed(params, cfg, tokens, pos))
     bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm, trace)
     if select is not None:
         x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
-    return unembed(params, cfg, x), cache
+    return record(trace, "logits", unembed(params, cfg, x, trace)), cache

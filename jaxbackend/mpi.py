@@ -41,8 +41,9 @@ def allreduce(x, op: str):
     import mpi4jax
     from mpi4py import MPI
 
-    return mpi4jax.allreduce(x, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op],
-                             comm=world())
+    return mpi4jax.allreduce(
+        x, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op], comm=world()
+    )
 
 
 def allgather(x):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,8 +45,10 @@ def advance(state: SeqState, n) -> SeqState:
 def device_state(state: SeqState) -> SeqState:
     """A host SeqState as int32/float32 device arrays."""
     return SeqState(
-        jnp.asarray(state.lengths, jnp.int32), jnp.asarray(state.prefix, jnp.int32),
-        jnp.asarray(state.anchor, jnp.int32), jnp.asarray(state.ntk_alpha, jnp.float32),
+        jnp.asarray(state.lengths, jnp.int32),
+        jnp.asarray(state.prefix, jnp.int32),
+        jnp.asarray(state.anchor, jnp.int32),
+        jnp.asarray(state.ntk_alpha, jnp.float32),
     )
 
 
@@ -121,7 +122,12 @@ def no_rotation(x, cfg, pos):
     return x
 
 
-ROTATIONS = {"rope": apply_rope, "rope2d": apply_rope2d, "alibi": no_rotation, "learned": no_rotation}
+ROTATIONS = {
+    "rope": apply_rope,
+    "rope2d": apply_rope2d,
+    "alibi": no_rotation,
+    "learned": no_rotation,
+}
 
 
 def learned_positions(table, cfg: ModelConfig, pos: Positions):

@@ -71,7 +71,9 @@ def top_p_filter(logits, p: float):
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cum = jnp.cumsum(softmax(sorted_logits, axis=-1), axis=-1)
     drop_sorted = (cum <= jnp.float32(1.0 - p)).at[:, -1].set(False)
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    drop = (
+        jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    )
     return jnp.where(drop, -jnp.inf, logits)
 
 

@@ -66,8 +66,11 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise a clear error when the model cannot be split evenly over tp ranks."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
-    for what, n in (("query heads", cfg.n_heads), ("FFN width", cfg.ffn_width),
-                    ("vocabulary", cfg.vocab)):
+    for what, n in (
+        ("query heads", cfg.n_heads),
+        ("FFN width", cfg.ffn_width),
+        ("vocabulary", cfg.vocab),
+    ):
         if n % tp:
             raise ValueError(f"tp={tp} does not divide the {n} {what}")
     k = cfg.n_kv_heads
@@ -89,8 +92,13 @@ def prepare(params: Params, cfg: ModelConfig, tp: int) -> tuple[Params, ModelCon
         return np.broadcast_to(heads, (*shape, cfg.n_kv_heads, copies, d)).reshape(*shape, -1)
 
     layers = [
-        dataclasses.replace(layer, wk=replicate_kv(layer.wk), wv=replicate_kv(layer.wv),
-                            bk=replicate_kv(layer.bk), bv=replicate_kv(layer.bv))
+        dataclasses.replace(
+            layer,
+            wk=replicate_kv(layer.wk),
+            wv=replicate_kv(layer.wv),
+            bk=replicate_kv(layer.bk),
+            bv=replicate_kv(layer.bv),
+        )
         for layer in params.layers
     ]
     lm_head = params.embed.T.copy() if cfg.tied_head else params.lm_head
@@ -102,8 +110,11 @@ def spec_tree(params: Params) -> Params:
     """A Params-shaped tree of PartitionSpecs (None where a weight is absent)."""
 
     def specs(obj):
-        return {f.name: None if getattr(obj, f.name) is None else SPECS[f.name]
-                for f in dataclasses.fields(obj) if f.name != "layers"}
+        return {
+            f.name: None if getattr(obj, f.name) is None else SPECS[f.name]
+            for f in dataclasses.fields(obj)
+            if f.name != "layers"
+        }
 
     layers = tuple(LayerParams(**specs(layer)) for layer in params.layers)
     return Params(layers=layers, **specs(params))
@@ -129,7 +140,9 @@ def shard_params(params: Params, mesh):
     specs = spec_tree(params)
     device = to_device(params)
     return jax.tree_util.tree_map(
-        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), device, specs,
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
+        device,
+        specs,
         is_leaf=lambda x: isinstance(x, P),
     )
 
@@ -148,7 +161,13 @@ def local_slice(params: Params, rank: int, tp: int) -> Params:
         return np.ascontiguousarray(np.take(a, range(rank * n, (rank + 1) * n), axis=axis))
 
     def sliced(obj):
-        return dataclasses.replace(obj, **{f.name: part(f.name, getattr(obj, f.name))
-                                           for f in dataclasses.fields(obj) if f.name != "layers"})
+        return dataclasses.replace(
+            obj,
+            **{
+                f.name: part(f.name, getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if f.name != "layers"
+            },
+        )
 
     return dataclasses.replace(sliced(params), layers=[sliced(layer) for layer in params.layers])

@@ -35,7 +35,9 @@ class ModelConfig:
     max_len: int  # longest sequence the model was built for (positions table, default cache)
     norm: str = "rms"  # "rms" | "layer" (with bias)
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"  # "swiglu": down(silu(gate x) * up x); "gelu" (tanh) / "relu": down(act(up x))
+    mlp: str = (
+        "swiglu"  # "swiglu": down(silu(gate x) * up x); "gelu" (tanh) / "relu": down(act(up x))
+    )
     pos: str = "rope"  # "rope" | "rope2d" (two position ids, one per half) | "alibi" | "learned"
     rope_style: str = "half"  # pairs (j, j + r/2) or interleaved (2j, 2j+1) within the rotated part
     rope_theta: float = 10000.0

@@ -80,15 +80,19 @@ def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab})")
     need = longest + max_new_tokens
     if longest > cfg.max_len:
-        raise ValueError(f"prompt of {longest} tokens is longer than the model's context {cfg.max_len}")
+        raise ValueError(
+            f"prompt of {longest} tokens is longer than the model's context {cfg.max_len}"
+        )
     if need > cfg.max_len:
         raise ValueError(
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} exceeds the model's "
             f"context {cfg.max_len}"
         )
     if cache_len is not None and need > cache_len:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} "
-                         f"is longer than the cache ({cache_len})")
+        raise ValueError(
+            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} "
+            f"is longer than the cache ({cache_len})"
+        )
     return cache_len or need
 
 

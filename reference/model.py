@@ -39,6 +39,30 @@ def norm(x, w, b, cfg: ModelConfig):
     return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
 
 
+def record(trace: dict | None, name: str, x):
+    """Keep a named intermediate when tracing (`trace` is a dict); x passes through unchanged.
+    The names are the public keys of `slimllm diff` and of user dumps (see TRACE_KEYS)."""
+    if trace is not None:
+        trace[name] = x
+    return x
+
+
+# Intermediates a traced forward records, in computation order ({i}: layer index).
+TRACE_KEYS = (
+    "embed",  # token (+ position) embeddings [b,t,e]
+    "layers.{i}.attn_in",  # input of the attention sublayer (normed, except post-norm) [b,t,e]
+    "layers.{i}.q",  # queries after q/k norm, positions and logN scaling [b,t,h,d]
+    "layers.{i}.k",  # keys after q/k norm and positions, before the cache [b,t,k,d]
+    "layers.{i}.v",  # values [b,t,k,d]
+    "layers.{i}.attn_out",  # attention sublayer output, after the output projection [b,t,e]
+    "layers.{i}.mlp_in",  # input of the MLP sublayer [b,t,e]
+    "layers.{i}.mlp_out",  # MLP sublayer output [b,t,e]
+    "layers.{i}.out",  # block output (the residual stream) [b,t,e]
+    "final_norm",  # after the final norm (absent without one) [b,t,e]
+    "logits",  # [b,t,v]
+)
+
+
 def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
     """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v."""
     b, t, _ = x.shape
@@ -56,39 +80,66 @@ def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
     return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
 
 
-def attention_block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
-                    attention="naive"):
+def attention_block(
+    x,
+    p: LayerParams,
+    cfg: ModelConfig,
+    cache,
+    layer: int,
+    pos: Positions,
+    bias,
+    attention="naive",
+    trace=None,
+):
     """Self-attention sublayer: [b,t,e] -> [b,t,e], writing this layer's K/V into the cache
     and then reading the cache back (so prefill equals decode steps for every cache dtype)."""
     b, t, _ = x.shape
+    record(trace, f"layers.{layer}.attn_in", x)
     q, k, v = qkv(x, p, cfg, pos)
+    for name, y in (("q", q), ("k", k), ("v", v)):
+        record(trace, f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
-    return linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo), cache
+    out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo)
+    return record(trace, f"layers.{layer}.attn_out", out), cache
 
 
-def block(x, p: LayerParams, cfg: ModelConfig, cache, layer: int, pos: Positions, bias,
-          attention="naive"):
+def block(
+    x,
+    p: LayerParams,
+    cfg: ModelConfig,
+    cache,
+    layer: int,
+    pos: Positions,
+    bias,
+    attention="naive",
+    trace=None,
+):
     """One transformer block in the config's residual layout."""
-    mlp = MLPS[cfg.mlp]
+
+    def mlp(y):
+        record(trace, f"layers.{layer}.mlp_in", y)
+        return record(trace, f"layers.{layer}.mlp_out", MLPS[cfg.mlp](y, p))
 
     def attend(y, cache):
-        return attention_block(y, p, cfg, cache, layer, pos, bias, attention)
+        return attention_block(y, p, cfg, cache, layer, pos, bias, attention, trace)
 
     if cfg.residual == "pre_norm":
         a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache)
         h = x + a
-        return h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg), p), cache
-    if cfg.residual == "post_norm":
+        out = h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg))
+    elif cfg.residual == "post_norm":
         a, cache = attend(x, cache)
         h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
-        return norm(h + mlp(h, p), p.mlp_norm, p.mlp_norm_b, cfg), cache
-    n = norm(x, p.attn_norm, p.attn_norm_b, cfg)  # normed_input
-    a, cache = attend(n, cache)
-    h = np.float32(cfg.residual_alpha) * n + a
-    m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
-    return np.float32(cfg.residual_alpha) * m + mlp(m, p), cache
+        out = norm(h + mlp(h), p.mlp_norm, p.mlp_norm_b, cfg)
+    else:  # normed_input
+        n = norm(x, p.attn_norm, p.attn_norm_b, cfg)
+        a, cache = attend(n, cache)
+        h = np.float32(cfg.residual_alpha) * n + a
+        m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+        out = np.float32(cfg.residual_alpha) * m + mlp(m)
+    return record(trace, f"layers.{layer}.out", out), cache
 
 
 def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
@@ -103,27 +154,36 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     return x
 
 
-def unembed(params: Params, cfg: ModelConfig, x):
+def unembed(params: Params, cfg: ModelConfig, x, trace=None):
     """Final norm, output projection and LM head: [b,t,e] -> logits [b,t,v]."""
     if cfg.final_norm:
-        x = norm(x, params.final_norm, params.final_norm_b, cfg)
+        x = record(trace, "final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
         x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
     head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
     return (x @ head).astype(np.float32)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, cache, pos: Positions, attention="naive",
-            select=None):
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens,
+    cache,
+    pos: Positions,
+    attention="naive",
+    select=None,
+    trace: dict | None = None,
+):
     """tokens [b,t] at positions `pos` -> (logits [b,t,v], new cache); with `select` [b], only
-    the logits at position select[r] of each row ([b,1,v]: a prefill needs just the last)."""
+    the logits at position select[r] of each row ([b,1,v]: a prefill needs just the last).
+    With a `trace` dict, the intermediates named in TRACE_KEYS are stored in it."""
     tokens = np.asarray(tokens)
     kv_cache.check_fits(cache, pos.slots)
     attention_fn(attention)
-    x = embed(params, cfg, tokens, pos)
+    x = record(trace, "embed", embed(params, cfg, tokens, pos))
     bias = attention_bias(cfg, pos, cache.max_len)
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, trace)
     if select is not None:
         x = x[np.arange(x.shape[0]), np.asarray(select)][:, None]  # [b,t,e] -> [b,1,e]
-    return unembed(params, cfg, x), cache
+    return record(trace, "logits", unembed(params, cfg, x, trace)), cache

@@ -110,7 +110,9 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
             if want is not None and value is None:
                 raise ValueError(f"{where}{field.name}: missing (expected shape {want})")
             if want is not None and tuple(value.shape) != want:
-                raise ValueError(f"{where}{field.name}: shape {tuple(value.shape)}, expected {want}")
+                raise ValueError(
+                    f"{where}{field.name}: shape {tuple(value.shape)}, expected {want}"
+                )
 
     check(params, model_shapes(cfg), "")
     if len(params.layers) != cfg.n_layers:

@@ -93,9 +93,13 @@ def advance(state: SeqState, n) -> SeqState:
 def simple_positions(cfg: ModelConfig, b: int, t: int, start: int = 0) -> Positions:
     """Positions for unpadded rows starting at slot `start` (tests, single sequences)."""
     if cfg.prefix_lm or (cfg.rope_scaling and cfg.rope_scaling[0] == "dynamic_ntk"):
-        raise ValueError("this model's positions depend on its prompt: use start_state/positions_for")
+        raise ValueError(
+            "this model's positions depend on its prompt: use start_state/positions_for"
+        )
     state = SeqState(
-        np.full(b, start, np.int64), np.zeros(b, np.int64), np.zeros(b, np.int64),
+        np.full(b, start, np.int64),
+        np.zeros(b, np.int64),
+        np.zeros(b, np.int64),
         np.ones(b, np.float32),
     )
     return positions_for(cfg, state, t)
@@ -110,7 +114,7 @@ def inv_freq(cfg: ModelConfig, alpha: float = 1.0) -> np.ndarray:
     base = cfg.rope_theta
     if alpha != 1.0:
         base = base * alpha ** (r / (r - 2))  # dynamic NTK: stretch the base
-    freqs = (1.0 / (np.float32(base) ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r))))
+    freqs = 1.0 / (np.float32(base) ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r)))
     freqs = freqs.astype(np.float32)
     if cfg.rope_f16_freqs:
         freqs = freqs.astype(np.float16).astype(np.float32)
@@ -173,7 +177,12 @@ def no_rotation(x, cfg, pos):
     return x
 
 
-ROTATIONS = {"rope": apply_rope, "rope2d": apply_rope2d, "alibi": no_rotation, "learned": no_rotation}
+ROTATIONS = {
+    "rope": apply_rope,
+    "rope2d": apply_rope2d,
+    "alibi": no_rotation,
+    "learned": no_rotation,
+}
 
 
 # ---------------------------------------------------------------- other encodings

@@ -72,8 +72,16 @@ def split_keys_decode(qg, kv: LayerKV, bias, scale, splits: int):
     return out / sum(weights)
 
 
-def slim_attention(q, kv: LayerKV, bias, scale, mb: int | None = None, key_splits: int = 1,
-                   budget: int = L2_BUDGET, key_block: int = KEY_BLOCK):
+def slim_attention(
+    q,
+    kv: LayerKV,
+    bias,
+    scale,
+    mb: int | None = None,
+    key_splits: int = 1,
+    budget: int = L2_BUDGET,
+    key_block: int = KEY_BLOCK,
+):
     """SlimAttention: q [b,t,h,d] -> [b,t,h,d], query-row blocks of `mb` (default: xFT rule)."""
     b, t, h, d = q.shape
     kh = kv.k.shape[1]
@@ -82,6 +90,8 @@ def slim_attention(q, kv: LayerKV, bias, scale, mb: int | None = None, key_split
     if t == 1 and key_splits > 1:
         return ungroup(split_keys_decode(qg, kv, gb, scale, key_splits)).astype(np.float32)
     mb = mb or block_rows(t, d, budget)
-    out = [row_block(qg[:, :, :, i : i + mb], kv, gb[:, :, :, i : i + mb], scale, key_block)
-           for i in range(0, t, mb)]
+    out = [
+        row_block(qg[:, :, :, i : i + mb], kv, gb[:, :, :, i : i + mb], scale, key_block)
+        for i in range(0, t, mb)
+    ]
     return ungroup(np.concatenate(out, axis=3)).astype(np.float32)

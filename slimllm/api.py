@@ -28,6 +28,7 @@ class Model:
     bos_id: int | None = None
     family: str = ""
     source: str = ""
+    hf_config: dict = field(default_factory=dict, repr=False)
     _engines: dict = field(default_factory=dict, repr=False)
 
     def engine(self, tp: int = 1):
@@ -88,13 +89,26 @@ def load(path, progress=None) -> Model:
     """Load a Hugging Face checkpoint directory or a llama2.c .bin file."""
     from slimllm.weights import load_checkpoint
 
+    from .progress import shards
+
+    progress = progress or shards
     ck = load_checkpoint(path, progress=progress)
-    return Model(ck.cfg, ck.params, ck.tokenizer, ck.eos_ids, ck.bos_id, ck.family, ck.source)
+    return Model(
+        ck.cfg, ck.params, ck.tokenizer, ck.eos_ids, ck.bos_id, ck.family, ck.source, ck.hf_config
+    )
 
 
 DEMO_CONFIG = ModelConfig(
-    vocab=32000, width=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, ffn_width=1376,
-    max_len=1024, norm_eps=1e-5, rope_theta=10000.0,
+    vocab=32000,
+    width=512,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=64,
+    ffn_width=1376,
+    max_len=1024,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
 )
 
 
@@ -156,8 +170,14 @@ def generate(
         decode=tok.decode if tok is not None else None,
     )
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    options = dict(seeds=seed, on_token=on_token, cache_len=cache_len, kv_dtype=kv_dtype,
-                   attention=attention, return_logits=return_logits)
+    options = dict(
+        seeds=seed,
+        on_token=on_token,
+        cache_len=cache_len,
+        kv_dtype=kv_dtype,
+        attention=attention,
+        return_logits=return_logits,
+    )
     if backend == "jax":
         from slimllm.jaxbackend import mpi
         from slimllm.jaxbackend.generate import generate as run_jax
@@ -165,7 +185,8 @@ def generate(
         engine = model.engine(tp)
         if engine.comm.kind == "mpi":  # the master's ids and settings reach every rank
             prompts, stopping, sampling, options["seeds"] = mpi.bcast_object(
-                (prompts, dataclasses.replace(stopping, decode=None), sampling, seed))
+                (prompts, dataclasses.replace(stopping, decode=None), sampling, seed)
+            )
             stopping = dataclasses.replace(stopping, decode=tok.decode if tok else None)
         result = run_jax(engine, prompts, stopping, sampling, mode=mode, **options)
     else:

@@ -58,12 +58,24 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
     from slimllm.reference.kv_cache import KV_DTYPES
     from slimllm.reference.model import ATTENTION
 
-    p.add_argument("--backend", choices=BACKENDS, default="jax",
-                   help="jax: compiled (default); numpy: the reference")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks: XLA devices of this process, or the mpiexec job")
-    p.add_argument("--attention", choices=tuple(ATTENTION), default="naive",
-                   help="naive (the definition), slim (SlimAttention) or flash")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="jax",
+        help="jax: compiled (default); numpy: the reference",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks: XLA devices of this process, or the mpiexec job",
+    )
+    p.add_argument(
+        "--attention",
+        choices=tuple(ATTENTION),
+        default="naive",
+        help="naive (the definition), slim (SlimAttention) or flash",
+    )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
 
 
@@ -97,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(b)
+    f = sub.add_parser(
+        "diff",
+        help="per-layer divergence of two implementations (slimllm settings, hf, a dump)",
+        description="Sides: 'numpy' or 'jax' with optional :naive|slim|flash :float32|float16|"
+        "bfloat16|int8 :tpN (e.g. jax:slim:int8:tp2); 'hf' (transformers, oracle extra); "
+        "'dump:FILE.npz' (your implementation's intermediates: a 'tokens' array plus keys like "
+        "embed, layers.0.attn_in, layers.0.q, layers.0.attn_out, layers.0.out, final_norm, "
+        "logits).",
+    )
+    f.add_argument("--model", required=True)
+    fseq = f.add_mutually_exclusive_group()
+    fseq.add_argument("--ids", help="token ids, comma separated")
+    fseq.add_argument("--ids-file", help="token ids (whitespace or comma separated)")
+    fseq.add_argument("--text", help="text to tokenize")
+    f.add_argument("--length", type=int, default=64, help="sampled tokens when no ids are given")
+    f.add_argument("--prompt-len", type=int, help="tokens read as the prompt (prefix-LM, NTK)")
+    f.add_argument("--a", default="numpy", help="the reference side (default: numpy)")
+    f.add_argument("--b", help="the side to check (default: jax)")
+    f.add_argument("--against", choices=["hf"], help="shorthand for --b hf")
+    f.add_argument("--dump", help="shorthand for --b dump:FILE")
+    f.add_argument("--tol", type=float, default=1e-4, help="relative tolerance")
+    f.add_argument("--json", action="store_true")
     return parser
 
 
@@ -205,8 +239,10 @@ def cmd_demo(args) -> dict:
     result = run_generation(model, args, default_ids=[model.bos_id or 1])
     result["model"] = model.source
     if not args.json:
-        print(f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s "
-              f"(decode, {args.backend} backend)")
+        print(
+            f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s "
+            f"(decode, {args.backend} backend)"
+        )
     return result
 
 
@@ -219,11 +255,15 @@ def cmd_kv_size(args) -> dict:
         raise UserError("--context and --batch must be positive")
     report = kv_size_report(load_config(args.model), args.context, args.batch)
     if not args.json:
-        print(f"KV cache for batch {args.batch} x context {args.context} "
-              f"({report['layers']} layers, {report['kv_heads']} kv heads, d={report['head_dim']})")
+        print(
+            f"KV cache for batch {args.batch} x context {args.context} "
+            f"({report['layers']} layers, {report['kv_heads']} kv heads, d={report['head_dim']})"
+        )
         for dtype, row in report["dtypes"].items():
-            print(f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
-                  f"{row['total_bytes'] / 2**20:>12,.1f} MiB  ({row['vs_float32']:.3f}x float32)")
+            print(
+                f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
+                f"{row['total_bytes'] / 2**20:>12,.1f} MiB  ({row['vs_float32']:.3f}x float32)"
+            )
     return report
 
 
@@ -264,7 +304,9 @@ def cmd_eval(args) -> dict:
         print(f"{model.source}: {setting} vs float32 naive reference, {len(tokens)} positions")
         print(f"  KL mean {kl['mean']:.3e}  p99 {kl['p99']:.3e}  max {kl['max']:.3e}")
         print(f"  top-1 agreement {report['top1_agreement']:.4f}")
-        print(f"  perplexity {report['perplexity']['baseline']:.4f} -> {report['perplexity']['setting']:.4f}")
+        print(
+            "  perplexity {baseline:.4f} -> {setting:.4f}".format(**report["perplexity"])
+        )
         print(f"  greedy: identical for {g['identical_prefix']} of {g['tokens']} tokens")
     return report
 
@@ -278,8 +320,44 @@ def cmd_bench(args) -> dict:
     return report
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "kv-size": cmd_kv_size, "eval": cmd_eval,
-            "bench": cmd_bench}
+def cmd_diff(args) -> dict:
+    from .api import load
+    from .diff import diff, format_report, load_dump, parse_side
+    from .evaluate import sample_sequence
+
+    given = [b for b in (args.b, args.against, args.dump and f"dump:{args.dump}") if b]
+    if len(given) > 1:
+        raise UserError("give one of --b, --against, --dump")
+    side_a, side_b = parse_side(args.a), parse_side(given[0] if given else "jax")
+    args.tp = max(side_a.tp, side_b.tp)
+    prepare_devices(args)
+    model = load(args.model)
+    if args.ids or args.ids_file:
+        tokens = parse_ids(args.ids) if args.ids else read_ids_file(args.ids_file)
+    elif args.text:
+        if model.tokenizer is None:
+            raise UserError("this model has no tokenizer: use --ids")
+        tokens = model.tokenizer.encode(args.text)
+    elif side_b.kind == "dump":
+        tokens = load_dump(side_b.path)[0]
+    else:
+        start = [model.bos_id if model.bos_id is not None else 1]
+        tokens = sample_sequence(model, start, min(args.length, model.cfg.max_len), seed=0)
+    prompt_len = args.prompt_len or len(tokens)
+    report = diff(model, tokens, prompt_len, side_a, side_b, args.tol)
+    if not args.json:
+        print(format_report(report))
+    return report
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+    "kv-size": cmd_kv_size,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "diff": cmd_diff,
+}
 
 
 def prepare_devices(args) -> None:

@@ -53,8 +53,9 @@ def sequence_logits(model: Model, tokens, prompt_len: int, setting: Setting, chu
     out, start = [], 0
     for end in bounds:
         pos = positions.positions_for(cfg, state, end - start)
-        logits, cache = forward(model.params, cfg, np.array([tokens[start:end]]), cache, pos,
-                                setting.attention)
+        logits, cache = forward(
+            model.params, cfg, np.array([tokens[start:end]]), cache, pos, setting.attention
+        )
         out.append(logits[0])
         state, start = positions.advance(state, end - start), end
     return np.concatenate(out)
@@ -66,15 +67,27 @@ def sample_sequence(model: Model, prompt: list[int], length: int, seed: int) -> 
     n = length - len(prompt)
     if n <= 0:
         return list(prompt[:length])
-    out = generate(model, ids=prompt, max_new_tokens=n, temperature=1.0, seed=seed, eos_ids=(),
-                   backend="numpy")
+    out = generate(
+        model, ids=prompt, max_new_tokens=n, temperature=1.0, seed=seed, eos_ids=(), backend="numpy"
+    )
     return list(prompt) + out.ids[0]
 
 
-def compare(model: Model, tokens, prompt_len: int, setting: Setting,
-            baseline: Setting = BASELINE, greedy_tokens: int = 200) -> dict:
+def compare(
+    model: Model,
+    tokens,
+    prompt_len: int,
+    setting: Setting,
+    baseline: Setting = BASELINE,
+    greedy_tokens: int = 200,
+) -> dict:
     """All harness figures for `setting` against `baseline` on one sequence."""
+    from .progress import bar
+
+    steps = iter(bar(range(4), f"eval {setting.kv_dtype}/{setting.attention}/{setting.backend}"))
+    next(steps)
     base = log_softmax(sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64))
+    next(steps)
     test = log_softmax(sequence_logits(model, tokens, prompt_len, setting).astype(np.float64))
     kl = np.sum(np.exp(base) * (base - test), axis=-1)  # [n]
     targets = np.asarray(tokens[1:])
@@ -85,22 +98,40 @@ def compare(model: Model, tokens, prompt_len: int, setting: Setting,
 
     prompt = list(tokens[:prompt_len])
     greedy_tokens = min(greedy_tokens, model.cfg.max_len - prompt_len)
-    runs = [
-        generate(model, ids=prompt, max_new_tokens=greedy_tokens, eos_ids=(), backend=s.backend,
-                 attention=s.attention, kv_dtype=s.kv_dtype).ids[0]
-        for s in (baseline, setting)
-    ]
+    runs = []
+    for s in (baseline, setting):
+        next(steps, None)
+        runs.append(
+            generate(
+                model,
+                ids=prompt,
+                max_new_tokens=greedy_tokens,
+                eos_ids=(),
+                backend=s.backend,
+                attention=s.attention,
+                kv_dtype=s.kv_dtype,
+            ).ids[0]
+        )
+    for _ in steps:  # finish the bar
+        pass
     same = next((i for i, (a, b) in enumerate(zip(*runs, strict=True)) if a != b), greedy_tokens)
     return {
         "positions": len(tokens),
         "prompt_len": prompt_len,
         "baseline": asdict(baseline),
         "setting": asdict(setting),
-        "kl": {"mean": float(kl.mean()), "p99": float(np.quantile(kl, 0.99)), "max": float(kl.max())},
+        "kl": {
+            "mean": float(kl.mean()),
+            "p99": float(np.quantile(kl, 0.99)),
+            "max": float(kl.max()),
+        },
         "top1_agreement": float((base.argmax(-1) == test.argmax(-1)).mean()),
         "perplexity": {"baseline": perplexity(base), "setting": perplexity(test)},
-        "greedy": {"tokens": greedy_tokens, "identical_prefix": same,
-                   "agreement": float(np.mean(np.equal(*runs)))},
+        "greedy": {
+            "tokens": greedy_tokens,
+            "identical_prefix": same,
+            "agreement": float(np.mean(np.equal(*runs))),
+        },
     }
 
 
@@ -113,5 +144,11 @@ def kv_size_report(cfg, context: int, batch: int) -> dict:
     f32 = rows["float32"]["total_bytes"]
     for row in rows.values():
         row["vs_float32"] = row["total_bytes"] / f32
-    return {"context": context, "batch": batch, "layers": cfg.n_layers, "kv_heads": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim, "dtypes": rows}
+    return {
+        "context": context,
+        "batch": batch,
+        "layers": cfg.n_layers,
+        "kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "dtypes": rows,
+    }

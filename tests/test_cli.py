@@ -21,8 +21,9 @@ def run(capsys, *argv):
 def test_generate_stories_greedy_json(capsys):
     model = need(STORIES / "stories260K.bin")
     oracle = np.load(STORIES / "oracle.npz")
-    code, out, err = run(capsys, "generate", "--model", str(model), "--ids", "1",
-                         "--max-new-tokens", "200", "--json")
+    code, out, err = run(
+        capsys, "generate", "--model", str(model), "--ids", "1", "--max-new-tokens", "200", "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["ids"] == oracle["greedy_a"].tolist()
@@ -31,7 +32,9 @@ def test_generate_stories_greedy_json(capsys):
 
 def test_generate_streams_ids_without_tokenizer(capsys):
     model = need(STORIES / "stories260K.bin")
-    code, out, _ = run(capsys, "generate", "--model", str(model), "--ids", "1", "--max-new-tokens", "5")
+    code, out, _ = run(
+        capsys, "generate", "--model", str(model), "--ids", "1", "--max-new-tokens", "5"
+    )
     assert code == 0
     oracle = np.load(STORIES / "oracle.npz")
     assert out.split() == [str(i) for i in oracle["greedy_a"][:5]]
@@ -39,9 +42,26 @@ def test_generate_streams_ids_without_tokenizer(capsys):
 
 def test_sampling_options_are_seeded(capsys):
     model = str(need(STORIES / "stories260K.bin"))
-    args = ["generate", "--model", model, "--ids", "1,2", "--max-new-tokens", "20", "--json",
-            "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01",
-            "--repetition-penalty", "1.1"]
+    args = [
+        "generate",
+        "--model",
+        model,
+        "--ids",
+        "1,2",
+        "--max-new-tokens",
+        "20",
+        "--json",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--min-p",
+        "0.01",
+        "--repetition-penalty",
+        "1.1",
+    ]
     a = json.loads(run(capsys, *args, "--seed", "1")[1])["ids"]
     assert json.loads(run(capsys, *args, "--seed", "1")[1])["ids"] == a
     assert json.loads(run(capsys, *args, "--seed", "2")[1])["ids"] != a
@@ -62,9 +82,15 @@ def test_demo_runs_on_the_embedded_model(capsys):
         (["generate", "--model", "STORIES", "--ids", "1,a"], "comma-separated integers"),
         (["generate", "--model", "STORIES"], "give --prompt TEXT or --ids"),
         (["generate", "--model", "STORIES", "--prompt", "hi"], "no tokenizer"),
-        (["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "600"], "exceeds the model's context 512"),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "600"],
+            "exceeds the model's context 512",
+        ),
         (["generate", "--model", "STORIES", "--ids", "1", "--top-p", "2"], "top_p must be in"),
-        (["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "abc"], "invalid int value"),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "abc"],
+            "invalid int value",
+        ),
         (["generate", "--model", "STORIES", "--ids", "9999"], "outside the vocabulary"),
         (["generate", "--model", "STORIES", "--ids", "1", "--backend", "cuda"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
@@ -80,7 +106,9 @@ def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
 def test_console_script_is_installed():
     exe = shutil.which("slimllm") or [sys.executable, "-m", "slimllm.cli"]
     cmd = [exe] if isinstance(exe, str) else exe
-    proc = subprocess.run([*cmd, "demo", "--max-new-tokens", "2", "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, "demo", "--max-new-tokens", "2", "--json"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["ids"]) == 2
 
@@ -92,7 +120,17 @@ def test_generate_works_for_every_fixture_family(capsys):
     for path in variants:
         oracle = np.load(path / "oracle.npz")
         ids = ",".join(str(i) for i in oracle["prompt_a"])
-        code, out, err = run(capsys, "generate", "--model", str(path), "--ids", ids, "--no-eos",
-                             "--max-new-tokens", str(len(oracle["greedy_a"])), "--json")
+        code, out, err = run(
+            capsys,
+            "generate",
+            "--model",
+            str(path),
+            "--ids",
+            ids,
+            "--no-eos",
+            "--max-new-tokens",
+            str(len(oracle["greedy_a"])),
+            "--json",
+        )
         assert code == 0, (path.name, err)
         assert json.loads(out)["ids"] == oracle["greedy_a"].tolist(), path.name

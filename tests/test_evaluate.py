@@ -41,7 +41,9 @@ def test_int8_on_every_fixture_family():
     for path in sorted(p for p in need(FIXTURES).glob("*") if (p / "oracle.npz").exists()):
         model = slimllm.load(path)
         prompt = np.load(path / "oracle.npz")["prompt_a"].tolist()
-        check_int8(model, sample_sequence(model, prompt, 240, seed=0), len(prompt), greedy_tokens=20)
+        check_int8(
+            model, sample_sequence(model, prompt, 240, seed=0), len(prompt), greedy_tokens=20
+        )
 
 
 def test_identical_settings_report_zero_and_slim_is_exact(stories):
@@ -60,8 +62,27 @@ def test_eval_and_kv_size_cli(capsys, tmp_path):
     model = str(need(STORIES / "stories260K.bin"))
     ids = tmp_path / "ids.txt"
     ids.write_text(" ".join(str(i) for i in np.load(STORIES / "oracle.npz")["seq_long"][:60]))
-    assert main(["eval", "--model", model, "--ids-file", str(ids), "--prompt-len", "4",
-                 "--kv-dtype", "int8", "--attention", "flash", "--greedy-tokens", "10", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                model,
+                "--ids-file",
+                str(ids),
+                "--prompt-len",
+                "4",
+                "--kv-dtype",
+                "int8",
+                "--attention",
+                "flash",
+                "--greedy-tokens",
+                "10",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["positions"] == 60 and report["setting"]["kv_dtype"] == "int8"
     assert set(report["kl"]) == {"mean", "p99", "max"} and 0 < report["kl"]["mean"] < 0.1
@@ -72,12 +93,18 @@ def test_eval_and_kv_size_cli(capsys, tmp_path):
     assert sizes["int8"]["total_bytes"] == 2 * 5 * 4 * (8 + 4) * 512 * 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["kv-size", "--model", "/nope"], "no such file"),
-    (["eval", "--model", "STORIES", "--kv-dtype", "int4"], "invalid choice"),
-    (["eval", "--model", "STORIES", "--text", "hi"], "no tokenizer"),
-    (["eval", "--model", "STORIES", "--prompt-len", "900", "--length", "20"], "need a prompt of 1..19"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["kv-size", "--model", "/nope"], "no such file"),
+        (["eval", "--model", "STORIES", "--kv-dtype", "int4"], "invalid choice"),
+        (["eval", "--model", "STORIES", "--text", "hi"], "no tokenizer"),
+        (
+            ["eval", "--model", "STORIES", "--prompt-len", "900", "--length", "20"],
+            "need a prompt of 1..19",
+        ),
+    ],
+)
 def test_eval_mistakes(capsys, argv, message):
     from conftest import STORIES
 

@@ -23,5 +23,7 @@ def test_no_family_names_in_compute_code():
     offenders = []
     for folder in ("reference", "jaxbackend"):
         for path in sorted((ROOT / folder).glob("*.py")):
-            offenders += [f"{path.name}: {line.strip()}" for line in code_lines(path) if FAMILY.search(line)]
+            offenders += [
+                f"{path.name}: {line.strip()}" for line in code_lines(path) if FAMILY.search(line)
+            ]
     assert not offenders, offenders

@@ -41,7 +41,11 @@ def special_ids(directory: Path, hf: dict) -> tuple[tuple[int, ...], int | None]
     """EOS ids and BOS id: generation_config.json first, then config.json."""
     from .families.common import eos_ids
 
-    gen = read_json(directory / "generation_config.json") if (directory / "generation_config.json").exists() else {}
+    gen = (
+        read_json(directory / "generation_config.json")
+        if (directory / "generation_config.json").exists()
+        else {}
+    )
     eos = eos_ids(gen.get("eos_token_id", hf.get("eos_token_id")))
     bos = gen.get("bos_token_id", hf.get("bos_token_id"))
     return eos, bos

@@ -62,7 +62,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             continue
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+            raise CheckpointError(
+                f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}"
+            )
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end > len(body):

@@ -11,8 +11,9 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.flash_attention import flash_attention
 from slimllm.reference.slim_attention import block_rows, slim_attention
 
-CFG = ModelConfig(vocab=16, width=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
-                  ffn_width=8, max_len=64)
+CFG = ModelConfig(
+    vocab=16, width=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, ffn_width=8, max_len=64
+)
 
 
 def layer_kv(k, v):
@@ -99,8 +100,13 @@ def attention_case(draw):
     dtype = draw(st.sampled_from(kv_cache.KV_DTYPES))
     spare = draw(st.sampled_from([0, 3]))
     seed = draw(st.integers(0, 2**16))
-    cfg = CFG.replace(n_heads=kh * g, n_kv_heads=kh, head_dim=d, width=kh * g * d,
-                      pos="alibi" if mask == "alibi" else "rope")
+    cfg = CFG.replace(
+        n_heads=kh * g,
+        n_kv_heads=kh,
+        head_dim=d,
+        width=kh * g * d,
+        pos="alibi" if mask == "alibi" else "rope",
+    )
     s = past + t + spare
     rng = np.random.default_rng(seed)
     cache = kv_cache.init_cache(cfg, b, s, dtype)
@@ -121,15 +127,19 @@ def close(got, want, rtol=1e-5):
 @given(attention_case(), st.sampled_from([None, 1, 2, 3, 7]), st.sampled_from([1, 2, 3]))
 def test_slim_equals_naive(case, mb, key_splits):
     q, kv, bias, scale = case
-    close(slim_attention(q, kv, bias, scale, mb=mb, key_splits=key_splits, key_block=5),
-          naive_attention(q, kv, bias, scale))
+    close(
+        slim_attention(q, kv, bias, scale, mb=mb, key_splits=key_splits, key_block=5),
+        naive_attention(q, kv, bias, scale),
+    )
 
 
 @given(attention_case(), st.sampled_from([1, 2, 4, 64]), st.sampled_from([1, 3, 8, 64]))
 def test_flash_equals_naive(case, q_tile, k_tile):
     q, kv, bias, scale = case
-    close(flash_attention(q, kv, bias, scale, q_tile=q_tile, k_tile=k_tile),
-          naive_attention(q, kv, bias, scale))
+    close(
+        flash_attention(q, kv, bias, scale, q_tile=q_tile, k_tile=k_tile),
+        naive_attention(q, kv, bias, scale),
+    )
 
 
 @given(attention_case())
@@ -137,5 +147,7 @@ def test_every_cache_dtype_equals_naive_on_its_dequantised_values(case):
     """Hybrid int8 (scales on score columns and probabilities) == naive on q * scale values."""
     q, kv, bias, scale = case
     k, v = kv_cache.dequantized(kv)
-    close(naive_attention(q, kv, bias, scale, key_block=4),
-          naive_attention(q, layer_kv(k, v), bias, scale))
+    close(
+        naive_attention(q, kv, bias, scale, key_block=4),
+        naive_attention(q, layer_kv(k, v), bias, scale),
+    )

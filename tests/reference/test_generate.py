@@ -1,6 +1,5 @@
 """Generation loop: stopping rules, seeded repeatability, ragged batches."""
 
-import numpy as np
 import pytest
 
 from slimllm.reference.config import ModelConfig
@@ -8,8 +7,9 @@ from slimllm.reference.generate import Stopping, generate
 from slimllm.reference.params import init_params
 from slimllm.reference.sampling import SamplingConfig
 
-CFG = ModelConfig(vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  ffn_width=48, max_len=64)
+CFG = ModelConfig(
+    vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_width=48, max_len=64
+)
 PARAMS = init_params(CFG, seed=3)
 SAMPLED = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
 
@@ -53,7 +53,13 @@ def test_stop_strings_use_the_decoder():
 
 def test_on_token_streams_every_id_in_order():
     seen = []
-    result = generate(PARAMS, CFG, [[1, 2], [3]], Stopping(max_new_tokens=5), on_token=lambda r, t: seen.append((r, t)))
+    result = generate(
+        PARAMS,
+        CFG,
+        [[1, 2], [3]],
+        Stopping(max_new_tokens=5),
+        on_token=lambda r, t: seen.append((r, t)),
+    )
     for r in range(2):
         assert [t for rr, t in seen if rr == r] == result.rows[r].ids
 

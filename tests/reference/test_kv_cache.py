@@ -42,8 +42,9 @@ def test_bf16_bits_round_to_nearest_even():
     np.testing.assert_array_equal(from_bf16_bits(to_bf16_bits(x))[:4], [1.0, 1.0, 1.015625, -3.5])
 
 
-CFG = ModelConfig(vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  ffn_width=48, max_len=32)
+CFG = ModelConfig(
+    vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_width=48, max_len=32
+)
 
 
 @pytest.mark.parametrize("dtype", kv_cache.KV_DTYPES)
@@ -54,19 +55,29 @@ def test_prefill_equals_decode_steps_for_every_dtype_and_attention(dtype, attent
     params = init_params(CFG, seed=5)
     tokens = np.random.default_rng(1).integers(0, 64, (2, 7))
     cache = kv_cache.init_cache(CFG, 2, 10, dtype)
-    full, full_cache = forward(params, CFG, tokens, cache, positions.simple_positions(CFG, 2, 7), attention)
+    full, full_cache = forward(
+        params, CFG, tokens, cache, positions.simple_positions(CFG, 2, 7), attention
+    )
     steps = []
     for i in range(7):
-        logits, cache = forward(params, CFG, tokens[:, i : i + 1], cache,
-                                positions.simple_positions(CFG, 2, 1, start=i), attention)
+        logits, cache = forward(
+            params,
+            CFG,
+            tokens[:, i : i + 1],
+            cache,
+            positions.simple_positions(CFG, 2, 1, start=i),
+            attention,
+        )
         steps.append(logits[:, 0])
     assert_close(np.stack(steps, 1), full, THROUGH_CACHE[dtype], f"{attention}/{dtype}")
     # Stored values agree up to one storage quantum (a last-bit float32 difference may round
     # to the neighbouring fp16/bf16 value or int8 step).
     quantum = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 127}[dtype]
     for layer in range(CFG.n_layers):
-        for a, b in zip(kv_cache.dequantized(kv_cache.read(full_cache, layer)),
-                        kv_cache.dequantized(kv_cache.read(cache, layer))):
+        for a, b in zip(
+            kv_cache.dequantized(kv_cache.read(full_cache, layer)),
+            kv_cache.dequantized(kv_cache.read(cache, layer)),
+        ):
             assert np.abs(a - b).max() <= quantum * np.abs(b).max() * 1.01
 
 
@@ -74,7 +85,9 @@ def test_cache_sizes():
     cfg = CFG.replace(n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128)  # Llama-3-8B shaped
     assert kv_cache.nbytes_per_token(cfg, "float16") == 2 * 32 * 8 * 128 * 2 == 131072
     assert kv_cache.nbytes_per_token(cfg, "int8") == 2 * 32 * 8 * (128 + 4)
-    assert kv_cache.nbytes_per_token(cfg, "float32") == 2 * kv_cache.nbytes_per_token(cfg, "bfloat16")
+    assert kv_cache.nbytes_per_token(cfg, "float32") == 2 * kv_cache.nbytes_per_token(
+        cfg, "bfloat16"
+    )
     with pytest.raises(ValueError, match="unknown kv cache dtype 'int4'"):
         kv_cache.init_cache(cfg, 1, 4, "int4")
 

@@ -8,8 +8,9 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.model import forward
 from slimllm.reference.params import check_params, init_params
 
-BASE = ModelConfig(vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                   ffn_width=48, max_len=32)
+BASE = ModelConfig(
+    vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_width=48, max_len=32
+)
 # One entry per combination of features the families use (names say the maths, not a family).
 VARIANTS = {
     "rope_gqa": BASE,
@@ -20,12 +21,32 @@ VARIANTS = {
     "logn": BASE.replace(logn_len=4, qkv_bias=True, n_kv_heads=4),
     "alibi": BASE.replace(pos="alibi", n_heads=6, n_kv_heads=6, width=48),
     "rope2d_prefix_gelu_alpha": BASE.replace(
-        pos="rope2d", norm="layer", mlp="gelu", qkv_bias=True, o_bias=True, mlp_bias=True,
-        residual="normed_input", residual_alpha=3.0, tied_head=True, rope_f16_freqs=True,
-        block_start_id=5, block_anchor_ids=(4, 3)),
+        pos="rope2d",
+        norm="layer",
+        mlp="gelu",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        residual="normed_input",
+        residual_alpha=3.0,
+        tied_head=True,
+        rope_f16_freqs=True,
+        block_start_id=5,
+        block_anchor_ids=(4, 3),
+    ),
     "learned_post_norm_proj": BASE.replace(
-        pos="learned", pos_offset=2, norm="layer", mlp="relu", qkv_bias=True, o_bias=True,
-        mlp_bias=True, residual="post_norm", final_norm=False, tied_head=True, embed_width=16),
+        pos="learned",
+        pos_offset=2,
+        norm="layer",
+        mlp="relu",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        residual="post_norm",
+        final_norm=False,
+        tied_head=True,
+        embed_width=16,
+    ),
 }
 
 
@@ -37,11 +58,18 @@ def prefill_and_steps(cfg, params, tokens):
     state = positions.start_state(cfg, tokens.tolist())
     full, full_cache = forward(params, cfg, tokens, cache, positions.positions_for(cfg, state, t))
     first = int(state.prefix[0]) + 1 if cfg.prefix_lm else 1
-    logits, cache = forward(params, cfg, tokens[:, :first], cache, positions.positions_for(cfg, state, first))
+    logits, cache = forward(
+        params, cfg, tokens[:, :first], cache, positions.positions_for(cfg, state, first)
+    )
     steps = [logits[:, i] for i in range(first)]
     for i in range(first, t):
-        logits, cache = forward(params, cfg, tokens[:, i : i + 1], cache,
-                                positions.positions_for(cfg, positions.advance(state, i), 1))
+        logits, cache = forward(
+            params,
+            cfg,
+            tokens[:, i : i + 1],
+            cache,
+            positions.positions_for(cfg, positions.advance(state, i), 1),
+        )
         steps.append(logits[:, 0])
     return full, full_cache, np.stack(steps, 1), cache
 
@@ -122,7 +150,14 @@ def test_dynamic_ntk_alpha_is_fixed_by_the_prompt():
     assert short.ntk_alpha[0] == 1.0
     cache = kv_cache.init_cache(cfg, 1, 16)
     a, _ = forward(params, cfg, np.array(tokens), cache, positions.positions_for(cfg, state, 9))
-    b, _ = forward(params, cfg, np.array(tokens), cache,
-                   positions.positions_for(cfg, positions.SeqState(state.lengths, state.prefix, state.anchor, short.ntk_alpha), 9))
+    b, _ = forward(
+        params,
+        cfg,
+        np.array(tokens),
+        cache,
+        positions.positions_for(
+            cfg, positions.SeqState(state.lengths, state.prefix, state.anchor, short.ntk_alpha), 9
+        ),
+    )
     np.testing.assert_allclose(a[:, :1], b[:, :1], rtol=1e-5, atol=1e-5)  # position 0: no rotation
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-3)

@@ -18,7 +18,9 @@ def test_layer_norm_has_zero_mean_unit_variance_before_affine():
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(y.var(-1), 1, rtol=1e-3)
     b = np.arange(16, dtype=np.float32)
-    np.testing.assert_allclose(ops.layer_norm(x, 2 * np.ones(16, np.float32), b, 1e-5), 2 * y + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.layer_norm(x, 2 * np.ones(16, np.float32), b, 1e-5), 2 * y + b, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_activations():
@@ -46,11 +48,22 @@ class P:
 def test_mlps():
     rng = np.random.default_rng(1)
     p = P()
-    p.w_gate, p.w_up, p.w_down = (rng.standard_normal(s).astype(np.float32) for s in [(4, 6), (4, 6), (6, 4)])
-    p.b_up, p.b_down = rng.standard_normal(6).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    p.w_gate, p.w_up, p.w_down = (
+        rng.standard_normal(s).astype(np.float32) for s in [(4, 6), (4, 6), (6, 4)]
+    )
+    p.b_up, p.b_down = (
+        rng.standard_normal(6).astype(np.float32),
+        rng.standard_normal(4).astype(np.float32),
+    )
     x = rng.standard_normal((2, 4)).astype(np.float32)
     h = x @ p.w_up + p.b_up
-    np.testing.assert_allclose(ops.relu_mlp(x, p), np.maximum(h, 0) @ p.w_down + p.b_down, rtol=1e-5)
-    np.testing.assert_allclose(ops.gelu_mlp(x, p), ops.gelu_tanh(h) @ p.w_down + p.b_down, rtol=1e-5)
+    np.testing.assert_allclose(
+        ops.relu_mlp(x, p), np.maximum(h, 0) @ p.w_down + p.b_down, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        ops.gelu_mlp(x, p), ops.gelu_tanh(h) @ p.w_down + p.b_down, rtol=1e-5
+    )
     g = x @ p.w_gate
-    np.testing.assert_allclose(ops.swiglu_mlp(x, p), (ops.silu(g) * h) @ p.w_down + p.b_down, rtol=1e-5)
+    np.testing.assert_allclose(
+        ops.swiglu_mlp(x, p), (ops.silu(g) * h) @ p.w_down + p.b_down, rtol=1e-5
+    )

@@ -7,8 +7,9 @@ from slimllm.reference import positions
 from slimllm.reference.config import ModelConfig
 from slimllm.weights.convert import hf_rope_permute
 
-CFG = ModelConfig(vocab=16, width=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
-                  ffn_width=8, max_len=64)
+CFG = ModelConfig(
+    vocab=16, width=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_width=8, max_len=64
+)
 
 
 def test_rotation_preserves_norm_and_position_zero_is_identity():
@@ -27,8 +28,12 @@ def test_rope_half_by_hand():
     pos = positions.simple_positions(cfg, 1, 1, start=1)
     y = positions.apply_rope(x, cfg, pos).ravel()
     a, b = 1.0, 0.1
-    want = [1 * math.cos(a) - 3 * math.sin(a), 2 * math.cos(b) - 4 * math.sin(b),
-            3 * math.cos(a) + 1 * math.sin(a), 4 * math.cos(b) + 2 * math.sin(b)]
+    want = [
+        1 * math.cos(a) - 3 * math.sin(a),
+        2 * math.cos(b) - 4 * math.sin(b),
+        3 * math.cos(a) + 1 * math.sin(a),
+        4 * math.cos(b) + 2 * math.sin(b),
+    ]
     np.testing.assert_allclose(y, want, rtol=1e-6)
 
 
@@ -38,7 +43,9 @@ def test_interleaved_rope_equals_half_rope_on_permuted_weights():
     w = rng.standard_normal((32, 2 * 16)).astype(np.float32)  # [e, h*d]
     x = rng.standard_normal((1, 4, 32)).astype(np.float32)
     pos = positions.simple_positions(CFG, 1, 4, start=3)
-    inter = positions.apply_rope((x @ w).reshape(1, 4, 2, 16), CFG.replace(rope_style="interleaved"), pos)
+    inter = positions.apply_rope(
+        (x @ w).reshape(1, 4, 2, 16), CFG.replace(rope_style="interleaved"), pos
+    )
     half = positions.apply_rope((x @ hf_rope_permute(w, CFG, 2)).reshape(1, 4, 2, 16), CFG, pos)
     # same vectors up to the fixed reordering of dims within each head
     perm = hf_rope_permute(np.eye(16, dtype=np.float32), CFG.replace(), 1).argmax(0)
@@ -66,7 +73,9 @@ def test_llama3_scaling_bands():
 def test_alibi_slopes_power_of_two_and_not():
     np.testing.assert_allclose(positions.alibi_slopes(4), [2**-2, 2**-4, 2**-6, 2**-8])
     # 6 heads: p = 4 -> 4 slopes as above, then 2^(-8*1/8), 2^(-8*3/8)
-    np.testing.assert_allclose(positions.alibi_slopes(6), [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+    np.testing.assert_allclose(
+        positions.alibi_slopes(6), [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
+    )
 
 
 def test_ntk_alpha():
@@ -79,8 +88,9 @@ def test_ntk_alpha():
 def test_logn_scale():
     cfg = CFG.replace(logn_len=4)
     pos = positions.simple_positions(cfg, 1, 6)
-    np.testing.assert_allclose(positions.logn_scale(cfg, pos)[0],
-                               [1, 1, 1, 1, math.log(5, 4), math.log(6, 4)], rtol=1e-6)
+    np.testing.assert_allclose(
+        positions.logn_scale(cfg, pos)[0], [1, 1, 1, 1, math.log(5, 4), math.log(6, 4)], rtol=1e-6
+    )
 
 
 def test_rope2d_positions_and_prefix():

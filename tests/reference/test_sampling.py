@@ -41,7 +41,9 @@ def test_min_p_relative_to_top_probability():
 def test_temperature_then_filters_order():
     logits = np.array([[4.0, 2.0, 0.0]], np.float32)
     sc = SamplingConfig(temperature=2.0, top_k=2)
-    np.testing.assert_allclose(sampling.process(logits, sc, np.zeros((1, 3), bool)), [[2.0, 1.0, NEG]])
+    np.testing.assert_allclose(
+        sampling.process(logits, sc, np.zeros((1, 3), bool)), [[2.0, 1.0, NEG]]
+    )
 
 
 def test_greedy_lowest_id_on_ties_and_penalty_applies():
@@ -78,7 +80,13 @@ def test_choose_follows_the_distribution_and_never_picks_excluded():
 
 
 def test_bad_settings_are_rejected():
-    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
-                dict(top_k=-1), dict(repetition_penalty=0)):
+    for bad in (
+        dict(temperature=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(min_p=2.0),
+        dict(top_k=-1),
+        dict(repetition_penalty=0),
+    ):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)

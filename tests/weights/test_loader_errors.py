@@ -18,7 +18,11 @@ def ckpt(tmp_path):
     src = need(FIXTURES / "llama")
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(src / name, tmp_path / name)
-    return tmp_path, json.loads((src / "config.json").read_text()), load_file(src / "model.safetensors")
+    return (
+        tmp_path,
+        json.loads((src / "config.json").read_text()),
+        load_file(src / "model.safetensors"),
+    )
 
 
 def rewrite(directory, config=None, tensors=None):
@@ -32,7 +36,9 @@ def test_missing_tensor(ckpt):
     d, _, tensors = ckpt
     del tensors["model.layers.1.mlp.up_proj.weight"]
     rewrite(d, tensors=tensors)
-    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"
+    ):
         slimllm.load(d)
 
 
@@ -48,7 +54,9 @@ def test_wrong_shape(ckpt):
     d, _, tensors = ckpt
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
     rewrite(d, tensors=tensors)
-    with pytest.raises(CheckpointError, match=r"layers\.0\.wk: shape \(64, 16\), expected \(64, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"layers\.0\.wk: shape \(64, 16\), expected \(64, 32\)"
+    ):
         slimllm.load(d)
 
 
@@ -92,7 +100,10 @@ def test_sharded_safetensors_and_rope_parameters(ckpt):
     """A sharded index and the newer `rope_parameters` config form load to the same model."""
     d, config, tensors = ckpt
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     (d / "model.safetensors").unlink()
     for file, part in shards.items():
         save_file({n: tensors[n] for n in part}, str(d / file))
@@ -115,11 +126,15 @@ def test_bf16_and_f16_safetensors_load_as_float32(ckpt, tmp_path):
 
     x = np.array([1.0, -2.5, 3.140625, 1e-3], np.float32)
     bits = (x.view(np.uint32) >> 16).astype(np.uint16)
-    header = {"a": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]},
-              "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]}}
+    header = {
+        "a": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]},
+        "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]},
+    }
     raw = json.dumps(header).encode()
     path = tmp_path / "h.safetensors"
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bits.tobytes() + x.astype(np.float16).tobytes())
+    path.write_bytes(
+        len(raw).to_bytes(8, "little") + raw + bits.tobytes() + x.astype(np.float16).tobytes()
+    )
     t = read_safetensors(path)
     assert t["a"].dtype == np.float32 and t["b"].dtype == np.float32
     np.testing.assert_array_equal(t["a"], (bits.astype(np.uint32) << 16).view(np.float32))

@@ -36,8 +36,13 @@ def forward_logits(model, prompt):
     cfg = model.cfg
     state = positions.start_state(cfg, [prompt])
     cache = kv_cache.init_cache(cfg, 1, len(prompt))
-    logits, _ = forward(model.params, cfg, np.asarray(prompt)[None], cache,
-                        positions.positions_for(cfg, state, len(prompt)))
+    logits, _ = forward(
+        model.params,
+        cfg,
+        np.asarray(prompt)[None],
+        cache,
+        positions.positions_for(cfg, state, len(prompt)),
+    )
     return logits[0]
 
 
@@ -50,13 +55,20 @@ def fixture(request):
 def test_fixture_logits(fixture):
     name, model, oracle = fixture
     for key in "abc" if "prompt_c" in oracle else "ab":  # qwen1_ntk adds a longer prompt_c
-        err = rel_err(forward_logits(model, oracle[f"prompt_{key}"].tolist()), oracle[f"logits_{key}"])
+        err = rel_err(
+            forward_logits(model, oracle[f"prompt_{key}"].tolist()), oracle[f"logits_{key}"]
+        )
         assert err < 1e-4, f"{name} prompt_{key}: relative error {err:.2e}"
 
 
 def test_fixture_greedy(fixture):
     name, model, oracle = fixture
-    out = slimllm.generate(model, ids=oracle["prompt_a"].tolist(), eos_ids=(),
-                           max_new_tokens=len(oracle["greedy_a"]), return_logits=True)
+    out = slimllm.generate(
+        model,
+        ids=oracle["prompt_a"].tolist(),
+        eos_ids=(),
+        max_new_tokens=len(oracle["greedy_a"]),
+        return_logits=True,
+    )
     assert out.ids[0] == oracle["greedy_a"].tolist(), name
     assert rel_err(out.logits[0], oracle["logits_greedy_a"]) < 1e-4

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from slimllm.weights.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 TOKENIZERS = (

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from slimllm.weights import torch_bin
 from slimllm.weights.torch_bin import (
     TorchBinError,

@@ -18,7 +18,9 @@ BAICHUAN2_VOCAB = 125696
 
 
 def is_baichuan2(hf: dict) -> bool:
-    return hf.get("tokenizer_class") == "BaichuanTokenizer" or hf.get("vocab_size") == BAICHUAN2_VOCAB
+    return (
+        hf.get("tokenizer_class") == "BaichuanTokenizer" or hf.get("vocab_size") == BAICHUAN2_VOCAB
+    )
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

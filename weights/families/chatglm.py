@@ -8,7 +8,6 @@ inverse frequencies are rounded to float16; `query_key_value` rows are grouped p
 
 import math
 
-
 from slimllm.reference.config import ModelConfig
 
 from ..convert import Family
@@ -52,7 +51,9 @@ def split_per_head(prefix: str):
     def split(w, cfg):
         grouped = w.reshape(cfg.n_heads, 3, cfg.head_dim, *w.shape[1:])
         return {
-            f"layers.{{i}}.{prefix}{n}": grouped[:, j].reshape(cfg.n_heads * cfg.head_dim, *w.shape[1:])
+            f"layers.{{i}}.{prefix}{n}": grouped[:, j].reshape(
+                cfg.n_heads * cfg.head_dim, *w.shape[1:]
+            )
             for j, n in enumerate("qkv")
         }
 

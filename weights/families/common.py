@@ -17,7 +17,9 @@ def expect(hf: dict, key: str, allowed, default=None):
     """A config value that slimllm supports only in the listed forms."""
     value = hf.get(key, default)
     if value not in allowed:
-        raise CheckpointError(f"config.json {key}={value!r} is not supported (supported: {allowed})")
+        raise CheckpointError(
+            f"config.json {key}={value!r} is not supported (supported: {allowed})"
+        )
     return value
 
 

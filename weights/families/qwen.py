@@ -16,7 +16,9 @@ LAYER = "transformer.h.{i}."
 
 def config_from_hf(hf: dict) -> ModelConfig:
     if not hf.get("no_bias", True):
-        raise CheckpointError("config.json no_bias=false (biased Qwen projections) is not supported")
+        raise CheckpointError(
+            "config.json no_bias=false (biased Qwen projections) is not supported"
+        )
     heads = require(hf, "num_attention_heads")
     width = require(hf, "hidden_size")
     trained = require(hf, "seq_length")
@@ -44,7 +46,9 @@ QKV_B = ("layers.{i}.bq", "layers.{i}.bk", "layers.{i}.bv")
 
 FAMILY = Family(
     name="qwen",
-    detect=lambda hf: hf.get("model_type") == "qwen" or "QWenLMHeadModel" in hf.get("architectures", []),
+    detect=lambda hf: (
+        hf.get("model_type") == "qwen" or "QWenLMHeadModel" in hf.get("architectures", [])
+    ),
     config_from_hf=config_from_hf,
     names={
         "embed": "transformer.wte.weight",

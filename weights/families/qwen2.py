@@ -9,7 +9,9 @@ LAYER = llama.LAYER
 
 
 def config_from_hf(hf: dict):
-    if hf.get("use_sliding_window") and hf.get("sliding_window", 0) < hf.get("max_position_embeddings", 0):
+    if hf.get("use_sliding_window") and hf.get("sliding_window", 0) < hf.get(
+        "max_position_embeddings", 0
+    ):
         raise CheckpointError("config.json use_sliding_window=true is not supported")
     cfg = llama.config_from_hf(hf)
     if hf["model_type"] == "qwen2":

@@ -1,0 +1,220 @@
+"""The correctness-oracle toolkit: where do two implementations of a model start to disagree?
+
+Both sides run (or supply) the same model on the same tokens and record the named intermediates
+of `reference.model.TRACE_KEYS` (embeddings, each block's normed input, q/k/v after positions,
+attention output, MLP input/output, block output, final norm, logits). `compare` reports, per
+layer and intermediate in computation order, the max abs and relative error (max |a-b| / max |a|,
+a = the first side) and the first point, with the token position, that exceeds a tolerance.
+
+A side is a setting of slimllm (`numpy:naive:float32`, `jax:slim:int8:tp2`, ...), the upstream
+transformers implementation (`hf`, needs the `oracle` extra), or a user's dump
+(`dump:FILE.npz`): an npz with the `tokens` it was computed on ([t] ids) and any of the keys
+above (e.g. `layers.3.attn_out`), each [t, ...] or [1, t, ...]; keys it lacks are skipped.
+
+JSON report (schema "slimllm.diff/1"): {schema, model, a, b, tokens, tolerance, rows, first,
+missing, max_rel}; each row {key, layer (int or null), name, shape, max_abs, rel, exceeds,
+first_position (int or null)}; `first` is the first exceeding row (or null) in computation order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .api import Model, check_setting
+
+SCHEMA = "slimllm.diff/1"
+
+
+@dataclass(frozen=True)
+class Side:
+    kind: str = "slimllm"  # "slimllm" | "hf" | "dump"
+    backend: str = "numpy"
+    attention: str = "naive"
+    kv_dtype: str = "float32"
+    tp: int = 1
+    path: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "hf":
+            return "hf (transformers)"
+        if self.kind == "dump":
+            return f"dump {self.path}"
+        tp = f":tp{self.tp}" if self.tp > 1 else ""
+        return f"{self.backend}:{self.attention}:{self.kv_dtype}{tp}"
+
+
+def parse_side(text: str) -> Side:
+    """'numpy', 'jax:slim:int8:tp2' (any order of parts), 'hf', 'dump:FILE.npz'."""
+    if text == "hf":
+        return Side(kind="hf")
+    if text.startswith("dump:"):
+        return Side(kind="dump", path=text[5:])
+    fields = {}
+    for part in text.split(":"):
+        if part in ("numpy", "jax"):
+            fields["backend"] = part
+        elif part in ("naive", "slim", "flash"):
+            fields["attention"] = part
+        elif re.fullmatch(r"tp\d+", part):
+            fields["tp"] = int(part[2:])
+        elif part:
+            fields["kv_dtype"] = part
+    side = Side(**fields)
+    check_setting(side.backend, side.attention, side.kv_dtype)
+    if side.tp > 1 and side.backend != "jax":
+        raise ValueError(f"{text!r}: tensor parallelism needs the jax backend")
+    return side
+
+
+def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
+    from slimllm.reference import kv_cache, positions
+    from slimllm.reference.model import forward
+
+    cfg = model.cfg
+    state = positions.start_state(cfg, [tokens[:prompt_len]])
+    cache = kv_cache.init_cache(cfg, 1, len(tokens), side.kv_dtype)
+    trace = {}
+    forward(
+        model.params,
+        cfg,
+        np.asarray([tokens]),
+        cache,
+        positions.positions_for(cfg, state, len(tokens)),
+        side.attention,
+        trace=trace,
+    )
+    return {name: value[0] for name, value in trace.items()}
+
+
+def load_dump(path, tokens=None) -> tuple[list[int], dict]:
+    """A user's dump: (its tokens, name -> [t, ...] arrays); unknown keys are an error."""
+    from slimllm.reference.model import TRACE_KEYS
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such dump file")
+    data = dict(np.load(path))
+    if "tokens" not in data:
+        raise ValueError(f"{path}: a dump needs a 'tokens' array (the ids it was computed on)")
+    ids = [int(t) for t in np.asarray(data.pop("tokens")).reshape(-1)]
+    patterns = [re.compile("^" + re.escape(k).replace(r"\{i\}", r"\d+") + "$") for k in TRACE_KEYS]
+    unknown = [k for k in data if not any(p.match(k) for p in patterns)]
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {unknown[:5]}; expected names like "
+            "embed, layers.0.attn_out, logits (see slimllm diff --help)"
+        )
+    return ids, {
+        k: v[0] if v.ndim >= 2 and v.shape[0] == 1 and v.shape[1] == len(ids) else v
+        for k, v in data.items()
+    }
+
+
+def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
+    """Named intermediates [t, ...] of one side on these tokens."""
+    if side.kind == "hf":
+        from .hf_trace import hf_trace
+
+        return hf_trace(model, tokens)
+    if side.kind == "dump":
+        return load_dump(side.path)[1]
+    if side.backend == "numpy":
+        return reference_trace(model, tokens, prompt_len, side)
+    return model.engine(side.tp).trace(tokens, prompt_len, side.kv_dtype, side.attention)
+
+
+def split_key(key: str) -> tuple[int | None, str]:
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", key)
+    return (int(m.group(1)), m.group(2)) if m else (None, key)
+
+
+def compare(a: dict, b: dict, tol: float = 1e-4) -> dict:
+    """Per-key errors of b against a, in a's (computation) order."""
+    rows, first = [], None
+    for key, ref in a.items():
+        if key not in b:
+            continue
+        got = np.asarray(b[key], np.float64)
+        ref = np.asarray(ref, np.float64)
+        if got.shape != ref.shape:
+            raise ValueError(f"{key}: shapes differ, {ref.shape} vs {got.shape}")
+        diff = np.abs(got - ref)
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        rel = float(diff.max() / scale) if diff.size else 0.0
+        exceeds = rel > tol
+        position = None
+        if exceeds:  # the first token position whose error exceeds the tolerance
+            per_pos = diff.reshape(diff.shape[0], -1).max(axis=1) / scale
+            position = int(np.argmax(per_pos > tol))
+        layer, name = split_key(key)
+        row = {
+            "key": key,
+            "layer": layer,
+            "name": name,
+            "shape": list(ref.shape),
+            "max_abs": float(diff.max()) if diff.size else 0.0,
+            "rel": rel,
+            "exceeds": bool(exceeds),
+            "first_position": position,
+        }
+        rows.append(row)
+        if exceeds and first is None:
+            first = row
+    return {
+        "rows": rows,
+        "first": first,
+        "missing": [k for k in a if k not in b],
+        "max_rel": max((r["rel"] for r in rows), default=0.0),
+        "tolerance": tol,
+    }
+
+
+def diff(
+    model: Model, tokens, prompt_len: int, side_a: Side, side_b: Side, tol: float = 1e-4
+) -> dict:
+    """Run both sides and compare them (the JSON report of the module docstring)."""
+    if side_b.kind == "dump":
+        dump_tokens, trace_b = load_dump(side_b.path)
+        if tokens is not None and list(tokens) != dump_tokens:
+            raise ValueError("the dump was computed on other tokens than the ones given")
+        tokens = dump_tokens
+    else:
+        trace_b = None
+    tokens = [int(t) for t in tokens]
+    trace_a = trace(model, tokens, prompt_len, side_a)
+    if trace_b is None:
+        trace_b = trace(model, tokens, prompt_len, side_b)
+    report = compare(trace_a, trace_b, tol)
+    return {
+        "schema": SCHEMA,
+        "model": model.source,
+        "a": asdict(side_a) | {"desc": side_a.describe()},
+        "b": asdict(side_b) | {"desc": side_b.describe()},
+        "tokens": len(tokens),
+        **report,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The readable table: one line per layer, the worst intermediate, and the first excess."""
+    lines = [
+        f"{report['a']['desc']}  vs  {report['b']['desc']}  ({report['tokens']} tokens, "
+        f"tolerance {report['tolerance']:g})",
+        f"{'key':24s} {'max abs':>11s} {'rel':>11s}  first position over",
+    ]
+    for row in report["rows"]:
+        mark = "  <-- first" if row is report["first"] or row == report["first"] else ""
+        over = "" if row["first_position"] is None else str(row["first_position"])
+        lines.append(f"{row['key']:24s} {row['max_abs']:11.3e} {row['rel']:11.3e}  {over}{mark}")
+    if report["first"]:
+        f = report["first"]
+        lines.append(f"first disagreement: {f['key']} at token position {f['first_position']}")
+    else:
+        lines.append(f"no intermediate exceeds the tolerance (max rel {report['max_rel']:.3e})")
+    if report["missing"]:
+        lines.append(f"not compared (absent on side b): {len(report['missing'])} keys")
+    return "\n".join(lines)
