@@ -36,7 +36,10 @@ def hf_trace(model, tokens) -> dict:
 
     def keep(name, value):
         value = value[0] if isinstance(value, tuple) else value
-        trace[name] = value.detach().float().numpy()[0]
+        value = value.detach().float().numpy()
+        if value.ndim == 2:  # OPT flattens [b, t, e] to [b*t, e] around its MLP
+            value = value.reshape(1, len(tokens), -1)
+        trace[name] = value[0]
 
     def on_input(name):
         return lambda module, args, kwargs: keep(name, args[0] if args else kwargs["hidden_states"])
