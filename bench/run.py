@@ -1,0 +1,9 @@
+"""`python bench/run.py [decode|attention|kv-decode|bandwidth|targets] [options]`: any benchmark,
+JSON on stdout (`--table` for a summary). The same as `slimllm bench` but JSON by default."""
+
+import sys
+
+from slimllm.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
