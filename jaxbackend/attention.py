@@ -67,9 +67,11 @@ def block_output(p, kv: LayerKV, a, n: int):
 
 
 def key_blocking(kv: LayerKV, key_block: int = KEY_BLOCK) -> tuple[int, int]:
-    """(number of blocks, block size): one block for float32, else `key_block`-sized blocks."""
+    """(number of blocks, block size): `key_block`-sized blocks for caches longer than one.
+    float32 gains nothing from widening, but reading it in blocks too keeps XLA from copying the
+    just-written cache into the attention fusion (measured: 5 cache copies per layer at b=1)."""
     s = kv.length
-    n = s if kv.dtype == "float32" or s <= key_block else key_block
+    n = s if s <= key_block else key_block
     if s % n:
         raise ValueError(f"cache length {s} is not a multiple of the key block {n}")
     return s // n, n

@@ -322,8 +322,9 @@ class Engine:
         args = self.place(args, ins)
         # the engine's weights never change shape: leave them out of the (per-token) key
         keyed = args[1:] if args and args[0] is self.params else args
-        shapes = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), keyed)
-        key = (fn.__name__, tuple(sorted(static.items())), str(shapes))
+        leaves, tree = jax.tree_util.tree_flatten(keyed)
+        shapes = tuple((a.shape, a.dtype) if hasattr(a, "shape") else type(a) for a in leaves)
+        key = (fn.__name__, tuple(sorted(static.items())), tree, shapes)
         if key not in self.programs:
             t0 = time.perf_counter()
             body = functools.partial(fn, **static, comm=self.comm)
