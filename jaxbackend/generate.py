@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from slimllm.reference import positions as ref_positions
 from slimllm.reference.config import ModelConfig
@@ -105,15 +106,26 @@ def choose_sharded(logits, sampling: SamplingConfig, seen, seeds, step, comm: Co
     scores = repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
     if sampling.greedy:
         return tp.greedy(scores, comm)
-    if sampling.top_k > 0:
-        cand, ids = tp.top_k_candidates(scores, sampling.top_k, comm)
-        picked = choose(
-            process(cand, sampling, jnp.zeros(cand.shape, bool), penalty=False),
-            uniform(seeds, step),
-        )
+    u = uniform(seeds, step)
+
+    def from_full(scores):
+        full = tp.gather_vocab(scores, comm)
+        return choose(process(full, sampling, None, penalty=False), u)
+
+    if sampling.top_k <= 0:
+        return from_full(scores)
+    k = min(sampling.top_k, scores.shape[-1])
+    cand, ids = tp.top_k_candidates(scores, k, comm)
+
+    def from_candidates(scores):
+        picked = choose(process(cand, sampling, None, penalty=False), u)
         return jnp.take_along_axis(ids, picked[:, None], -1)[:, 0]
-    full = tp.gather_vocab(scores, comm)
-    return choose(process(full, sampling, None, penalty=False), uniform(seeds, step))
+
+    # Top-k keeps every token tied with the k-th value. The candidates hold the exact global
+    # k-th value, but a rank may hold more ties than the k it offered: then (rarely) gather all.
+    kth = -jnp.sort(-cand, axis=-1)[:, k - 1]  # [b]
+    more_ties = jnp.any(jnp.sum(scores >= kth[:, None], axis=-1) > k)
+    return lax.cond(comm.max(more_ties.astype(jnp.int32)) > 0, from_full, from_candidates, scores)
 
 
 def sample_fn(logits, seen, seeds, step, *, sampling, comm=SINGLE):

@@ -400,11 +400,16 @@ def main_mpi(argv=None) -> int:
     from slimllm.jaxbackend import mpi
 
     rank = mpi.rank()
-    quiet = open(os.devnull, "w") if rank else None  # noqa: SIM115
+    if rank:  # before parsing, so that --help and usage print once
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
-        args = build_parser().parse_args(argv)
-        if quiet:
-            sys.stdout = quiet
+        try:
+            args = build_parser().parse_args(argv)
+        except UserError as e:  # the same mistake on every rank: say it once, end together
+            if rank == 0:
+                print(f"slimllm: error: {e}", file=sys.stderr, flush=True)
+            mpi.barrier()
+            return 2
         result = COMMANDS[args.command](args)
         if getattr(args, "json", False):
             print(json.dumps(result))
