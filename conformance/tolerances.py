@@ -16,6 +16,19 @@ MODEL = {"float32": 1e-4}
 # Same model, same inputs, two evaluation orders, through a cache of this dtype.
 THROUGH_CACHE = {"float32": 1e-5, "float16": 2e-4, "bfloat16": 2e-3, "int8": 2e-3}
 
+# One attention function over a lossy cache, both sides reading the SAME stored values: widening
+# fp16/bf16/int8 to float32 is exact and int8 scales enter as float32 products, so only the order
+# of float32 operations differs, as for a float32 cache.
+FUNCTION |= {"float16": 1e-5, "bfloat16": 1e-5, "int8": 1e-5}
+# The whole model in two backends (JAX vs the NumPy reference) with the same cache dtype on both
+# sides. Their float32 K/V differ in the last bits, so stored values may differ by one storage
+# quantum (THROUGH_CACHE); with a float32 cache it is the model bound.
+ACROSS_BACKENDS = {dtype: max(MODEL["float32"], bound) for dtype, bound in THROUGH_CACHE.items()}
+# A sampling decision (argmax, top-k/top-p/min-p cut, inverse-CDF draw) can flip between two
+# computations of logits that agree within MODEL when it sits closer than this to its threshold,
+# its margin measured as the relative logit change that would flip it (`invariants.margins`).
+DECISION = MODEL["float32"]
+
 
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|."""
