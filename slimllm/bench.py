@@ -332,6 +332,7 @@ def decode_once(model, backend: str, prompts, args, probe: bool = False) -> dict
         backend=backend,
         attention=args.attention,
         kv_dtype=args.kv_dtype,
+        tp=args.tp if backend == "jax" else 1,
     )
     stamps = np.asarray(stamps)  # the probe runs after the first stamp, in an untimed run
     return {
@@ -356,6 +357,7 @@ def decode_loop_once(model, prompts, args, probe: bool = False) -> dict:
         attention=args.attention,
         kv_dtype=args.kv_dtype,
         mode="loop",
+        tp=args.tp,
     )
     steps = max(out.decode_steps, 1)
     return {
@@ -386,10 +388,28 @@ def backend_report(model, backend: str, warm: list, runs: list, args) -> dict:
     }
     if backend == "jax":
         programs = {}  # compile seconds per program (summed over shapes)
-        for key, c in getattr(model.engine(), "programs", {}).items():
+        for key, c in getattr(model.engine(args.tp), "programs", {}).items():
             programs[key[0]] = r3(programs.get(key[0], 0.0) + c.seconds)
         report["programs"] = programs
     return report
+
+
+def communication(cfg: ModelConfig, batch: int, tp: int) -> dict:
+    """Collectives of one greedy decode step and the bytes each rank sends, from the shapes the
+    HLO tests count: per layer two all-reduces of the [b, 1, e] float32 hidden state, then the
+    LM head's (value, id) max and min reductions of b values. A ring all-reduce of M bytes over
+    R ranks sends 2 (R - 1) / R * M bytes per rank."""
+    if tp <= 1:
+        return {"collectives_per_step": 0, "bytes_sent_per_rank_per_step": 0}
+    ring = 2 * (tp - 1) / tp
+    hidden = batch * cfg.width * 4
+    per_step = 2 * cfg.n_layers * hidden + 2 * batch * 4
+    return {
+        "collectives_per_step": 2 * cfg.n_layers + 2,
+        "allreduce_bytes_per_step": per_step,
+        "bytes_sent_per_rank_per_step": int(ring * per_step),
+        "full_logits_bytes_avoided": batch * cfg.vocab * 4,
+    }
 
 
 def bench_decode(args, bandwidth: dict | None = None) -> dict:
@@ -411,7 +431,8 @@ def bench_decode(args, bandwidth: dict | None = None) -> dict:
     prompts = [prompt] * args.batch  # xFT: the same fixed prompt in every row
     if "jax" in backends:
         t0 = time.perf_counter()
-        model.engine()
+        engine = model.engine(args.tp)
+        info["tp"] = {"ranks": engine.comm.size, "transport": engine.comm.kind}
         info["device_put_seconds"] = r3(time.perf_counter() - t0)
         if "numpy" not in backends:
             model.params = None  # the engine holds its own copy; halve the peak for huge shapes
@@ -476,6 +497,7 @@ def bench_decode(args, bandwidth: dict | None = None) -> dict:
         },
         "bandwidth": bandwidth,
         "floor": floor,
+        "communication": communication(cfg, args.batch, info.get("tp", {}).get("ranks", 1)),
         "backends": results,
     }
     if args.compare:
@@ -810,6 +832,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="jax decode: per-token steps timed (stream) or the one-program loop",
     )
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (XLA devices here, or the mpiexec job's ranks)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
