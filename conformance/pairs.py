@@ -1,0 +1,675 @@
+"""Every reference function paired with its JAX twin: how to draw inputs and how to compare.
+
+`PAIRS` holds one `Pair` per function of reference/ with a twin in jaxbackend/ (STYLE.md rule 8:
+same file, same name). A pair draws a `Case` (the reference's arguments, and the same values as
+JAX arguments), calls both functions, the JAX one under `jax.jit` with its non-array arguments
+static, and compares:
+- float32 outputs within `tolerances.FUNCTION` (1e-5 relative), whole-model logits within
+  `ACROSS_BACKENDS`; integer ids, int8 codes, RNG bits and stored cache values exactly;
+- -inf patterns (masks, filtered logits) exactly, except that a sampling decision may flip
+  where it sits within FUNCTION of its threshold (`invariants.margins`): the backends sum
+  softmax and cumulative sums in different orders;
+- XLA:CPU compiles `x / c` for a scalar c as `x * (1/c)`, one ulp from the reference's division
+  in ~5% of elements: temperature, repetition penalty and int8 scales (amax / 127) are
+  therefore compared within FUNCTION, not bit for bit;
+- JAX caches by their logical contents: the JAX cache is padded to `padded_len` (multiples of
+  64/256) and stores bfloat16 as `jnp.bfloat16` where the reference keeps uint16 bit patterns.
+Where signatures differ by design (NTK alpha per row [b] in JAX, seeds as [b, 2] uint32 words,
+a padded cache and bias) the Case or a small adapter says so. A pair's `cost` says how many
+times dearer than a plain op its examples are (config-dependent programs compile per example).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+from slimllm.jaxbackend import attention as jax_attention
+from slimllm.jaxbackend import kv_cache as jax_kv
+from slimllm.jaxbackend import model as jax_model
+from slimllm.jaxbackend import ops as jax_ops
+from slimllm.jaxbackend import positions as jax_positions
+from slimllm.jaxbackend import quant as jax_quant
+from slimllm.jaxbackend import sampling as jax_sampling
+from slimllm.jaxbackend.params import to_device
+from slimllm.reference import attention as ref_attention
+from slimllm.reference import kv_cache as ref_kv
+from slimllm.reference import model as ref_model
+from slimllm.reference import ops as ref_ops
+from slimllm.reference import positions as ref_positions
+from slimllm.reference import quant as ref_quant
+from slimllm.reference import sampling as ref_sampling
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.params import LayerParams, Params
+from slimllm.reference.sampling import SamplingConfig
+
+from . import strategies as S
+from .invariants import margins
+from .tolerances import ACROSS_BACKENDS, FUNCTION, THROUGH_CACHE, assert_close, rel_err
+
+F32 = FUNCTION["float32"]
+
+
+@dataclass(frozen=True)
+class Case:
+    ref: tuple  # the reference function's arguments
+    jax: tuple  # the JAX function's arguments: the same values as JAX types
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str  # module.function in both backends
+    reference: Callable
+    jax: Callable
+    inputs: st.SearchStrategy  # draws a Case
+    compare: Callable  # compare(want, got, case) raises AssertionError
+    static: tuple[int, ...] | None = ()  # static argument positions under jit; None: no jit
+    cost: int = 1  # tests draw max_examples / cost: most examples compile a new program
+
+    def check(self, case: Case) -> None:
+        fn = self.jax if self.static is None else jitted(self.jax, self.static)
+        got = jax.tree_util.tree_map(np.asarray, fn(*case.jax))
+        self.compare(self.reference(*case.ref), got, case)
+
+
+@functools.cache
+def jitted(fn, static: tuple[int, ...]):
+    """One jit wrapper per function, so equal static arguments and shapes reuse a program."""
+    return jax.jit(fn, static_argnums=static)
+
+
+# ---------------------------------------------------------------- converting and comparing
+
+
+def to_jax(x):
+    """A reference argument as the JAX backend takes it (configs and scalars unchanged)."""
+    if isinstance(x, np.ndarray):
+        return jnp.asarray(x)
+    if isinstance(x, Params):
+        return to_device(x)
+    if isinstance(x, ref_kv.KVCache):
+        return S.jax_cache(x)
+    if isinstance(x, (LayerParams, ref_positions.Positions, ref_positions.SeqState)):
+        return jax.tree_util.tree_map(jnp.asarray, x)
+    return x
+
+
+def same_values(strategy) -> st.SearchStrategy[Case]:
+    """Cases whose JAX arguments are `to_jax` of the drawn reference arguments."""
+    return strategy.map(lambda args: Case(tuple(args), tuple(to_jax(a) for a in args)))
+
+
+def close(rtol: float = F32):
+    """Every output array (one, or a tuple) within rtol, with the same shapes."""
+
+    def compare(want, got, case):
+        wants, gots = jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)
+        assert len(wants) == len(gots)
+        for w, g in zip(wants, gots, strict=True):
+            assert np.shape(w) == np.shape(g), (np.shape(w), np.shape(g))
+            if np.size(w):
+                assert_close(g, w, rtol)
+
+    return compare
+
+
+def exact(want, got, case):
+    for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def masked_close(want, got, case=None) -> None:
+    """The same infinities, finite values within FUNCTION."""
+    want, got = np.asarray(want), np.asarray(got)
+    assert want.shape == got.shape, (want.shape, got.shape)
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    finite = np.isfinite(want)
+    assert np.isfinite(got[finite]).all()
+    if finite.any():
+        assert_close(got[finite], want[finite], F32)
+
+
+def bits(x):
+    """Stored cache values as comparable arrays: bfloat16 as its uint16 bit patterns."""
+    x = np.asarray(x)
+    return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+
+
+def logical(cache, s: int):
+    """A JAX cache (host arrays) as the reference stores it: the first s slots, bf16 as bits."""
+
+    def trim(layers):
+        return None if layers is None else tuple(bits(x)[:, :, :s] for x in layers)
+
+    return ref_kv.KVCache(
+        trim(cache.k), trim(cache.v), trim(cache.k_scale), trim(cache.v_scale), cache.dtype
+    )
+
+
+# One storage step relative to the largest value: K/V that differ in the last float32 bit may
+# round to neighbouring stored values.
+QUANTUM = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 127}
+
+
+def close_caches(want, got) -> None:
+    """Dequantised K/V of every layer within one storage step (`QUANTUM`) of the reference."""
+    got = logical(got, want.max_len)
+    quantum = QUANTUM[want.dtype]
+    for layer in range(len(want.k)):
+        pairs = zip(
+            ref_kv.dequantized(ref_kv.read(got, layer)),
+            ref_kv.dequantized(ref_kv.read(want, layer)),
+            strict=True,
+        )
+        for g, w in pairs:
+            err = np.abs(g - w).max()
+            assert err <= quantum * max(np.abs(w).max(), 1e-30) * 1.01, f"layer {layer}: {err}"
+
+
+def compare_quantized(want, got, case):
+    """int8 codes bit for bit; scales (amax / 127, see the module docstring) within FUNCTION."""
+    np.testing.assert_array_equal(got[0], want[0])
+    assert_close(got[1], want[1], F32, "scale")
+
+
+def compare_write(want, got, case):
+    """Stored values bit for bit, int8 scales within FUNCTION; padding slots stay zero."""
+    s = want.max_len
+    for name in ("k", "v", "k_scale", "v_scale"):
+        w, g = getattr(want, name), getattr(got, name)
+        assert (w is None) == (g is None), name
+        for wl, gl in zip(w or (), g or (), strict=True):
+            if name.endswith("scale"):
+                assert_close(gl[:, :, :s], wl, F32, name)
+            else:
+                np.testing.assert_array_equal(bits(gl)[:, :, :s], wl, err_msg=name)
+            assert not bits(gl)[:, :, s:].any(), f"{name}: a padding slot was written"
+
+
+def compare_read(want, got, case):
+    """Widened keys and values bit for bit (the logical slots), scales within FUNCTION."""
+    s = case.ref[0].max_len
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert (w is None) == (g is None)
+        if w is not None and i < 2:
+            np.testing.assert_array_equal(g[:, :, :s], w)
+        elif w is not None:
+            assert_close(g[:, :, :s], w, F32, "scale")
+
+
+def compare_bias(want, got, case):
+    """The logical columns as masks and values; every padding column masked."""
+    s = want.shape[-1]
+    masked_close(want, got[..., :s])
+    assert np.all(np.isneginf(got[..., s:])), "a padding slot is visible"
+
+
+def compare_positions(want, got, case):
+    for name in ("slots", "ids", "prefix", "ntk_alpha"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def compare_layer(want, got, case):
+    """A block or the whole model, through freshly written (possibly lossy) K/V: outputs within
+    THROUGH_CACHE (block) or ACROSS_BACKENDS (logits), the new cache within one storage step."""
+    cache = next(a for a in case.ref if isinstance(a, ref_kv.KVCache))
+    bound = (ACROSS_BACKENDS if isinstance(case.ref[0], Params) else THROUGH_CACHE)[cache.dtype]
+    assert_close(got[0], want[0], bound, "output")
+    close_caches(want[1], got[1])
+
+
+def same_row(want, got) -> bool:
+    """The same id, or the same -inf pattern with finite scores within FUNCTION."""
+    if want.dtype.kind != "f":
+        return bool(np.array_equal(want, got))
+    kept = np.isfinite(want)
+    if not np.array_equal(kept, np.isfinite(got)):
+        return False
+    return not kept.any() or rel_err(got[kept], want[kept]) <= F32
+
+
+def decisions(sampling_of):
+    """Compare filtered scores or chosen ids row by row (`same_row`), unless the reference's
+    decision margin in that row (`invariants.margins`) is below FUNCTION."""
+
+    def compare(want, got, case):
+        logits, sc, seen, u = sampling_of(*case.ref)
+        want, got = np.asarray(want), np.asarray(got)
+        assert want.shape == got.shape
+        for r in range(want.shape[0]):
+            if same_row(want[r], got[r]):
+                continue
+            margin = margins(
+                logits[r : r + 1], sc, seen[r : r + 1], None if u is None else u[r : r + 1]
+            )[0]
+            assert margin < F32, f"row {r} differs with decision margin {margin:.2e}"
+
+    return compare
+
+
+def one_filter(name):
+    """(logits, value) -> what `margins` needs for a sampling config with only this filter."""
+
+    def of(logits, value):
+        return (
+            logits,
+            SamplingConfig(temperature=1.0, **{name: value}),
+            np.zeros(logits.shape, bool),
+            None,
+        )
+
+    return of
+
+
+def choose_sampling(scores, u):
+    return scores, SamplingConfig(temperature=1.0), np.zeros(scores.shape, bool), u
+
+
+def sample_sampling(logits, sc, seen, seeds, step):
+    return logits, sc, seen, ref_sampling.uniform(seeds, step)
+
+
+def process_sampling(logits, sc, seen):
+    return logits, sc, seen, None
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def ref_inv_freq(cfg, alpha):
+    """The reference takes one alpha per call; JAX takes the batch's alphas [b]."""
+    return np.stack([ref_positions.inv_freq(cfg, float(a)) for a in alpha])
+
+
+def jax_bias(cfg, pos, s: int):
+    """The JAX bias spans the padded cache; `compare_bias` checks the padding is invisible."""
+    return jax_attention.attention_bias(cfg, pos, jax_kv.padded_len(s))
+
+
+def ref_read(cache, layer: int):
+    kv = ref_kv.read(cache, layer)
+    return kv.keys(0, kv.length), kv.values(0, kv.length), kv.k_scale, kv.v_scale
+
+
+def jax_read(cache, layer: int):
+    kv = jax_kv.read(cache, layer)
+    return kv.keys(0, kv.length), kv.values(0, kv.length), kv.k_scale, kv.v_scale
+
+
+def padded_bias(bias, cache):
+    pad = cache.k[0].shape[2] - bias.shape[-1]
+    return jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
+
+
+def jax_block(x, p, cfg, cache, layer, pos, bias, attention):
+    """The same bias as the reference, padded with -inf to the padded cache."""
+    return jax_model.block(x, p, cfg, cache, layer, pos, padded_bias(bias, cache), attention)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "scale"))
+def attend(q, cache, bias, *, kernel, scale):
+    """One JAX attention call on layer 0 (LayerKV is a view, not a pytree: read inside jit)."""
+    return kernel(q, jax_kv.read(cache, 0), bias, scale)
+
+
+# ---------------------------------------------------------------- input strategies
+
+WIDTH = 8  # e of op-level cases
+
+
+def x_arrays(last=(WIDTH,), lo=-4.0, hi=4.0):
+    return S.shapes(last).flatmap(lambda shape: S.arrays(shape, lo, hi))
+
+
+RAMP = np.linspace(-1, 1, WIDTH, dtype=np.float32)
+# Activations are compared relative to their largest output. Appended anchor inputs keep that
+# O(1), as in any hidden state: a tensor of only very negative inputs would compare the last
+# bits of 1 + tanh(...) relative to outputs of 1e-5 (a cancellation, not a difference).
+ANCHOR = np.array([-2.0, -1.0, 1.0, 2.0], np.float32)
+activation_inputs = x_arrays(lo=-20.0).map(
+    lambda x: np.concatenate([x, np.broadcast_to(ANCHOR, x.shape[:-1] + (4,))], axis=-1)
+)
+
+
+def norm_inputs(layer: bool):
+    """LayerNorm rows get a ramp added: normalising a near-constant row amplifies the rounding
+    of its mean by 1/sqrt(eps), a conditioning fact rather than a backend difference."""
+    x = x_arrays().map(lambda x: x + RAMP) if layer else x_arrays()
+    return st.tuples(
+        x,
+        S.arrays((WIDTH,), 0.5, 2.0),
+        S.arrays((WIDTH,)) if layer else st.none(),
+        st.sampled_from((1e-5, 1e-6)),
+    )
+
+
+@st.composite
+def mlp_inputs(draw, kind: str):
+    cfg = ModelConfig(
+        vocab=S.VOCAB,
+        width=WIDTH,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        head_dim=4,
+        ffn_width=12,
+        max_len=S.MAX_LEN,
+        mlp=kind,
+        mlp_bias=draw(st.booleans()),
+    )
+    return draw(x_arrays()), draw(S.params(cfg)).layers[0]
+
+
+@st.composite
+def masked_rows(draw, whole_rows: bool):
+    """[2, 6] values with some entries -inf (whole rows too, if `whole_rows`)."""
+    x = draw(S.arrays((2, 6)))
+    mask = np.array(draw(st.lists(st.booleans(), min_size=12, max_size=12))).reshape(2, 6)
+    if not whole_rows:
+        mask[:, 0] = False
+    return np.where(mask, -np.inf, x).astype(np.float32)
+
+
+def rope_configs(pos=("rope", "rope2d")):
+    return S.configs().filter(lambda c: c.pos in pos)
+
+
+def ntk_alphas(cfg: ModelConfig, b: int):
+    """Per-row alphas start_state can produce: > 1 only for dynamic-NTK configs."""
+    if cfg.rope_scaling is None or cfg.rope_scaling[0] != "dynamic_ntk":
+        return st.just(np.ones(b, np.float32))
+    alphas = st.sampled_from((1.0, 3.0, 7.0))
+    return st.lists(alphas, min_size=b, max_size=b).map(lambda a: np.array(a, np.float32))
+
+
+@st.composite
+def positions_of(draw, cfg: ModelConfig):
+    """Positions of t in {1, 3} tokens after a drawn SeqState (prompts, past lengths)."""
+    t = draw(st.sampled_from((1, 3)))
+    return ref_positions.positions_for(cfg, draw(S.states(cfg, t)), t)
+
+
+@st.composite
+def freq_inputs(draw):
+    cfg = draw(rope_configs())
+    return cfg, draw(ntk_alphas(cfg, draw(st.sampled_from((1, 3)))))
+
+
+@st.composite
+def angle_inputs(draw):
+    cfg = draw(rope_configs(("rope",)))
+    b = draw(st.sampled_from((1, 2)))
+    ids = draw(st.lists(st.integers(0, S.MAX_LEN - 1), min_size=3 * b, max_size=3 * b))
+    return cfg, np.array(ids).reshape(b, 3), draw(ntk_alphas(cfg, b))
+
+
+@st.composite
+def rope_inputs(draw, pos: str):
+    cfg = draw(rope_configs((pos,)))
+    p = draw(positions_of(cfg))
+    b, t = p.slots.shape
+    return draw(S.arrays((b, t, cfg.n_heads, cfg.head_dim))), cfg, p
+
+
+@st.composite
+def model_inputs(draw, what: str):
+    """Inputs of qkv / embed / unembed / block / forward on a drawn config and weights; block
+    and forward write into a cache of a drawn dtype that holds K/V of the past tokens."""
+    cfg = draw(S.configs())
+    params = draw(S.params(cfg))
+    pos = draw(positions_of(cfg))
+    b, t = pos.slots.shape
+    x = draw(S.normal((b, t, cfg.width)))
+    tokens = np.array(
+        draw(st.lists(st.integers(0, S.VOCAB - 1), min_size=b * t, max_size=b * t))
+    ).reshape(b, t)
+    if what == "qkv":
+        return x, params.layers[0], cfg, pos
+    if what == "embed":
+        return params, cfg, tokens, pos
+    if what == "unembed":
+        return params, cfg, x
+    s = int(pos.slots.max()) + 1 + draw(st.sampled_from((0, 3)))
+    cache = past_cache(
+        cfg, b, s, draw(st.sampled_from(S.KV_DTYPES)), pos, draw(st.integers(0, 2**32 - 1))
+    )
+    if what == "block":
+        return (
+            x,
+            params.layers[0],
+            cfg,
+            cache,
+            0,
+            pos,
+            ref_attention.attention_bias(cfg, pos, s),
+            "naive",
+        )
+    return params, cfg, tokens, cache, pos, "naive"
+
+
+def past_cache(cfg: ModelConfig, b: int, s: int, dtype: str, pos, seed: int):
+    """A cache of length s holding random K/V at every slot before each row's first query (what
+    earlier steps would have written), in every layer."""
+    rng = np.random.default_rng(seed)
+    cache = ref_kv.init_cache(cfg, b, s, dtype)
+    slots = np.broadcast_to(np.arange(s), (b, s))
+    before = (slots < pos.slots[:, :1])[:, :, None, None]
+    for layer in range(cfg.n_layers):
+        k, v = (
+            rng.standard_normal((b, s, cfg.n_kv_heads, cfg.head_dim)).astype(np.float32)
+            for _ in "kv"
+        )
+        cache = ref_kv.write(cache, layer, k * before, v * before, slots)
+    return cache
+
+
+@st.composite
+def write_inputs(draw):
+    """An empty 2-layer cache and t tokens per row for one layer, at distinct drawn slots."""
+    case = draw(S.attention_cases())
+    b, n = case.k.shape[:2]
+    cache = ref_kv.init_cache(case.cfg.replace(n_layers=2), b, case.length, case.kv_dtype)
+    order = draw(st.permutations(range(case.length)))
+    slots = np.stack([np.roll(order, r)[:n] for r in range(b)])
+    return cache, draw(st.sampled_from((0, 1))), case.k, case.v, slots
+
+
+@st.composite
+def bias_inputs(draw):
+    """Half the configs switched to ALiBi with 4 or 6 heads (both branches of the slopes)."""
+    cfg = draw(S.configs())
+    if draw(st.booleans()):
+        h = draw(st.sampled_from((4, 6)))
+        cfg = cfg.replace(pos="alibi", n_heads=h, n_kv_heads=2, rope_scaling=None, logn_len=0)
+    pos = draw(positions_of(cfg))
+    return cfg, pos, int(pos.slots.max()) + 1 + draw(st.sampled_from((0, 3)))
+
+
+SAMPLINGS = st.builds(
+    SamplingConfig,
+    temperature=st.sampled_from((0.0, 0.7, 1.0, 1.5)),
+    top_k=st.sampled_from((0, 1, 3, 20)),
+    top_p=st.sampled_from((1.0, 0.5, 0.9)),
+    min_p=st.sampled_from((0.0, 0.05, 0.3)),
+    repetition_penalty=st.sampled_from((1.0, 1.3, 0.8)),
+)
+
+
+@st.composite
+def logits_and_seen(draw, b: int = 2):
+    v = draw(st.sampled_from((8, 32)))
+    seen = draw(st.lists(st.booleans(), min_size=b * v, max_size=b * v))
+    return draw(S.arrays((b, v), -8.0, 8.0)), np.array(seen).reshape(b, v)
+
+
+logits = logits_and_seen().map(lambda a: a[0])
+seeds = st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=3).map(
+    lambda s: np.array(s, np.int64)
+)
+words = st.lists(st.integers(0, 2**32 - 1), min_size=3, max_size=3).map(
+    lambda w: np.array(w, np.uint32)
+)
+
+
+@st.composite
+def seeded(draw, with_logits: bool):
+    """(seeds int64 [b], step) for the reference; JAX takes the seeds as [b, 2] uint32 words."""
+    if with_logits:
+        x, seen = draw(logits_and_seen())
+        sc = draw(SAMPLINGS)
+        seed = draw(seeds)[:1].repeat(2)
+        step = draw(st.integers(0, 1000))
+        words_ = jnp.asarray(jax_sampling.seed_words(seed))
+        return Case(
+            (x, sc, seen, seed, step), (jnp.asarray(x), sc, jnp.asarray(seen), words_, step)
+        )
+    seed, step = draw(seeds), draw(st.integers(0, 2**31 - 1))
+    return Case((seed, step), (jnp.asarray(jax_sampling.seed_words(seed)), step))
+
+
+# ---------------------------------------------------------------- the table
+
+
+def attention_pair(kind: str, dtype: str) -> Pair:
+    """An attention kind over a cache of `dtype`: both backends read the SAME stored values
+    (`AttentionCase.jax` pads the reference's cache and bias), so FUNCTION[dtype] holds."""
+    ref_fn, jax_fn = ref_model.ATTENTION[kind], jax_model.ATTENTION[kind]
+
+    def reference(case, options):
+        return S.Kernel(ref_fn, options)(*case.reference())
+
+    def jax_call(case, options):
+        q, cache, bias, scale = case.jax()
+        return attend(q, cache, bias, kernel=S.Kernel(jax_fn, options), scale=scale)
+
+    inputs = st.tuples(S.attention_cases(dtype), S.attention_options(kind))
+    name = f"{ref_fn.__module__.rsplit('.', 1)[-1]}.{ref_fn.__name__}[{dtype}]"
+    cases = inputs.map(lambda a: Case(a, a))
+    return Pair(name, reference, jax_call, cases, close(FUNCTION[dtype]), None, cost=15)
+
+
+# Inputs of the table's entries, as Case strategies.
+int8_codes = st.lists(st.integers(-127, 127), min_size=16, max_size=16).map(
+    lambda q: np.array(q, np.int8).reshape(2, 8)
+)
+dequantize_inputs = st.tuples(int8_codes, S.arrays((2,), 0.0, 1.0))
+llama3_inputs = st.tuples(S.arrays((2, 8), 2.0**-10, 2.0), *map(st.just, S.LLAMA3[1:]))
+logn_inputs = rope_inputs("rope").map(lambda a: (a[1].replace(logn_len=S.LOGN_LEN), a[2]))
+learned_inputs = (
+    S.configs()
+    .filter(lambda c: c.pos == "learned")
+    .flatmap(
+        lambda cfg: st.tuples(
+            S.params(cfg).map(lambda p: p.pos_embed), st.just(cfg), positions_of(cfg)
+        )
+    )
+)
+positions_for_inputs = S.configs().flatmap(
+    lambda cfg: st.tuples(st.just(cfg), S.states(cfg, 4), st.sampled_from((1, 4)))
+)
+read_inputs = write_inputs().map(lambda a: (ref_kv.write(*a), a[1]))
+penalty_inputs = st.tuples(logits_and_seen(), st.sampled_from((1.0, 1.3, 0.8))).map(
+    lambda a: (*a[0], a[1])
+)
+process_inputs = st.tuples(logits_and_seen(), SAMPLINGS).map(lambda a: (a[0][0], a[1], a[0][1]))
+
+
+# The table is kept one entry per line or two (fmt: off): as a table it reads and diffs better
+# than ruff's one-argument-per-line layout. Fields: name, reference, JAX twin, inputs, compare,
+# static argument positions under jit (None: call as is), cost.
+# fmt: off
+def _pairs() -> list[Pair]:
+    P, V = Pair, same_values
+    ops = [
+        P("ops.rms_norm", ref_ops.rms_norm, jax_ops.rms_norm, V(norm_inputs(False)), close(), (3,)),
+        P("ops.layer_norm", ref_ops.layer_norm, jax_ops.layer_norm, V(norm_inputs(True)), close(),
+          (3,)),
+        P("ops.silu", ref_ops.silu, jax_ops.silu, V(st.tuples(activation_inputs)), close()),
+        P("ops.gelu_tanh", ref_ops.gelu_tanh, jax_ops.gelu_tanh, V(st.tuples(activation_inputs)),
+          close()),
+        P("ops.relu", ref_ops.relu, jax_ops.relu, V(st.tuples(x_arrays())), exact),
+        *(P(f"ops.{kind}_mlp", ref_ops.MLPS[kind], jax_ops.MLPS[kind], V(mlp_inputs(kind)), close())
+          for kind in ref_ops.MLPS),
+        P("ops.softmax", ref_ops.softmax, jax_ops.softmax, V(st.tuples(masked_rows(True))),
+          close()),
+        P("ops.log_softmax", ref_ops.log_softmax, jax_ops.log_softmax,
+          V(st.tuples(masked_rows(False))), masked_close),
+        P("ops.l2_normalize_rows", ref_ops.l2_normalize_rows, jax_ops.l2_normalize_rows,
+          V(st.tuples(S.arrays((6, WIDTH)))), close()),
+        P("quant.quantize", ref_quant.quantize, jax_quant.quantize,
+          V(st.tuples(x_arrays((3, 8), lo=-100, hi=100))), compare_quantized),
+        P("quant.dequantize", ref_quant.dequantize, jax_quant.dequantize, V(dequantize_inputs),
+          close()),
+    ]
+    positions = [
+        P("positions.inv_freq", ref_inv_freq, jax_positions.inv_freq, V(freq_inputs()), close(),
+          (0,), cost=3),
+        P("positions.llama3_scale", ref_positions.llama3_scale, jax_positions.llama3_scale,
+          V(llama3_inputs), close(), (1, 2, 3, 4)),
+        P("positions.rope_angles", ref_positions.rope_angles, jax_positions.rope_angles,
+          V(angle_inputs()), close(), (0,), cost=3),
+        P("positions.apply_rope", ref_positions.apply_rope, jax_positions.apply_rope,
+          V(rope_inputs("rope")), close(), (1,), cost=3),
+        P("positions.apply_rope2d", ref_positions.apply_rope2d, jax_positions.apply_rope2d,
+          V(rope_inputs("rope2d")), close(), (1,), cost=3),
+        P("positions.logn_scale", ref_positions.logn_scale, jax_positions.logn_scale,
+          V(logn_inputs), close(), (0,), cost=3),
+        P("positions.learned_positions", ref_positions.learned_positions,
+          jax_positions.learned_positions, V(learned_inputs), exact, (1,), cost=3),
+        P("positions.positions_for", ref_positions.positions_for, jax_positions.positions_for,
+          V(positions_for_inputs), compare_positions, (0, 2), cost=3),
+    ]
+    attention = [
+        P("attention.attention_bias", ref_attention.attention_bias, jax_bias, V(bias_inputs()),
+          compare_bias, (0, 2)),
+        *(attention_pair(kind, dtype) for kind in S.ATTENTION_KINDS for dtype in S.KV_DTYPES),
+        P("kv_cache.write", ref_kv.write, jax_kv.write, V(write_inputs()), compare_write, (1,),
+          cost=3),
+        P("kv_cache.read", ref_read, jax_read, V(read_inputs), compare_read, (1,), cost=3),
+    ]
+    model = [
+        P("model.qkv", ref_model.qkv, jax_model.qkv, V(model_inputs("qkv")), close(), (2,),
+          cost=3),
+        P("model.embed", ref_model.embed, jax_model.embed, V(model_inputs("embed")), close(),
+          (1,), cost=3),
+        P("model.unembed", ref_model.unembed, jax_model.unembed, V(model_inputs("unembed")),
+          close(), (1,), cost=3),
+        P("model.block", ref_model.block, jax_block, V(model_inputs("block")), compare_layer,
+          (2, 4, 7), cost=8),
+        P("model.forward", ref_model.forward, jax_model.forward, V(model_inputs("forward")),
+          compare_layer, (1, 5), cost=8),
+    ]
+    sampling = [
+        P("sampling.threefry2x32", ref_sampling.threefry2x32, jax_sampling.threefry2x32,
+          V(st.tuples(words, words, words, words)), exact),
+        P("sampling.uniform", ref_sampling.uniform, jax_sampling.uniform, seeded(False), exact),
+        P("sampling.repetition_penalty", ref_sampling.repetition_penalty,
+          jax_sampling.repetition_penalty, V(penalty_inputs), masked_close, (2,)),
+        P("sampling.top_k_filter", ref_sampling.top_k_filter, jax_sampling.top_k_filter,
+          V(st.tuples(logits, st.sampled_from((0, 1, 3, 7, 40)))), exact, (1,)),
+        P("sampling.top_p_filter", ref_sampling.top_p_filter, jax_sampling.top_p_filter,
+          V(st.tuples(logits, st.sampled_from((0.1, 0.5, 0.9, 1.0)))),
+          decisions(one_filter("top_p")), (1,), cost=3),
+        P("sampling.min_p_filter", ref_sampling.min_p_filter, jax_sampling.min_p_filter,
+          V(st.tuples(logits, st.sampled_from((0.0, 0.05, 0.3, 1.0)))),
+          decisions(one_filter("min_p")), (1,)),
+        P("sampling.process", ref_sampling.process, jax_sampling.process, V(process_inputs),
+          decisions(process_sampling), None, cost=3),
+        P("sampling.choose", ref_sampling.choose, jax_sampling.choose,
+          V(st.tuples(masked_rows(False), S.arrays((2,), 0.0, 0.999))),
+          decisions(choose_sampling)),
+        P("sampling.sample", ref_sampling.sample, jax_sampling.sample, seeded(True),
+          decisions(sample_sampling), None, cost=3),
+    ]
+    return ops + positions + attention + model + sampling
+# fmt: on
+
+
+PAIRS: list[Pair] = _pairs()
+BY_NAME = {pair.name: pair for pair in PAIRS}

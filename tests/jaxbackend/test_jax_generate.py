@@ -1,0 +1,75 @@
+"""JAX generation: loop mode == stream mode == the reference, on ragged batches of stories260K.
+
+Greedy, EOS ids, stop sequences and max tokens, each checked for ids and finish reasons in
+both JAX modes against the NumPy reference (a trained model, so rows stop at different steps
+for different reasons); a ragged batch row generates what it generates alone, greedy and
+seeded; the JAX engine's programs are shared with the other stories tests (session fixture).
+"""
+
+import pytest
+
+import slimllm
+from slimllm.conformance.invariants import rows_equal_alone, rows_of, same_generations
+from slimllm.reference.sampling import SamplingConfig
+
+MAX_NEW = 24
+CACHE = 256  # as test_jax_oracles' stories runs: the same batch shape and cache, shared programs
+SAMPLING = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+
+
+@pytest.fixture(scope="module")
+def setup(stories):
+    """The model, a ragged batch, and the reference's free greedy run of it."""
+    model, oracle = stories
+    prompt_b = oracle["prompt_b"].tolist()
+    rows = [oracle["prompt_a"].tolist(), prompt_b[:7], prompt_b[:16]]
+    free = slimllm.generate(
+        model, ids=rows, max_new_tokens=MAX_NEW, eos_ids=(), backend="numpy", cache_len=CACHE
+    )
+    return model, rows, free.ids
+
+
+def stopping_cases(free):
+    """(name, options): max tokens alone, an EOS id that row 0 emits mid-way, a two-token stop
+    sequence from row 2, and both at once (one loop program per shape of the stop rules)."""
+    eos = free[0][MAX_NEW // 3]
+    stop = free[2][MAX_NEW // 2 : MAX_NEW // 2 + 2]
+    return [
+        ("length", dict(eos_ids=(), stop=())),
+        ("eos", dict(eos_ids=(eos,), stop=())),
+        ("stop", dict(eos_ids=(), stop=[stop])),
+        ("eos+stop", dict(eos_ids=(eos,), stop=[stop])),
+    ]
+
+
+def test_loop_equals_stream_equals_reference_on_every_stopping_rule(setup):
+    model, rows, free = setup
+    reasons = set()
+    for name, options in stopping_cases(free):
+        options = dict(ids=rows, max_new_tokens=MAX_NEW, cache_len=CACHE) | options
+        want = slimllm.generate(model, backend="numpy", return_logits=True, **options)
+        for mode in ("loop", "stream"):
+            got = slimllm.generate(model, backend="jax", mode=mode, **options)
+            assert not same_generations(want, got, rows, SamplingConfig(), 0), (name, mode)
+        reasons |= {reason for _, reason in rows_of(want)}
+    assert reasons == {"length", "eos", "stop"}, "the cases no longer exercise every rule"
+
+
+@pytest.mark.parametrize("sampling", [{}, SAMPLING], ids=["greedy", "sampled"])
+def test_ragged_batch_rows_equal_rows_alone(setup, sampling):
+    model, rows, _ = setup
+
+    def run(prompts, seeds):
+        return slimllm.generate(
+            model,
+            ids=prompts,
+            max_new_tokens=MAX_NEW,
+            eos_ids=(),
+            seed=seeds,
+            cache_len=CACHE,
+            backend="jax",
+            mode="stream",
+            **sampling,
+        )
+
+    rows_equal_alone(run, rows, [3, 4, 5])
