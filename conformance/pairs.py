@@ -660,12 +660,12 @@ def _pairs() -> list[Pair]:
           V(st.tuples(logits, st.sampled_from((0.0, 0.05, 0.3, 1.0)))),
           decisions(one_filter("min_p")), (1,)),
         P("sampling.process", ref_sampling.process, jax_sampling.process, V(process_inputs),
-          decisions(process_sampling), None, cost=3),
+          decisions(process_sampling), (1,), cost=3),
         P("sampling.choose", ref_sampling.choose, jax_sampling.choose,
           V(st.tuples(masked_rows(False), S.arrays((2,), 0.0, 0.999))),
           decisions(choose_sampling)),
         P("sampling.sample", ref_sampling.sample, jax_sampling.sample, seeded(True),
-          decisions(sample_sampling), None, cost=3),
+          decisions(sample_sampling), (1,), cost=3),
     ]
     return ops + positions + attention + model + sampling
 # fmt: on
