@@ -1,5 +1,6 @@
-"""INT8 quantisation of KV vectors: the reference's `quant.py` in jnp (same float32 steps, so
-the same int8 values and scales bit for bit)."""
+"""INT8 quantisation of KV vectors: the reference's `quant.py` in jnp, the same float32 steps.
+The int8 codes match the reference; a scale can differ by one ulp, because XLA:CPU turns
+`amax / 127` into a multiplication by the reciprocal (conformance compares scales to 1e-5)."""
 
 from __future__ import annotations
 

@@ -85,6 +85,10 @@ class ModelConfig:
             raise ValueError(f"rotary dim {self.rotary_dim} must be even")
         if self.pos == "rope2d" and (self.head_dim % 4 or self.block_start_id < 0):
             raise ValueError("rope2d needs head_dim % 4 == 0 and a block_start_id")
+        if self.logn_len and self.pos == "rope2d":
+            raise ValueError("logN query scaling with rope2d is not defined (two position ids)")
+        if self.rope_scaling and self.rope_scaling[0] == "dynamic_ntk" and self.rotary_dim <= 2:
+            raise ValueError(f"dynamic NTK needs a rotary dim > 2, got {self.rotary_dim}")
 
     @property
     def n_rep(self) -> int:

@@ -106,6 +106,10 @@ def test_config_rejects_unknown_axis_values():
         BASE.replace(norm="batch")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         BASE.replace(n_kv_heads=3)
+    with pytest.raises(ValueError, match="logN query scaling with rope2d"):
+        VARIANTS["rope2d_prefix_gelu_alpha"].replace(logn_len=4)
+    with pytest.raises(ValueError, match="rotary dim > 2"):
+        BASE.replace(head_dim=4, width=16, rope_fraction=0.5, rope_scaling=("dynamic_ntk", 2))
 
 
 def test_residual_layouts_by_hand():
