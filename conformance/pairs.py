@@ -37,7 +37,7 @@ from slimllm.jaxbackend import ops as jax_ops
 from slimllm.jaxbackend import positions as jax_positions
 from slimllm.jaxbackend import quant as jax_quant
 from slimllm.jaxbackend import sampling as jax_sampling
-from slimllm.jaxbackend.params import to_device
+from slimllm.jaxbackend.params import layer_to_device, to_device
 from slimllm.reference import attention as ref_attention
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import model as ref_model
@@ -95,7 +95,9 @@ def to_jax(x):
         return to_device(x)
     if isinstance(x, ref_kv.KVCache):
         return S.jax_cache(x)
-    if isinstance(x, (LayerParams, ref_positions.Positions, ref_positions.SeqState)):
+    if isinstance(x, LayerParams):
+        return layer_to_device(x)
+    if isinstance(x, (ref_positions.Positions, ref_positions.SeqState)):
         return jax.tree_util.tree_map(jnp.asarray, x)
     return x
 

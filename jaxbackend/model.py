@@ -175,7 +175,7 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     """Token (and learned position) embeddings: [b,t] -> [b,t,e]."""
     x = params.embed[tokens].astype(jnp.float32)  # [b,t] -> [b,t,e']
     if params.proj_in is not None:
-        x = x @ params.proj_in  # [b,t,e'] -> [b,t,e]
+        x = linear(x, params.proj_in)  # [b,t,e'] -> [b,t,e]
     if cfg.pos == "learned":
         x = x + learned_positions(params.pos_embed, cfg, pos)
     return x
@@ -186,9 +186,9 @@ def unembed(params: Params, cfg: ModelConfig, x, trace=None):
     if cfg.final_norm:
         x = record(trace, "final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
-        x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
-    head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
-    return (x @ head).astype(jnp.float32)
+        x = linear(x, params.proj_out)  # [b,t,e] -> [b,t,e']
+    head = params.embed if cfg.tied_head else params.lm_head  # [v,e'] (device layout)
+    return linear(x, head).astype(jnp.float32)
 
 
 def forward(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def rms_norm(x, w, b, eps):
@@ -39,8 +40,8 @@ def relu(x):
 
 
 def linear(x, w, b=None):
-    """x @ w (+ b); w is [in, out]."""
-    y = x @ w
+    """x @ w.T (+ b); w is [out, in] (the device layout, see `params.py`)."""
+    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
     return y if b is None else y + b
 
 

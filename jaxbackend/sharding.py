@@ -1,7 +1,10 @@
 """How a model is split across tensor-parallel ranks: one table, parameter name -> PartitionSpec.
 
-Weights are stored [in, out] (y = x @ w), so "column-parallel" splits the last axis and
-"row-parallel" the first (Megatron-LM's terms). The mesh has one axis, "tp".
+The table is written for the reference layout, weights [in, out] (y = x @ w), so
+"column-parallel" splits the last axis and "row-parallel" the first (Megatron-LM's terms);
+`local_slice` cuts NumPy params with it. On the device, linear weights are [out, in] (see
+`params.py`), and `device_spec` gives their specs with the axes swapped. The mesh has one axis,
+"tp".
 
 Before splitting, `prepare` makes an equivalent model whose every split is even:
 - tp must divide the query heads, the FFN width and the vocabulary (else a clear error);
@@ -23,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import LayerParams, Params
 
+from .params import LINEAR, to_device
 from .tp import AXIS
 
 COLUMNS, ROWS, SPLIT, REPLICATED = P(None, AXIS), P(AXIS, None), P(AXIS), P()
@@ -106,12 +110,18 @@ def prepare(params: Params, cfg: ModelConfig, tp: int) -> tuple[Params, ModelCon
     return prepared, cfg.replace(n_kv_heads=cfg.n_kv_heads * copies, tied_head=False)
 
 
+def device_spec(name: str) -> P:
+    """The PartitionSpec of a weight in the device layout (linear weights are transposed)."""
+    spec = SPECS[name]
+    return P(*reversed(spec)) if name in LINEAR else spec
+
+
 def spec_tree(params: Params) -> Params:
-    """A Params-shaped tree of PartitionSpecs (None where a weight is absent)."""
+    """A Params-shaped tree of device-layout PartitionSpecs (None where a weight is absent)."""
 
     def specs(obj):
         return {
-            f.name: None if getattr(obj, f.name) is None else SPECS[f.name]
+            f.name: None if getattr(obj, f.name) is None else device_spec(f.name)
             for f in dataclasses.fields(obj)
             if f.name != "layers"
         }
@@ -132,10 +142,9 @@ def cache_specs(cache):
 
 
 def shard_params(params: Params, mesh):
-    """Place prepared params on the mesh devices following the table."""
+    """Place prepared NumPy params on the mesh devices, in the device layout, following the
+    table."""
     import jax
-
-    from .params import to_device
 
     specs = spec_tree(params)
     device = to_device(params)
@@ -148,7 +157,8 @@ def shard_params(params: Params, mesh):
 
 
 def local_slice(params: Params, rank: int, tp: int) -> Params:
-    """Rank `rank`'s part of prepared NumPy params (MPI processes hold only their part)."""
+    """Rank `rank`'s part of prepared NumPy params, still in the reference layout (MPI processes
+    hold only their part; `to_device` then lays it out)."""
 
     def part(name, a):
         if a is None:
