@@ -1,8 +1,10 @@
 """Naive attention in JAX: the reference's `attention.py` with the key-block loop as `lax.map`.
 
-Scores are materialised in full; a float32 cache is read in one block (no conversion), other
-dtypes one key block at a time, widened to float32 right before the float32 dot (XLA:CPU is
-fast only for float32 dots), with int8 scales on score columns and folded into probabilities.
+Scores are materialised in full. A float32 cache is read in one block for prefill (no
+conversion), in key blocks for a decode step; other dtypes one key block at a time, widened to
+float32 right before the float32 dot (XLA:CPU is fast only for float32 dots), with int8 scales
+on score columns and folded into probabilities. `exact_rows` is that computation over the first
+`width` key slots; SlimAttention runs it per block of query rows.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from jax import lax
 from slimllm.reference.config import ModelConfig
 
 from .kv_cache import KEY_BLOCK, LayerKV
-from .ops import softmax
 from .positions import Positions, alibi_slopes
 
 
@@ -66,35 +67,53 @@ def block_output(p, kv: LayerKV, a, n: int):
     return jnp.einsum("bkgtn,bknd->bkgtd", p, kv.values(a, n))
 
 
-def key_blocking(kv: LayerKV, key_block: int = KEY_BLOCK) -> tuple[int, int]:
-    """(number of blocks, block size): `key_block`-sized blocks for caches longer than one.
-    float32 gains nothing from widening, but reading it in blocks too keeps XLA from copying the
-    just-written cache into the attention fusion (measured: 5 cache copies per layer at b=1)."""
-    s = kv.length
-    n = s if s <= key_block else key_block
-    if s % n:
-        raise ValueError(f"cache length {s} is not a multiple of the key block {n}")
-    return s // n, n
+def key_blocking(width: int, key_block: int = KEY_BLOCK) -> tuple[int, int]:
+    """(number of blocks, block size) to read key slots [0, width): `key_block`-sized blocks
+    when longer than one. float32 gains nothing from widening, but reading a decode step's cache
+    in blocks too keeps XLA from copying the just-written cache into the attention fusion
+    (measured: 5 cache copies per layer at b=1)."""
+    n = width if width <= key_block else key_block
+    if width % n:
+        raise ValueError(f"key range {width} is not a multiple of the key block {n}")
+    return width // n, n
 
 
-def naive_attention(q, kv: LayerKV, bias, scale, key_block: int = KEY_BLOCK):
-    """softmax(q k^T * scale + bias) v with all scores materialised: q [b,t,h,d] -> [b,t,h,d]."""
-    kh, s = kv.k.shape[1], kv.length
-    qg = group_queries(q, kh)  # [b,k,g,t,d]
-    nb, n = key_blocking(kv, key_block)
+def softmax_parts(scores):
+    """Unnormalised softmax: (exp(scores - row max), row sum or 1 for an all-masked row)."""
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, jnp.float32(0.0)))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e, jnp.where(total > 0, total, jnp.float32(1.0))
+
+
+def exact_rows(qg, kv: LayerKV, gbias, scale, width: int, key_block: int = KEY_BLOCK):
+    """softmax(q k^T * scale + bias) v over key slots [0, width), all scores materialised:
+    qg [b,k,g,t,d], gbias [b,k,g|1,t,width] -> [b,k,g,t,d]. A float32 cache read by more than
+    one query row is read whole (one large dot multiplies faster than a loop of small ones);
+    otherwise keys are read `key_block` at a time (widened right before each dot)."""
+    whole = kv.dtype == "float32" and qg.shape[3] > 1
+    nb, n = (1, width) if whole else key_blocking(width, key_block)
     if nb == 1:
         scores = block_scores(qg, kv, 0, n)
     else:
         blocks = lax.map(lambda i: block_scores(qg, kv, i * n, n), jnp.arange(nb))  # [nb,...,n]
-        scores = jnp.moveaxis(blocks, 0, -2).reshape(*qg.shape[:4], s)  # [b,k,g,t,s]
-    probs = softmax(scores * jnp.float32(scale) + group_bias(bias, kh), axis=-1)
+        scores = jnp.moveaxis(blocks, 0, -2).reshape(*qg.shape[:4], width)  # [b,k,g,t,width]
+    e, total = softmax_parts(scores * jnp.float32(scale) + gbias)
     if nb == 1:
-        out = block_output(probs, kv, 0, n)
+        out = block_output(e, kv, 0, n)
     else:
 
         def add_block(i, acc):
-            p = lax.dynamic_slice_in_dim(probs, i * n, n, axis=-1)
+            p = lax.dynamic_slice_in_dim(e, i * n, n, axis=-1)
             return acc + block_output(p, kv, i * n, n)
 
         out = lax.fori_loop(0, nb, add_block, jnp.zeros(qg.shape, jnp.float32))
+    return out / total  # normalising the [t,d] output costs less than the [t,width] scores
+
+
+def naive_attention(q, kv: LayerKV, bias, scale, key_block: int = KEY_BLOCK):
+    """softmax(q k^T * scale + bias) v with all scores materialised: q [b,t,h,d] -> [b,t,h,d]."""
+    kh = kv.k.shape[1]
+    qg = group_queries(q, kh)  # [b,k,g,t,d]
+    out = exact_rows(qg, kv, group_bias(bias, kh), scale, kv.length, key_block)
     return ungroup(out).astype(jnp.float32)

@@ -1,24 +1,32 @@
 """SlimAttention in JAX: the reference's `slim_attention.py` with static query blocks and a
-dynamic number of key blocks.
+branch per number of visible key blocks.
 
-Query-row blocks are unrolled (their size is static: xFT's L2 rule); within a block, only the
-key blocks up to the last visible column are computed (`lax.fori_loop` with a traced trip
-count), filling a full `mb x S` score buffer that gets an exact softmax per row, then `P @ V`
-over the same key blocks. The few-heads decode path splits the keys into chunks and merges
-their (max, sum, output) exactly.
+Query-row blocks are unrolled (their size is static: xFT's L2 rule, rounded up to a multiple of
+64 rows, a shape XLA's matrix products like; the result does not depend on it). A block's last
+visible key column is only known at run time (it depends on the positions), so each block is a
+`lax.switch` over static key widths: the branch for width W computes complete score rows
+against key slots [0, W), an exact softmax per row and `P @ V` (`attention.exact_rows`), one
+large float32 dot each way. At most `MAX_WIDTHS` widths are compiled per block: a block runs the
+smallest one that covers what it can see. The few-heads decode path splits the keys into chunks
+and merges their (max, sum, output) exactly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 from jax import lax
 
 from slimllm.reference.slim_attention import L2_BUDGET, block_rows
 
-from .attention import block_output, block_scores, group_bias, group_queries, ungroup
+from .attention import block_output, block_scores, exact_rows, group_bias, group_queries, ungroup
 from .kv_cache import KEY_BLOCK, LayerKV
 
 __all__ = ["L2_BUDGET", "block_rows", "slim_attention"]
+
+MAX_WIDTHS = 8  # compiled key widths per query block (compile time grows with them)
+ROW_MULTIPLE = 64  # automatic query blocks are rounded up to this many rows
 
 
 def last_visible(bias_rows):
@@ -35,25 +43,25 @@ def key_block_size(kv: LayerKV, key_block: int) -> int:
     return n
 
 
+def key_widths(length: int, n: int) -> list[int]:
+    """The static key widths compiled per query block: multiples of the key block n, at most
+    MAX_WIDTHS of them, the last one the whole cache."""
+    blocks = length // n
+    step = -(-blocks // MAX_WIDTHS)
+    return [min(w, blocks) * n for w in range(step, blocks + step, step)]
+
+
 def row_block(qg, kv: LayerKV, bias, scale, n: int):
-    """Exact attention for a block of query rows over the key blocks they can see."""
-    nb = (last_visible(bias) + n - 1) // n
-    shape = qg.shape[:4]
+    """Exact attention for a block of query rows over the key slots they can see."""
+    widths = key_widths(kv.length, n)
+    need = last_visible(bias)
+    branch = jnp.searchsorted(jnp.asarray(widths), need)  # the smallest width >= need
 
-    def fill(j, scores):
-        blk = block_scores(qg, kv, j * n, n) * jnp.float32(scale)
-        blk = blk + lax.dynamic_slice_in_dim(bias, j * n, n, axis=-1)
-        return lax.dynamic_update_slice_in_dim(scores, blk, j * n, axis=-1)
+    def over(width, qg, bias):  # the cache is closed over (LayerKV is not a pytree)
+        return exact_rows(qg, kv, bias[..., :width], scale, width, n)
 
-    scores = lax.fori_loop(0, nb, fill, jnp.full((*shape, kv.length), -jnp.inf, jnp.float32))
-    m = scores.max(axis=-1, keepdims=True)
-    e = jnp.exp(scores - m)
-    p = e / e.sum(axis=-1, keepdims=True)
-
-    def add(j, acc):
-        return acc + block_output(lax.dynamic_slice_in_dim(p, j * n, n, axis=-1), kv, j * n, n)
-
-    return lax.fori_loop(0, nb, add, jnp.zeros(qg.shape, jnp.float32))
+    branches = [functools.partial(over, w) for w in widths]
+    return lax.switch(jnp.minimum(branch, len(widths) - 1), branches, qg, bias)
 
 
 def split_keys_decode(qg, kv: LayerKV, bias, scale, splits: int, n: int):
@@ -95,7 +103,7 @@ def slim_attention(
     n = key_block_size(kv, key_block)
     if t == 1 and key_splits > 1:
         return ungroup(split_keys_decode(qg, kv, gb, scale, key_splits, n)).astype(jnp.float32)
-    mb = mb or block_rows(t, d, budget)
+    mb = mb or -(-block_rows(t, d, budget) // ROW_MULTIPLE) * ROW_MULTIPLE
     out = [
         row_block(qg[:, :, :, i : i + mb], kv, gb[:, :, :, i : i + mb], scale, n)
         for i in range(0, t, mb)
