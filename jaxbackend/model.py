@@ -20,12 +20,13 @@ import functools
 import jax.numpy as jnp
 
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.params import LayerParams, Params
+from slimllm.reference.params import Params
 
 from . import kv_cache
 from .attention import attention_bias, naive_attention
 from .flash_attention import flash_attention
-from .ops import MLPS, NORMS, linear, rms_norm
+from .ops import MLPS, NORMS, bias_add, linear, rms_norm
+from .params import DeviceLayer
 from .positions import ROTATIONS, Positions, learned_positions, logn_scale
 from .slim_attention import slim_attention
 from .tp import SINGLE, Comm
@@ -77,14 +78,17 @@ def row_parallel(y, b, comm: Comm):
     return y if b is None else y + b
 
 
-def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
+def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions):
     """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v.
     Head counts come from the weights (a tensor-parallel rank holds a slice of the heads)."""
     b, t, _ = x.shape
     d = cfg.head_dim
-    q = linear(x, p.wq, p.bq).reshape(b, t, -1, d)  # [b,t,e] -> [b,t,h,d]
-    k = linear(x, p.wk, p.bk).reshape(b, t, -1, d)  # [b,t,e] -> [b,t,k,d]
-    v = linear(x, p.wv, p.bv).reshape(b, t, -1, d)
+    y = linear(x, p.w_qkv)  # [b,t,e] -> [b,t,(h+2k)d], one fused product (params.py)
+    kd = y.shape[-1] // (cfg.n_heads // cfg.n_kv_heads + 2)  # this rank's k*d
+    q, k, v = jnp.split(y, [y.shape[-1] - 2 * kd, y.shape[-1] - kd], axis=-1)
+    q = bias_add(q, p.bq).reshape(b, t, -1, d)  # [b,t,h,d]
+    k = bias_add(k, p.bk).reshape(b, t, -1, d)  # [b,t,k,d]
+    v = bias_add(v, p.bv).reshape(b, t, -1, d)
     if cfg.qk_norm:
         q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
         k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
@@ -97,7 +101,7 @@ def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
 
 def attention_block(
     x,
-    p: LayerParams,
+    p: DeviceLayer,
     cfg: ModelConfig,
     cache,
     layer: int,
@@ -120,14 +124,14 @@ def attention_block(
     return record(trace, f"layers.{layer}.attn_out", out), cache
 
 
-def mlp_block(x, p: LayerParams, cfg: ModelConfig, comm: Comm = SINGLE):
+def mlp_block(x, p: DeviceLayer, cfg: ModelConfig, comm: Comm = SINGLE):
     """The MLP sublayer: [b,t,e] -> [b,t,e] (down-projection bias added after the reduce)."""
     return row_parallel(MLPS[cfg.mlp](x, dataclasses.replace(p, b_down=None)), p.b_down, comm)
 
 
 def block(
     x,
-    p: LayerParams,
+    p: DeviceLayer,
     cfg: ModelConfig,
     cache,
     layer: int,

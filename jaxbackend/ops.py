@@ -39,17 +39,19 @@ def relu(x):
     return jnp.maximum(x, jnp.float32(0.0))
 
 
-def linear(x, w, b=None):
-    """x @ w.T (+ b); w is [out, in] (the device layout, see `params.py`)."""
-    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+def bias_add(y, b=None):
     return y if b is None else y + b
 
 
+def linear(x, w, b=None):
+    """x @ w.T (+ b); w is [out, in] (the device layout, see `params.py`)."""
+    return bias_add(lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ()))), b)
+
+
 def swiglu_mlp(x, p):
-    """down(silu(x @ gate) * (x @ up))."""
-    gate = linear(x, p.w_gate)  # [b,t,e] -> [b,t,f]
-    up = linear(x, p.w_up, p.b_up)  # [b,t,e] -> [b,t,f]
-    return linear(silu(gate) * up, p.w_down, p.b_down)  # [b,t,f] -> [b,t,e]
+    """down(silu(x @ gate) * (x @ up)), gate and up as one fused product (`params.py`)."""
+    gate, up = jnp.split(linear(x, p.w_gate_up), 2, axis=-1)  # [b,t,e] -> 2 x [b,t,f]
+    return linear(silu(gate) * bias_add(up, p.b_up), p.w_down, p.b_down)  # [b,t,f] -> [b,t,e]
 
 
 def gelu_mlp(x, p):

@@ -1,16 +1,21 @@
 """The reference's Params and LayerParams, registered as JAX pytrees (absent weights are None,
 an empty subtree), plus moving weights onto the device in the backend's layout.
 
-Device layout: every linear weight is stored transposed, [out, in], and `ops.linear` contracts
-its last axis (y = x @ w.T). The reference keeps [in, out]. On XLA:CPU a matrix-vector product
-streams an [out, in] matrix faster (one dot product per contiguous row): measured on the 150M
-preset's shapes, 17.7 GB/s against 15.6 GB/s for the eight layers and the head in one program,
-and no slower for prefill-sized matrix products. Decode at batch 1 is bound by exactly this read.
+Device layout (decode at batch 1 is bound by reading the weights, and these choices read them
+faster on XLA:CPU; measured on the 150M preset's shapes, the eight layers and the head in one
+program: 15.6 GB/s as the reference stores them, 17.7 GB/s transposed, 18.9 GB/s also fused):
+- every linear weight is stored transposed, [out, in], and `ops.linear` contracts its last axis
+  (y = x @ w.T): a matrix-vector product streams contiguous rows. The reference keeps [in, out].
+- the q, k and v projections are one matrix `w_qkv`, and SwiGLU's gate and up projections one
+  matrix `w_gate_up` (`DeviceLayer`): one larger product instead of two or three small ones.
+  For tensor parallelism over R ranks the fused rows are rank-major ([q_r; k_r; v_r] for each
+  rank r in turn), so that splitting the rows evenly gives every rank its own heads/columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ from slimllm.reference.params import LayerParams, Params
 # Weights used as `linear(x, w)`: [in, out] in the reference, [out, in] on the device.
 LINEAR = frozenset(
     {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "proj_in", "proj_out", "lm_head"}
+    | {"w_qkv", "w_gate_up"}  # fused, device layout only
 )
 
 
@@ -32,7 +38,16 @@ def register(cls):
         pass
 
 
+@dataclass
+class DeviceLayer(LayerParams):
+    """A layer in the device layout: wq/wk/wv (and w_gate/w_up) are None, fused below."""
+
+    w_qkv: jax.Array | None = None  # [(h + 2k) d, e], rank-major under tensor parallelism
+    w_gate_up: jax.Array | None = None  # [2f, e] (swiglu), rank-major likewise
+
+
 register(LayerParams)
+register(DeviceLayer)
 register(Params)
 
 
@@ -45,12 +60,28 @@ def device_array(name: str, a, dtype=jnp.float32):
     return jnp.asarray(a, dtype)
 
 
-def layer_to_device(layer: LayerParams, dtype=jnp.float32) -> LayerParams:
-    names = [f.name for f in dataclasses.fields(layer)]
-    return LayerParams(**{name: device_array(name, getattr(layer, name), dtype) for name in names})
+def fuse_rows(parts: list, ranks: int) -> np.ndarray:
+    """Stack [out_i, in] matrices by rows, rank-major: each part's rows are cut into `ranks`
+    equal pieces, and rank r's pieces of every part come together, r = 0, 1, ..."""
+    pieces = [np.split(part, ranks, axis=0) for part in parts]
+    return np.concatenate([piece[r] for r in range(ranks) for piece in pieces], axis=0)
 
 
-def to_device(params: Params, dtype=jnp.float32) -> Params:
+def layer_to_device(layer: LayerParams, dtype=jnp.float32, ranks: int = 1) -> DeviceLayer:
+    """One reference layer in the device layout (`ranks`: the tensor-parallel ranks the fused
+    matrices will be split over, evenly by rows)."""
+    host = {}
+    for field in dataclasses.fields(layer):
+        a = getattr(layer, field.name)
+        host[field.name] = np.asarray(a).T if a is not None and field.name in LINEAR else a
+    host["w_qkv"] = fuse_rows([host.pop("wq"), host.pop("wk"), host.pop("wv")], ranks)
+    if host["w_gate"] is not None:  # swiglu (the other MLPs have only w_up)
+        host["w_gate_up"] = fuse_rows([host.pop("w_gate"), host.pop("w_up")], ranks)
+    arrays = {name: None if a is None else jnp.asarray(a, dtype) for name, a in host.items()}
+    return DeviceLayer(**(dict.fromkeys(("wq", "wk", "wv", "w_gate", "w_up")) | arrays))
+
+
+def to_device(params: Params, dtype=jnp.float32, ranks: int = 1) -> Params:
     """A copy of NumPy params as device arrays in the device layout (layers become a tuple: a
     static-length pytree)."""
     top = {
@@ -58,4 +89,5 @@ def to_device(params: Params, dtype=jnp.float32) -> Params:
         for f in dataclasses.fields(params)
         if f.name != "layers"
     }
-    return Params(layers=tuple(layer_to_device(layer, dtype) for layer in params.layers), **top)
+    layers = tuple(layer_to_device(layer, dtype, ranks) for layer in params.layers)
+    return Params(layers=layers, **top)

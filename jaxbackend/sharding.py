@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.params import LayerParams, Params
+from slimllm.reference.params import Params
 
 from .params import LINEAR, to_device
 from .tp import AXIS
@@ -47,6 +47,8 @@ SPECS = {
     "w_up": COLUMNS,
     "b_up": SPLIT,
     "w_down": ROWS,  # row-parallel: partial sums -> allreduce #2
+    "w_qkv": COLUMNS,  # device layout only: wq, wk, wv fused rank-major (see params.py)
+    "w_gate_up": COLUMNS,  # device layout only: w_gate, w_up fused rank-major
     "b_down": REPLICATED,  # added once, after the reduce
     "attn_norm": REPLICATED,  # norms run redundantly on the replicated hidden state
     "attn_norm_b": REPLICATED,
@@ -126,7 +128,7 @@ def spec_tree(params: Params) -> Params:
             if f.name != "layers"
         }
 
-    layers = tuple(LayerParams(**specs(layer)) for layer in params.layers)
+    layers = tuple(type(layer)(**specs(layer)) for layer in params.layers)
     return Params(layers=layers, **specs(params))
 
 
@@ -146,8 +148,8 @@ def shard_params(params: Params, mesh):
     table."""
     import jax
 
-    specs = spec_tree(params)
-    device = to_device(params)
+    device = to_device(params, ranks=mesh.size)
+    specs = spec_tree(device)
     return jax.tree_util.tree_map(
         lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
         device,
