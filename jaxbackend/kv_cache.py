@@ -73,15 +73,26 @@ def replace_layer(layers, layer: int, value):
 
 
 def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
-    """Place k, v [b,t,k,d] at slots [b,t] of `layer` (slots are checked on the host)."""
-    rows = jnp.arange(k.shape[0])[:, None]  # [b,1]
+    """Place k, v [b,t,k,d] at slots [b,t] of `layer` (slots are checked on the host).
+
+    A row's slots are consecutive (`positions_for` continues them from the row's length), so
+    each row is one `dynamic_update_slice` at its first slot, in place in the donated cache.
+    The equivalent scatter made XLA copy the layer's K and V several times per decode step.
+    """
+    starts = slots[:, 0]  # [b]
     out = {}
     for name, x in (("k", k), ("v", v)):
-        stored, scale = encode(x, cache.dtype)
-        values = getattr(cache, name)[layer].at[rows, :, slots].set(stored)
+        stored, scale = encode(x, cache.dtype)  # [b,t,k,d], int8 scales [b,t,k]
+        values = getattr(cache, name)[layer]  # [b,k,s,d]
+        rows = jnp.swapaxes(stored, 1, 2)  # [b,k,t,d]
+        for r in range(x.shape[0]):
+            values = lax.dynamic_update_slice(values, rows[r : r + 1], (r, 0, starts[r], 0))
         out[name] = replace_layer(getattr(cache, name), layer, values)
         if scale is not None:
-            scales = getattr(cache, f"{name}_scale")[layer].at[rows, :, slots].set(scale)
+            scales = getattr(cache, f"{name}_scale")[layer]  # [b,k,s]
+            rows = jnp.swapaxes(scale, 1, 2)  # [b,k,t]
+            for r in range(x.shape[0]):
+                scales = lax.dynamic_update_slice(scales, rows[r : r + 1], (r, 0, starts[r]))
             out[f"{name}_scale"] = replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
     return dataclasses.replace(cache, **out)
 

@@ -73,11 +73,15 @@ def encode(x, dtype: str):
 
 
 def check_fits(cache: KVCache, slots) -> None:
-    """Raise when a slot is past the cache's preallocated length."""
+    """Raise when a slot is past the cache's preallocated length, or when a row's slots are not
+    one run of consecutive slots (what `positions_for` makes, and what lets the JAX backend
+    write each row with one in-place dynamic_update_slice)."""
     if slots.size and int(slots.max()) >= cache.max_len:
         raise ValueError(
             f"sequence needs {int(slots.max()) + 1} positions but the cache holds {cache.max_len}"
         )
+    if slots.size and np.any(np.diff(slots, axis=-1) != 1):
+        raise ValueError("each row's cache slots must be consecutive (one run per row)")
 
 
 def replace_layer(layers: tuple | None, layer: int, value):
@@ -85,7 +89,8 @@ def replace_layer(layers: tuple | None, layer: int, value):
 
 
 def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
-    """Place k, v [b,t,k,d] at slots [b,t] of `layer`; returns the new cache."""
+    """Place k, v [b,t,k,d] at slots [b,t] of `layer` (consecutive per row); returns the new
+    cache."""
     check_fits(cache, slots)
     rows = np.arange(k.shape[0])[:, None]  # [b,1]
     out = {}

@@ -92,6 +92,17 @@ def test_cache_sizes():
         kv_cache.init_cache(cfg, 1, 4, "int4")
 
 
+def test_write_refuses_slots_past_the_cache_or_not_consecutive():
+    cache = kv_cache.init_cache(CFG, 2, 8, "float32")
+    kv = np.zeros((2, 3, CFG.n_kv_heads, CFG.head_dim), np.float32)
+    ok = np.array([[0, 1, 2], [5, 6, 7]])  # each row its own run
+    assert kv_cache.write(cache, 0, kv, kv, ok).max_len == 8
+    with pytest.raises(ValueError, match="needs 9 positions but the cache holds 8"):
+        kv_cache.write(cache, 0, kv, kv, ok + 1)
+    with pytest.raises(ValueError, match="slots must be consecutive"):
+        kv_cache.write(cache, 0, kv, kv, np.array([[0, 1, 2], [4, 6, 7]]))
+
+
 @pytest.mark.parametrize("attention", list(ATTENTION))
 def test_int8_attention_never_builds_a_float_copy_of_the_cache(attention):
     """Decode over a 4096-token int8 cache: the peak of new allocations stays far below the size
