@@ -832,8 +832,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="jax decode: per-token steps timed (stream) or the one-program loop",
     )
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks (XLA devices here, or the mpiexec job's ranks)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks (XLA devices here, or the mpiexec job's ranks)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")

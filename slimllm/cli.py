@@ -304,9 +304,7 @@ def cmd_eval(args) -> dict:
         print(f"{model.source}: {setting} vs float32 naive reference, {len(tokens)} positions")
         print(f"  KL mean {kl['mean']:.3e}  p99 {kl['p99']:.3e}  max {kl['max']:.3e}")
         print(f"  top-1 agreement {report['top1_agreement']:.4f}")
-        print(
-            "  perplexity {baseline:.4f} -> {setting:.4f}".format(**report["perplexity"])
-        )
+        print("  perplexity {baseline:.4f} -> {setting:.4f}".format(**report["perplexity"]))
         print(f"  greedy: identical for {g['identical_prefix']} of {g['tokens']} tokens")
     return report
 
