@@ -16,20 +16,15 @@ os.environ["XLA_FLAGS"] = (
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+
+from slimllm.conformance.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLIMLLM_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 STORIES = SHARED / "models" / "stories260K"
 
-settings.register_profile(
-    "ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+load_profile()  # `ci` under CI, else `dev` (or HYPOTHESIS_PROFILE): conformance/profiles.py
 
 
 def need(path: Path) -> Path:
