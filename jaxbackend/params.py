@@ -51,13 +51,15 @@ register(DeviceLayer)
 register(Params)
 
 
+def host_layout(name: str, a):
+    """One reference weight in the device layout, still on the host (linear weights transposed
+    to [out, in]; absent weights stay None)."""
+    return np.asarray(a).T if a is not None and name in LINEAR else a
+
+
 def device_array(name: str, a, dtype=jnp.float32):
-    """One reference weight as the device stores it (linear weights transposed to [out, in])."""
-    if a is None:
-        return None
-    if name in LINEAR:
-        a = np.ascontiguousarray(np.asarray(a).T)
-    return jnp.asarray(a, dtype)
+    """One reference weight as the device stores it."""
+    return None if a is None else jnp.asarray(host_layout(name, a), dtype)
 
 
 def fuse_rows(parts: list, ranks: int) -> np.ndarray:
@@ -70,10 +72,7 @@ def fuse_rows(parts: list, ranks: int) -> np.ndarray:
 def layer_to_device(layer: LayerParams, dtype=jnp.float32, ranks: int = 1) -> DeviceLayer:
     """One reference layer in the device layout (`ranks`: the tensor-parallel ranks the fused
     matrices will be split over, evenly by rows)."""
-    host = {}
-    for field in dataclasses.fields(layer):
-        a = getattr(layer, field.name)
-        host[field.name] = np.asarray(a).T if a is not None and field.name in LINEAR else a
+    host = {f.name: host_layout(f.name, getattr(layer, f.name)) for f in dataclasses.fields(layer)}
     host["w_qkv"] = fuse_rows([host.pop("wq"), host.pop("wk"), host.pop("wv")], ranks)
     if host["w_gate"] is not None:  # swiglu (the other MLPs have only w_up)
         host["w_gate_up"] = fuse_rows([host.pop("w_gate"), host.pop("w_up")], ranks)
