@@ -6,6 +6,17 @@ out = slimllm.generate(model, "Once upon a time", max_new_tokens=32)
 print(out.text)
 """
 
+import os as _os
+
+# From the root of a source checkout this folder is found before an installed slimllm, and its
+# subpackages are the sibling folders (pyproject's package-dir: reference/, jaxbackend/, ...):
+# the checkout's root joins the search path so `slimllm.reference` is that checkout's.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "reference")) and _os.path.isfile(
+    _os.path.join(_root, "reference", "__init__.py")
+):
+    __path__.append(_root)
+
 from .api import Model, Output, demo_model, generate, load
 
 __all__ = ["Model", "Output", "demo_model", "generate", "load"]
