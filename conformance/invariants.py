@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 
+from slimllm.jaxbackend.engine import bucket, program_runtime
+from slimllm.jaxbackend.generate import cache_length, prefill_fn
+from slimllm.jaxbackend.positions import device_state
+from slimllm.jaxbackend.sequence import chunk_fn
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import positions
 from slimllm.reference import sampling as ref_sampling
@@ -30,8 +35,8 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.model import forward as ref_forward
 from slimllm.reference.ops import softmax
 from slimllm.reference.params import Params
+from slimllm.reference.runtime import Runtime
 
-from .strategies import Runtime
 from .tolerances import ACROSS_BACKENDS, DECISION, FUNCTION, THROUGH_CACHE, assert_close
 
 # ---------------------------------------------------------------- one model, either backend
@@ -51,7 +56,7 @@ class NumpyRunner:
     def forward(self, tokens, cache, state: positions.SeqState, runtime: Runtime):
         """tokens [b,t] after state.lengths -> (logits [b,t,v], cache)."""
         pos = positions.positions_for(self.cfg, state, tokens.shape[1])
-        return ref_forward(self.params, self.cfg, tokens, cache, pos, runtime.kernel("numpy"))
+        return ref_forward(self.params, self.cfg, tokens, cache, pos, runtime)
 
 
 @dataclass
@@ -59,7 +64,7 @@ class JaxRunner:
     """The JAX backend through an `Engine`: its compiled `chunk_fn` programs, cached per shape
     and runtime by `Engine.run`, with the cache donated as in generation."""
 
-    engine: object  # slimllm.jaxbackend.generate.Engine
+    engine: object  # slimllm.jaxbackend.engine.Engine
     backend = "jax"
 
     @property
@@ -67,17 +72,10 @@ class JaxRunner:
         return self.engine.cfg
 
     def init_cache(self, batch: int, length: int, kv_dtype: str):
-        from slimllm.jaxbackend import kv_cache
-
-        return kv_cache.init_cache(self.cfg, batch, length, kv_dtype)
+        return self.engine.new_cache(batch, length, kv_dtype)
 
     def forward(self, tokens, cache, state: positions.SeqState, runtime: Runtime):
-        import jax.numpy as jnp
-
-        from slimllm.jaxbackend.generate import chunk_fn
-        from slimllm.jaxbackend.positions import device_state
-
-        static = {"cfg": self.cfg, "attention": runtime.kernel("jax")}
+        static = {"cfg": self.cfg, "rt": runtime}
         tokens = jnp.asarray(tokens, jnp.int32)
         logits, cache = self.engine.run(
             chunk_fn, static, (2,), self.engine.params, tokens, cache, device_state(state)
@@ -116,29 +114,23 @@ def prefill_logits(
     engine,
     prompts,
     max_new_tokens: int,
-    kv_dtype: str = "float32",
-    attention: str = "naive",
-    cache_len: int | None = None,
+    rt: Runtime = Runtime(),
 ):
     """Logits [len(p), v] at every position of each prompt from the program `generate` prefills
     with (prompts padded to a bucket, one chunk, nothing cached before): each call selects one
     position per row, so nothing new is compiled. The cache is sized as `generate` sizes it for
-    `max_new_tokens` and `cache_len`, so the program is the one generation uses."""
-    import jax.numpy as jnp
-
-    from slimllm.jaxbackend.generate import bucket, prefill_fn
-    from slimllm.jaxbackend.positions import device_state
-
+    `max_new_tokens` and `rt.cache_len`, so the program is the one generation uses."""
     longest = max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), bucket(longest)), np.int32)
     for r, p in enumerate(prompts):
         tokens[r, : len(p)] = p
     state = device_state(positions.start_state(engine.cfg, prompts))
-    static = {"cfg": engine.cfg, "attention": attention}
+    static = {"cfg": engine.cfg, "rt": program_runtime(rt)}
+    length = cache_length(prompts, max_new_tokens, rt)
     out = [[] for _ in prompts]
     for i in range(longest):
         select = jnp.asarray([min(i, len(p) - 1) for p in prompts], jnp.int32)
-        cache = engine.new_cache(prompts, max_new_tokens, cache_len, kv_dtype)  # donated
+        cache = engine.new_cache(len(prompts), length, rt.kv_dtype)  # donated
         logits, _ = engine.run(
             prefill_fn, static, (2,), engine.params, jnp.asarray(tokens), cache, state, select
         )

@@ -36,6 +36,7 @@ from slimllm.jaxbackend import model as jax_model
 from slimllm.jaxbackend import ops as jax_ops
 from slimllm.jaxbackend import positions as jax_positions
 from slimllm.jaxbackend import quant as jax_quant
+from slimllm.jaxbackend import runtime as jax_runtime
 from slimllm.jaxbackend import sampling as jax_sampling
 from slimllm.jaxbackend.params import layer_to_device, to_device
 from slimllm.reference import attention as ref_attention
@@ -44,9 +45,11 @@ from slimllm.reference import model as ref_model
 from slimllm.reference import ops as ref_ops
 from slimllm.reference import positions as ref_positions
 from slimllm.reference import quant as ref_quant
+from slimllm.reference import runtime as ref_runtime
 from slimllm.reference import sampling as ref_sampling
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import LayerParams, Params
+from slimllm.reference.runtime import Runtime
 from slimllm.reference.sampling import SamplingConfig
 
 from . import strategies as S
@@ -162,7 +165,7 @@ def logical(cache, s: int):
         return None if layers is None else tuple(bits(x)[:, :, :s] for x in layers)
 
     return ref_kv.KVCache(
-        trim(cache.k), trim(cache.v), trim(cache.k_scale), trim(cache.v_scale), cache.dtype
+        trim(cache.k), trim(cache.v), trim(cache.k_scale), trim(cache.v_scale), cache.format
     )
 
 
@@ -174,7 +177,7 @@ QUANTUM = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 12
 def close_caches(want, got) -> None:
     """Dequantised K/V of every layer within one storage step (`QUANTUM`) of the reference."""
     got = logical(got, want.max_len)
-    quantum = QUANTUM[want.dtype]
+    quantum = QUANTUM[want.format]
     for layer in range(len(want.k)):
         pairs = zip(
             ref_kv.dequantized(ref_kv.read(got, layer)),
@@ -233,7 +236,7 @@ def compare_layer(want, got, case):
     """A block or the whole model, through freshly written (possibly lossy) K/V: outputs within
     THROUGH_CACHE (block) or ACROSS_BACKENDS (logits), the new cache within one storage step."""
     cache = next(a for a in case.ref if isinstance(a, ref_kv.KVCache))
-    bound = (ACROSS_BACKENDS if isinstance(case.ref[0], Params) else THROUGH_CACHE)[cache.dtype]
+    bound = (ACROSS_BACKENDS if isinstance(case.ref[0], Params) else THROUGH_CACHE)[cache.format]
     assert_close(got[0], want[0], bound, "output")
     close_caches(want[1], got[1])
 
@@ -321,9 +324,9 @@ def padded_bias(bias, cache):
     return jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
 
 
-def jax_block(x, p, cfg, cache, layer, pos, bias, attention):
+def jax_block(x, p, cfg, cache, layer, pos, bias, rt):
     """The same bias as the reference, padded with -inf to the padded cache."""
-    return jax_model.block(x, p, cfg, cache, layer, pos, padded_bias(bias, cache), attention)
+    return jax_model.block(x, p, cfg, cache, layer, pos, padded_bias(bias, cache), rt)
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "scale"))
@@ -462,9 +465,9 @@ def model_inputs(draw, what: str):
             0,
             pos,
             ref_attention.attention_bias(cfg, pos, s),
-            "naive",
+            Runtime(),
         )
-    return params, cfg, tokens, cache, pos, "naive"
+    return params, cfg, tokens, cache, pos, Runtime()
 
 
 def past_cache(cfg: ModelConfig, b: int, s: int, dtype: str, pos, seed: int):
@@ -554,7 +557,7 @@ def seeded(draw, with_logits: bool):
 def attention_pair(kind: str, dtype: str) -> Pair:
     """An attention kind over a cache of `dtype`: both backends read the SAME stored values
     (`AttentionCase.jax` pads the reference's cache and bias), so FUNCTION[dtype] holds."""
-    ref_fn, jax_fn = ref_model.ATTENTION[kind], jax_model.ATTENTION[kind]
+    ref_fn, jax_fn = ref_runtime.ATTENTION[kind], jax_runtime.ATTENTION[kind]
 
     def reference(case, options):
         return S.Kernel(ref_fn, options)(*case.reference())

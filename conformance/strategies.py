@@ -21,13 +21,14 @@ import numpy as np
 from hypothesis import strategies as st
 
 from slimllm.jaxbackend import kv_cache as jax_kv
-from slimllm.jaxbackend.model import ATTENTION as JAX_ATTENTION
+from slimllm.jaxbackend.runtime import ATTENTION as JAX_ATTENTION
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import positions
 from slimllm.reference.attention import attention_bias
 from slimllm.reference.config import MLPS, NORMS, POSITIONS, RESIDUALS, ROPE_STYLES, ModelConfig
-from slimllm.reference.model import ATTENTION as REF_ATTENTION
 from slimllm.reference.params import Params, init_params
+from slimllm.reference.runtime import ATTENTION as REF_ATTENTION
+from slimllm.reference.runtime import Runtime
 
 # ---------------------------------------------------------------- shapes (small discrete sets)
 
@@ -176,18 +177,10 @@ class Kernel:
         return self.fn(q, kv, bias, scale, **dict(self.options))
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Runtime settings of one run: attention kind and options, KV cache storage dtype."""
-
-    attention: str = "naive"
-    kv_dtype: str = "float32"
-    options: tuple = ()  # (name, value) pairs for the attention function
-
-    def kernel(self, backend: str) -> Kernel:
-        """The attention function of `backend` ("numpy" or "jax") with these options."""
-        table = REF_ATTENTION if backend == "numpy" else JAX_ATTENTION
-        return Kernel(table[self.attention], self.options)
+def kernel(rt: Runtime, backend: str) -> Kernel:
+    """The attention function of `rt` in `backend` ("numpy" or "jax"), to call directly."""
+    table = REF_ATTENTION if backend == "numpy" else JAX_ATTENTION
+    return Kernel(table[rt.attention], rt.attention_options)
 
 
 @st.composite
@@ -202,7 +195,7 @@ def attention_options(draw, kind: str) -> tuple:
 def runtimes(draw, attention: str | None = None, kv_dtype: str | None = None) -> Runtime:
     kind = attention or draw(st.sampled_from(ATTENTION_KINDS))
     dtype = kv_dtype or draw(st.sampled_from(KV_DTYPES))
-    return Runtime(kind, dtype, draw(attention_options(kind)))
+    return Runtime(attention=kind, kv_dtype=dtype, attention_options=draw(attention_options(kind)))
 
 
 # ---------------------------------------------------------------- values
@@ -276,7 +269,7 @@ class AttentionCase:
 
         q, kv, bias, scale = self.reference()
         scales = ((kv.k_scale,), (kv.v_scale,)) if kv.k_scale is not None else (None, None)
-        cache = jax_cache(ref_kv.KVCache((kv.k,), (kv.v,), *scales, kv.dtype))
+        cache = jax_cache(ref_kv.KVCache((kv.k,), (kv.v,), *scales, kv.fmt.name))
         pad = jax_kv.padded_len(self.length) - self.length
         bias = np.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=-np.inf)
         return jnp.asarray(q), cache, jnp.asarray(bias), scale
@@ -300,7 +293,7 @@ def jax_cache(cache: ref_kv.KVCache):
         return None if values is None else tuple(convert(x) for x in values)
 
     return ref_kv.KVCache(
-        layers(cache.k), layers(cache.v), layers(cache.k_scale), layers(cache.v_scale), cache.dtype
+        layers(cache.k), layers(cache.v), layers(cache.k_scale), layers(cache.v_scale), cache.format
     )
 
 

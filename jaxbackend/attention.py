@@ -91,7 +91,7 @@ def exact_rows(qg, kv: LayerKV, gbias, scale, width: int, key_block: int = KEY_B
     qg [b,k,g,t,d], gbias [b,k,g|1,t,width] -> [b,k,g,t,d]. A float32 cache read by more than
     one query row is read whole (one large dot multiplies faster than a loop of small ones);
     otherwise keys are read `key_block` at a time (widened right before each dot)."""
-    whole = kv.dtype == "float32" and qg.shape[3] > 1
+    whole = kv.fmt.wide and qg.shape[3] > 1
     nb, n = (1, width) if whole else key_blocking(width, key_block)
     if nb == 1:
         scores = block_scores(qg, kv, 0, n)

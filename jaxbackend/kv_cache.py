@@ -18,23 +18,44 @@ import jax.numpy as jnp
 from jax import lax
 
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.kv_cache import KV_DTYPES, KVCache, nbytes_per_token
+from slimllm.reference.kv_cache import KV_DTYPES, KVCache, KVFormat, nbytes_per_token
 
 from .quant import quantize
 
 __all__ = ["KVCache", "KV_DTYPES", "nbytes_per_token", "init_cache", "write", "read", "LayerKV"]
 
-STORAGE = {
-    "float32": jnp.float32,
-    "float16": jnp.float16,
-    "bfloat16": jnp.bfloat16,
-    "int8": jnp.int8,
+
+def cast(dtype):
+    return lambda x: (x.astype(dtype), None)
+
+
+def to_float32(x):
+    return x.astype(jnp.float32)
+
+
+# The reference's table with JAX storage (bfloat16 is a real dtype here); same names, same maths.
+KV_FORMATS = {
+    fmt.name: fmt
+    for fmt in (
+        KVFormat("float32", jnp.float32, False, cast(jnp.float32), to_float32),
+        KVFormat("float16", jnp.float16, False, cast(jnp.float16), to_float32),
+        KVFormat("bfloat16", jnp.bfloat16, False, cast(jnp.bfloat16), to_float32),
+        KVFormat("int8", jnp.int8, True, quantize, to_float32),
+    )
 }
+
+
+def kv_format(name: str) -> KVFormat:
+    if name not in KV_FORMATS:
+        raise ValueError(f"unknown kv cache dtype {name!r}: expected one of {KV_DTYPES}")
+    return KV_FORMATS[name]
+
+
 KEY_BLOCK = 256  # keys widened to float32 at a time
 TILE = 64  # every cache length is a multiple of this, so key tiles never overhang
 
 jax.tree_util.register_dataclass(
-    KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=["dtype"]
+    KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=["format"]
 )
 
 
@@ -44,28 +65,29 @@ def padded_len(max_len: int) -> int:
     return -(-max_len // unit) * unit
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
-    if dtype not in STORAGE:
-        raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
-    shape = (batch, cfg.n_kv_heads, padded_len(max_len), cfg.head_dim)
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, fmt: str = "float32", kv_heads: int | None = None
+) -> KVCache:
+    """An empty cache; `kv_heads` (default: the model's) is what this process holds under
+    tensor parallelism (tp.ShardPlan)."""
+    kind = kv_format(fmt)
+    k = cfg.n_kv_heads if kv_heads is None else kv_heads
+    shape = (batch, k, padded_len(max_len), kind.stored_dim(cfg.head_dim))
 
     def zeros(shape, dt):
         return tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
 
-    scales = dtype == "int8"
     return KVCache(
-        zeros(shape, STORAGE[dtype]),
-        zeros(shape, STORAGE[dtype]),
-        zeros(shape[:3], jnp.float32) if scales else None,
-        zeros(shape[:3], jnp.float32) if scales else None,
-        dtype,
+        zeros(shape, kind.storage),
+        zeros(shape, kind.storage),
+        zeros(shape[:3], jnp.float32) if kind.scaled else None,
+        zeros(shape[:3], jnp.float32) if kind.scaled else None,
+        fmt,
     )
 
 
-def encode(x, dtype: str):
-    if dtype == "int8":
-        return quantize(x)
-    return x.astype(STORAGE[dtype]), None
+def encode(x, fmt: str):
+    return kv_format(fmt).encode(x)
 
 
 def replace_layer(layers, layer: int, value):
@@ -82,7 +104,7 @@ def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
     starts = slots[:, 0]  # [b]
     out = {}
     for name, x in (("k", k), ("v", v)):
-        stored, scale = encode(x, cache.dtype)  # [b,t,k,d], int8 scales [b,t,k]
+        stored, scale = encode(x, cache.format)  # [b,t,k,d], int8 scales [b,t,k]
         values = getattr(cache, name)[layer]  # [b,k,s,d]
         rows = jnp.swapaxes(stored, 1, 2)  # [b,k,t,d]
         for r in range(x.shape[0]):
@@ -105,7 +127,7 @@ class LayerKV:
     v: jax.Array
     k_scale: jax.Array | None
     v_scale: jax.Array | None
-    dtype: str
+    fmt: KVFormat
 
     @property
     def length(self) -> int:
@@ -113,10 +135,10 @@ class LayerKV:
 
     def keys(self, a, n: int):
         """Keys of slots [a, a + n) as float32 [b,k,n,d] (a may be traced; n is static)."""
-        return lax.dynamic_slice_in_dim(self.k, a, n, axis=2).astype(jnp.float32)
+        return self.fmt.widen(lax.dynamic_slice_in_dim(self.k, a, n, axis=2))
 
     def values(self, a, n: int):
-        return lax.dynamic_slice_in_dim(self.v, a, n, axis=2).astype(jnp.float32)
+        return self.fmt.widen(lax.dynamic_slice_in_dim(self.v, a, n, axis=2))
 
     def key_scales(self, a, n: int):
         return lax.dynamic_slice_in_dim(self.k_scale, a, n, axis=2)
@@ -128,4 +150,4 @@ class LayerKV:
 def read(cache: KVCache, layer: int) -> LayerKV:
     k_scale = cache.k_scale[layer] if cache.k_scale is not None else None
     v_scale = cache.v_scale[layer] if cache.v_scale is not None else None
-    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, cache.dtype)
+    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, kv_format(cache.format))

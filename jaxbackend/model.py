@@ -23,24 +23,14 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import Params
 
 from . import kv_cache
-from .attention import attention_bias, naive_attention
-from .flash_attention import flash_attention
+from .attention import attention_bias
 from .ops import MLPS, NORMS, bias_add, linear, rms_norm
 from .params import DeviceLayer
 from .positions import ROTATIONS, Positions, learned_positions, logn_scale
-from .slim_attention import slim_attention
+from .runtime import Runtime, attention_fn
 from .tp import SINGLE, Comm
 
-ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
-
-
-def attention_fn(kind):
-    """An attention kind by name (or a callable with the same signature)."""
-    if callable(kind):
-        return kind
-    if kind not in ATTENTION:
-        raise ValueError(f"unknown attention {kind!r}: expected one of {tuple(ATTENTION)}")
-    return ATTENTION[kind]
+DEFAULT = Runtime()
 
 
 def norm(x, w, b, cfg: ModelConfig):
@@ -78,13 +68,14 @@ def row_parallel(y, b, comm: Comm):
     return y if b is None else y + b
 
 
-def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions):
+def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions, kv_heads: int | None = None):
     """Projections with biases, per-head q/k norm, then positions: [b,t,e] -> q [b,t,h,d], k/v.
-    Head counts come from the weights (a tensor-parallel rank holds a slice of the heads)."""
+    A tensor-parallel rank holds `kv_heads` kv heads (its cache's; default the model's) and the
+    query heads of the rest of its slice of w_qkv."""
     b, t, _ = x.shape
     d = cfg.head_dim
     y = linear(x, p.w_qkv)  # [b,t,e] -> [b,t,(h+2k)d], one fused product (params.py)
-    kd = y.shape[-1] // (cfg.n_heads // cfg.n_kv_heads + 2)  # this rank's k*d
+    kd = (cfg.n_kv_heads if kv_heads is None else kv_heads) * d  # this rank's k*d
     q, k, v = jnp.split(y, [y.shape[-1] - 2 * kd, y.shape[-1] - kd], axis=-1)
     q = bias_add(q, p.bq).reshape(b, t, -1, d)  # [b,t,h,d]
     k = bias_add(k, p.bk).reshape(b, t, -1, d)  # [b,t,k,d]
@@ -107,19 +98,19 @@ def attention_block(
     layer: int,
     pos: Positions,
     bias,
-    attention="naive",
+    rt: Runtime = DEFAULT,
     comm: Comm = SINGLE,
     trace=None,
 ):
     """Self-attention sublayer: writes this layer's K/V, then reads the cache back."""
     b, t, _ = x.shape
     record(trace, f"layers.{layer}.attn_in", x)
-    q, k, v = qkv(x, p, cfg, pos)
+    q, k, v = qkv(x, p, cfg, pos, kv_heads=cache.k[layer].shape[1])
     for name, y in (("q", q), ("k", k), ("v", v)):
         record(trace, f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
-    o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
+    o = attention_fn(rt)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
     out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)
     return record(trace, f"layers.{layer}.attn_out", out), cache
 
@@ -137,7 +128,7 @@ def block(
     layer: int,
     pos: Positions,
     bias,
-    attention="naive",
+    rt: Runtime = DEFAULT,
     comm: Comm = SINGLE,
     trace=None,
 ):
@@ -154,7 +145,7 @@ def block(
         layer=layer,
         pos=pos,
         bias=bias,
-        attention=attention,
+        rt=rt,
         comm=comm,
         trace=trace,
     )
@@ -191,7 +182,8 @@ def unembed(params: Params, cfg: ModelConfig, x, trace=None):
         x = record(trace, "final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
         x = linear(x, params.proj_out)  # [b,t,e] -> [b,t,e']
-    head = params.embed if cfg.tied_head else params.lm_head  # [v,e'] (device layout)
+    # tied: the embedding table; under tensor parallelism the head is always its own (split) copy
+    head = params.embed if params.lm_head is None else params.lm_head  # [v,e'] (device layout)
     return linear(x, head).astype(jnp.float32)
 
 
@@ -201,7 +193,7 @@ def forward(
     tokens,
     cache,
     pos: Positions,
-    attention="naive",
+    rt: Runtime = DEFAULT,
     select=None,
     comm: Comm = SINGLE,
     trace: dict | None = None,
@@ -213,7 +205,7 @@ def forward(
     x = record(trace, "embed", embed(params, cfg, tokens, pos))
     bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm, trace)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, rt, comm, trace)
     if select is not None:
         x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
     return record(trace, "logits", unembed(params, cfg, x, trace)), cache

@@ -6,19 +6,25 @@ The table is written for the reference layout, weights [in, out] (y = x @ w), so
 `params.py`), and `device_spec` gives their specs with the axes swapped. The mesh has one axis,
 "tp".
 
-Before splitting, `prepare` makes an equivalent model whose every split is even:
+A `ShardPlan`, computed once from (cfg, tp), says what each rank holds; the model config is
+never edited to describe a shard. Before splitting, `prepare` makes equivalent weights whose
+every split is even:
 - tp must divide the query heads, the FFN width and the vocabulary (else a clear error);
 - when tp exceeds the kv heads (GQA/MQA), each kv head is replicated tp / k times, as xFT does,
   so every rank holds the one kv head its query heads use (k must divide tp);
 - a tied LM head gets its own copy of the embedding table (the embedding is replicated for
   the token lookup, the head is split by vocabulary).
-The returned config describes that equivalent model (n_kv_heads possibly larger, head untied).
+
+Every PartitionSpec lives here: the weight table, the cache, logits, traced intermediates, and
+`LAYOUTS`, how each compiled program's arguments and results lie across the ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
+import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -66,6 +72,41 @@ SPECS = {
 CACHE = P(None, AXIS, None, None)  # KV cache [b,k,s,d]: sharded on kv heads
 CACHE_SCALES = P(None, AXIS, None)  # int8 scales [b,k,s]
 VOCAB = P(None, AXIS)  # logits and seen-token masks [b, v]
+VOCAB3 = P(None, None, AXIS)  # logits at every position [b, t, v]
+HEADS = P(None, None, AXIS, None)  # traced q/k/v [b, t, h|k, d]
+
+# How each program's arguments and results lie across the ranks (generate.py, sequence.py):
+# "params" the weight table, "cache" the cache specs, "vocab"/"vocab3" split by vocabulary,
+# "rep" replicated, "trace" a dict of traced intermediates.
+LAYOUTS = {
+    "prefill_fn": (("params", "rep", "cache", "rep", "rep"), ("vocab", "cache")),
+    "decode_fn": (("params", "rep", "cache", "rep"), ("vocab", "cache")),
+    "chunk_fn": (("params", "rep", "cache", "rep"), ("vocab3", "cache")),
+    "trace_fn": (("params", "rep", "cache", "rep"), ("trace", "cache")),
+    "gather_fn": (("vocab",), "rep"),
+    "sample_fn": (("vocab", "vocab", "rep", "rep"), ("rep", "vocab")),
+    "loop_fn": (
+        ("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep"),
+        ("rep", "rep", "rep", "cache"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What each of tp ranks holds of a model: computed once from (cfg, tp), validated."""
+
+    tp: int
+    heads: int  # query heads per rank
+    kv_heads: int  # kv heads per rank (after replication)
+    kv_copies: int  # each kv head is replicated this many times (tp > kv heads)
+    vocab: int  # vocabulary slice per rank
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, tp: int) -> ShardPlan:
+        check_tp(cfg, tp)
+        copies = tp // cfg.n_kv_heads if tp > cfg.n_kv_heads else 1
+        return cls(tp, cfg.n_heads // tp, cfg.n_kv_heads * copies // tp, copies, cfg.vocab // tp)
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -84,17 +125,15 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
         raise ValueError(f"tp={tp} neither divides nor is a multiple of the {k} kv heads")
 
 
-def prepare(params: Params, cfg: ModelConfig, tp: int) -> tuple[Params, ModelConfig]:
-    """An equivalent model whose splits over tp ranks are all even (see the module docstring)."""
-    check_tp(cfg, tp)
-    copies = tp // cfg.n_kv_heads if tp > cfg.n_kv_heads else 1
-    d = cfg.head_dim
+def prepare(params: Params, cfg: ModelConfig, plan: ShardPlan) -> Params:
+    """Equivalent weights whose splits over the plan's ranks are all even (module docstring)."""
+    copies, d = plan.kv_copies, cfg.head_dim
 
     def replicate_kv(w):  # [..., k*d] -> [..., k*copies*d], each head repeated in place
         if w is None or copies == 1:
             return w
         shape = w.shape[:-1]
-        heads = w.reshape(*shape, cfg.n_kv_heads, 1, d)
+        heads = w.reshape(*shape, cfg.n_kv_heads, 1, d)  # [...,k*d] -> [...,k,1,d]
         return np.broadcast_to(heads, (*shape, cfg.n_kv_heads, copies, d)).reshape(*shape, -1)
 
     layers = [
@@ -108,8 +147,7 @@ def prepare(params: Params, cfg: ModelConfig, tp: int) -> tuple[Params, ModelCon
         for layer in params.layers
     ]
     lm_head = params.embed.T.copy() if cfg.tied_head else params.lm_head
-    prepared = dataclasses.replace(params, layers=layers, lm_head=lm_head)
-    return prepared, cfg.replace(n_kv_heads=cfg.n_kv_heads * copies, tied_head=False)
+    return dataclasses.replace(params, layers=layers, lm_head=lm_head)
 
 
 def device_spec(name: str) -> P:
@@ -146,8 +184,6 @@ def cache_specs(cache):
 def shard_params(params: Params, mesh):
     """Place prepared NumPy params on the mesh devices, in the device layout, following the
     table."""
-    import jax
-
     device = to_device(params, ranks=mesh.size)
     specs = spec_tree(device)
     return jax.tree_util.tree_map(
@@ -183,3 +219,23 @@ def local_slice(params: Params, rank: int, tp: int) -> Params:
         )
 
     return dataclasses.replace(sliced(params), layers=[sliced(layer) for layer in params.layers])
+
+
+def trace_spec(name: str) -> P:
+    """Traced q/k/v are split by heads across ranks, logits by vocabulary; the rest replicated."""
+    if name.rsplit(".", 1)[-1] in ("q", "k", "v"):
+        return HEADS
+    return VOCAB3 if name == "logits" else REPLICATED
+
+
+def layout(kind: str, arg, params, trace_names=()):
+    """The PartitionSpec tree of one program argument or result of LAYOUTS kind `kind`
+    (`arg`: the cache, for "cache")."""
+    return {
+        "params": lambda: spec_tree(params),
+        "cache": lambda: cache_specs(arg),
+        "vocab": lambda: VOCAB,
+        "vocab3": lambda: VOCAB3,
+        "rep": lambda: REPLICATED,
+        "trace": lambda: {name: trace_spec(name) for name in trace_names},
+    }[kind]()

@@ -13,9 +13,10 @@ The LM head is vocabulary-parallel: rank r computes logits for its slice of the 
   rank's top-k is outside the global top-k too, so the result is identical).
 - Full logits are gathered only when asked for (sampling without top-k, `return_logits`).
 
-Two transports: `Comm("axis", R)` inside `shard_map` over the mesh axis "tp" (R XLA devices in
-one process, `lax.psum`), and `Comm("mpi", R)` across R MPI processes (`mpi.py`, the only
-importer of mpi4jax/mpi4py). `SINGLE` is the one-rank case: every collective is the identity.
+Two transports, one `Comm` class each (`TRANSPORTS`, keyed like `Runtime.transport`):
+`AxisComm(R)` inside `shard_map` over the mesh axis "tp" (R XLA devices in one process,
+`lax.psum`), and `MpiComm(R)` across R MPI processes (`mpi.py`, the only importer of
+mpi4jax/mpi4py). `SINGLE` is the one-rank case: every collective is the identity.
 """
 
 from __future__ import annotations
@@ -25,59 +26,34 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from jax import lax
 
+from . import mpi
+from .sampling import choose, process, repetition_penalty, sample, uniform
+
 AXIS = "tp"
 
 
 @dataclass(frozen=True)
 class Comm:
-    kind: str = "single"  # "single" | "axis" (shard_map devices) | "mpi" (processes)
+    """One rank alone: every collective is the identity."""
+
     size: int = 1
+    per_process = False  # True: this process holds only its slice of sharded arrays (MPI)
 
     def rank(self):
-        if self.kind == "axis":
-            return lax.axis_index(AXIS)
-        if self.kind == "mpi":
-            from . import mpi
-
-            return mpi.rank()
         return 0
 
     def sum(self, x):
         """Sum over ranks (the row-parallel reduction)."""
-        if self.kind == "axis":
-            return lax.psum(x, AXIS)
-        if self.kind == "mpi":
-            from . import mpi
-
-            return mpi.allreduce(x, "sum")
         return x
 
     def max(self, x):
-        if self.kind == "axis":
-            return lax.pmax(x, AXIS)
-        if self.kind == "mpi":
-            from . import mpi
-
-            return mpi.allreduce(x, "max")
         return x
 
     def min(self, x):
-        if self.kind == "axis":
-            return lax.pmin(x, AXIS)
-        if self.kind == "mpi":
-            from . import mpi
-
-            return mpi.allreduce(x, "min")
         return x
 
     def gather(self, x):
         """Every rank's x stacked on a new leading axis [R, ...] (rank order)."""
-        if self.kind == "axis":
-            return lax.all_gather(x, AXIS)
-        if self.kind == "mpi":
-            from . import mpi
-
-            return mpi.allgather(x)
         return x[None]
 
     def local_heads(self, bias):
@@ -88,12 +64,53 @@ class Comm:
         return lax.dynamic_slice_in_dim(bias, self.rank() * n, n, axis=1)
 
 
+@dataclass(frozen=True)
+class AxisComm(Comm):
+    """Ranks are the XLA devices of this process, inside `shard_map` over the mesh axis."""
+
+    def rank(self):
+        return lax.axis_index(AXIS)
+
+    def sum(self, x):
+        return lax.psum(x, AXIS)
+
+    def max(self, x):
+        return lax.pmax(x, AXIS)
+
+    def min(self, x):
+        return lax.pmin(x, AXIS)
+
+    def gather(self, x):
+        return lax.all_gather(x, AXIS)
+
+
+@dataclass(frozen=True)
+class MpiComm(Comm):
+    """Ranks are MPI processes, one XLA device each (mpi4jax collectives, `mpi.py`)."""
+
+    per_process = True
+
+    def rank(self):
+        return mpi.rank()
+
+    def sum(self, x):
+        return mpi.allreduce(x, "sum")
+
+    def max(self, x):
+        return mpi.allreduce(x, "max")
+
+    def min(self, x):
+        return mpi.allreduce(x, "min")
+
+    def gather(self, x):
+        return mpi.allgather(x)
+
+
 SINGLE = Comm()
+TRANSPORTS = {"devices": AxisComm, "mpi": MpiComm}  # Runtime.transport -> its Comm
 
 
 # ---------------------------------------------------------------- the vocabulary-parallel head
-
-
 def vocab_offset(comm: Comm, local_vocab: int):
     return comm.rank() * local_vocab
 
@@ -126,3 +143,47 @@ def top_k_candidates(local_scores, k: int, comm: Comm):
     ids = jnp.moveaxis(comm.gather(ids), 0, 1).reshape(ids.shape[0], -1)
     order = jnp.argsort(ids, axis=-1)  # id order, as the single-rank sampler walks the vocabulary
     return jnp.take_along_axis(values, order, -1), jnp.take_along_axis(ids, order, -1)
+
+
+# ---------------------------------------------------------------- sampling from vocabulary slices
+
+
+def choose_sharded(logits, sampling, seen, seeds, step, comm: Comm):
+    """The single-rank sampler's choice, from vocabulary slices: greedy by a (value, id)
+    reduction, top-k sampling from the gathered local top-k, else from gathered logits."""
+    scores = repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        return greedy(scores, comm)
+    u = uniform(seeds, step)
+
+    def from_full(scores):
+        full = gather_vocab(scores, comm)
+        return choose(process(full, sampling, None, penalty=False), u)
+
+    if sampling.top_k <= 0:
+        return from_full(scores)
+    k = min(sampling.top_k, scores.shape[-1])
+    cand, ids = top_k_candidates(scores, k, comm)
+
+    def from_candidates(scores):
+        picked = choose(process(cand, sampling, None, penalty=False), u)
+        return jnp.take_along_axis(ids, picked[:, None], -1)[:, 0]
+
+    # Top-k keeps every token tied with the k-th value. The candidates hold the exact global
+    # k-th value, but a rank may hold more ties than the k it offered: then (rarely) gather all.
+    kth = -jnp.sort(-cand, axis=-1)[:, k - 1]  # [b]
+    more_ties = jnp.any(jnp.sum(scores >= kth[:, None], axis=-1) > k)
+    return lax.cond(comm.max(more_ties.astype(jnp.int32)) > 0, from_full, from_candidates, scores)
+
+
+def sample_ranked(logits, sampling, seen, seeds, step, comm: Comm):
+    """Choose ids [b] from logits [b, v] (or this rank's slice [b, v/R]) and mark them in the
+    seen mask of the same layout (for the repetition penalty)."""
+    b = logits.shape[0]
+    if comm.size == 1:
+        ids = sample(logits, sampling, seen, seeds, step)
+        return ids, seen.at[jnp.arange(b), ids].set(True)
+    ids = choose_sharded(logits, sampling, seen, seeds, step, comm).astype(jnp.int32)
+    local = ids - vocab_offset(comm, seen.shape[-1])
+    local = jnp.where((local >= 0) & (local < seen.shape[-1]), local, seen.shape[-1])
+    return ids, seen.at[jnp.arange(b), local].set(True, mode="drop")

@@ -20,6 +20,7 @@ from . import kv_cache, positions
 from .config import ModelConfig
 from .model import forward
 from .params import Params
+from .runtime import Runtime
 from .sampling import SamplingConfig, sample
 
 
@@ -112,15 +113,13 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     seeds: int | Sequence[int] = 0,
     on_token: Callable[[int, int], None] | None = None,
-    cache_len: int | None = None,
-    kv_dtype: str = "float32",
-    attention: str = "naive",
+    rt: Runtime = Runtime(backend="numpy"),
     return_logits: bool = False,
 ) -> GenerateResult:
     """Generate for each prompt; `on_token(row, id)` is called as each id is chosen."""
     prompts = [[int(t) for t in p] for p in prompts]
     b = len(prompts)
-    cache_len = check_prompts(cfg, prompts, stopping.max_new_tokens, cache_len)
+    cache_len = check_prompts(cfg, prompts, stopping.max_new_tokens, rt.cache_len)
     seeds = np.broadcast_to(np.asarray(seeds, np.int64), (b,)).copy()
     lengths = np.array([len(p) for p in prompts])
     seen = np.zeros((b, cfg.vocab), bool)
@@ -128,11 +127,11 @@ def generate(
         seen[r, p] = True
 
     t0 = time.perf_counter()
-    cache = kv_cache.init_cache(cfg, b, cache_len, kv_dtype)
+    cache = kv_cache.init_cache(cfg, b, cache_len, rt.kv_dtype)
     state = positions.start_state(cfg, prompts)
     tokens = pad(prompts)
     pos = positions.positions_for(cfg, state, tokens.shape[1])
-    logits, cache = forward(params, cfg, tokens, cache, pos, attention)
+    logits, cache = forward(params, cfg, tokens, cache, pos, rt)
     last = logits[np.arange(b), lengths - 1]  # [b,v]
     state = positions.advance(state, lengths)
     t1 = time.perf_counter()
@@ -156,7 +155,7 @@ def generate(
         if done.all():
             break
         pos = positions.positions_for(cfg, state, 1)
-        logits, cache = forward(params, cfg, next_ids[:, None], cache, pos, attention)
+        logits, cache = forward(params, cfg, next_ids[:, None], cache, pos, rt)
         last = logits[:, 0]
         state = positions.advance(state, 1)
         steps += 1

@@ -5,17 +5,19 @@ their slots (the JAX backend does the same with donated buffers, so its writes a
 Attention always reads K and V back from the cache after writing, in prefill and in decode, so
 prefilling T tokens equals T single-token steps for every storage dtype.
 
-Storage dtypes (a runtime setting, never part of the model config): float32, float16, bfloat16
-(bit patterns in uint16, NumPy has no bf16) and int8 with one float32 scale per (batch, kv head,
-token) for K and for V (PAPER.md section 3; K is quantised after RoPE and q/k norm, because the
-cache stores what attention reads). Attention reads a layer through `LayerKV`, which widens one
-block of keys or values to float32 at a time: for int8 the scales are applied to score columns
-and folded into probabilities (the hybrid formulation), so no float copy of the cache exists.
+Storage formats (a runtime setting, never part of the model config) are entries of
+`KV_FORMATS`: float32, float16, bfloat16 (bit patterns in uint16, NumPy has no bf16) and int8
+with one float32 scale per (batch, kv head, token) for K and for V (PAPER.md section 3; K is
+quantised after RoPE and q/k norm, because the cache stores what attention reads). Attention
+reads a layer through `LayerKV`, which widens one block of keys or values to float32 at a time:
+scales are applied to score columns and folded into probabilities (the hybrid formulation), so
+no float copy of the cache exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,17 +25,69 @@ import numpy as np
 from .config import ModelConfig
 from .quant import from_bf16_bits, quantize, to_bf16_bits
 
-STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
-KV_DTYPES = tuple(STORAGE)
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How one K or V vector of d values is stored: a table entry, so no code compares names.
+
+    `encode` maps float32 [..., d] to (stored [..., d // pack], float32 scale [...] or None);
+    `widen` maps stored values back to float32 [..., d] without the scale, which attention
+    applies to score columns and folds into probabilities (the hybrid formulation)."""
+
+    name: str
+    storage: type  # NumPy dtype of the stored values
+    scaled: bool  # one float32 scale per (batch, kv head, token) travels with the values
+    encode: Callable
+    widen: Callable
+    pack: int = 1  # values per stored element (a packed 4-bit format would say 2)
+
+    @property
+    def wide(self) -> bool:
+        """Stored as unscaled float32: reading converts nothing."""
+        return np.dtype(self.storage) == np.float32 and not self.scaled and self.pack == 1
+
+    def stored_dim(self, d: int) -> int:
+        return d // self.pack
+
+    def bytes_per_vector(self, d: int) -> int:
+        """Bytes one head's d values of one token cost, with its scale."""
+        return self.stored_dim(d) * np.dtype(self.storage).itemsize + 4 * self.scaled
+
+
+def cast(dtype):
+    return lambda x: (x.astype(dtype), None)
+
+
+def to_float32(x):
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+KV_FORMATS = {
+    fmt.name: fmt
+    for fmt in (
+        KVFormat("float32", np.float32, False, cast(np.float32), to_float32),
+        KVFormat("float16", np.float16, False, cast(np.float16), to_float32),
+        # bfloat16 has no NumPy dtype: its bit patterns are stored in uint16 (quant.py)
+        KVFormat("bfloat16", np.uint16, False, lambda x: (to_bf16_bits(x), None), from_bf16_bits),
+        KVFormat("int8", np.int8, True, quantize, to_float32),
+    )
+}
+KV_DTYPES = tuple(KV_FORMATS)
+
+
+def kv_format(name: str) -> KVFormat:
+    if name not in KV_FORMATS:
+        raise ValueError(f"unknown kv cache dtype {name!r}: expected one of {KV_DTYPES}")
+    return KV_FORMATS[name]
 
 
 @dataclass
 class KVCache:
-    k: tuple  # per layer [b,k,s,d] in the storage dtype
+    k: tuple  # per layer [b,k,s,d] in the format's storage dtype
     v: tuple
-    k_scale: tuple | None = None  # int8 only: per layer [b,k,s] float32
+    k_scale: tuple | None = None  # scaled formats only: per layer [b,k,s] float32
     v_scale: tuple | None = None
-    dtype: str = "float32"
+    format: str = "float32"  # a KV_FORMATS name
 
     @property
     def batch(self) -> int:
@@ -44,32 +98,21 @@ class KVCache:
         return self.k[0].shape[2]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "float32") -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens."""
-    if dtype not in STORAGE:
-        raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+    kind = kv_format(fmt)
+    shape = (batch, cfg.n_kv_heads, max_len, kind.stored_dim(cfg.head_dim))
 
     def zeros(shape, dt):
         return tuple(np.zeros(shape, dt) for _ in range(cfg.n_layers))
 
-    scales = dtype == "int8"
-    return KVCache(
-        zeros(shape, STORAGE[dtype]),
-        zeros(shape, STORAGE[dtype]),
-        zeros(shape[:3], np.float32) if scales else None,
-        zeros(shape[:3], np.float32) if scales else None,
-        dtype,
-    )
+    scales = zeros(shape[:3], np.float32) if kind.scaled else None
+    return KVCache(zeros(shape, kind.storage), zeros(shape, kind.storage), scales, scales, fmt)
 
 
-def encode(x, dtype: str):
+def encode(x, fmt: str):
     """float32 [..., d] -> (stored values, scale [...] or None)."""
-    if dtype == "int8":
-        return quantize(x)
-    if dtype == "bfloat16":
-        return to_bf16_bits(x), None
-    return x.astype(STORAGE[dtype]), None
+    return kv_format(fmt).encode(x)
 
 
 def check_fits(cache: KVCache, slots) -> None:
@@ -95,7 +138,7 @@ def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
     rows = np.arange(k.shape[0])[:, None]  # [b,1]
     out = {}
     for name, x in (("k", k), ("v", v)):
-        stored, scale = encode(x, cache.dtype)
+        stored, scale = encode(x, cache.format)
         values = getattr(cache, name)[layer].copy()
         values[rows, :, slots] = stored  # [b,t,k,d] into [b,k,s,d] at (row, :, slot)
         out[name] = replace_layer(getattr(cache, name), layer, values)
@@ -112,32 +155,27 @@ class LayerKV:
 
     k: np.ndarray  # [b,k,s,d] storage dtype
     v: np.ndarray
-    k_scale: np.ndarray | None  # [b,k,s] (int8)
+    k_scale: np.ndarray | None  # [b,k,s] (scaled formats)
     v_scale: np.ndarray | None
-    dtype: str
+    fmt: KVFormat
 
     @property
     def length(self) -> int:
         return self.k.shape[2]
 
-    def widen(self, x):
-        if self.dtype == "bfloat16":
-            return from_bf16_bits(x)
-        return x if x.dtype == np.float32 else x.astype(np.float32)
+    def keys(self, lo: int, hi: int):
+        """Keys of slots [lo, hi) as float32 [b,k,n,d]: scales are NOT applied here."""
+        return self.fmt.widen(self.k[:, :, lo:hi])
 
-    def keys(self, a: int, b: int):
-        """Keys of slots [a, b) as float32 [b,k,n,d]: int8 values are NOT scaled here."""
-        return self.widen(self.k[:, :, a:b])
-
-    def values(self, a: int, b: int):
-        return self.widen(self.v[:, :, a:b])
+    def values(self, lo: int, hi: int):
+        return self.fmt.widen(self.v[:, :, lo:hi])
 
 
 def read(cache: KVCache, layer: int) -> LayerKV:
     """What attention reads for `layer` (the stored arrays, no conversion yet)."""
     k_scale = cache.k_scale[layer] if cache.k_scale is not None else None
     v_scale = cache.v_scale[layer] if cache.v_scale is not None else None
-    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, cache.dtype)
+    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, kv_format(cache.format))
 
 
 def dequantized(kv: LayerKV):
@@ -148,9 +186,6 @@ def dequantized(kv: LayerKV):
     return k, v
 
 
-def nbytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:
-    """Cache bytes one token costs across all layers, keys and values (int8: + a scale each)."""
-    if dtype not in STORAGE:
-        raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
-    per_vector = cfg.head_dim * np.dtype(STORAGE[dtype]).itemsize + (4 if dtype == "int8" else 0)
-    return 2 * cfg.n_layers * cfg.n_kv_heads * per_vector
+def nbytes_per_token(cfg: ModelConfig, fmt: str = "float32") -> int:
+    """Cache bytes one token costs across all layers, keys and values (with their scales)."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * kv_format(fmt).bytes_per_vector(cfg.head_dim)

@@ -14,25 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from . import kv_cache
-from .attention import attention_bias, naive_attention
+from .attention import attention_bias
 from .config import ModelConfig
-from .flash_attention import flash_attention
 from .ops import MLPS, NORMS, linear, rms_norm
 from .params import LayerParams, Params
 from .positions import ROTATIONS, Positions, learned_positions, logn_scale
-from .slim_attention import slim_attention
+from .runtime import Runtime, attention_fn
 
-# Attention kinds, a runtime setting: all three are tested equal to the naive definition.
-ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
-
-
-def attention_fn(kind):
-    """An attention kind by name (or a callable with the same signature)."""
-    if callable(kind):
-        return kind
-    if kind not in ATTENTION:
-        raise ValueError(f"unknown attention {kind!r}: expected one of {tuple(ATTENTION)}")
-    return ATTENTION[kind]
+DEFAULT = Runtime(backend="numpy")
 
 
 def norm(x, w, b, cfg: ModelConfig):
@@ -88,7 +77,7 @@ def attention_block(
     layer: int,
     pos: Positions,
     bias,
-    attention="naive",
+    rt: Runtime = DEFAULT,
     trace=None,
 ):
     """Self-attention sublayer: [b,t,e] -> [b,t,e], writing this layer's K/V into the cache
@@ -100,7 +89,7 @@ def attention_block(
         record(trace, f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
-    o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
+    o = attention_fn(rt)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
     out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo)
     return record(trace, f"layers.{layer}.attn_out", out), cache
 
@@ -113,7 +102,7 @@ def block(
     layer: int,
     pos: Positions,
     bias,
-    attention="naive",
+    rt: Runtime = DEFAULT,
     trace=None,
 ):
     """One transformer block in the config's residual layout."""
@@ -123,7 +112,7 @@ def block(
         return record(trace, f"layers.{layer}.mlp_out", MLPS[cfg.mlp](y, p))
 
     def attend(y, cache):
-        return attention_block(y, p, cfg, cache, layer, pos, bias, attention, trace)
+        return attention_block(y, p, cfg, cache, layer, pos, bias, rt, trace)
 
     if cfg.residual == "pre_norm":
         a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache)
@@ -170,7 +159,7 @@ def forward(
     tokens,
     cache,
     pos: Positions,
-    attention="naive",
+    rt: Runtime = DEFAULT,
     select=None,
     trace: dict | None = None,
 ):
@@ -179,11 +168,10 @@ def forward(
     With a `trace` dict, the intermediates named in TRACE_KEYS are stored in it."""
     tokens = np.asarray(tokens)
     kv_cache.check_fits(cache, pos.slots)
-    attention_fn(attention)
     x = record(trace, "embed", embed(params, cfg, tokens, pos))
     bias = attention_bias(cfg, pos, cache.max_len)
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, trace)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, rt, trace)
     if select is not None:
         x = x[np.arange(x.shape[0]), np.asarray(select)][:, None]  # [b,t,e] -> [b,1,e]
     return record(trace, "logits", unembed(params, cfg, x, trace)), cache

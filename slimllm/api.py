@@ -15,8 +15,9 @@ import numpy as np
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import Params, init_params
+from slimllm.reference.runtime import BACKENDS, Runtime
 
-BACKENDS = ("jax", "numpy")  # jax: compiled fast path (default); numpy: the reference
+__all__ = ["BACKENDS", "Model", "Output", "Runtime", "demo_model", "generate", "load"]
 
 
 @dataclass
@@ -31,20 +32,25 @@ class Model:
     hf_config: dict = field(default_factory=dict, repr=False)
     _engines: dict = field(default_factory=dict, repr=False)
 
-    def engine(self, tp: int = 1):
-        """The JAX engine of this model (device weights, compiled programs), made on first use.
-        Under mpiexec the ranks split the model (tp = the job's size); else tp XLA devices."""
+    def placed(self, rt: Runtime) -> Runtime:
+        """`rt` with the transport this process runs under: under mpiexec the ranks split the
+        model (tp = the job's size), else tp XLA devices of this process."""
         from slimllm.jaxbackend.mpi import launched_size
 
         ranks = launched_size()
-        if ranks > 1 and tp not in (1, ranks):
-            raise ValueError(f"--tp {tp} but mpiexec started {ranks} ranks: they must match")
-        tp, transport = (ranks, "mpi") if ranks > 1 else (tp, "devices")
-        if (tp, transport) not in self._engines:
-            from slimllm.jaxbackend.generate import Engine
+        if ranks > 1 and rt.tp not in (1, ranks):
+            raise ValueError(f"--tp {rt.tp} but mpiexec started {ranks} ranks: they must match")
+        return rt.replace(tp=ranks, transport="mpi") if ranks > 1 else rt
 
-            self._engines[tp, transport] = Engine(self.params, self.cfg, tp, transport)
-        return self._engines[tp, transport]
+    def engine(self, rt: Runtime = Runtime()):
+        """The JAX engine of this model (device weights, compiled programs) for `rt`'s tp and
+        transport, made on first use."""
+        from slimllm.jaxbackend.engine import Engine
+
+        rt = self.placed(rt)
+        if (rt.tp, rt.transport) not in self._engines:
+            self._engines[rt.tp, rt.transport] = Engine(self.params, self.cfg, rt)
+        return self._engines[rt.tp, rt.transport]
 
 
 @dataclass
@@ -69,20 +75,6 @@ class Output:
         if self.decode_seconds <= 0:
             return 0.0
         return self.decode_steps * len(self.ids) / self.decode_seconds
-
-
-def check_setting(backend: str, attention: str, kv_dtype: str) -> None:
-    """Reject unknown runtime settings with the list of valid ones."""
-    from slimllm.reference.kv_cache import KV_DTYPES
-    from slimllm.reference.model import ATTENTION
-
-    for what, value, allowed in (
-        ("backend", backend, BACKENDS),
-        ("attention", attention, tuple(ATTENTION)),
-        ("kv cache dtype", kv_dtype, KV_DTYPES),
-    ):
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}: expected one of {allowed}")
 
 
 def load(path, progress=None) -> Model:
@@ -152,14 +144,16 @@ def generate(
     return_logits: bool = False,
     mode: str | None = None,
     tp: int = 1,
+    runtime: Runtime | None = None,
 ) -> Output:
-    """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists)."""
+    """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
+    run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp."""
     from slimllm.reference.generate import Stopping
     from slimllm.reference.sampling import SamplingConfig
 
-    check_setting(backend, attention, kv_dtype)
-    if tp > 1 and backend != "jax":
-        raise ValueError("tensor parallelism (tp > 1) needs the jax backend")
+    rt = runtime or Runtime(
+        backend=backend, attention=attention, kv_dtype=kv_dtype, tp=tp, cache_len=cache_len
+    )
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer
     stopping = Stopping(
@@ -170,20 +164,14 @@ def generate(
         decode=tok.decode if tok is not None else None,
     )
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    options = dict(
-        seeds=seed,
-        on_token=on_token,
-        cache_len=cache_len,
-        kv_dtype=kv_dtype,
-        attention=attention,
-        return_logits=return_logits,
-    )
-    if backend == "jax":
+    options = dict(seeds=seed, on_token=on_token, rt=rt, return_logits=return_logits)
+    if rt.backend == "jax":
         from slimllm.jaxbackend import mpi
         from slimllm.jaxbackend.generate import generate as run_jax
 
-        engine = model.engine(tp)
-        if engine.comm.kind == "mpi":  # the master's ids and settings reach every rank
+        rt = options["rt"] = model.placed(rt)
+        engine = model.engine(rt)
+        if engine.comm.per_process:  # the master's ids and settings reach every rank
             prompts, stopping, sampling, options["seeds"] = mpi.bcast_object(
                 (prompts, dataclasses.replace(stopping, decode=None), sampling, seed)
             )

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.runtime import Runtime
 
 SCHEMA = "slimllm.bench/1"
 KINDS = ("decode", "attention", "kv-decode", "bandwidth", "targets")
@@ -388,7 +389,7 @@ def backend_report(model, backend: str, warm: list, runs: list, args) -> dict:
     }
     if backend == "jax":
         programs = {}  # compile seconds per program (summed over shapes)
-        for key, c in getattr(model.engine(args.tp), "programs", {}).items():
+        for key, c in getattr(model.engine(Runtime(tp=args.tp)), "programs", {}).items():
             programs[key[0]] = r3(programs.get(key[0], 0.0) + c.seconds)
         report["programs"] = programs
     return report
@@ -431,8 +432,9 @@ def bench_decode(args, bandwidth: dict | None = None) -> dict:
     prompts = [prompt] * args.batch  # xFT: the same fixed prompt in every row
     if "jax" in backends:
         t0 = time.perf_counter()
-        engine = model.engine(args.tp)
-        info["tp"] = {"ranks": engine.comm.size, "transport": engine.comm.kind}
+        engine = model.engine(Runtime(tp=args.tp))
+        transport = "mpi" if engine.comm.per_process else "devices"
+        info["tp"] = {"ranks": engine.comm.size, "transport": transport}
         info["device_put_seconds"] = r3(time.perf_counter() - t0)
         if "numpy" not in backends:
             model.params = None  # the engine holds its own copy; halve the peak for huge shapes
@@ -523,17 +525,18 @@ def random_layer_kv(b: int, kh: int, s: int, d: int, kv_dtype: str, seed: int = 
     NumPy, bit-identical to the JAX encoding, so no eager JAX ops need compiling)."""
     import jax.numpy as jnp
 
-    from slimllm.jaxbackend.kv_cache import STORAGE, LayerKV
-    from slimllm.reference.quant import quantize
+    from slimllm.jaxbackend.kv_cache import LayerKV, kv_format
+    from slimllm.reference.kv_cache import encode
 
     rng = np.random.default_rng(seed)
     parts = []
     for _ in range(2):  # K, then V
         x = rng.standard_normal((b, kh, s, d), np.float32)  # [b,k,s,d]
-        stored, scale = quantize(x) if kv_dtype == "int8" else (x.astype(STORAGE[kv_dtype]), None)
+        stored, scale = encode(x, kv_dtype)
+        stored = stored.view(kv_format(kv_dtype).storage)  # same bits (bf16: uint16 -> bfloat16)
         parts += [jnp.asarray(stored), None if scale is None else jnp.asarray(scale)]
     k, k_scale, v, v_scale = parts
-    return LayerKV(k, v, k_scale, v_scale, kv_dtype)
+    return LayerKV(k, v, k_scale, v_scale, kv_format(kv_dtype))
 
 
 def causal_bias(cfg: ModelConfig, b: int, start: int, t: int, s: int):
@@ -563,13 +566,13 @@ def compiled_attention(kind: str, q, kv, bias):
     import jax
 
     from slimllm.jaxbackend.kv_cache import LayerKV
-    from slimllm.jaxbackend.model import ATTENTION
+    from slimllm.jaxbackend.runtime import ATTENTION
 
     scale = q.shape[-1] ** -0.5
     arrays = (kv.k, kv.v, kv.k_scale, kv.v_scale)  # LayerKV is not a pytree: pass its arrays
 
     def attend(q, arrays, bias):
-        return ATTENTION[kind](q, LayerKV(*arrays, kv.dtype), bias, scale)
+        return ATTENTION[kind](q, LayerKV(*arrays, kv.fmt), bias, scale)
 
     t0 = time.perf_counter()
     program = jax.jit(attend).lower(q, arrays, bias).compile()
@@ -638,7 +641,7 @@ def filled_cache(cfg: ModelConfig, b: int, context: int, kv_dtype: str):
         random_layer_kv(b, cfg.n_kv_heads, context, cfg.head_dim, kv_dtype, seed=i)
         for i in range(cfg.n_layers)
     ]
-    scales = kv_dtype == "int8"
+    scales = layers[0].k_scale is not None
     cache = KVCache(
         tuple(x.k for x in layers),
         tuple(x.v for x in layers),
@@ -665,7 +668,7 @@ def compiled_step(params, cfg: ModelConfig, b: int, context: int, kv_dtype: str,
     zeros = jnp.zeros(b, jnp.int32)
     state = SeqState(jnp.full(b, context - 1, jnp.int32), zeros, zeros, jnp.ones(b, jnp.float32))
     ids = jnp.ones(b, jnp.int32)
-    fn = functools.partial(decode_fn, cfg=cfg, attention=attention)
+    fn = functools.partial(decode_fn, cfg=cfg, rt=Runtime(attention=attention))
     t0 = time.perf_counter()
     program = jax.jit(fn, donate_argnums=(2,)).lower(params, ids, cache, state).compile()
     compile_s = time.perf_counter() - t0
@@ -803,7 +806,7 @@ def target(name: str, value, op: str, threshold: float, value_p50=None) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `slimllm bench` (and the scripts in bench/)."""
     from slimllm.reference.kv_cache import KV_DTYPES
-    from slimllm.reference.model import ATTENTION
+    from slimllm.reference.runtime import ATTENTION
 
     p.add_argument(
         "kind",

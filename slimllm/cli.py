@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 
-from .api import BACKENDS
+from slimllm.reference.kv_cache import KV_DTYPES
+from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
 
 
 class UserError(Exception):
@@ -55,9 +56,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_setting_options(p: argparse.ArgumentParser) -> None:
-    from slimllm.reference.kv_cache import KV_DTYPES
-    from slimllm.reference.model import ATTENTION
-
+    """The options of one `Runtime` (choices from its registries)."""
     p.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -74,7 +73,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         "--attention",
         choices=tuple(ATTENTION),
         default="naive",
-        help="naive (the definition), slim (SlimAttention) or flash",
+        help="naive (the definition), slim (SlimAttention), flash (the 2-D baseline)",
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
 
@@ -112,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "diff",
         help="per-layer divergence of two implementations (slimllm settings, hf, a dump)",
-        description="Sides: 'numpy' or 'jax' with optional :naive|slim|flash :float32|float16|"
-        "bfloat16|int8 :tpN (e.g. jax:slim:int8:tp2); 'hf' (transformers, oracle extra); "
-        "'dump:FILE.npz' (your implementation's intermediates: a 'tokens' array plus keys like "
-        "embed, layers.0.attn_in, layers.0.q, layers.0.attn_out, layers.0.out, final_norm, "
-        "logits).",
+        description=f"Sides: {'|'.join(BACKENDS)} with optional :{'|'.join(ATTENTION)} "
+        f":{'|'.join(KV_DTYPES)} :tpN (e.g. jax:slim:int8:tp2); 'hf' (transformers, oracle "
+        "extra); 'dump:FILE.npz' (your implementation's intermediates: a 'tokens' array plus "
+        "keys like embed, layers.0.attn_in, layers.0.q, layers.0.attn_out, layers.0.out, "
+        "final_norm, logits).",
     )
     f.add_argument("--model", required=True)
     fseq = f.add_mutually_exclusive_group()
@@ -132,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tol", type=float, default=1e-4, help="relative tolerance")
     f.add_argument("--json", action="store_true")
     return parser
+
+
+def runtime_from(args) -> Runtime:
+    """The run settings the options name (validated by Runtime)."""
+    return Runtime(
+        backend=args.backend, attention=args.attention, kv_dtype=args.kv_dtype, tp=args.tp
+    )
 
 
 def run_generation(model, args, default_ids=None) -> dict:
@@ -159,10 +165,7 @@ def run_generation(model, args, default_ids=None) -> dict:
         eos_ids=() if args.no_eos else None,
         stop=stop,
         on_token=printer,
-        backend=args.backend,
-        attention=args.attention,
-        kv_dtype=args.kv_dtype,
-        tp=args.tp,
+        runtime=runtime_from(args),
     )
     if printer:
         printer.finish()
@@ -177,7 +180,7 @@ def run_generation(model, args, default_ids=None) -> dict:
         "backend": args.backend,
         "attention": args.attention,
         "kv_dtype": args.kv_dtype,
-        "tp": model.engine(args.tp).comm.size if args.backend == "jax" else 1,
+        "tp": model.engine(runtime_from(args)).comm.size if args.backend == "jax" else 1,
     }
     if out.text is not None:
         result["text"] = out.text
@@ -279,10 +282,10 @@ def read_ids_file(path) -> list[int]:
 
 def cmd_eval(args) -> dict:
     from .api import load
-    from .evaluate import Setting, compare, sample_sequence
+    from .evaluate import compare, sample_sequence
 
     model = load(args.model)
-    setting = Setting(args.backend, args.attention, args.kv_dtype)
+    setting = runtime_from(args)
     prompt = parse_ids(args.ids) if args.ids else None
     if args.ids_file:
         tokens = read_ids_file(args.ids_file)
@@ -301,7 +304,10 @@ def cmd_eval(args) -> dict:
     report["model"] = model.source
     if not args.json:
         kl, g = report["kl"], report["greedy"]
-        print(f"{model.source}: {setting} vs float32 naive reference, {len(tokens)} positions")
+        print(
+            f"{model.source}: {setting.describe()} vs float32 naive reference, "
+            f"{len(tokens)} positions"
+        )
         print(f"  KL mean {kl['mean']:.3e}  p99 {kl['p99']:.3e}  max {kl['max']:.3e}")
         print(f"  top-1 agreement {report['top1_agreement']:.4f}")
         print("  perplexity {baseline:.4f} -> {setting:.4f}".format(**report["perplexity"]))
@@ -327,7 +333,7 @@ def cmd_diff(args) -> dict:
     if len(given) > 1:
         raise UserError("give one of --b, --against, --dump")
     side_a, side_b = parse_side(args.a), parse_side(given[0] if given else "jax")
-    args.tp = max(side_a.tp, side_b.tp)
+    args.tp = max(side_a.rt.tp, side_b.rt.tp)
     prepare_devices(args)
     model = load(args.model)
     if args.ids or args.ids_file:

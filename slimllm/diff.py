@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import Model, check_setting
+from slimllm.jaxbackend import sequence
+from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
+
+from .api import Model
 
 SCHEMA = "slimllm.diff/1"
 
@@ -32,19 +35,24 @@ SCHEMA = "slimllm.diff/1"
 @dataclass(frozen=True)
 class Side:
     kind: str = "slimllm"  # "slimllm" | "hf" | "dump"
-    backend: str = "numpy"
-    attention: str = "naive"
-    kv_dtype: str = "float32"
-    tp: int = 1
-    path: str = ""
+    rt: Runtime = Runtime(backend="numpy")  # the settings of a "slimllm" side
+    path: str = ""  # a "dump" side's file
 
     def describe(self) -> str:
         if self.kind == "hf":
             return "hf (transformers)"
         if self.kind == "dump":
             return f"dump {self.path}"
-        tp = f":tp{self.tp}" if self.tp > 1 else ""
-        return f"{self.backend}:{self.attention}:{self.kv_dtype}{tp}"
+        return self.rt.describe()
+
+    def as_json(self) -> dict:
+        return {"kind": self.kind, **asdict(self.rt), "path": self.path, "desc": self.describe()}
+
+
+SIDE_SYNTAX = (
+    f"a setting: parts joined by ':' in any order, from backends {BACKENDS}, attention kinds "
+    f"{tuple(ATTENTION)}, KV cache dtypes and tpN (e.g. jax:slim:int8:tp2); or hf; or dump:FILE"
+)
 
 
 def parse_side(text: str) -> Side:
@@ -53,21 +61,20 @@ def parse_side(text: str) -> Side:
         return Side(kind="hf")
     if text.startswith("dump:"):
         return Side(kind="dump", path=text[5:])
-    fields = {}
+    fields = {"backend": "numpy"}
     for part in text.split(":"):
-        if part in ("numpy", "jax"):
+        if part in BACKENDS:
             fields["backend"] = part
-        elif part in ("naive", "slim", "flash"):
+        elif part in ATTENTION:
             fields["attention"] = part
         elif re.fullmatch(r"tp\d+", part):
             fields["tp"] = int(part[2:])
         elif part:
-            fields["kv_dtype"] = part
-    side = Side(**fields)
-    check_setting(side.backend, side.attention, side.kv_dtype)
-    if side.tp > 1 and side.backend != "jax":
-        raise ValueError(f"{text!r}: tensor parallelism needs the jax backend")
-    return side
+            fields["kv_dtype"] = part  # anything else names a KV format (validated below)
+    try:
+        return Side(rt=Runtime(**fields))
+    except ValueError as err:
+        raise ValueError(f"{text!r}: {err}") from None
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
@@ -76,7 +83,7 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
 
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
-    cache = kv_cache.init_cache(cfg, 1, len(tokens), side.kv_dtype)
+    cache = kv_cache.init_cache(cfg, 1, len(tokens), side.rt.kv_dtype)
     trace = {}
     forward(
         model.params,
@@ -84,7 +91,7 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
         np.asarray([tokens]),
         cache,
         positions.positions_for(cfg, state, len(tokens)),
-        side.attention,
+        side.rt,
         trace=trace,
     )
     return {name: value[0] for name, value in trace.items()}
@@ -122,9 +129,9 @@ def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
         return hf_trace(model, tokens)
     if side.kind == "dump":
         return load_dump(side.path)[1]
-    if side.backend == "numpy":
+    if side.rt.backend == "numpy":
         return reference_trace(model, tokens, prompt_len, side)
-    return model.engine(side.tp).trace(tokens, prompt_len, side.kv_dtype, side.attention)
+    return sequence.trace(model.engine(side.rt), tokens, prompt_len, side.rt)
 
 
 def split_key(key: str) -> tuple[int | None, str]:
@@ -192,8 +199,8 @@ def diff(
     return {
         "schema": SCHEMA,
         "model": model.source,
-        "a": asdict(side_a) | {"desc": side_a.describe()},
-        "b": asdict(side_b) | {"desc": side_b.describe()},
+        "a": side_a.as_json(),
+        "b": side_b.as_json(),
         "tokens": len(tokens),
         **report,
     }

@@ -11,27 +11,18 @@ in chunks (equal to token-by-token decode, since attention always reads the cach
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
+from slimllm.jaxbackend import sequence
 from slimllm.reference import kv_cache, positions
 from slimllm.reference.ops import log_softmax
+from slimllm.reference.runtime import Runtime
 
-from .api import Model, check_setting, generate
+from .api import Model, generate
 
-
-@dataclass(frozen=True)
-class Setting:
-    backend: str = "numpy"  # the harness's baseline is the NumPy reference
-    attention: str = "naive"
-    kv_dtype: str = "float32"
-
-    def __post_init__(self):
-        check_setting(self.backend, self.attention, self.kv_dtype)
-
-
-BASELINE = Setting()
+BASELINE = Runtime(backend="numpy")  # the float32 naive NumPy reference
 
 
 def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
@@ -39,7 +30,7 @@ def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
     return sorted({prompt_len, *range(prompt_len + chunk, n, chunk), n})
 
 
-def sequence_logits(model: Model, tokens, prompt_len: int, setting: Setting, chunk: int = 128):
+def sequence_logits(model: Model, tokens, prompt_len: int, setting: Runtime, chunk: int = 128):
     """Logits [n, v] at every position of `tokens` under `setting` (prompt prefilled first)."""
     from slimllm.reference.model import forward
 
@@ -47,14 +38,14 @@ def sequence_logits(model: Model, tokens, prompt_len: int, setting: Setting, chu
     tokens = [int(t) for t in tokens]
     bounds = chunk_bounds(len(tokens), prompt_len, chunk)
     if setting.backend == "jax":
-        return model.engine().sequence_logits(tokens, bounds, setting.kv_dtype, setting.attention)
+        return sequence.sequence_logits(model.engine(setting), tokens, bounds, setting)
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), setting.kv_dtype)
     out, start = [], 0
     for end in bounds:
         pos = positions.positions_for(cfg, state, end - start)
         logits, cache = forward(
-            model.params, cfg, np.array([tokens[start:end]]), cache, pos, setting.attention
+            model.params, cfg, np.array([tokens[start:end]]), cache, pos, setting
         )
         out.append(logits[0])
         state, start = positions.advance(state, end - start), end
@@ -77,8 +68,8 @@ def compare(
     model: Model,
     tokens,
     prompt_len: int,
-    setting: Setting,
-    baseline: Setting = BASELINE,
+    setting: Runtime,
+    baseline: Runtime = BASELINE,
     greedy_tokens: int = 200,
 ) -> dict:
     """All harness figures for `setting` against `baseline` on one sequence."""
@@ -107,9 +98,7 @@ def compare(
                 ids=prompt,
                 max_new_tokens=greedy_tokens,
                 eos_ids=(),
-                backend=s.backend,
-                attention=s.attention,
-                kv_dtype=s.kv_dtype,
+                runtime=s,
             ).ids[0]
         )
     for _ in steps:  # finish the bar

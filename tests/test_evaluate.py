@@ -17,12 +17,15 @@ import pytest
 import slimllm
 from conftest import FIXTURES, need
 from slimllm.cli import main
-from slimllm.evaluate import Setting, compare, sample_sequence
+from slimllm.evaluate import compare, sample_sequence
+from slimllm.reference.runtime import Runtime
 
 
 def check_int8(model, seq, prompt_len, greedy_tokens):
-    int8 = compare(model, seq, prompt_len, Setting(kv_dtype="int8"), greedy_tokens=greedy_tokens)
-    bf16 = compare(model, seq, prompt_len, Setting(kv_dtype="bfloat16"), greedy_tokens=1)
+    int8 = compare(
+        model, seq, prompt_len, Runtime("numpy", kv_dtype="int8"), greedy_tokens=greedy_tokens
+    )
+    bf16 = compare(model, seq, prompt_len, Runtime("numpy", kv_dtype="bfloat16"), greedy_tokens=1)
     assert int8["kl"]["mean"] <= 25 * bf16["kl"]["mean"], (int8["kl"], bf16["kl"])
     assert int8["top1_agreement"] >= 0.9
     ppl = int8["perplexity"]
@@ -49,10 +52,10 @@ def test_int8_on_every_fixture_family():
 def test_identical_settings_report_zero_and_slim_is_exact(stories):
     model, _ = stories
     seq = sample_sequence(model, [1], 120, seed=1)
-    same = compare(model, seq, 1, Setting(), greedy_tokens=30)
+    same = compare(model, seq, 1, Runtime("numpy"), greedy_tokens=30)
     assert same["kl"]["max"] == 0 and same["top1_agreement"] == 1
     assert same["greedy"]["identical_prefix"] == 30
-    slim = compare(model, seq, 1, Setting(attention="slim"), greedy_tokens=30)
+    slim = compare(model, seq, 1, Runtime("numpy", "slim"), greedy_tokens=30)
     assert slim["kl"]["max"] < 1e-8 and slim["greedy"]["identical_prefix"] == 30
 
 

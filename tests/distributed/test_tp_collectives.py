@@ -25,7 +25,8 @@ import pytest
 import tp_cases
 
 from conftest import FIXTURES, need
-from slimllm.jaxbackend.generate import LAYOUTS
+from slimllm.jaxbackend.sharding import LAYOUTS
+from slimllm.reference.runtime import Runtime
 
 COLLECTIVE_OPS = (
     "all-reduce",
@@ -126,7 +127,7 @@ def hlo():
     fixture = tp_cases.sampled_fixture(tp_cases.allowed_fixtures(FIXTURES))
     greedy = next(c for c in tp_cases.plan(FIXTURES) if c.fixture == fixture)
     same = dict(fixture=fixture, attention=greedy.attention, kv_dtype=greedy.kv_dtype)
-    engine = tp_cases.load(FIXTURES, fixture)[0].engine(2)
+    engine = tp_cases.load(FIXTURES, fixture)[0].engine(Runtime(tp=2))
     found = {}
     for sampling, mode in (
         ("greedy", "stream"),

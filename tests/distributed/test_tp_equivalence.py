@@ -110,9 +110,11 @@ def test_top_k_keeps_ties_with_the_kth_value():
     import jax.numpy as jnp
 
     from slimllm.api import demo_model
-    from slimllm.jaxbackend.generate import Engine, sample_fn
+    from slimllm.jaxbackend.engine import Engine
+    from slimllm.jaxbackend.generate import sample_fn
     from slimllm.jaxbackend.sampling import seed_words
     from slimllm.reference.config import ModelConfig
+    from slimllm.reference.runtime import Runtime
     from slimllm.reference.sampling import SamplingConfig
 
     cfg = ModelConfig(
@@ -124,7 +126,7 @@ def test_top_k_keeps_ties_with_the_kth_value():
     seeds, seen = jnp.asarray(seed_words(range(rows))), jnp.zeros((rows, 8), bool)
     static = {"sampling": SamplingConfig(temperature=1.0, top_k=2)}
     ids = [
-        Engine(model.params, cfg, tp)
+        Engine(model.params, cfg, Runtime(tp=tp))
         .run(sample_fn, static, (), logits, seen, seeds, jnp.int32(0))[0]
         .tolist()
         for tp in (1, 2)

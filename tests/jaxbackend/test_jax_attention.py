@@ -24,9 +24,9 @@ from slimllm.conformance.pairs import attend
 from slimllm.conformance.tolerances import FUNCTION
 from slimllm.jaxbackend import kv_cache as jax_kv
 from slimllm.jaxbackend.generate import decode_fn
-from slimllm.jaxbackend.model import ATTENTION
 from slimllm.jaxbackend.params import to_device
 from slimllm.jaxbackend.positions import device_state
+from slimllm.jaxbackend.runtime import ATTENTION, Runtime
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import init_params
@@ -65,7 +65,7 @@ def test_hybrid_int8_equals_naive_on_dequantised_values(case):
     """Scales on score columns and folded into probabilities == attention over q * scale."""
     q, cache, bias, scale = case.jax()
     k, v = ref_kv.dequantized(case.reference()[1])
-    dense = S.jax_cache(ref_kv.KVCache((k,), (v,), dtype="float32"))
+    dense = S.jax_cache(ref_kv.KVCache((k,), (v,), format="float32"))
     want = attend(q, dense, bias, kernel=S.Kernel(ATTENTION["naive"]), scale=scale)
     kinds_agree(
         {
@@ -125,8 +125,8 @@ def test_int8_decode_never_materialises_a_float_copy_of_the_cache(attention):
         SeqState(np.array([s - 1]), np.zeros(1, int), np.zeros(1, int), np.ones(1, np.float32))
     )
     args = (to_device(init_params(cfg)), jnp.zeros(1, jnp.int32), cache, state)
-    jitted = jax.jit(decode_fn, static_argnames=("cfg", "attention"), donate_argnums=2)
-    compiled = jitted.lower(*args, cfg=cfg, attention=attention).compile()
+    jitted = jax.jit(decode_fn, static_argnames=("cfg", "rt"), donate_argnums=2)
+    compiled = jitted.lower(*args, cfg=cfg, rt=Runtime(attention=attention)).compile()
     hlo = compiled.as_text()
     elements = 1 * cfg.n_kv_heads * s * cfg.head_dim
     assert f"s8[1,2,{s},64]" in hlo, "the int8 cache is not in the program"

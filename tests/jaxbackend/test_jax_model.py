@@ -22,7 +22,7 @@ from slimllm.conformance.invariants import (
     backends_agree,
     prefill_equals_steps,
 )
-from slimllm.jaxbackend.generate import Engine
+from slimllm.jaxbackend.engine import Engine
 
 COMBOS = [(dtype, kind) for dtype in S.KV_DTYPES for kind in S.ATTENTION_KINDS]
 

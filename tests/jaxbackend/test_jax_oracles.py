@@ -25,8 +25,8 @@ from slimllm.conformance.invariants import (
     same_generations,
     teacher_forced,
 )
-from slimllm.conformance.strategies import Runtime
 from slimllm.conformance.tolerances import MODEL, assert_close
+from slimllm.reference.runtime import Runtime
 from slimllm.reference.sampling import SamplingConfig
 
 VARIANTS = sorted(p.name for p in FIXTURES.glob("*") if (p / "oracle.npz").exists()) or ["llama"]

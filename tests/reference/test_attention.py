@@ -17,7 +17,7 @@ CFG = ModelConfig(
 
 
 def layer_kv(k, v):
-    return kv_cache.LayerKV(k, v, None, None, "float32")
+    return kv_cache.LayerKV(k, v, None, None, kv_cache.KV_FORMATS["float32"])
 
 
 def loop_attention(q, k, v, allowed, scale, slopes=None, qslots=None):

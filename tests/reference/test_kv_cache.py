@@ -9,9 +9,10 @@ from slimllm.conformance.tolerances import THROUGH_CACHE, assert_close
 from slimllm.reference import kv_cache, positions
 from slimllm.reference.attention import attention_bias
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.model import ATTENTION, forward
+from slimllm.reference.model import forward
 from slimllm.reference.params import init_params
 from slimllm.reference.quant import dequantize, from_bf16_bits, quantize, to_bf16_bits
+from slimllm.reference.runtime import ATTENTION, Runtime
 
 
 def test_quantize_hand_checked_vectors():
@@ -56,7 +57,12 @@ def test_prefill_equals_decode_steps_for_every_dtype_and_attention(dtype, attent
     tokens = np.random.default_rng(1).integers(0, 64, (2, 7))
     cache = kv_cache.init_cache(CFG, 2, 10, dtype)
     full, full_cache = forward(
-        params, CFG, tokens, cache, positions.simple_positions(CFG, 2, 7), attention
+        params,
+        CFG,
+        tokens,
+        cache,
+        positions.simple_positions(CFG, 2, 7),
+        Runtime("numpy", attention),
     )
     steps = []
     for i in range(7):
@@ -66,7 +72,7 @@ def test_prefill_equals_decode_steps_for_every_dtype_and_attention(dtype, attent
             tokens[:, i : i + 1],
             cache,
             positions.simple_positions(CFG, 2, 1, start=i),
-            attention,
+            Runtime("numpy", attention),
         )
         steps.append(logits[:, 0])
     assert_close(np.stack(steps, 1), full, THROUGH_CACHE[dtype], f"{attention}/{dtype}")

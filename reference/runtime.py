@@ -1,0 +1,74 @@
+"""How a model runs, as one value: the run settings that are never part of the model config.
+
+`ModelConfig` says what a model is; `Runtime` says how this run computes it: which backend,
+which attention kind (all tested equal to the naive definition), how the KV cache is stored (an
+entry of `kv_cache.KV_FORMATS`), over how many tensor-parallel ranks and which transport, how
+long a cache to allocate, and (room for a later issue) which weight format. It is frozen and
+hashable, validated here and nowhere else, and passed as one static argument under jit.
+
+The attention kinds are a table per backend (`ATTENTION` here and in `jaxbackend/runtime.py`),
+with the same names; `attention_fn(rt)` is the one lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+from .attention import naive_attention
+from .flash_attention import flash_attention
+from .kv_cache import KV_FORMATS
+from .slim_attention import slim_attention
+
+ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
+BACKENDS = ("jax", "numpy")  # jax: the compiled fast path; numpy: the reference
+TRANSPORTS = ("devices", "mpi")  # tensor parallelism over XLA devices or MPI processes
+
+
+@dataclass(frozen=True)
+class Runtime:
+    backend: str = "jax"
+    attention: str = "naive"  # an ATTENTION kind
+    attention_options: tuple = ()  # (name, value) pairs: block/tile sizes of that kind
+    kv_dtype: str = "float32"  # a KV_FORMATS name (the format of the KV cache)
+    tp: int = 1  # tensor-parallel ranks
+    transport: str = "devices"
+    cache_len: int | None = None  # KV slots to allocate (None: prompt + new tokens)
+    weights: str | None = None  # weight format (None: the checkpoint's own dtype)
+
+    def __post_init__(self):
+        for what, value, allowed in (
+            ("backend", self.backend, BACKENDS),
+            ("attention", self.attention, tuple(ATTENTION)),
+            ("kv cache dtype", self.kv_dtype, tuple(KV_FORMATS)),
+            ("transport", self.transport, TRANSPORTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}: expected one of {allowed}")
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
+        if self.tp > 1 and self.backend != "jax":
+            raise ValueError("tensor parallelism (tp > 1) needs the jax backend")
+        if self.cache_len is not None and (
+            not isinstance(self.cache_len, int) or self.cache_len < 1
+        ):
+            raise ValueError(f"cache_len must be a positive integer, got {self.cache_len!r}")
+        if self.weights is not None:
+            raise ValueError(
+                f"weight format {self.weights!r}: only the checkpoint's own is supported"
+            )
+
+    def replace(self, **changes) -> Runtime:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """A short label: backend:attention:kv[:tpN] (the syntax `slimllm diff` parses)."""
+        tp = f":tp{self.tp}" if self.tp > 1 else ""
+        return f"{self.backend}:{self.attention}:{self.kv_dtype}{tp}"
+
+
+def attention_fn(rt: Runtime, table: dict = ATTENTION):
+    """The attention function of `rt` (with its options) from a backend's table."""
+    fn = table[rt.attention]
+    return functools.partial(fn, **dict(rt.attention_options)) if rt.attention_options else fn
