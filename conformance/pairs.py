@@ -618,8 +618,6 @@ def _pairs() -> list[Pair]:
           close()),
         P("ops.log_softmax", ref_ops.log_softmax, jax_ops.log_softmax,
           V(st.tuples(masked_rows(False))), masked_close),
-        P("ops.l2_normalize_rows", ref_ops.l2_normalize_rows, jax_ops.l2_normalize_rows,
-          V(st.tuples(S.arrays((6, WIDTH)))), close()),
         P("quant.quantize", ref_quant.quantize, jax_quant.quantize,
           V(st.tuples(x_arrays((3, 8), lo=-100, hi=100))), compare_quantized),
         P("quant.dequantize", ref_quant.dequantize, jax_quant.dequantize, V(dequantize_inputs),

@@ -78,9 +78,3 @@ def log_softmax(x, axis=-1):
     m = jnp.max(x, axis=axis, keepdims=True)
     z = x - m
     return z - jnp.log(jnp.sum(jnp.exp(z), axis=axis, keepdims=True))
-
-
-def l2_normalize_rows(w, eps=1e-12):
-    """w / max(||w||_2, eps) per row."""
-    norm = jnp.sqrt(jnp.sum(w * w, axis=-1, keepdims=True))
-    return w / jnp.maximum(norm, eps)

@@ -81,9 +81,3 @@ def log_softmax(x, axis=-1):
     m = np.max(x, axis=axis, keepdims=True)
     z = x - m
     return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
-
-
-def l2_normalize_rows(w, eps=1e-12):
-    """w / max(||w||_2, eps) per row: the NormHead transform of an LM head stored [v, e]."""
-    norm = np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=-1, keepdims=True))
-    return (w / np.maximum(norm, eps)).astype(w.dtype)

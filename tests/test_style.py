@@ -3,8 +3,38 @@
 import re
 
 from conftest import ROOT
+from slimllm.weights.families import FAMILIES
 
-FAMILY = re.compile(r"\b(llama|qwen|chatglm|glm|baichuan|opt)\b", re.IGNORECASE)
+# Every registered family name and model_type its tokenizer answers to, cut to its stem so that
+# any version is caught too ("qwen2" -> qwen: qwen, qwen2, qwen3_moe; glm: glm4; llama: llama3).
+STEMS = sorted(
+    {
+        re.sub(r"[\d_].*$", "", name)
+        for family in FAMILIES
+        for name in (family.name, *family.tokenizer.model_types)
+    }
+)
+# A stem with an optional version ("3", "2.5", "6b"), as a word of its own or a part of an
+# identifier between underscores (llama3_scale).
+FAMILY = re.compile(
+    rf"(?<![a-z0-9])(?:{'|'.join(STEMS)})(?:\d+(?:\.\d+)?[a-z]?)?(?![a-z0-9])", re.IGNORECASE
+)
+
+# Known hits, kept until the rope-scaling kind is renamed after its maths (STYLE.md rule 3):
+# config.py's "llama3" kind and the positions.py functions named after it. Nothing else.
+ALLOWED = {
+    "reference/config.py": {'ROPE_SCALINGS = ("llama3", "dynamic_ntk")'},
+    "reference/positions.py": {
+        'if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":',
+        "freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])",
+        "def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):",
+    },
+    "jaxbackend/positions.py": {
+        'if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":',
+        "freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])",
+        "def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):",
+    },
+}
 
 
 def code_lines(path):
@@ -19,11 +49,21 @@ def code_lines(path):
         yield line.split("#", 1)[0]
 
 
+def test_the_pattern_catches_versioned_names():
+    for text in ("llama3", "Qwen2.5", "qwen3_moe", "glm4", "chatglm6b", "rope_llama3_scale", "OPT"):
+        assert FAMILY.search(text), text
+    for text in ("optional", "adopt", "llamas", "x_optimum"):
+        assert not FAMILY.search(text), text
+
+
 def test_no_family_names_in_compute_code():
     offenders = []
     for folder in ("reference", "jaxbackend"):
         for path in sorted((ROOT / folder).glob("*.py")):
+            allowed = ALLOWED.get(f"{folder}/{path.name}", set())
             offenders += [
-                f"{path.name}: {line.strip()}" for line in code_lines(path) if FAMILY.search(line)
+                f"{folder}/{path.name}: {line.strip()}"
+                for line in code_lines(path)
+                if FAMILY.search(line) and line.strip() not in allowed
             ]
     assert not offenders, offenders

@@ -15,7 +15,12 @@ from pathlib import Path
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import Params
 
-from .io import CheckpointError
+from .convert import convert
+from .families import detect
+from .families.common import eos_ids
+from .io import CheckpointError, read_tensors
+from .llama2c import read_llama2c
+from .tokenizer import load_tokenizer
 
 
 @dataclass
@@ -39,8 +44,6 @@ def read_json(path: Path) -> dict:
 
 def special_ids(directory: Path, hf: dict) -> tuple[tuple[int, ...], int | None]:
     """EOS ids and BOS id: generation_config.json first, then config.json."""
-    from .families.common import eos_ids
-
     gen = (
         read_json(directory / "generation_config.json")
         if (directory / "generation_config.json").exists()
@@ -57,11 +60,7 @@ def load_config(path) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix != ".json":
-        from .llama2c import read_llama2c
-
         return read_llama2c(path)[0]
-    from .families import detect
-
     hf = read_json(path if path.is_file() else path / "config.json")
     return detect(hf).config_from_hf(hf)
 
@@ -72,17 +71,11 @@ def load_checkpoint(path, progress=None, tokenizer: bool = True) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
-        from .llama2c import read_llama2c
-
         cfg, params = read_llama2c(path)
         return Checkpoint(cfg, params, "llama2c", source=str(path))
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint?)")
-    from .convert import convert
-    from .families import detect
-    from .io import read_tensors
-
     hf = read_json(config_path)
     family = detect(hf)
     cfg = family.config_from_hf(hf)
@@ -90,8 +83,6 @@ def load_checkpoint(path, progress=None, tokenizer: bool = True) -> Checkpoint:
     eos, bos = special_ids(path, hf)
     tok = None
     if tokenizer:
-        from .tokenizer import load_tokenizer
-
         tok = load_tokenizer(path, hf)
         if tok is not None and not eos:
             eos = tuple(tok.eos_ids)

@@ -81,7 +81,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    from .torch_bin import load_torch_bin
+    from .torch_bin import load_torch_bin  # here: torch_bin imports CheckpointError from us
 
     return {k: to_float32(v) for k, v in load_torch_bin(path).items()}
 

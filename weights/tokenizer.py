@@ -5,12 +5,11 @@ A checkpoint's tokenizer comes in one of four shapes: a HF fast `tokenizer.json`
 rank file (Qwen v1's `qwen.tiktoken`, GLM-4's `tokenizer.model`) or a byte-level BPE
 `vocab.json` + `merges.txt` pair (Qwen2, OPT/GPT-2). Several of these upstream tokenizers are
 remote code (`tokenization_chatglm.py`, `tokenization_qwen.py`, `tokenization_baichuan.py`), so
-their behaviour is re-implemented here from reading those files: the special tokens ChatGLM2/3,
-GLM-4 and Qwen number after the base vocabulary, ChatGLM-6B's newline/tab/blank-run rewriting,
-Qwen's NFC normalisation and split pattern, and what each family's
-`build_inputs_with_special_tokens` puts around a prompt (the `_FAMILIES` table). `load_tokenizer`
-picks the shape from the files present (by content, not only by name) and the family from
-tokenizer_config.json / config.json.
+their behaviour is re-implemented from reading those files: this module holds the machinery
+(specials numbered after the base vocabulary, ChatGLM-6B's newline/tab/blank-run rewriting, NFC
+normalisation, split patterns, prompt wrapping) and each family file declares its facts in a
+`TokenizerRule` (`weights.families`). `load_tokenizer` picks the shape from the files present (by
+content, not only by name) and the family from tokenizer_config.json / config.json and the file.
 """
 
 from __future__ import annotations
@@ -21,9 +20,11 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from .families import FAMILIES
+from .families.common import TokenizerRule
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer"]
 
@@ -32,111 +33,21 @@ class TokenizerError(ValueError):
     """A tokenizer file is corrupt, unsupported or inconsistent with its configuration."""
 
 
-# Pre-tokenizer split pattern of Qwen (tokenization_qwen.py PAT_STR) and Qwen2 (tokenizer.json).
-_QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Tokenizers of models no family covers. GPT-2's byte-level BPE is also how a vocab.json +
+# merges.txt reads when no family's rule does; "generic" adds nothing of its own.
+_GPT2 = TokenizerRule(
+    model_types=("gpt2",),
+    classes=("gpt2tokenizer",),
+    kinds=("bpe-vocab-merges",),
+    default_for=("bpe-vocab-merges",),
+    bos="<|endoftext|>",
+    eos=("<|endoftext|>",),
 )
-# GLM-4's tiktoken pattern differs from Qwen's only in grouping up to three digits.
-_GLM4_PATTERN = _QWEN_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
-
-_CHATGLM3_SPECIALS = (
-    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-)  # fmt: skip
-_GLM4_SPECIALS = (
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
-)  # fmt: skip
-_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(
-    f"<|extra_{i}|>" for i in range(205)
-)
-
-
-@dataclass(frozen=True)
-class _Family:
-    """How one model family wraps a prompt and which of its special tokens matter."""
-
-    prefix: tuple[str, ...] = ()  # put before the text by encode(add_special=True)
-    suffix: tuple[str, ...] = ()  # put after it
-    bos: str | None = None  # default bos token when the configs name none
-    add_bos: bool = False  # default of tokenizer_config's add_bos_token (prefixes bos)
-    eos: tuple[str, ...] = ()  # tokens that end generation besides the configured ones
-    appended: tuple[str, ...] = ()  # specials numbered right after the base vocabulary
-    in_text: tuple[str, ...] | None = None  # specials recognised in typed text (None: all)
-    pattern: str | None = None  # pre-tokenizer split pattern for tiktoken / vocab+merges
-    nfc: bool = False  # NFC-normalise text before encoding
-    blanks: bool = False  # ChatGLM-6B's "\n" -> <n>, "\t" -> <|tab|>, space runs -> <|blank_N|>
-
-
-# One row per family; the comment names the upstream code each rule comes from.
-_FAMILIES: dict[str, _Family] = {
-    # LlamaTokenizer: <s> first when add_bos_token (default true).
-    "llama": _Family(bos="<s>", add_bos=True, eos=("</s>",), in_text=("<s>", "</s>", "<unk>")),
-    # tokenization_baichuan.py: the same; Baichuan2's tokenizer_config sets add_bos_token false.
-    "baichuan": _Family(bos="<s>", add_bos=True, eos=("</s>",), in_text=("<s>", "</s>", "<unk>")),
-    # ChatGLM2/3 tokenization_chatglm.py: 9 specials after the SentencePiece pieces,
-    # get_prefix_tokens() = [gMASK] sop; generation_config.json also stops on <|user|>,
-    # <|observation|>. Upstream splits specials out of text only with encode_special_tokens=True
-    # (default False: a typed "<|user|>" becomes ordinary pieces); a chat template typed as text
-    # needs the real ids, so the bracketed ones are always recognised. Bare "sop"/"eop" are not:
-    # they are ordinary words too.
-    "chatglm": _Family(
-        prefix=("[gMASK]", "sop"),
-        eos=("</s>", "<|user|>", "<|observation|>"),
-        appended=_CHATGLM3_SPECIALS,
-        in_text=tuple(t for t in _CHATGLM3_SPECIALS if t not in ("sop", "eop")),
-    ),
-    # ChatGLM-6B tokenization_chatglm.py: build_inputs_with_special_tokens appends [gMASK] <sop>;
-    # tokenizer_config bos <sop>, eos <eop>; the specials are pieces of ice_text.model itself.
-    # HF splits its named specials (<sop>, <eop>, [MASK]) out of typed text; [gMASK] and [sMASK]
-    # are too here, where upstream would spell them out as ordinary pieces.
-    "chatglm6b": _Family(
-        suffix=("[gMASK]", "<sop>"),
-        bos="<sop>",
-        eos=("<eop>",),
-        in_text=("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"),
-        blanks=True,
-    ),
-    # GLM-4 tokenization_chatglm.py: tiktoken, 14 specials after the ranks, prefix [gMASK] <sop>;
-    # generation_config stops on <|endoftext|>, <|user|>, <|observation|>.
-    "glm4": _Family(
-        prefix=("[gMASK]", "<sop>"),
-        eos=("<|endoftext|>", "<|user|>", "<|observation|>"),
-        appended=_GLM4_SPECIALS,
-        pattern=_GLM4_PATTERN,
-    ),
-    # tokenization_qwen.py: nothing added around a prompt, 208 specials from id 151643;
-    # generation_config eos <|endoftext|>, and chat() stops on <|im_end|> and <|im_start|>.
-    "qwen": _Family(
-        eos=("<|endoftext|>", "<|im_end|>", "<|im_start|>"),
-        appended=_QWEN_SPECIALS,
-        pattern=_QWEN_PATTERN,
-        nfc=True,
-    ),
-    # Qwen2Tokenizer: nothing added; chat models' generation_config eos <|im_end|>, <|endoftext|>.
-    "qwen2": _Family(eos=("<|im_end|>", "<|endoftext|>"), pattern=_QWEN_PATTERN, nfc=True),
-    # OPT ships GPT2Tokenizer with add_bos_token and bos </s>.
-    "opt": _Family(bos="</s>", add_bos=True, eos=("</s>",)),
-    "gpt2": _Family(bos="<|endoftext|>", eos=("<|endoftext|>",)),
-    "generic": _Family(),
-}
-
-# model_type (config.json) wins over tokenizer_class: OPT ships GPT2Tokenizer, for example.
-_MODEL_TYPE_FAMILY = {
-    "llama": "llama", "mistral": "llama", "baichuan": "baichuan", "chatglm": "chatglm",
-    "glm": "glm4", "glm4": "glm4", "qwen": "qwen", "qwen2": "qwen2", "qwen2_moe": "qwen2",
-    "qwen3": "qwen2", "qwen3_moe": "qwen2", "opt": "opt", "gpt2": "gpt2",
-}  # fmt: skip
-_CLASS_FAMILY = {
-    "llamatokenizer": "llama", "codellamatokenizer": "llama", "baichuantokenizer": "baichuan",
-    "chatglmtokenizer": "chatglm", "chatglm4tokenizer": "glm4", "qwentokenizer": "qwen",
-    "qwen2tokenizer": "qwen2", "gpt2tokenizer": "gpt2",
-}  # fmt: skip
-
-# Qwen's and GLM-4's base rank counts, to name a tiktoken file that comes without any config.
-_TIKTOKEN_SIZES = {151643: "qwen", 151329: "glm4"}
+Named = tuple[str, TokenizerRule]
+_GENERIC: Named = ("generic", TokenizerRule())
+_RULES = [*((family.name, family.tokenizer) for family in FAMILIES), ("gpt2", _GPT2)]
+# SentencePiece model files whose name alone says the family (ChatGLM-6B's ice_text.model).
+_SENTENCEPIECE_FILES = {r.sentencepiece_file: (n, r) for n, r in _RULES if r.sentencepiece_file}
 
 
 class _Backend(Protocol):
@@ -243,11 +154,11 @@ _BLANK_TOKEN = re.compile(r"<\|blank_(\d+)\|>")
 class _SentencePieceBackend:
     kind = "sentencepiece"
 
-    def __init__(self, path: Path, model: Any, family: _Family, added: dict[str, int]) -> None:
+    def __init__(self, path: Path, model: Any, rule: TokenizerRule, added: dict[str, int]) -> None:
         self.path = path
         self._sp = model
         self._base = model.get_piece_size()
-        self._blanks = family.blanks
+        self._blanks = rule.blanks
         everything = list(range(self._base))
         # Control and unknown pieces (<s>, </s>, <unk>, ChatGLM-6B's [gMASK] ...) never come out of
         # encoding text; with the specials appended after the vocabulary they are what
@@ -256,12 +167,12 @@ class _SentencePieceBackend:
             everything, model.IsControl(everything), model.IsUnknown(everything), strict=True
         )
         special = {model.IdToPiece(i): i for i, control, unknown in flags if control or unknown}
-        for offset, token in enumerate(family.appended):
+        for offset, token in enumerate(rule.appended):
             special[token] = self._base + offset
         self.special = special
-        self.vocab_size = self._base + len(family.appended)
+        self.vocab_size = self._base + len(rule.appended)
         self._text_of = {i: t for t, i in special.items()}
-        wanted = special if family.in_text is None else family.in_text
+        wanted = special if rule.in_text is None else rule.in_text
         in_text = {t: special[t] for t in wanted if t in special}
         in_text.update({t: i for t, i in added.items() if 0 <= i < self.vocab_size})
         self._split = _splitter(in_text)
@@ -336,18 +247,19 @@ _CHAR_BYTES = {c: b for b, c in enumerate(_BYTE_CHARS)}
 class _TiktokenBackend:
     kind = "tiktoken"
 
-    def __init__(self, path: Path, ranks: dict[bytes, int], family: _Family) -> None:
+    def __init__(self, path: Path, ranks: dict[bytes, int], rule: TokenizerRule) -> None:
+        # On use: ~20 ms to import, and a checkpoint needs one library of three.
         import tiktoken
 
         self.path = path
         base = max(ranks.values()) + 1
         # Qwen numbers its specials from 151643 and GLM-4 from len(ranks): both are max rank + 1.
-        self.special = {token: base + n for n, token in enumerate(family.appended)}
-        self.vocab_size = base + len(family.appended)
-        self._nfc = family.nfc
+        self.special = {token: base + n for n, token in enumerate(rule.appended)}
+        self.vocab_size = base + len(rule.appended)
+        self._nfc = rule.nfc
         self._enc = tiktoken.Encoding(
             name=f"slimllm-{path.name}",
-            pat_str=family.pattern or _QWEN_PATTERN,
+            pat_str=rule.pattern,
             mergeable_ranks=ranks,
             special_tokens=self.special,
         )
@@ -486,13 +398,36 @@ def _added_tokens(
     return added, special
 
 
-def _family_name(tokenizer_config: dict[str, Any], config: dict[str, Any]) -> str | None:
-    """The family from config.json's model_type, else from tokenizer_config's tokenizer_class."""
+def _named_families(tokenizer_config: dict[str, Any], config: dict[str, Any]) -> list[Named]:
+    """The families config.json's model_type names, else those tokenizer_config's class names.
+
+    model_type wins over tokenizer_class: OPT ships GPT2Tokenizer, for example.
+    """
     model_type = str(config.get("model_type") or "").lower()
-    if model_type in _MODEL_TYPE_FAMILY:
-        return _MODEL_TYPE_FAMILY[model_type]
+    by_type = [(name, rule) for name, rule in _RULES if model_type in rule.model_types]
+    if by_type:
+        return by_type
     cls = str(tokenizer_config.get("tokenizer_class") or "").lower().removesuffix("fast")
-    return _CLASS_FAMILY.get(cls)
+    return [(name, rule) for name, rule in _RULES if cls in rule.classes]
+
+
+def _reads(named: list[Named], kind: str, model: Any = None) -> Named | None:
+    """The first named family whose rule reads this kind of file (tokenizer.json: any rule).
+
+    A rule with `own_piece` reads only a SentencePiece `model` that holds that piece itself.
+    """
+    for name, rule in named:
+        if kind in rule.kinds or kind == "tokenizers-json":
+            if rule.own_piece is None or (
+                model is not None and model.PieceToId(rule.own_piece) != model.unk_id()
+            ):
+                return name, rule
+    return None
+
+
+def _default(kind: str) -> Named:
+    """The rule a file of this kind is read with when no config names a family."""
+    return next(((n, r) for n, r in _RULES if kind in r.default_for), _GENERIC)
 
 
 def _is_tiktoken_text(path: Path) -> bool:
@@ -520,6 +455,7 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
 
 
 def _load_sentencepiece(path: Path) -> Any:
+    # On use: ~20 ms to import, and a checkpoint needs one library of three.
     import sentencepiece
 
     data = path.read_bytes()
@@ -537,6 +473,7 @@ def _load_sentencepiece(path: Path) -> Any:
 
 
 def _load_tokenizer_json(path: Path) -> _TokenizersBackend:
+    # On use: ~20 ms to import, and a checkpoint needs one library of three.
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
@@ -547,8 +484,13 @@ def _load_tokenizer_json(path: Path) -> _TokenizersBackend:
 
 
 def _load_vocab_merges(
-    vocab_path: Path, merges_path: Path, family: _Family, added: dict[str, int], specials: set[str]
+    vocab_path: Path,
+    merges_path: Path,
+    rule: TokenizerRule,
+    added: dict[str, int],
+    specials: set[str],
 ) -> _TokenizersBackend:
+    # On use: ~20 ms to import, and a checkpoint needs one library of three.
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -570,11 +512,11 @@ def _load_vocab_merges(
     # Added tokens go into the vocabulary first so they keep the ids the config gives them.
     vocab = {**vocab, **{t: i for t, i in added.items() if t not in vocab}}
     tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    if family.pattern:  # Qwen2: NFC, split with its pattern, then bytes -> printable chars
+    if rule.pattern:  # Qwen2: NFC, split with its pattern, then bytes -> printable chars
         tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(family.pattern), behavior="isolated"),
+                pre_tokenizers.Split(Regex(rule.pattern), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
@@ -597,7 +539,8 @@ def _first_file(directory: Path, names: Sequence[str]) -> Path | None:
 def load_tokenizer(directory: str | Path, config: dict[str, Any] | None = None) -> Tokenizer | None:
     """The tokenizer of a checkpoint directory, or None when the directory holds no tokenizer file.
 
-    `config` is the model's config.json (read from the directory when None); see `_family_name`.
+    `config` is the model's config.json (read from the directory when None); the family comes
+    from it or tokenizer_config.json (`_named_families`) and from the file found (`_reads`).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -607,7 +550,7 @@ def load_tokenizer(directory: str | Path, config: dict[str, Any] | None = None) 
     generation_config = _read_json(directory / "generation_config.json")
     if config is None:
         config = _read_json(directory / "config.json")
-    name = _family_name(tokenizer_config, config)
+    named = _named_families(tokenizer_config, config)
     added, specials = _added_tokens(tokenizer_config, special_map, directory)
 
     backend: _Backend
@@ -615,57 +558,53 @@ def load_tokenizer(directory: str | Path, config: dict[str, Any] | None = None) 
     tiktoken_file = _first_file(directory, ["qwen.tiktoken"]) or next(
         iter(sorted(directory.glob("*.tiktoken"))), None
     )
-    sp_file = _first_file(directory, ["ice_text.model", "tokenizer.model", "spiece.model"])
+    sp_file = _first_file(directory, [*_SENTENCEPIECE_FILES, "tokenizer.model", "spiece.model"])
     vocab_json = _first_file(directory, ["vocab.json"])
     merges_txt = _first_file(directory, ["merges.txt"])
 
     if tokenizer_json is not None:
         backend = _load_tokenizer_json(tokenizer_json)
-        name = name or "generic"
+        name, rule = _reads(named, "tokenizers-json") or _GENERIC
     elif tiktoken_file is not None or (sp_file is not None and _is_tiktoken_text(sp_file)):
         path = tiktoken_file or sp_file
         assert path is not None
         ranks = _load_ranks(path)
-        if name == "chatglm":  # ChatGLM's model_type and class also cover GLM-4
-            name = "glm4"
-        elif name is None:
-            name = _TIKTOKEN_SIZES.get(len(ranks))
-        if name not in ("qwen", "glm4"):
+        found = _reads(named, "tiktoken")
+        if not named:  # no config names a family: the number of ranks may
+            found = next(((n, r) for n, r in _RULES if r.tiktoken_size == len(ranks)), None)
+        if found is None:
             raise TokenizerError(
                 f"{path}: tiktoken rank file but no known tokenizer family for it "
                 f"(tokenizer_class={tokenizer_config.get('tokenizer_class')!r}, "
                 f"model_type={config.get('model_type')!r}); its split pattern is unknown"
             )
-        backend = _TiktokenBackend(path, ranks, _FAMILIES[name])
+        name, rule = found
+        backend = _TiktokenBackend(path, ranks, rule)
     elif sp_file is not None:
         model = _load_sentencepiece(sp_file)
-        # ChatGLM-6B (v1) shares the class name with ChatGLM2/3; its model holds [gMASK] itself.
-        if sp_file.name == "ice_text.model" or (
-            name == "chatglm" and model.PieceToId("[gMASK]") != model.unk_id()
-        ):
-            name = "chatglm6b"
-        if name not in ("llama", "baichuan", "chatglm", "chatglm6b"):
-            name = "llama" if name is None else "generic"
-        backend = _SentencePieceBackend(sp_file, model, _FAMILIES[name], added)
+        name, rule = (
+            _SENTENCEPIECE_FILES.get(sp_file.name)
+            or _reads(named, "sentencepiece", model)
+            or (_GENERIC if named else _default("sentencepiece"))
+        )
+        backend = _SentencePieceBackend(sp_file, model, rule, added)
     elif vocab_json is not None and merges_txt is not None:
-        if name not in ("qwen2", "opt", "gpt2"):
-            name = "gpt2"
-        backend = _load_vocab_merges(vocab_json, merges_txt, _FAMILIES[name], added, specials)
+        name, rule = _reads(named, "bpe-vocab-merges") or _default("bpe-vocab-merges")
+        backend = _load_vocab_merges(vocab_json, merges_txt, rule, added, specials)
     else:
         return None
-    return _assemble(backend, name, tokenizer_config, special_map, generation_config, config)
+    return _assemble(backend, name, rule, tokenizer_config, special_map, generation_config, config)
 
 
 def _assemble(
     backend: _Backend,
     name: str,
+    rule: TokenizerRule,
     tokenizer_config: dict[str, Any],
     special_map: dict[str, Any],
     generation_config: dict[str, Any],
     config: dict[str, Any],
 ) -> Tokenizer:
-    family = _FAMILIES[name]
-
     def id_of(text: str | None) -> int | None:
         return None if text is None else backend.token_to_id(text)
 
@@ -684,7 +623,7 @@ def _assemble(
         return False, None
 
     named, bos_text = configured("bos_token")
-    bos_id = id_of(bos_text if named else family.bos)
+    bos_id = id_of(bos_text if named else rule.bos)
     _, eos_text = configured("eos_token")
     eos_id = id_of(eos_text)
 
@@ -697,8 +636,8 @@ def _assemble(
         prefix = tuple(i for i in prefix if i != bos_id)
         suffix = tuple(i for i in suffix if i != eos_id)
     else:
-        prefix, suffix = required(family.prefix), required(family.suffix)
-        add_bos = tokenizer_config.get("add_bos_token", family.add_bos)
+        prefix, suffix = required(rule.prefix), required(rule.suffix)
+        add_bos = tokenizer_config.get("add_bos_token", rule.add_bos)
         add_eos = tokenizer_config.get("add_eos_token", False)
     if add_bos and bos_id is not None:
         prefix = (bos_id, *prefix)
@@ -709,7 +648,7 @@ def _assemble(
         *_ids_of(generation_config.get("eos_token_id")),
         *_ids_of(config.get("eos_token_id")),
         eos_id,
-        *(id_of(t) for t in family.eos),
+        *(id_of(t) for t in rule.eos),
     ]
     eos_ids = tuple(
         dict.fromkeys(i for i in candidates if i is not None and 0 <= i < backend.vocab_size)

@@ -29,7 +29,7 @@ def test_every_reference_function_with_a_twin_is_paired():
     names = {pair.name.split("[")[0] for pair in PAIRS}
     for module, functions in {
         "ops": "rms_norm layer_norm silu gelu_tanh relu swiglu_mlp gelu_mlp relu_mlp softmax "
-        "log_softmax l2_normalize_rows",
+        "log_softmax",
         "quant": "quantize",
         "positions": "inv_freq rope_angles apply_rope apply_rope2d llama3_scale logn_scale "
         "positions_for",

@@ -5,7 +5,7 @@ import pytest
 
 from slimllm.reference import positions
 from slimllm.reference.config import ModelConfig
-from slimllm.weights.convert import hf_rope_permute
+from slimllm.weights.transforms import hf_rope_permute
 
 CFG = ModelConfig(
     vocab=16, width=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_width=8, max_len=64

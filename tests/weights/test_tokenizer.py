@@ -122,10 +122,10 @@ def loaded():
     [
         ("llama2", "tokenizers-json", "llama", 32000),
         ("qwen2", "bpe-vocab-merges", "qwen2", 151646),
-        ("chatglm3", "sentencepiece", "chatglm", 64789 + 9),
+        ("chatglm3", "sentencepiece", "chatglm2", 64789 + 9),
         ("baichuan2", "sentencepiece", "baichuan", 125696),
         ("qwen1", "tiktoken", "qwen", 151643 + 208),
-        ("chatglm6b", "sentencepiece", "chatglm6b", 130344),
+        ("chatglm6b", "sentencepiece", "chatglm", 130344),
     ],
 )
 def test_loads_with_kind_and_family(loaded, name, kind, family, vocab_size):
@@ -333,7 +333,7 @@ def test_model_config_decides_the_family(loaded, tmp_path):
     _copy("chatglm3", ["tokenizer.model"], tmp_path)  # no tokenizer_config.json
     assert load_tokenizer(tmp_path).family == "llama"  # a bare SentencePiece model
     tok = load_tokenizer(tmp_path, config={"model_type": "chatglm"})
-    assert tok.family == "chatglm" and tok.encode("Hi") == loaded("chatglm3").encode("Hi")
+    assert tok.family == "chatglm2" and tok.encode("Hi") == loaded("chatglm3").encode("Hi")
 
 
 def _write_ranks(path: Path, tokens: list[bytes]) -> None:
@@ -348,7 +348,7 @@ def test_glm4_tiktoken_specials_follow_the_ranks(tmp_path):
     _write_ranks(tmp_path / "tokenizer.model", TINY_RANKS)
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "ChatGLM4Tokenizer"}')
     tok = load_tokenizer(tmp_path)
-    assert tok is not None and (tok.kind, tok.family) == ("tiktoken", "glm4")
+    assert tok is not None and (tok.kind, tok.family) == ("tiktoken", "glm")
     base = len(TINY_RANKS)  # GLM-4 numbers its 14 specials from len(ranks)
     assert tok.vocab_size == base + 14
     assert tok.prefix_ids == (base + 2, base + 4)  # [gMASK] <sop>

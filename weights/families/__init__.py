@@ -1,12 +1,14 @@
-"""The registry of model families: one file each, declarative (see `weights.convert.Family`).
+"""The registry of model families: one file each, declarative (see `common.Family`).
 
-Adding a family that needs no new maths is one file plus one line in `FAMILIES`.
+A family's name is the same for the loader and the tokenizer (`Family.tokenizer`). Adding a
+family that needs no new maths is one file plus one line in `FAMILIES`; the order matters only
+where tokenizer names overlap (ChatGLM's model_type covers three families: v1, 2/3, GLM-4).
 """
 
 from __future__ import annotations
 
 from ..io import CheckpointError
-from . import baichuan, chatglm, chatglm2, llama, opt, qwen, qwen2
+from . import baichuan, chatglm, chatglm2, glm, llama, opt, qwen, qwen2
 
 FAMILIES = [
     llama.FAMILY,
@@ -14,8 +16,8 @@ FAMILIES = [
     qwen2.QWEN2,
     qwen2.QWEN3,
     chatglm.FAMILY,
-    chatglm2.CHATGLM2,
-    chatglm2.GLM,
+    chatglm2.FAMILY,
+    glm.FAMILY,
     baichuan.BAICHUAN,
     baichuan.BAICHUAN2,
     opt.FAMILY,

@@ -3,16 +3,15 @@
 The variants differ in positions and head, told apart by keys their hub configs carry (the
 fixtures' ORIGIN.md documents the rule): `max_position_embeddings` present -> RoPE (7B models),
 only `model_max_length` -> ALiBi (13B models); Baichuan2 (`tokenizer_class` BaichuanTokenizer, or
-its 125696-token vocabulary) -> NormHead: LM-head rows are L2-normalised, as upstream does at its
-first eval forward (the checkpoint stores them un-normalised).
+its 125696-token vocabulary) -> NormHead (`weights.transforms.norm_head`). All four share one
+tokenizer (SentencePiece, tokenization_baichuan.py), with Llama's conventions.
 """
 
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.ops import l2_normalize_rows
 
-from ..convert import Family, qkv_sizes, split_rows
+from ..transforms import norm_head, qkv_sizes, split_rows
 from . import llama
-from .common import require
+from .common import Family, TokenizerRule, require
 
 BAICHUAN2_VOCAB = 125696
 
@@ -42,12 +41,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def norm_head(w, cfg):
-    """Our lm_head is [e, v]: normalise each vocabulary row of the hub's [v, e] layout."""
-    return l2_normalize_rows(w.T).T.copy()
-
-
 QKV = ("layers.{i}.wq", "layers.{i}.wk", "layers.{i}.wv")
+# Llama's <s> first by default; Baichuan2's tokenizer_config sets add_bos_token false.
+TOKENIZER = TokenizerRule(
+    model_types=("baichuan",),
+    classes=("baichuantokenizer",),
+    kinds=("sentencepiece",),
+    bos="<s>",
+    add_bos=True,
+    eos=("</s>",),
+    in_text=("<s>", "</s>", "<unk>"),
+)
 
 
 def family(name, detect, transforms):
@@ -59,12 +63,7 @@ def family(name, detect, transforms):
         fused={llama.LAYER + "self_attn.W_pack.weight": split_rows(qkv_sizes(QKV))},
         transforms=transforms,
         ignored=(llama.LAYER + "self_attn.rotary_emb.inv_freq",),
-        tiny={
-            **llama.FAMILY.tiny,
-            "model_type": "baichuan",
-            "architectures": ["BaichuanForCausalLM"],
-            "rms_norm_eps": 1e-6,
-        },
+        tokenizer=TOKENIZER,
     )
 
 

@@ -4,14 +4,16 @@ Upstream quirks reproduced (see the fixture's ORIGIN.md): the residual scale is 
 whatever num_layers is (the modeling file never passes num_layers to its blocks); the rotary
 inverse frequencies are rounded to float16; `query_key_value` rows are grouped per head as
 [q_h | k_h | v_h]; `lm_head.weight` is stored but tied to the word embeddings at load.
+Its tokenizer (SentencePiece `ice_text.model`, tokenization_chatglm.py) holds its specials as
+pieces, appends [gMASK] <sop> to a prompt, and rewrites newlines, tabs and runs of spaces.
 """
 
 import math
 
 from slimllm.reference.config import ModelConfig
 
-from ..convert import Family
-from .common import require
+from ..transforms import split_per_head
+from .common import Family, TokenizerRule, require
 
 LAYER = "transformer.layers.{i}."
 UPSTREAM_LAYERS = 28  # the GLMBlock default num_layers that sets alpha
@@ -45,21 +47,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def split_per_head(prefix: str):
-    """Rows grouped per head [q_h | k_h | v_h] -> wq, wk, wv (or biases) with heads in order."""
-
-    def split(w, cfg):
-        grouped = w.reshape(cfg.n_heads, 3, cfg.head_dim, *w.shape[1:])
-        return {
-            f"layers.{{i}}.{prefix}{n}": grouped[:, j].reshape(
-                cfg.n_heads * cfg.head_dim, *w.shape[1:]
-            )
-            for j, n in enumerate("qkv")
-        }
-
-    return split
-
-
 FAMILY = Family(
     name="chatglm",
     detect=lambda hf: hf.get("model_type") == "chatglm" and "inner_hidden_size" in hf,
@@ -85,20 +72,19 @@ FAMILY = Family(
     },
     # lm_head is tied to the embeddings at load upstream; rotary buffers are recomputed.
     ignored=("lm_head.weight", LAYER + "attention.rotary_emb.inv_freq"),
-    tiny={
-        "model_type": "chatglm",
-        "architectures": ["ChatGLMModel"],
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "inner_hidden_size": 256,
-        "num_layers": 2,
-        "num_attention_heads": 4,
-        "max_sequence_length": 256,
-        "layernorm_epsilon": 1e-5,
-        "position_encoding_2d": True,
-        "bos_token_id": 252,
-        "eos_token_id": 253,
-        "mask_token_id": 248,
-        "gmask_token_id": 249,
-    },
+    # ChatGLM2/3 share the model_type and class name; this model holds [gMASK] as a piece itself.
+    # tokenizer_config: bos <sop>, eos <eop>. HF splits its named specials (<sop>, <eop>, [MASK])
+    # out of typed text; [gMASK] and [sMASK] are too here, where upstream spells them out.
+    tokenizer=TokenizerRule(
+        model_types=("chatglm",),
+        classes=("chatglmtokenizer",),
+        kinds=("sentencepiece",),
+        own_piece="[gMASK]",
+        sentencepiece_file="ice_text.model",
+        suffix=("[gMASK]", "<sop>"),
+        bos="<sop>",
+        eos=("<eop>",),
+        in_text=("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"),
+        blanks=True,
+    ),
 )

@@ -1,15 +1,14 @@
-"""ChatGLM2 / ChatGLM3 (remote-code names) and GLM-4 `-hf` (native `glm`): the same maths.
-
-RMSNorm, multi-query groups, q/k/v bias only, RoPE on the first half of each head with
-interleaved pairs (2j, 2j+1), SwiGLU with a fused [gate; up] projection, untied output layer.
-ChatGLM2/3 fuse [all q | all k | all v] in `query_key_value`; GLM-4-hf splits them.
+"""ChatGLM2 / ChatGLM3 (remote-code `ChatGLMModel`): RMSNorm, multi-query groups, q/k/v bias only,
+RoPE on the first half of each head with interleaved pairs (2j, 2j+1), SwiGLU with a fused
+[gate; up] projection, untied output layer; `query_key_value` fuses [all q | all k | all v].
+GLM-4's remote-code checkpoints say the same model_type and load here too (`glm.py`: its -hf
+layout and its tiktoken tokenizer).
 """
 
 from slimllm.reference.config import ModelConfig
 
-from ..convert import Family, qkv_sizes, split_rows
-from . import llama
-from .common import expect, require
+from ..transforms import gate_up_sizes, qkv_sizes, split_rows
+from .common import Family, TokenizerRule, expect, require
 
 LAYER = "transformer.encoder.layers.{i}."
 
@@ -40,24 +39,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def glm_config_from_hf(hf: dict) -> ModelConfig:
-    cfg = llama.config_from_hf(hf)
-    return cfg.replace(
-        rope_style="interleaved",
-        rope_fraction=float(hf.get("partial_rotary_factor", 0.5)),
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        o_bias=False,
-    )
-
-
-def gate_up(cfg):
-    return {"layers.{i}.w_gate": cfg.ffn_width, "layers.{i}.w_up": cfg.ffn_width}
-
-
 QKV = ("layers.{i}.wq", "layers.{i}.wk", "layers.{i}.wv")
 QKV_B = ("layers.{i}.bq", "layers.{i}.bk", "layers.{i}.bv")
+# tokenization_chatglm.py numbers these after the SentencePiece pieces.
+SPECIALS = (
+    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+)  # fmt: skip
 
-CHATGLM2 = Family(
+FAMILY = Family(
     name="chatglm2",
     detect=lambda hf: hf.get("model_type") == "chatglm" and "inner_hidden_size" not in hf,
     config_from_hf=config_from_hf,
@@ -73,42 +63,21 @@ CHATGLM2 = Family(
     fused={
         LAYER + "self_attention.query_key_value.weight": split_rows(qkv_sizes(QKV)),
         LAYER + "self_attention.query_key_value.bias": split_rows(qkv_sizes(QKV_B)),
-        LAYER + "mlp.dense_h_to_4h.weight": split_rows(gate_up),
+        LAYER + "mlp.dense_h_to_4h.weight": split_rows(gate_up_sizes),
     },
     ignored=("transformer.rotary_pos_emb.inv_freq",),
-    tiny={
-        "model_type": "chatglm",
-        "architectures": ["ChatGLMModel"],
-        "padded_vocab_size": 256,
-        "hidden_size": 64,
-        "ffn_hidden_size": 128,
-        "kv_channels": 16,
-        "num_layers": 2,
-        "num_attention_heads": 4,
-        "multi_query_attention": True,
-        "multi_query_group_num": 2,
-        "add_qkv_bias": True,
-        "add_bias_linear": False,
-        "rmsnorm": True,
-        "post_layer_norm": True,
-        "layernorm_epsilon": 1e-5,
-        "seq_length": 256,
-    },
-)
-
-GLM = Family(
-    name="glm",
-    detect=lambda hf: hf.get("model_type") == "glm",
-    config_from_hf=glm_config_from_hf,
-    names=llama.NAMES,
-    fused={llama.LAYER + "mlp.gate_up_proj.weight": split_rows(gate_up)},
-    tiny={
-        **llama.FAMILY.tiny,
-        "model_type": "glm",
-        "architectures": ["GlmForCausalLM"],
-        "head_dim": 16,
-        "partial_rotary_factor": 0.5,
-        "attention_bias": True,
-        "rms_norm_eps": 1e-6,
-    },
+    # get_prefix_tokens() = [gMASK] sop; generation_config.json also stops on <|user|>,
+    # <|observation|>. Upstream splits specials out of text only with encode_special_tokens=True
+    # (default False: a typed "<|user|>" becomes ordinary pieces); a chat template typed as text
+    # needs the real ids, so the bracketed ones are always recognised. Bare "sop"/"eop" are not:
+    # they are ordinary words too.
+    tokenizer=TokenizerRule(
+        model_types=("chatglm",),
+        classes=("chatglmtokenizer",),
+        kinds=("sentencepiece",),
+        prefix=("[gMASK]", "sop"),
+        eos=("</s>", "<|user|>", "<|observation|>"),
+        appended=SPECIALS,
+        in_text=tuple(t for t in SPECIALS if t not in ("sop", "eop")),
+    ),
 )

@@ -6,8 +6,7 @@ SwiGLU; the head is tied in the small Llama-3.2 models (no `lm_head.weight` in t
 
 from slimllm.reference.config import ModelConfig
 
-from ..convert import Family
-from .common import expect, require, rope_settings
+from .common import Family, TokenizerRule, expect, require, rope_settings
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -51,6 +50,19 @@ NAMES = {
     "layers.{i}.b_down": LAYER + "mlp.down_proj.bias",
 }
 
+# LlamaTokenizer: <s> first when add_bos_token (default true). A bare SentencePiece model that no
+# config names a family for is read this way too.
+TOKENIZER = TokenizerRule(
+    model_types=("llama", "mistral"),
+    classes=("llamatokenizer", "codellamatokenizer"),
+    kinds=("sentencepiece",),
+    default_for=("sentencepiece",),
+    bos="<s>",
+    add_bos=True,
+    eos=("</s>",),
+    in_text=("<s>", "</s>", "<unk>"),
+)
+
 FAMILY = Family(
     name="llama",
     detect=lambda hf: hf.get("model_type") == "llama",
@@ -58,18 +70,5 @@ FAMILY = Family(
     names=NAMES,
     # Older exports store the rotary cache; it is recomputed from the config.
     ignored=(LAYER + "self_attn.rotary_emb.inv_freq",),
-    tiny={
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-    },
+    tokenizer=TOKENIZER,
 )

@@ -9,8 +9,7 @@ load: the prefix is dropped and the tied head is ignored.
 
 from slimllm.reference.config import ModelConfig
 
-from ..convert import Family
-from .common import expect, require
+from .common import Family, TokenizerRule, expect, require
 
 LAYER = "decoder.layers.{i}."
 
@@ -75,17 +74,8 @@ FAMILY = Family(
     names=NAMES,
     ignored=("lm_head.weight",),
     rename=lambda name: name.removeprefix("model."),
-    tiny={
-        "model_type": "opt",
-        "architectures": ["OPTForCausalLM"],
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "ffn_dim": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 256,
-        "do_layer_norm_before": True,
-        "word_embed_proj_dim": 64,
-        "activation_function": "relu",
-    },
+    # OPT ships GPT2Tokenizer (vocab.json + merges.txt) with add_bos_token and bos </s>.
+    tokenizer=TokenizerRule(
+        model_types=("opt",), kinds=("bpe-vocab-merges",), bos="</s>", add_bos=True, eos=("</s>",)
+    ),
 )

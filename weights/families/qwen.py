@@ -2,14 +2,15 @@
 and an MLP whose hub names are swapped relative to their roles: `c_proj(w1(x) * silu(w2(x)))`,
 so w2 is the gate and w1 the up projection; `intermediate_size` is twice the FFN width.
 Dynamic NTK (base scaled by an alpha fixed from the prompt length) and logN query scaling apply
-past the trained `seq_length` when the config enables them.
+past the trained `seq_length` when the config enables them. The tokenizer (tiktoken,
+tokenization_qwen.py) adds nothing around a prompt and numbers 208 specials from 151643.
 """
 
 from slimllm.reference.config import ModelConfig
 
-from ..convert import Family, qkv_sizes, split_rows
 from ..io import CheckpointError
-from .common import require
+from ..transforms import qkv_sizes, split_rows
+from .common import Family, TokenizerRule, require
 
 LAYER = "transformer.h.{i}."
 
@@ -41,6 +42,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
+# Pre-tokenizer split pattern of tokenization_qwen.py (PAT_STR); Qwen2's tokenizer.json has it too.
+PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(
+    f"<|extra_{i}|>" for i in range(205)
+)
 QKV = ("layers.{i}.wq", "layers.{i}.wk", "layers.{i}.wv")
 QKV_B = ("layers.{i}.bq", "layers.{i}.bk", "layers.{i}.bv")
 
@@ -65,20 +74,15 @@ FAMILY = Family(
         LAYER + "attn.c_attn.weight": split_rows(qkv_sizes(QKV)),
         LAYER + "attn.c_attn.bias": split_rows(qkv_sizes(QKV_B)),
     },
-    tiny={
-        "model_type": "qwen",
-        "architectures": ["QWenLMHeadModel"],
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "kv_channels": 16,
-        "layer_norm_epsilon": 1e-6,
-        "seq_length": 8,
-        "max_position_embeddings": 256,
-        "use_dynamic_ntk": True,
-        "use_logn_attn": True,
-        "no_bias": True,
-    },
+    tokenizer=TokenizerRule(
+        model_types=("qwen",),
+        classes=("qwentokenizer",),
+        kinds=("tiktoken",),
+        tiktoken_size=151643,
+        # generation_config eos <|endoftext|>; chat() also stops on <|im_end|> and <|im_start|>.
+        eos=("<|endoftext|>", "<|im_end|>", "<|im_start|>"),
+        appended=SPECIALS,
+        pattern=PATTERN,
+        nfc=True,
+    ),
 )

@@ -1,9 +1,10 @@
 """Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`) and Qwen3 (`Qwen3ForCausalLM`): the Llama layout plus
-q/k/v biases (Qwen2) or per-head q/k RMSNorm with an explicit head_dim (Qwen3)."""
+q/k/v biases (Qwen2) or per-head q/k RMSNorm with an explicit head_dim (Qwen3). Both ship the
+Qwen2Tokenizer (byte-level BPE with Qwen's split pattern), which adds nothing around a prompt."""
 
-from ..convert import Family
 from ..io import CheckpointError
-from . import llama
+from . import llama, qwen
+from .common import Family, TokenizerRule
 
 LAYER = llama.LAYER
 
@@ -24,19 +25,31 @@ NAMES = {
     "layers.{i}.q_norm": LAYER + "self_attn.q_norm.weight",
     "layers.{i}.k_norm": LAYER + "self_attn.k_norm.weight",
 }
-TINY = {**llama.FAMILY.tiny, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True}
+
+
+def tokenizer(model_types, classes=()):
+    # Chat models' generation_config stops on <|im_end|>, <|endoftext|>.
+    return TokenizerRule(
+        model_types=model_types,
+        classes=classes,
+        kinds=("bpe-vocab-merges",),
+        eos=("<|im_end|>", "<|endoftext|>"),
+        pattern=qwen.PATTERN,
+        nfc=True,
+    )
+
 
 QWEN2 = Family(
     name="qwen2",
     detect=lambda hf: hf.get("model_type") == "qwen2",
     config_from_hf=config_from_hf,
     names=NAMES,
-    tiny={**TINY, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+    tokenizer=tokenizer(("qwen2", "qwen2_moe"), ("qwen2tokenizer",)),
 )
 QWEN3 = Family(
     name="qwen3",
     detect=lambda hf: hf.get("model_type") == "qwen3",
     config_from_hf=config_from_hf,
     names=NAMES,
-    tiny={**TINY, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 32},
+    tokenizer=tokenizer(("qwen3", "qwen3_moe")),
 )
