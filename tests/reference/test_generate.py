@@ -4,8 +4,8 @@ import pytest
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.generate import Stopping, generate
-from slimllm.reference.runtime import Runtime
 from slimllm.reference.params import init_params
+from slimllm.reference.runtime import Runtime
 from slimllm.reference.sampling import SamplingConfig
 
 CFG = ModelConfig(
@@ -71,7 +71,9 @@ def test_prompt_longer_than_context_or_cache():
     with pytest.raises(ValueError, match="exceeds the model's context"):
         run([[1] * 60], n=10)
     with pytest.raises(ValueError, match="longer than the cache"):
-        generate(PARAMS, CFG, [[1] * 10], Stopping(max_new_tokens=10), rt=Runtime("numpy", cache_len=12))
+        generate(
+            PARAMS, CFG, [[1] * 10], Stopping(max_new_tokens=10), rt=Runtime("numpy", cache_len=12)
+        )
     with pytest.raises(ValueError, match="outside the vocabulary"):
         run([[1, 64]])
     with pytest.raises(ValueError, match="at least one token"):
