@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_options(e)
     e.add_argument("--json", action="store_true")
     b = sub.add_parser("bench", help="decode latency, attention and KV-cache micro-benchmarks")
-    from .bench import add_arguments as add_bench_arguments
+    from .bench.common import add_arguments as add_bench_arguments
 
     add_bench_arguments(b)
     f = sub.add_parser(
@@ -310,7 +310,7 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from .bench import run, summary
+    from .bench.cli import run, summary  # imports jax
 
     report = run(args)
     if not args.json:
