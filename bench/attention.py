@@ -2,8 +2,9 @@
 
 The paper's figure: 1024 tokens, 32 heads, d=128, FlashAttention 61.57 ms vs SlimAttention
 16.02 ms on one Xeon 8563C socket. Only the attention call is timed: K/V are already in the
-cache (int8 quantised as the cache does), projections are excluded. Jitted ahead of time,
-`block_until_ready`, median of interleaved runs. Also the cache helpers kv_decode.py shares.
+cache (written by the cache's own `write`, so int8 is quantised as generation quantises it),
+projections are excluded. Jitted ahead of time, `block_until_ready`, median of interleaved runs.
+Also the cache helpers kv_decode.py shares.
 
 `python -m bench.attention [options]` (or `slimllm bench attention`); options and JSON fields:
 bench/README.md.
@@ -18,47 +19,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slimllm.jaxbackend.kv_cache import STORAGE, KVCache, LayerKV, padded_len
+from slimllm.jaxbackend import kv_cache
 from slimllm.jaxbackend.model import ATTENTION
 from slimllm.reference.attention import attention_bias
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.positions import Positions
-from slimllm.reference.quant import quantize
 
 from .common import interleaved, log, r3, timing
 
 
-def random_layer_kv(b: int, kh: int, s: int, d: int, kv_dtype: str, seed: int = 0):
-    """A filled cache layer of s slots: random K/V stored in kv_dtype (drawn and quantised in
-    NumPy, bit-identical to the JAX encoding, so no eager JAX ops need compiling)."""
+def filled_cache(cfg: ModelConfig, b: int, length: int, kv_dtype: str, seed: int = 0):
+    """A cache for `length` tokens whose every slot holds random K/V (as after a long prompt).
+    Its length is the cache's own (whole key blocks); the slots past `length` are filled too."""
+    cache = kv_cache.init_cache(cfg, b, length, kv_dtype)
+    s = cache.max_len
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))  # [b,s]
     rng = np.random.default_rng(seed)
-    parts = []
-    for _ in range(2):  # K, then V
-        x = rng.standard_normal((b, kh, s, d), np.float32)  # [b,k,s,d]
-        stored, scale = quantize(x) if kv_dtype == "int8" else (x.astype(STORAGE[kv_dtype]), None)
-        parts += [jnp.asarray(stored), None if scale is None else jnp.asarray(scale)]
-    k, k_scale, v, v_scale = parts
-    return LayerKV(k, v, k_scale, v_scale, kv_dtype)
+    for layer in range(cfg.n_layers):
+        k, v = (rng.standard_normal((b, s, cfg.n_kv_heads, cfg.head_dim), np.float32) for _ in "kv")
+        cache = kv_cache.write(cache, layer, jnp.asarray(k), jnp.asarray(v), slots)  # [b,s,k,d]
+    return jax.block_until_ready(cache)
 
 
-def filled_cache(cfg: ModelConfig, b: int, context: int, kv_dtype: str):
-    """A cache of `context` slots whose every slot holds random K/V (as after a long prompt)."""
-    if padded_len(context) != context:
-        raise ValueError(f"--context {context} must be a multiple of 64 (256 above 256)")
-    layers = [
-        random_layer_kv(b, cfg.n_kv_heads, context, cfg.head_dim, kv_dtype, seed=i)
-        for i in range(cfg.n_layers)
-    ]
-    scales = kv_dtype == "int8"
-    cache = KVCache(
-        tuple(x.k for x in layers),
-        tuple(x.v for x in layers),
-        tuple(x.k_scale for x in layers) if scales else None,
-        tuple(x.v_scale for x in layers) if scales else None,
-        kv_dtype,
-    )
-    jax.block_until_ready(cache)
-    return cache
+def layer_kv(cfg: ModelConfig, b: int, length: int, kv_dtype: str, seed: int = 0):
+    """One filled cache layer, as attention reads it."""
+    return kv_cache.read(filled_cache(cfg.replace(n_layers=1), b, length, kv_dtype, seed), 0)
 
 
 def causal_bias(cfg: ModelConfig, b: int, start: int, t: int, s: int):
@@ -74,7 +59,7 @@ def compiled_attention(kind: str, q, kv, bias):
     arrays = (kv.k, kv.v, kv.k_scale, kv.v_scale)  # LayerKV is not a pytree: pass its arrays
 
     def attend(q, arrays, bias):
-        return ATTENTION[kind](q, LayerKV(*arrays, kv.dtype), bias, scale)
+        return ATTENTION[kind](q, kv_cache.LayerKV(*arrays, kv.dtype), bias, scale)
 
     t0 = time.perf_counter()
     program = jax.jit(attend).lower(q, arrays, bias).compile()
@@ -84,15 +69,16 @@ def compiled_attention(kind: str, q, kv, bias):
 
 
 def run(args) -> dict:
-    """One attention layer's prefill: t queries at slots 0..t-1 over a filled cache of t slots."""
+    """One attention layer's prefill: t queries at slots 0..t-1 over a filled cache of t slots
+    (rounded up to whole key blocks as in generation; the causal mask hides the extra ones)."""
     b, t, h, kh, d = args.batch, args.tokens, args.heads, args.kv_heads, args.head_dim
     if h % kh:
         raise ValueError(f"--heads {h} is not a multiple of --kv-heads {kh}")
     shape = dict(n_heads=h, n_kv_heads=kh, head_dim=d, max_len=t)
     cfg = ModelConfig(vocab=1, width=h * d, n_layers=1, ffn_width=1, **shape)
     q = jnp.asarray(np.random.default_rng(1).standard_normal((b, t, h, d), np.float32))
-    kv = random_layer_kv(b, kh, t, d, args.kv_dtype)  # [b,k,s,d]
-    bias = causal_bias(cfg, b, 0, t, t)  # [b,1,t,s]
+    kv = layer_kv(cfg, b, t, args.kv_dtype)  # [b,k,s,d]
+    bias = causal_bias(cfg, b, 0, t, kv.length)  # [b,1,t,s]
     flops = 4 * b * h * d * t * (t + 1) // 2  # QK^T and PV over the visible (causal) half
     compiled, calls, outputs = {}, {}, {}
     for kind in args.kinds:

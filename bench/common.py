@@ -21,7 +21,7 @@ from slimllm.api import Model, load
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.kv_cache import KV_DTYPES, nbytes_per_token
 from slimllm.reference.model import ATTENTION
-from slimllm.reference.params import LayerParams, Params, layer_shapes, model_shapes
+from slimllm.reference.params import init_params
 from slimllm.weights import load_config
 
 KINDS = ("decode", "attention", "kv-decode", "bandwidth", "targets")  # one module each
@@ -106,7 +106,7 @@ def build_model(args):
     else:
         cfg, info = resolve_config(args.preset, args.config, args.layers)
         log(f"random weights for {info['source']} ({cfg.n_params() / 1e6:.0f}M parameters)")
-        model = Model(cfg, random_params(cfg), family="random", source=info["source"])
+        model = Model(cfg, init_params(cfg), family="random", source=info["source"])
     cfg = model.cfg
     info |= {
         "params": cfg.n_params(),
@@ -115,29 +115,6 @@ def build_model(args):
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
     }
     return model, info
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-    """Random weights with `init_params`'s rules (N(0, 1/fan_in) matrices, norms near 1, small
-    biases), drawn directly in float32: half the time and memory for multi-GB shapes."""
-    rng = np.random.default_rng(seed)
-
-    def draw(name, shape):
-        x = rng.standard_normal(shape, np.float32)
-        if name.endswith("norm"):
-            x *= np.float32(0.1)
-            x += np.float32(1.0)
-        elif len(shape) == 1:
-            x *= np.float32(0.1)
-        elif name not in ("embed", "pos_embed"):
-            x *= np.float32(1 / np.sqrt(shape[0]))
-        return x
-
-    layers = [
-        LayerParams(**{n: draw(n, s) for n, s in layer_shapes(cfg).items()})
-        for _ in range(cfg.n_layers)
-    ]
-    return Params(layers=layers, **{n: draw(n, s) for n, s in model_shapes(cfg).items()})
 
 
 def param_bytes(params) -> int:

@@ -1,8 +1,8 @@
 """One decode step at a long context per KV cache dtype (default context 4096, batch 4), JAX
 backend: float32 against int8, whose cache is a quarter of the bytes to read.
 
-For each dtype a cache of `context` slots is filled with random K/V (int8: quantised as the
-cache does), then (a) `model_step`: one jitted
+For each dtype a cache of `context` slots is filled with random K/V (written by the cache
+itself, so int8 is quantised as generation quantises it), then (a) `model_step`: one jitted
 decode step of the whole model at slot `context - 1` (embedding, every layer's cache write and
 attention over `context` keys, LM head; the cache donated and reused), and (b)
 `attention_layer`: the attention call of one layer alone. Medians of interleaved runs; the
@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from slimllm.jaxbackend.generate import decode_fn
+from slimllm.jaxbackend.kv_cache import padded_len
 from slimllm.jaxbackend.positions import SeqState
 from slimllm.reference.config import ModelConfig
 
-from .attention import causal_bias, compiled_attention, filled_cache, random_layer_kv
+from .attention import causal_bias, compiled_attention, filled_cache, layer_kv
 from .bandwidth import combine_bandwidth, measure_bandwidth
 from .common import build_model, bytes_read_per_token, interleaved, kv_bytes_read, log, r3, timing
 
@@ -63,6 +64,8 @@ def run(args, bandwidth: dict | None = None) -> dict:
     b, ctx = args.kv_batch, args.context
     if ctx > cfg.max_len:
         raise ValueError(f"--context {ctx} exceeds the model's context {cfg.max_len}")
+    if padded_len(ctx) != ctx:  # the step reads exactly `context` keys
+        raise ValueError(f"--context {ctx} must be a multiple of 64 (256 above 256)")
     engine = model.engine()
     weight_bytes = bytes_read_per_token(model.params, cfg, b)
     model.params = None
@@ -75,7 +78,7 @@ def run(args, bandwidth: dict | None = None) -> dict:
         step_s, calls[("model_step", dtype)] = compiled_step(
             engine.params, cfg, b, ctx, dtype, args.attention
         )
-        kv = random_layer_kv(b, cfg.n_kv_heads, ctx, cfg.head_dim, dtype)
+        kv = layer_kv(cfg, b, ctx, dtype)
         attention = compiled_attention(args.attention, q, kv, bias)
         layer_s, calls[("attention_layer", dtype)] = attention[:2]
         compiled |= {("model_step", dtype): step_s, ("attention_layer", dtype): layer_s}
