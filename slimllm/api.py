@@ -13,8 +13,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slimllm.jaxbackend import mpi
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.generate import Stopping
+from slimllm.reference.generate import generate as run_reference
+from slimllm.reference.kv_cache import KV_DTYPES
+from slimllm.reference.model import ATTENTION
 from slimllm.reference.params import Params, init_params
+from slimllm.reference.sampling import SamplingConfig
+from slimllm.weights import load_checkpoint
+
+from .progress import shards
 
 BACKENDS = ("jax", "numpy")  # jax: compiled fast path (default); numpy: the reference
 
@@ -34,13 +43,12 @@ class Model:
     def engine(self, tp: int = 1):
         """The JAX engine of this model (device weights, compiled programs), made on first use.
         Under mpiexec the ranks split the model (tp = the job's size); else tp XLA devices."""
-        from slimllm.jaxbackend.mpi import launched_size
-
-        ranks = launched_size()
+        ranks = mpi.launched_size()
         if ranks > 1 and tp not in (1, ranks):
             raise ValueError(f"--tp {tp} but mpiexec started {ranks} ranks: they must match")
         tp, transport = (ranks, "mpi") if ranks > 1 else (tp, "devices")
         if (tp, transport) not in self._engines:
+            # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
             from slimllm.jaxbackend.generate import Engine
 
             self._engines[tp, transport] = Engine(self.params, self.cfg, tp, transport)
@@ -73,9 +81,6 @@ class Output:
 
 def check_setting(backend: str, attention: str, kv_dtype: str) -> None:
     """Reject unknown runtime settings with the list of valid ones."""
-    from slimllm.reference.kv_cache import KV_DTYPES
-    from slimllm.reference.model import ATTENTION
-
     for what, value, allowed in (
         ("backend", backend, BACKENDS),
         ("attention", attention, tuple(ATTENTION)),
@@ -87,10 +92,6 @@ def check_setting(backend: str, attention: str, kv_dtype: str) -> None:
 
 def load(path, progress=None) -> Model:
     """Load a Hugging Face checkpoint directory or a llama2.c .bin file."""
-    from slimllm.weights import load_checkpoint
-
-    from .progress import shards
-
     progress = progress or shards
     ck = load_checkpoint(path, progress=progress)
     return Model(
@@ -154,9 +155,6 @@ def generate(
     tp: int = 1,
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists)."""
-    from slimllm.reference.generate import Stopping
-    from slimllm.reference.sampling import SamplingConfig
-
     check_setting(backend, attention, kv_dtype)
     if tp > 1 and backend != "jax":
         raise ValueError("tensor parallelism (tp > 1) needs the jax backend")
@@ -179,8 +177,7 @@ def generate(
         return_logits=return_logits,
     )
     if backend == "jax":
-        from slimllm.jaxbackend import mpi
-        from slimllm.jaxbackend.generate import generate as run_jax
+        from slimllm.jaxbackend.generate import generate as run_jax  # jax: as in Model.engine
 
         engine = model.engine(tp)
         if engine.comm.kind == "mpi":  # the master's ids and settings reach every rank
@@ -190,9 +187,7 @@ def generate(
             stopping = dataclasses.replace(stopping, decode=tok.decode if tok else None)
         result = run_jax(engine, prompts, stopping, sampling, mode=mode, **options)
     else:
-        from slimllm.reference.generate import generate as run
-
-        result = run(model.params, model.cfg, prompts, stopping, sampling, **options)
+        result = run_reference(model.params, model.cfg, prompts, stopping, sampling, **options)
     ids_out = [row.ids for row in result.rows]
     return Output(
         ids=ids_out,

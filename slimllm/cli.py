@@ -12,9 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+from pathlib import Path
 
-from .api import BACKENDS
+from slimllm.jaxbackend import mpi
+from slimllm.reference.kv_cache import KV_DTYPES
+from slimllm.reference.model import ATTENTION
+from slimllm.weights import load_config
+from slimllm.weights.io import CheckpointError
+
+from .api import BACKENDS, demo_model, generate, load
+from .bench.common import add_arguments as add_bench_arguments
+from .diff import diff, format_report, load_dump, parse_side
+from .evaluate import Setting, compare, kv_size_report, sample_sequence
 
 
 class UserError(Exception):
@@ -55,9 +67,6 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_setting_options(p: argparse.ArgumentParser) -> None:
-    from slimllm.reference.kv_cache import KV_DTYPES
-    from slimllm.reference.model import ATTENTION
-
     p.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -106,8 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_options(e)
     e.add_argument("--json", action="store_true")
     b = sub.add_parser("bench", help="decode latency, attention and KV-cache micro-benchmarks")
-    from .bench.common import add_arguments as add_bench_arguments
-
     add_bench_arguments(b)
     f = sub.add_parser(
         "diff",
@@ -135,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generation(model, args, default_ids=None) -> dict:
-    from .api import generate
-
     if args.prompt is None and args.ids is None and default_ids is None:
         raise UserError("give --prompt TEXT or --ids 1,2,3")
     ids = parse_ids(args.ids) if args.ids else None
@@ -187,14 +192,9 @@ def run_generation(model, args, default_ids=None) -> dict:
 def inject_fault() -> None:
     """Testing aid for distributed runs: SLIMLLM_FAULT="RANK:raise" or "RANK:kill" makes that
     MPI rank fail just before generating, while the others enter their first collective."""
-    import os
-    import signal
-
     fault = os.environ.get("SLIMLLM_FAULT", "")
     if not fault:
         return
-    from slimllm.jaxbackend import mpi
-
     rank, kind = fault.split(":")
     if mpi.launched_size() > 1 and mpi.rank() == int(rank):
         if kind == "kill":
@@ -225,14 +225,10 @@ class StreamPrinter:
 
 
 def cmd_generate(args) -> dict:
-    from .api import load
-
     return run_generation(load(args.model), args)
 
 
 def cmd_demo(args) -> dict:
-    from .api import demo_model, load
-
     model = load(args.model) if args.model else demo_model()
     if not args.json:
         print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)", flush=True)
@@ -247,10 +243,6 @@ def cmd_demo(args) -> dict:
 
 
 def cmd_kv_size(args) -> dict:
-    from slimllm.weights import load_config
-
-    from .evaluate import kv_size_report
-
     if args.context < 1 or args.batch < 1:
         raise UserError("--context and --batch must be positive")
     report = kv_size_report(load_config(args.model), args.context, args.batch)
@@ -268,8 +260,6 @@ def cmd_kv_size(args) -> dict:
 
 
 def read_ids_file(path) -> list[int]:
-    from pathlib import Path
-
     text = Path(path).read_text().replace(",", " ")
     try:
         return [int(t) for t in text.split()]
@@ -278,9 +268,6 @@ def read_ids_file(path) -> list[int]:
 
 
 def cmd_eval(args) -> dict:
-    from .api import load
-    from .evaluate import Setting, compare, sample_sequence
-
     model = load(args.model)
     setting = Setting(args.backend, args.attention, args.kv_dtype)
     prompt = parse_ids(args.ids) if args.ids else None
@@ -310,7 +297,8 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from .bench.cli import run, summary  # imports jax
+    # Imports jax: only here, after prepare_devices has set the XLA device count for --tp.
+    from .bench.cli import run, summary
 
     report = run(args)
     if not args.json:
@@ -319,10 +307,6 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_diff(args) -> dict:
-    from .api import load
-    from .diff import diff, format_report, load_dump, parse_side
-    from .evaluate import sample_sequence
-
     given = [b for b in (args.b, args.against, args.dump and f"dump:{args.dump}") if b]
     if len(given) > 1:
         raise UserError("give one of --b, --against, --dump")
@@ -360,24 +344,16 @@ COMMANDS = {
 
 def prepare_devices(args) -> None:
     """Before jax is imported: one process with --tp N needs N XLA CPU devices."""
-    import os
-
-    from slimllm.jaxbackend.mpi import launched_size
-
     tp = getattr(args, "tp", 1)
-    if tp > 1 and launched_size() == 1 and "jax" not in sys.modules:
+    if tp > 1 and mpi.launched_size() == 1 and "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={tp}".strip()
 
 
 def main(argv=None) -> int:
-    from slimllm.jaxbackend.mpi import launched_size
-
-    if launched_size() > 1:
+    if mpi.launched_size() > 1:
         return main_mpi(argv)
-    from slimllm.weights.io import CheckpointError
-
     try:
         args = build_parser().parse_args(argv)
         prepare_devices(args)
@@ -393,10 +369,6 @@ def main(argv=None) -> int:
 def main_mpi(argv=None) -> int:
     """One rank of `mpiexec -n R slimllm ...`: rank 0 prints, the others stay quiet; any failure
     on any rank prints one line and aborts the whole job, so no rank waits forever."""
-    import os
-
-    from slimllm.jaxbackend import mpi
-
     rank = mpi.rank()
     if rank:  # before parsing, so that --help and usage print once
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115

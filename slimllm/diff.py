@@ -24,7 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from slimllm.reference import kv_cache, positions
+from slimllm.reference.model import TRACE_KEYS, forward
+
 from .api import Model, check_setting
+from .hf_trace import hf_trace
 
 SCHEMA = "slimllm.diff/1"
 
@@ -71,9 +75,6 @@ def parse_side(text: str) -> Side:
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
-    from slimllm.reference import kv_cache, positions
-    from slimllm.reference.model import forward
-
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.kv_dtype)
@@ -92,8 +93,6 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
 
 def load_dump(path, tokens=None) -> tuple[list[int], dict]:
     """A user's dump: (its tokens, name -> [t, ...] arrays); unknown keys are an error."""
-    from slimllm.reference.model import TRACE_KEYS
-
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such dump file")
@@ -117,8 +116,6 @@ def load_dump(path, tokens=None) -> tuple[list[int], dict]:
 def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     """Named intermediates [t, ...] of one side on these tokens."""
     if side.kind == "hf":
-        from .hf_trace import hf_trace
-
         return hf_trace(model, tokens)
     if side.kind == "dump":
         return load_dump(side.path)[1]

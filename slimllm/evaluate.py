@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from slimllm.reference import kv_cache, positions
+from slimllm.reference.model import forward
 from slimllm.reference.ops import log_softmax
 
 from .api import Model, check_setting, generate
+from .progress import bar
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,6 @@ def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
 
 def sequence_logits(model: Model, tokens, prompt_len: int, setting: Setting, chunk: int = 128):
     """Logits [n, v] at every position of `tokens` under `setting` (prompt prefilled first)."""
-    from slimllm.reference.model import forward
-
     cfg = model.cfg
     tokens = [int(t) for t in tokens]
     bounds = chunk_bounds(len(tokens), prompt_len, chunk)
@@ -82,8 +82,6 @@ def compare(
     greedy_tokens: int = 200,
 ) -> dict:
     """All harness figures for `setting` against `baseline` on one sequence."""
-    from .progress import bar
-
     steps = iter(bar(range(4), f"eval {setting.kv_dtype}/{setting.attention}/{setting.backend}"))
     next(steps)
     base = log_softmax(sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64))
