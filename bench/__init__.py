@@ -1,2 +1,3 @@
-"""Runnable benchmark scripts (JSON on stdout; `--table` for a summary). The implementation is
-`slimllm.bench`, so `slimllm bench ...` runs the same code from anywhere; see README.md here."""
+"""Benchmarks with JSON output, installed as `slimllm.bench` (pyproject's package-dir): one
+module per benchmark (decode, attention, kv_decode, bandwidth, targets), what they share in
+common.py, and the entry point of `slimllm bench` in cli.py. See README.md here."""

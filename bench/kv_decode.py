@@ -1,12 +1,141 @@
-"""`python -m bench.kv_decode [options]`:
-one decode step at context 4096, batch 4, per KV cache dtype (float32 vs int8).
+"""One decode step at a long context per KV cache dtype (default context 4096, batch 4), JAX
+backend: float32 against int8, whose cache is a quarter of the bytes to read.
 
-Options and JSON fields: bench/README.md (same as `slimllm bench kv-decode`).
+For each dtype a cache of `context` slots is filled with random K/V (written by the cache
+itself, so int8 is quantised as generation quantises it), then (a) `model_step`: one jitted
+decode step of the whole model at slot `context - 1` (embedding, every layer's cache write and
+attention over `context` keys, LM head; the cache donated and reused), and (b)
+`attention_layer`: the attention call of one layer alone. Medians of interleaved runs; the
+floor adds the KV bytes to the weight bytes (decode.py) over the read bandwidth.
+
+`python -m bench.kv_decode [options]` (or `slimllm bench kv-decode`); options and JSON fields:
+bench/README.md.
 """
 
-import sys
+from __future__ import annotations
 
-from slimllm.bench import main
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slimllm.jaxbackend.generate import decode_fn
+from slimllm.jaxbackend.kv_cache import padded_len
+from slimllm.jaxbackend.positions import SeqState
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.runtime import Runtime
+
+from .attention import causal_bias, compiled_attention, filled_cache, layer_kv
+from .bandwidth import combine_bandwidth, measure_bandwidth
+from .common import build_model, bytes_read_per_token, interleaved, kv_bytes_read, log, r3, timing
+
+PARTS = ("model_step", "attention_layer")
+
+
+def compiled_step(params, cfg: ModelConfig, b: int, context: int, kv_dtype: str, attention: str):
+    """The whole model's decode step at slot context-1, jitted like the engine's with the cache
+    donated -> (compile seconds, call that runs one step and keeps the returned cache)."""
+    cache = filled_cache(cfg, b, context, kv_dtype)
+    zeros = jnp.zeros(b, jnp.int32)
+    state = SeqState(jnp.full(b, context - 1, jnp.int32), zeros, zeros, jnp.ones(b, jnp.float32))
+    ids = jnp.ones(b, jnp.int32)
+    fn = functools.partial(decode_fn, cfg=cfg, rt=Runtime(attention=attention))
+    t0 = time.perf_counter()
+    program = jax.jit(fn, donate_argnums=(2,)).lower(params, ids, cache, state).compile()
+    compile_s = time.perf_counter() - t0
+    box = [cache]
+
+    def step():
+        logits, box[0] = program(params, ids, box[0], state)
+        logits.block_until_ready()
+
+    step()  # one untimed run
+    return compile_s, step
+
+
+def run(args, bandwidth: dict | None = None) -> dict:
+    """Decode at a long context per KV dtype: the whole model step and the attention layer."""
+    if bandwidth is None and args.bandwidth_mib > 0:
+        bandwidth = combine_bandwidth([measure_bandwidth(args.bandwidth_mib, "before")])
+    model, info = build_model(args)
+    cfg = model.cfg
+    b, ctx = args.kv_batch, args.context
+    if ctx > cfg.max_len:
+        raise ValueError(f"--context {ctx} exceeds the model's context {cfg.max_len}")
+    if padded_len(ctx) != ctx:  # the step reads exactly `context` keys
+        raise ValueError(f"--context {ctx} must be a multiple of 64 (256 above 256)")
+    engine = model.engine()
+    weight_bytes = bytes_read_per_token(model.params, cfg, b)
+    model.params = None
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((b, 1, cfg.n_heads, cfg.head_dim), np.float32))
+    bias = causal_bias(cfg, b, ctx - 1, 1, ctx)  # [b,1,1,s]
+    compiled, calls = {}, {}
+    for dtype in args.kv_dtypes:
+        log(f"decode step at context {ctx}, batch {b}, {dtype} cache, {args.attention}")
+        step_s, calls[("model_step", dtype)] = compiled_step(
+            engine.params, cfg, b, ctx, dtype, args.attention
+        )
+        kv = layer_kv(cfg, b, ctx, dtype)
+        attention = compiled_attention(args.attention, q, kv, bias)
+        layer_s, calls[("attention_layer", dtype)] = attention[:2]
+        compiled |= {("model_step", dtype): step_s, ("attention_layer", dtype): layer_s}
+    log(f"kv-decode: {args.runs} interleaved runs")
+    ms = interleaved(calls, args.runs)
+    dtypes = {}
+    for dtype in args.kv_dtypes:
+        row = {part: timing(compiled[(part, dtype)], ms[(part, dtype)]) for part in PARTS}
+        row["kv_bytes_per_step"] = kv_bytes = kv_bytes_read(cfg, b, ctx, dtype)
+        if bandwidth:
+            row["floor_ms"] = r3((weight_bytes + kv_bytes) / bandwidth["read_gbs"] / 1e6)
+            row["model_step_vs_floor"] = r3(row["model_step"]["median_ms"] / row["floor_ms"])
+        dtypes[dtype] = row
+    report = {
+        "kind": "kv-decode",
+        "what": "model_step: one jitted decode step of the whole model (embedding, every layer's "
+        "cache write and attention over `context` keys, LM head), cache donated; "
+        "attention_layer: the attention call of one layer alone; medians of interleaved runs",
+        "model": info,
+        "batch": b,
+        "context": ctx,
+        "attention": args.attention,
+        "runs": args.runs,
+        "weight_bytes_per_step": weight_bytes,
+        "bandwidth": bandwidth,
+        "dtypes": dtypes,
+    }
+    if "int8" in dtypes and "float32" in dtypes:
+        for part in PARTS:
+            ratio = dtypes["int8"][part]["median_ms"] / dtypes["float32"][part]["median_ms"]
+            report[f"int8_over_float32_{part}"] = r3(ratio)
+    return report
+
+
+def summary(r: dict) -> str:
+    lines = [
+        f"kv-decode: batch {r['batch']}, context {r['context']}, {r['attention']} attention, "
+        f"{r['model']['source']}",
+        f"  {'dtype':9s} {'model step ms':>14s} {'attention ms':>13s} {'KV MB':>8s} "
+        f"{'x floor':>8s}",
+    ]
+    for dtype, d in r["dtypes"].items():
+        step, layer = d["model_step"]["median_ms"], d["attention_layer"]["median_ms"]
+        lines.append(
+            f"  {dtype:9s} {step:14.2f} {layer:13.3f} {d['kv_bytes_per_step'] / 1e6:8.1f} "
+            f"{d.get('model_step_vs_floor')!s:>8}"
+        )
+    if "int8_over_float32_model_step" in r:
+        lines.append(
+            f"  int8 / float32: model step {r['int8_over_float32_model_step']}, "
+            f"attention {r['int8_over_float32_attention_layer']}"
+        )
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
+    from .cli import main  # here, not at the top: cli imports this module
+
     sys.exit(main(["kv-decode", *sys.argv[1:]]))

@@ -3,7 +3,7 @@ JSON on stdout (`--table` for a summary). The same as `slimllm bench` but JSON b
 
 import sys
 
-from slimllm.bench import main
+from slimllm.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

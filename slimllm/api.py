@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slimllm.jaxbackend import mpi
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.generate import Stopping
+from slimllm.reference.generate import generate as run_reference
 from slimllm.reference.params import Params, init_params
 from slimllm.reference.runtime import BACKENDS, Runtime
+from slimllm.reference.sampling import SamplingConfig
+from slimllm.weights import load_checkpoint
+
+from .progress import shards
 
 __all__ = ["BACKENDS", "Model", "Output", "Runtime", "demo_model", "generate", "load"]
 
@@ -35,9 +42,7 @@ class Model:
     def placed(self, rt: Runtime) -> Runtime:
         """`rt` with the transport this process runs under: under mpiexec the ranks split the
         model (tp = the job's size), else tp XLA devices of this process."""
-        from slimllm.jaxbackend.mpi import launched_size
-
-        ranks = launched_size()
+        ranks = mpi.launched_size()
         if ranks > 1 and rt.tp not in (1, ranks):
             raise ValueError(f"--tp {rt.tp} but mpiexec started {ranks} ranks: they must match")
         return rt.replace(tp=ranks, transport="mpi") if ranks > 1 else rt
@@ -45,10 +50,11 @@ class Model:
     def engine(self, rt: Runtime = Runtime()):
         """The JAX engine of this model (device weights, compiled programs) for `rt`'s tp and
         transport, made on first use."""
-        from slimllm.jaxbackend.engine import Engine
-
         rt = self.placed(rt)
         if (rt.tp, rt.transport) not in self._engines:
+            # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
+            from slimllm.jaxbackend.engine import Engine
+
             self._engines[rt.tp, rt.transport] = Engine(self.params, self.cfg, rt)
         return self._engines[rt.tp, rt.transport]
 
@@ -79,10 +85,6 @@ class Output:
 
 def load(path, progress=None) -> Model:
     """Load a Hugging Face checkpoint directory or a llama2.c .bin file."""
-    from slimllm.weights import load_checkpoint
-
-    from .progress import shards
-
     progress = progress or shards
     ck = load_checkpoint(path, progress=progress)
     return Model(
@@ -148,9 +150,6 @@ def generate(
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
     run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp."""
-    from slimllm.reference.generate import Stopping
-    from slimllm.reference.sampling import SamplingConfig
-
     rt = runtime or Runtime(
         backend=backend, attention=attention, kv_dtype=kv_dtype, tp=tp, cache_len=cache_len
     )
@@ -164,23 +163,22 @@ def generate(
         decode=tok.decode if tok is not None else None,
     )
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    options = dict(seeds=seed, on_token=on_token, rt=rt, return_logits=return_logits)
+    options = dict(seeds=seed, on_token=on_token, return_logits=return_logits)
     if rt.backend == "jax":
-        from slimllm.jaxbackend import mpi
-        from slimllm.jaxbackend.generate import generate as run_jax
+        from slimllm.jaxbackend.generate import generate as run_jax  # jax: as in Model.engine
 
-        rt = options["rt"] = model.placed(rt)
+        rt = model.placed(rt)
         engine = model.engine(rt)
         if engine.comm.per_process:  # the master's ids and settings reach every rank
             prompts, stopping, sampling, options["seeds"] = mpi.bcast_object(
                 (prompts, dataclasses.replace(stopping, decode=None), sampling, seed)
             )
             stopping = dataclasses.replace(stopping, decode=tok.decode if tok else None)
-        result = run_jax(engine, prompts, stopping, sampling, mode=mode, **options)
+        result = run_jax(engine, prompts, stopping, sampling, rt=rt, mode=mode, **options)
     else:
-        from slimllm.reference.generate import generate as run
-
-        result = run(model.params, model.cfg, prompts, stopping, sampling, **options)
+        result = run_reference(
+            model.params, model.cfg, prompts, stopping, sampling, rt=rt, **options
+        )
     ids_out = [row.ids for row in result.rows]
     return Output(
         ids=ids_out,

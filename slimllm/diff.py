@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from slimllm.jaxbackend import sequence
+from slimllm.reference import kv_cache, positions
+from slimllm.reference.model import TRACE_KEYS, forward
 from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
 
 from .api import Model
+from .hf_trace import hf_trace
 
 SCHEMA = "slimllm.diff/1"
 
@@ -78,9 +80,6 @@ def parse_side(text: str) -> Side:
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
-    from slimllm.reference import kv_cache, positions
-    from slimllm.reference.model import forward
-
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.rt.kv_dtype)
@@ -99,8 +98,6 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
 
 def load_dump(path, tokens=None) -> tuple[list[int], dict]:
     """A user's dump: (its tokens, name -> [t, ...] arrays); unknown keys are an error."""
-    from slimllm.reference.model import TRACE_KEYS
-
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such dump file")
@@ -124,13 +121,13 @@ def load_dump(path, tokens=None) -> tuple[list[int], dict]:
 def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     """Named intermediates [t, ...] of one side on these tokens."""
     if side.kind == "hf":
-        from .hf_trace import hf_trace
-
         return hf_trace(model, tokens)
     if side.kind == "dump":
         return load_dump(side.path)[1]
     if side.rt.backend == "numpy":
         return reference_trace(model, tokens, prompt_len, side)
+    from slimllm.jaxbackend import sequence  # jax: once the device count for tp is set
+
     return sequence.trace(model.engine(side.rt), tokens, prompt_len, side.rt)
 
 

@@ -15,12 +15,13 @@ from dataclasses import asdict
 
 import numpy as np
 
-from slimllm.jaxbackend import sequence
 from slimllm.reference import kv_cache, positions
+from slimllm.reference.model import forward
 from slimllm.reference.ops import log_softmax
 from slimllm.reference.runtime import Runtime
 
 from .api import Model, generate
+from .progress import bar
 
 BASELINE = Runtime(backend="numpy")  # the float32 naive NumPy reference
 
@@ -32,12 +33,12 @@ def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
 
 def sequence_logits(model: Model, tokens, prompt_len: int, setting: Runtime, chunk: int = 128):
     """Logits [n, v] at every position of `tokens` under `setting` (prompt prefilled first)."""
-    from slimllm.reference.model import forward
-
     cfg = model.cfg
     tokens = [int(t) for t in tokens]
     bounds = chunk_bounds(len(tokens), prompt_len, chunk)
     if setting.backend == "jax":
+        from slimllm.jaxbackend import sequence  # jax: once the device count for tp is set
+
         return sequence.sequence_logits(model.engine(setting), tokens, bounds, setting)
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), setting.kv_dtype)
@@ -73,8 +74,6 @@ def compare(
     greedy_tokens: int = 200,
 ) -> dict:
     """All harness figures for `setting` against `baseline` on one sequence."""
-    from .progress import bar
-
     steps = iter(bar(range(4), f"eval {setting.kv_dtype}/{setting.attention}/{setting.backend}"))
     next(steps)
     base = log_softmax(sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64))

@@ -15,7 +15,7 @@ import numpy as np
 
 
 def hf_trace(model, tokens) -> dict:
-    try:
+    try:  # optional: the oracle extra, never installed in CI
         import torch
         import transformers
     except ImportError as e:

@@ -9,7 +9,7 @@ import sys
 
 
 def bar(iterable, desc: str, total: int | None = None):
-    from tqdm import tqdm
+    from tqdm import tqdm  # here: its import (~50 ms) would slow every `import slimllm`
 
     forced = os.environ.get("SLIMLLM_PROGRESS")
     disable = None if forced is None else forced == "0"  # None: only on a terminal

@@ -1,0 +1,266 @@
+"""What every benchmark shares: the model shapes (presets) and the model built from one, the
+bytes a step must read, timing and statistics helpers, and the options of `slimllm bench`.
+
+Nothing here imports jax: `slimllm` builds its parser from `add_arguments` before `--tp` has
+set the number of XLA devices, which must happen before jax is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from slimllm.api import Model, load
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.kv_cache import KV_DTYPES, nbytes_per_token
+from slimllm.reference.params import init_params
+from slimllm.reference.runtime import ATTENTION
+from slimllm.weights import load_config
+
+KINDS = ("decode", "attention", "kv-decode", "bandwidth", "targets")  # one module each
+
+# A ~150M-parameter Llama shape (the issue's decode target) and a tiny one for smoke tests.
+PRESETS = {
+    "150m": ModelConfig(
+        vocab=32000,
+        width=1024,
+        n_layers=8,
+        n_heads=16,
+        n_kv_heads=4,
+        head_dim=64,
+        ffn_width=2816,
+        max_len=4096,
+    ),
+    "tiny": ModelConfig(
+        vocab=256,
+        width=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_width=128,
+        max_len=512,
+    ),
+}
+# Real published shapes: config.json files in ../shared/configs (random weights, real sizes).
+REAL_PRESETS = ("llama-3-8b", "qwen2-0_5b", "qwen3-0_6b")
+
+
+def log(*parts) -> None:
+    """Progress goes to stderr, so stdout stays one JSON object."""
+    print("bench:", *parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- models
+
+
+def shared_dir() -> Path:
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared"
+    return Path(os.environ.get("SLIMLLM_SHARED", beside_checkout))
+
+
+def resolve_config(preset: str | None, config: str | None, layers: int | None):
+    """The model config to benchmark and a description of where it came from."""
+    if config:
+        cfg, source = load_config(config), f"config:{config}"
+    elif preset in PRESETS:
+        cfg, source = PRESETS[preset], f"preset:{preset}"
+    elif preset in REAL_PRESETS:
+        path = shared_dir() / "configs" / preset / "config.json"
+        if not path.exists():
+            raise ValueError(f"preset {preset!r} reads {path}: not found (set SLIMLLM_SHARED)")
+        cfg, source = load_config(path), f"preset:{preset}"
+    else:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {(*PRESETS, *REAL_PRESETS)}")
+    info = {"source": source, "layers": cfg.n_layers, "layers_overridden_from": None}
+    if layers is not None and layers != cfg.n_layers:
+        if layers < 1:
+            raise ValueError(f"--layers must be positive, got {layers}")
+        info |= {"layers": layers, "layers_overridden_from": cfg.n_layers}
+        cfg = cfg.replace(n_layers=layers)
+    return cfg, info
+
+
+def build_model(args):
+    """A random-weight model of the chosen shape, or a real checkpoint (--model)."""
+    t0 = time.perf_counter()
+    if args.model:
+        model = load(args.model)
+        info = {
+            "source": f"checkpoint:{args.model}",
+            "layers": model.cfg.n_layers,
+            "layers_overridden_from": None,
+        }
+        if args.layers is not None and args.layers != model.cfg.n_layers:
+            n = args.layers
+            info |= {"layers": n, "layers_overridden_from": model.cfg.n_layers}
+            model.cfg = model.cfg.replace(n_layers=n)
+            model.params = dataclasses.replace(model.params, layers=model.params.layers[:n])
+    else:
+        cfg, info = resolve_config(args.preset, args.config, args.layers)
+        log(f"random weights for {info['source']} ({cfg.n_params() / 1e6:.0f}M parameters)")
+        model = Model(cfg, init_params(cfg), family="random", source=info["source"])
+    cfg = model.cfg
+    info |= {
+        "params": cfg.n_params(),
+        "weight_bytes": param_bytes(model.params),
+        "init_seconds": r3(time.perf_counter() - t0),
+        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+    }
+    return model, info
+
+
+def param_bytes(params) -> int:
+    arrays = [getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "layers"]
+    for layer in params.layers:
+        arrays += [getattr(layer, f.name) for f in dataclasses.fields(layer)]
+    return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+def bytes_read_per_token(params, cfg: ModelConfig, batch: int) -> int:
+    """Weight bytes one decode step must read: every weight except the embedding table, of
+    which only the B looked-up rows are read (unless it doubles as the LM head)."""
+    total = param_bytes(params)
+    if not cfg.tied_head:
+        e = params.embed
+        total -= e.nbytes - batch * e.shape[1] * e.itemsize
+    return int(total)
+
+
+def kv_bytes_read(cfg: ModelConfig, batch: int, context: int, kv_dtype: str) -> int:
+    """KV cache bytes attention reads at this context (values and int8 scales, all layers)."""
+    return int(nbytes_per_token(cfg, kv_dtype) * batch * context)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def stats(values) -> dict:
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return {"n": 0, "mean": None, "p50": None, "p90": None, "min": None, "max": None}
+    return {
+        "n": int(v.size),
+        "mean": r3(v.mean()),
+        "p50": r3(np.percentile(v, 50)),
+        "p90": r3(np.percentile(v, 90)),
+        "min": r3(v.min()),
+        "max": r3(v.max()),
+    }
+
+
+def r3(x) -> float:
+    return round(float(x), 3)
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def timed(fn, runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of fn (fn blocks until its result is ready)."""
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def interleaved(calls: dict, runs: int) -> dict:
+    """Milliseconds of `runs` calls of each callable, taken in turns (one call of each per
+    round), so that a change of machine load falls on every variant alike."""
+    out = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            out[name] += timed(call, 1)
+    return out
+
+
+def timing(compile_s: float, ms: list[float]) -> dict:
+    return {"compile_seconds": r3(compile_s), "median_ms": r3(np.median(ms)), "min_ms": r3(min(ms))}
+
+
+# ---------------------------------------------------------------- options
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `slimllm bench` (and of the scripts in bench/)."""
+    p.add_argument(
+        "kind",
+        nargs="?",
+        choices=KINDS,
+        default="decode",
+        help="decode (default), attention / kv-decode micro-benchmarks, bandwidth, "
+        "or targets (all of the issue's measurements in one run)",
+    )
+    m = p.add_mutually_exclusive_group()
+    m.add_argument(
+        "--preset",
+        default="150m",
+        choices=(*PRESETS, *REAL_PRESETS),
+        help="model shape with random weights (default 150m)",
+    )
+    m.add_argument("--config", help="a config.json (random weights of that shape)")
+    m.add_argument("--model", help="a real checkpoint (directory or llama2.c .bin)")
+    p.add_argument("--layers", type=int, help="override the layer count (reported)")
+    p.add_argument("--backend", choices=("jax", "numpy"), default="jax")
+    p.add_argument("--compare", action="store_true", help="run jax and numpy, report the ratio")
+    p.add_argument(
+        "--mode",
+        choices=("stream", "loop"),
+        default="stream",
+        help="jax decode: per-token steps timed (stream) or the one-program loop",
+    )
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks (XLA devices here, or the mpiexec job's ranks)",
+    )
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
+    p.add_argument("--attention", choices=tuple(ATTENTION), default="naive")
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=1024,
+        help="array size for the bandwidth measurement (0: skip)",
+    )
+    a = p.add_argument_group("micro-benchmarks")
+    a.add_argument("--runs", type=int, default=10, help="timed runs (the median is reported)")
+    a.add_argument("--tokens", type=int, default=1024, help="attention: prefill length")
+    a.add_argument("--heads", type=int, default=32, help="attention: query heads")
+    a.add_argument("--kv-heads", type=int, default=32, help="attention: kv heads")
+    a.add_argument("--head-dim", type=int, default=128, help="attention: head dim")
+    a.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=tuple(ATTENTION),
+        default=tuple(ATTENTION),
+        help="attention: kinds to time",
+    )
+    a.add_argument("--context", type=int, default=4096, help="kv-decode: keys in the cache")
+    a.add_argument("--kv-batch", type=int, default=4, help="kv-decode: batch")
+    a.add_argument(
+        "--kv-dtypes",
+        nargs="+",
+        choices=KV_DTYPES,
+        default=("float32", "int8"),
+        help="kv-decode: cache dtypes to time",
+    )
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.add_argument("--json", action="store_true", help="print the JSON report (else a table)")

@@ -1,0 +1,250 @@
+"""What each `slimllm` subcommand does with its parsed options (cli.py parses them): the
+commands return their JSON result and print the human form unless --json. User mistakes raise
+`UserError` (status 2, one line on stderr).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from slimllm.jaxbackend import mpi
+from slimllm.reference.runtime import Runtime
+from slimllm.weights import load_config
+
+from .api import demo_model, generate, load
+from .diff import diff, format_report, load_dump, parse_side
+from .evaluate import compare, kv_size_report, sample_sequence
+
+
+class UserError(Exception):
+    pass
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"--ids expects comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UserError("--ids is empty")
+    return ids
+
+
+def runtime_from(args) -> Runtime:
+    """The run settings the options name (validated by Runtime)."""
+    return Runtime(
+        backend=args.backend, attention=args.attention, kv_dtype=args.kv_dtype, tp=args.tp
+    )
+
+
+def run_generation(model, args, default_ids=None) -> dict:
+    if args.prompt is None and args.ids is None and default_ids is None:
+        raise UserError("give --prompt TEXT or --ids 1,2,3")
+    ids = parse_ids(args.ids) if args.ids else None
+    if args.prompt is None and ids is None:
+        ids = default_ids
+    stop = list(args.stop) + [parse_ids(s) for s in args.stop_ids]
+    inject_fault()
+    printer = None if args.json else StreamPrinter(model.tokenizer)
+    out = generate(
+        model,
+        args.prompt,
+        ids=ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        eos_ids=() if args.no_eos else None,
+        stop=stop,
+        on_token=printer,
+        runtime=runtime_from(args),
+    )
+    if printer:
+        printer.finish()
+    result = {
+        "ids": out.ids[0],
+        "prompt_ids": out.prompt_ids[0],
+        "finish_reason": out.finish_reasons[0],
+        "prefill_seconds": round(out.prefill_seconds, 6),
+        "decode_seconds": round(out.decode_seconds, 6),
+        "tokens_per_second": round(out.tokens_per_second, 2),
+        "compile_seconds": round(out.compile_seconds, 3),
+        "backend": args.backend,
+        "attention": args.attention,
+        "kv_dtype": args.kv_dtype,
+        "tp": model.engine(runtime_from(args)).comm.size if args.backend == "jax" else 1,
+    }
+    if out.text is not None:
+        result["text"] = out.text
+    return result
+
+
+def inject_fault() -> None:
+    """Testing aid for distributed runs: SLIMLLM_FAULT="RANK:raise" or "RANK:kill" makes that
+    MPI rank fail just before generating, while the others enter their first collective."""
+    fault = os.environ.get("SLIMLLM_FAULT", "")
+    if not fault:
+        return
+    rank, kind = fault.split(":")
+    if mpi.launched_size() > 1 and mpi.rank() == int(rank):
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault on rank {rank}")
+
+
+class StreamPrinter:
+    """Prints text (or ids) as tokens arrive; text is decoded in full and printed as it grows,
+    holding back a trailing incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        if self.tokenizer is None:
+            print(token, end=" ", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return
+        print(text[len(self.printed) :], end="", flush=True)
+        self.printed = text
+
+    def finish(self) -> None:
+        print(flush=True)
+
+
+def cmd_generate(args) -> dict:
+    return run_generation(load(args.model), args)
+
+
+def cmd_demo(args) -> dict:
+    model = load(args.model) if args.model else demo_model()
+    if not args.json:
+        print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)", flush=True)
+    result = run_generation(model, args, default_ids=[model.bos_id or 1])
+    result["model"] = model.source
+    if not args.json:
+        print(
+            f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s "
+            f"(decode, {args.backend} backend)"
+        )
+    return result
+
+
+def cmd_kv_size(args) -> dict:
+    if args.context < 1 or args.batch < 1:
+        raise UserError("--context and --batch must be positive")
+    report = kv_size_report(load_config(args.model), args.context, args.batch)
+    if not args.json:
+        print(
+            f"KV cache for batch {args.batch} x context {args.context} "
+            f"({report['layers']} layers, {report['kv_heads']} kv heads, d={report['head_dim']})"
+        )
+        for dtype, row in report["dtypes"].items():
+            print(
+                f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
+                f"{row['total_bytes'] / 2**20:>12,.1f} MiB  ({row['vs_float32']:.3f}x float32)"
+            )
+    return report
+
+
+def read_ids_file(path) -> list[int]:
+    text = Path(path).read_text().replace(",", " ")
+    try:
+        return [int(t) for t in text.split()]
+    except ValueError:
+        raise UserError(f"{path}: expected whitespace or comma separated token ids") from None
+
+
+def cmd_eval(args) -> dict:
+    model = load(args.model)
+    setting = runtime_from(args)
+    prompt = parse_ids(args.ids) if args.ids else None
+    if args.ids_file:
+        tokens = read_ids_file(args.ids_file)
+    elif args.text:
+        if model.tokenizer is None:
+            raise UserError("this model has no tokenizer: use --ids-file")
+        tokens = model.tokenizer.encode(args.text)
+    else:
+        prompt = prompt or [model.bos_id if model.bos_id is not None else 1]
+        tokens = sample_sequence(model, prompt, min(args.length, model.cfg.max_len), args.seed)
+    tokens = tokens[: args.length]
+    prompt_len = args.prompt_len or (len(prompt) if prompt else 1)
+    if not 1 <= prompt_len < len(tokens):
+        raise UserError(f"need a prompt of 1..{len(tokens) - 1} tokens, got {prompt_len}")
+    report = compare(model, tokens, prompt_len, setting, greedy_tokens=args.greedy_tokens)
+    report["model"] = model.source
+    if not args.json:
+        kl, g = report["kl"], report["greedy"]
+        print(
+            f"{model.source}: {setting.describe()} vs float32 naive reference, "
+            f"{len(tokens)} positions"
+        )
+        print(f"  KL mean {kl['mean']:.3e}  p99 {kl['p99']:.3e}  max {kl['max']:.3e}")
+        print(f"  top-1 agreement {report['top1_agreement']:.4f}")
+        print("  perplexity {baseline:.4f} -> {setting:.4f}".format(**report["perplexity"]))
+        print(f"  greedy: identical for {g['identical_prefix']} of {g['tokens']} tokens")
+    return report
+
+
+def cmd_bench(args) -> dict:
+    # Imports jax: only here, after prepare_devices has set the XLA device count for --tp.
+    from .bench.cli import run, summary
+
+    report = run(args)
+    if not args.json:
+        print(summary(report))
+    return report
+
+
+def cmd_diff(args) -> dict:
+    given = [b for b in (args.b, args.against, args.dump and f"dump:{args.dump}") if b]
+    if len(given) > 1:
+        raise UserError("give one of --b, --against, --dump")
+    side_a, side_b = parse_side(args.a), parse_side(given[0] if given else "jax")
+    args.tp = max(side_a.rt.tp, side_b.rt.tp)
+    prepare_devices(args)
+    model = load(args.model)
+    if args.ids or args.ids_file:
+        tokens = parse_ids(args.ids) if args.ids else read_ids_file(args.ids_file)
+    elif args.text:
+        if model.tokenizer is None:
+            raise UserError("this model has no tokenizer: use --ids")
+        tokens = model.tokenizer.encode(args.text)
+    elif side_b.kind == "dump":
+        tokens = load_dump(side_b.path)[0]
+    else:
+        start = [model.bos_id if model.bos_id is not None else 1]
+        tokens = sample_sequence(model, start, min(args.length, model.cfg.max_len), seed=0)
+    prompt_len = args.prompt_len or len(tokens)
+    report = diff(model, tokens, prompt_len, side_a, side_b, args.tol)
+    if not args.json:
+        print(format_report(report))
+    return report
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+    "kv-size": cmd_kv_size,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "diff": cmd_diff,
+}
+
+
+def prepare_devices(args) -> None:
+    """Before jax is imported: one process with --tp N needs N XLA CPU devices."""
+    tp = getattr(args, "tp", 1)
+    if tp > 1 and mpi.launched_size() == 1 and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={tp}".strip()
