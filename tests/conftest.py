@@ -1,7 +1,9 @@
-"""Shared test setup: where the shared oracle data lives, and Hypothesis profiles.
+"""Shared test setup: where the oracle data lives, and Hypothesis profiles.
 
-`../shared` (beside the checkout) holds the trained tiny Llama, the upstream-made fixtures and
-real tokenizers; tests that need it skip with a clear reason when it is absent.
+The trained tiny Llama and the upstream-made fixtures are vendored in tests/data (checked against
+their SHA256SUMS by test_data.py), so a fresh clone runs them. The real tokenizers are third-party
+files kept outside the repository, in `../shared/tokenizers` beside the checkout (set
+`SLIMLLM_SHARED` to move it); tests that need them skip with a clear reason when it is absent.
 """
 
 from __future__ import annotations
@@ -20,17 +22,23 @@ import pytest
 from slimllm.conformance.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"  # vendored, see tests/data/README.md
+FIXTURES = DATA / "fixtures"  # one tiny checkpoint + upstream oracle per family variant
+STORIES = DATA / "models" / "stories260K"  # the trained tiny Llama (llama2.c .bin)
+VARIANTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "oracle.npz").exists())
 SHARED = Path(os.environ.get("SLIMLLM_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
-STORIES = SHARED / "models" / "stories260K"
+TOKENIZERS = SHARED / "tokenizers"  # not vendored: third-party files
 
 load_profile()  # `ci` under CI, else `dev` (or HYPOTHESIS_PROFILE): conformance/profiles.py
 
 
 def need(path: Path) -> Path:
-    """Skip the calling test when shared data is absent (it lives outside the repository)."""
+    """Skip the calling test when data kept outside the repository (real tokenizers) is absent."""
     if not path.exists():
-        pytest.skip(f"{path} not found: the shared oracle data sits beside the checkout")
+        pytest.skip(
+            f"{path} not found: the real tokenizers are third-party files kept outside the "
+            "repository, in ../shared/tokenizers beside the checkout (or $SLIMLLM_SHARED)"
+        )
     return path
 
 
@@ -43,5 +51,5 @@ def rel_err(a, b) -> float:
 def stories():
     from slimllm import load
 
-    model = load(need(STORIES / "stories260K.bin"))
+    model = load(STORIES / "stories260K.bin")
     return model, np.load(STORIES / "oracle.npz")

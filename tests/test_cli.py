@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import STORIES, need
+from conftest import FIXTURES, STORIES, VARIANTS
 from slimllm.cli import main
 
 
@@ -19,7 +19,7 @@ def run(capsys, *argv):
 
 
 def test_generate_stories_greedy_json(capsys):
-    model = need(STORIES / "stories260K.bin")
+    model = STORIES / "stories260K.bin"
     oracle = np.load(STORIES / "oracle.npz")
     code, out, err = run(
         capsys, "generate", "--model", str(model), "--ids", "1", "--max-new-tokens", "200", "--json"
@@ -31,7 +31,7 @@ def test_generate_stories_greedy_json(capsys):
 
 
 def test_generate_streams_ids_without_tokenizer(capsys):
-    model = need(STORIES / "stories260K.bin")
+    model = STORIES / "stories260K.bin"
     code, out, _ = run(
         capsys, "generate", "--model", str(model), "--ids", "1", "--max-new-tokens", "5"
     )
@@ -41,7 +41,7 @@ def test_generate_streams_ids_without_tokenizer(capsys):
 
 
 def test_sampling_options_are_seeded(capsys):
-    model = str(need(STORIES / "stories260K.bin"))
+    model = str(STORIES / "stories260K.bin")
     args = [
         "generate",
         "--model",
@@ -97,7 +97,7 @@ def test_demo_runs_on_the_embedded_model(capsys):
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
-    model = str(need(STORIES / "stories260K.bin"))
+    model = str(STORIES / "stories260K.bin")
     code, out, err = run(capsys, *[model if a == "STORIES" else a for a in argv])
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
@@ -114,10 +114,7 @@ def test_console_script_is_installed():
 
 
 def test_generate_works_for_every_fixture_family(capsys):
-    from conftest import FIXTURES
-
-    variants = sorted(p for p in need(FIXTURES).glob("*") if (p / "oracle.npz").exists())
-    for path in variants:
+    for path in (FIXTURES / name for name in VARIANTS):
         oracle = np.load(path / "oracle.npz")
         ids = ",".join(str(i) for i in oracle["prompt_a"])
         code, out, err = run(

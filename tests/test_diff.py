@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import slimllm
-from conftest import FIXTURES, STORIES, need
+from conftest import FIXTURES, STORIES
 from slimllm.cli import main
 from slimllm.diff import SCHEMA, compare, diff, parse_side, reference_trace
 from slimllm.reference.model import TRACE_KEYS
@@ -16,7 +16,7 @@ from slimllm.reference.model import TRACE_KEYS
 
 @pytest.fixture(scope="module")
 def llama():
-    model = slimllm.load(need(FIXTURES / "llama"))
+    model = slimllm.load(FIXTURES / "llama")
     tokens = np.load(FIXTURES / "llama" / "oracle.npz")["prompt_a"].tolist()
     return model, tokens
 
@@ -126,7 +126,7 @@ def test_compare_orders_rows_and_rejects_shape_mismatch():
 
 
 def test_cli_json_schema(capsys, tmp_path):
-    model = str(need(STORIES / "stories260K.bin"))
+    model = str(STORIES / "stories260K.bin")
     assert main(["diff", "--model", model, "--length", "40", "--b", "jax:int8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["schema"] == SCHEMA
@@ -160,7 +160,7 @@ def test_cli_json_schema(capsys, tmp_path):
 
 
 def test_cli_table_and_mistakes(capsys, tmp_path):
-    model = str(need(STORIES / "stories260K.bin"))
+    model = str(STORIES / "stories260K.bin")
     assert main(["diff", "--model", model, "--ids", "1,5,9,13", "--b", "jax:flash"]) == 0
     out = capsys.readouterr().out
     assert "no intermediate exceeds the tolerance" in out and "layers.4.out" in out
@@ -172,7 +172,7 @@ def test_cli_table_and_mistakes(capsys, tmp_path):
 
 def test_progress_stays_out_of_json(capsys, monkeypatch):
     monkeypatch.setenv("SLIMLLM_PROGRESS", "1")
-    model = str(need(STORIES / "stories260K.bin"))
+    model = str(STORIES / "stories260K.bin")
     assert (
         main(
             [

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import tp_cases
 
-from conftest import FIXTURES, need
+from conftest import FIXTURES
 from slimllm.cli import main
 
 FAULT_TIMEOUT = 60  # seconds for a failing job to end (it needs about 2)
@@ -37,7 +37,6 @@ def tp2_in_background(request):
 
 
 def model_dir() -> Path:
-    need(FIXTURES)
     return FIXTURES / tp_cases.sampled_fixture(tp_cases.allowed_fixtures(FIXTURES))
 
 

@@ -24,7 +24,7 @@ import jax
 import pytest
 import tp_cases
 
-from conftest import FIXTURES, need
+from conftest import FIXTURES
 from slimllm.jaxbackend.sharding import LAYOUTS
 from slimllm.reference.runtime import Runtime
 
@@ -123,7 +123,6 @@ def watching(engine):
 @pytest.fixture(scope="module")
 def hlo():
     """{(sampling, mode, program name, "lowered"|"compiled"): collectives}, and the config."""
-    need(FIXTURES)
     fixture = tp_cases.sampled_fixture(tp_cases.allowed_fixtures(FIXTURES))
     greedy = next(c for c in tp_cases.plan(FIXTURES) if c.fixture == fixture)
     same = dict(fixture=fixture, attention=greedy.attention, kv_dtype=greedy.kv_dtype)

@@ -8,14 +8,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import slimllm
-from conftest import FIXTURES, need, rel_err
+from conftest import FIXTURES, rel_err
 from slimllm.weights.io import CheckpointError
 
 
 @pytest.fixture
 def ckpt(tmp_path):
     """A writable copy of the llama fixture: (directory, config dict, tensors dict)."""
-    src = need(FIXTURES / "llama")
+    src = FIXTURES / "llama"
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(src / name, tmp_path / name)
     return (

@@ -1,7 +1,8 @@
 """Tokenizer loading, round trips, special ids and upstream encodings.
 
-Uses the six real tokenizers in shared/tokenizers (beside the checkout) plus tiny synthetic ones
-for the shapes shared/ lacks (GLM-4's tiktoken file, OPT's vocab.json + merges.txt).
+Uses the six real tokenizers in ../shared/tokenizers beside the checkout (third-party files, not
+vendored: these tests skip without them) plus tiny synthetic ones for the shapes shared/ lacks
+(GLM-4's tiktoken file, OPT's vocab.json + merges.txt).
 
 The expected id lists are oracle values from upstream, made once by a scratch script:
 llama2 with transformers 5.24 `LlamaTokenizerFast(tokenizer_file=tokenizer.json)`, qwen2 with
@@ -18,19 +19,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import TOKENIZERS, need
 from slimllm.weights.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-TOKENIZERS = (
-    Path(os.environ["SLIMLLM_SHARED"])
-    if "SLIMLLM_SHARED" in os.environ
-    else Path(__file__).resolve().parents[2].parent / "shared"
-) / "tokenizers"
 NAMES = ["llama2", "qwen2", "chatglm3", "baichuan2", "qwen1", "chatglm6b"]
 
 HELLO = "Hello world"
@@ -106,10 +102,7 @@ def loaded():
 
     def get(name: str) -> Tokenizer:
         if name not in cache:
-            path = TOKENIZERS / name
-            if not path.is_dir():
-                pytest.skip(f"{path} not found: the real tokenizers sit in shared/ beside the repo")
-            tok = load_tokenizer(path)
+            tok = load_tokenizer(need(TOKENIZERS / name))
             assert tok is not None
             cache[name] = tok
         return cache[name]
@@ -300,9 +293,7 @@ def test_piece_lookups(loaded):
 
 
 def _copy(name: str, files: list[str], dest: Path) -> Path:
-    source = TOKENIZERS / name
-    if not source.is_dir():
-        pytest.skip(f"{source} not found: the real tokenizers sit in shared/ beside the repo")
+    source = need(TOKENIZERS / name)
     for file in files:
         shutil.copy(source / file, dest / file)
     return dest
@@ -319,9 +310,7 @@ def test_sentencepiece_llama_matches_tokenizer_json(loaded, tmp_path):
 
 
 def test_qwen_tiktoken_found_by_its_usual_name_without_config(tmp_path):
-    source = TOKENIZERS / "qwen1" / "tokenizer.model"
-    if not source.is_file():
-        pytest.skip(f"{source} not found: the real tokenizers sit in shared/ beside the repo")
+    source = need(TOKENIZERS / "qwen1" / "tokenizer.model")
     (tmp_path / "qwen.tiktoken").symlink_to(source)
     tok = load_tokenizer(tmp_path)
     # 151643 base ranks is Qwen's size, which names the family when no config does

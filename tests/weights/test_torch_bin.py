@@ -8,7 +8,6 @@ against torch 2.13 when written (torch.save files read, writer files read by tor
 
 from __future__ import annotations
 
-import os
 import pickle
 import pickletools
 import struct
@@ -21,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import FIXTURES
 from slimllm.weights import torch_bin
 from slimllm.weights.torch_bin import (
     TorchBinError,
@@ -30,9 +30,6 @@ from slimllm.weights.torch_bin import (
     write_torch_bin,
 )
 
-SHARED = Path(
-    os.environ.get("SLIMLLM_SHARED", Path(__file__).resolve().parents[2].parent / "shared")
-)
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy-format magic number
 
 WRITABLE = [
@@ -373,14 +370,10 @@ def test_list_reads_only_the_pickle(tmp_path):
         load_torch_bin(path)
 
 
-@pytest.mark.skipif(
-    not (SHARED / "fixtures" / "llama" / "model.safetensors").exists(),
-    reason=f"{SHARED}/fixtures/llama/model.safetensors not found (shared data is beside the repo)",
-)
 def test_llama_fixture_round_trip(tmp_path):
     from safetensors.numpy import load_file
 
-    tensors = load_file(SHARED / "fixtures" / "llama" / "model.safetensors")
+    tensors = load_file(FIXTURES / "llama" / "model.safetensors")
     write_torch_bin(tmp_path / "pytorch_model.bin", tensors)
     loaded = load_torch_bin(tmp_path / "pytorch_model.bin")
     assert sorted(loaded) == sorted(tensors)
