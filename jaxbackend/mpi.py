@@ -4,6 +4,10 @@ Each process is one rank with one XLA CPU device; collectives inside jitted prog
 mpi4jax calls on COMM_WORLD. Outside jit, `bcast_object` sends the master's token ids and
 settings to every rank (the paper's "broadcast ids, not embeddings"), and `abort` ends every
 rank when one fails, so no rank is left waiting in a collective.
+
+Imports happen where they are used: mpi4py and mpi4jax are an optional extra, and the CLI reads
+`launched_size` before jax may be imported (a single process with --tp N must set its XLA
+device count first).
 """
 
 from __future__ import annotations
