@@ -54,7 +54,14 @@ from slimllm.reference.sampling import SamplingConfig
 
 from . import strategies as S
 from .invariants import margins
-from .tolerances import ACROSS_BACKENDS, FUNCTION, THROUGH_CACHE, assert_close, rel_err
+from .tolerances import (
+    ACROSS_BACKENDS,
+    FUNCTION,
+    QUANTUM,
+    THROUGH_CACHE,
+    assert_close,
+    rel_err,
+)
 
 F32 = FUNCTION["float32"]
 
@@ -167,11 +174,6 @@ def logical(cache, s: int):
     return ref_kv.KVCache(
         trim(cache.k), trim(cache.v), trim(cache.k_scale), trim(cache.v_scale), cache.format
     )
-
-
-# One storage step relative to the largest value: K/V that differ in the last float32 bit may
-# round to neighbouring stored values.
-QUANTUM = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 127}
 
 
 def close_caches(want, got) -> None:

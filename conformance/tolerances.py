@@ -13,6 +13,9 @@ import numpy as np
 
 FUNCTION = {"float32": 1e-5}
 MODEL = {"float32": 1e-4}
+# One storage step relative to the largest value: K/V that differ in the last float32 bit may
+# round to neighbouring stored values.
+QUANTUM = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 127}
 # Same model, same inputs, two evaluation orders, through a cache of this dtype.
 THROUGH_CACHE = {"float32": 1e-5, "float16": 2e-4, "bfloat16": 2e-3, "int8": 2e-3}
 

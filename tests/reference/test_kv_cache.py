@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from slimllm.conformance.tolerances import THROUGH_CACHE, assert_close
+from slimllm.conformance.tolerances import QUANTUM, THROUGH_CACHE, assert_close
 from slimllm.reference import kv_cache, positions
 from slimllm.reference.attention import attention_bias
 from slimllm.reference.config import ModelConfig
@@ -78,7 +78,7 @@ def test_prefill_equals_decode_steps_for_every_dtype_and_attention(dtype, attent
     assert_close(np.stack(steps, 1), full, THROUGH_CACHE[dtype], f"{attention}/{dtype}")
     # Stored values agree up to one storage quantum (a last-bit float32 difference may round
     # to the neighbouring fp16/bf16 value or int8 step).
-    quantum = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "int8": 1 / 127}[dtype]
+    quantum = QUANTUM[dtype]
     for layer in range(CFG.n_layers):
         for a, b in zip(
             kv_cache.dequantized(kv_cache.read(full_cache, layer)),

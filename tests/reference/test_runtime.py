@@ -64,7 +64,8 @@ def test_a_format_entry_says_how_its_cache_is_stored(name):
     """The cache's arrays, its encoding and its size all follow the entry."""
     fmt = kv_cache.KV_FORMATS[name]
     cache = kv_cache.init_cache(CFG, 2, 5, name)
-    assert cache.k[0].dtype == np.dtype(fmt.storage) and cache.k[0].shape == (2, 2, 5, 8)
+    d = fmt.stored_dim(8)
+    assert cache.k[0].dtype == np.dtype(fmt.storage) and cache.k[0].shape == (2, 2, 5, d)
     assert (cache.k_scale is not None) == fmt.scaled
     x = np.random.default_rng(0).standard_normal((2, 3, 2, 8)).astype(np.float32)
     stored, scale = fmt.encode(x)
@@ -72,5 +73,5 @@ def test_a_format_entry_says_how_its_cache_is_stored(name):
     widened = fmt.widen(stored) * (scale[..., None] if fmt.scaled else 1)
     bound = {True: 0.0, False: 1e-2}[fmt.wide]  # float32 is exact; others one storage step
     assert np.abs(widened - x).max() <= bound * np.abs(x).max() + 1e-7 * fmt.wide
-    per_vector = 8 * np.dtype(fmt.storage).itemsize + 4 * fmt.scaled
+    per_vector = d * np.dtype(fmt.storage).itemsize + 4 * fmt.scaled
     assert kv_cache.nbytes_per_token(CFG, name) == 2 * 3 * 2 * per_vector
