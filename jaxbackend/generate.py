@@ -161,6 +161,13 @@ def prefill(engine: Engine, prompts, cache, rt: Runtime):
     return logits, cache, positions.advance(state, jnp.asarray(lengths, jnp.int32))
 
 
+def decode(engine: Engine, ids, cache, state, rt: Runtime):
+    """One token per row [b] at slot state.lengths -> (logits [b,v], cache, state after it)."""
+    static = {"cfg": engine.cfg, "rt": program_runtime(rt)}
+    logits, cache = engine.run(decode_fn, static, (2,), engine.params, ids, cache, state)
+    return logits, cache, positions.advance(state, 1)
+
+
 def cache_length(prompts, max_new_tokens: int, rt: Runtime) -> int:
     """Slots to allocate: room for the bucketed prompt and every new token (or rt.cache_len)."""
     longest = max(len(p) for p in prompts)
@@ -246,7 +253,6 @@ def loop(
 def stream(
     engine, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
 ):
-    static = {"cfg": engine.cfg, "rt": program_runtime(rt)}
     b = logits.shape[0]
     rows = [Generation([], "length") for _ in range(b)]
     done = np.zeros(b, bool)
@@ -269,7 +275,6 @@ def stream(
                 rows[r].finish_reason, done[r] = reason, True
         if done.all():
             break
-        logits, cache = engine.run(decode_fn, static, (2,), engine.params, ids, cache, state)
-        state = positions.advance(state, 1)
+        logits, cache, state = decode(engine, ids, cache, state, rt)
         steps += 1
     return rows, steps

@@ -105,6 +105,53 @@ def pad(prompts, pad_id: int = 0) -> np.ndarray:
     return out
 
 
+def prefill(params: Params, cfg: ModelConfig, prompts, cache, rt: Runtime):
+    """One padded forward over ragged prompts -> (logits [b,v] at each row's last token, cache,
+    state after the prompts)."""
+    lengths = np.array([len(p) for p in prompts])
+    state = positions.start_state(cfg, prompts)
+    tokens = pad(prompts)  # [b,T]
+    pos = positions.positions_for(cfg, state, tokens.shape[1])
+    logits, cache = forward(params, cfg, tokens, cache, pos, rt)  # [b,T,v]
+    last = logits[np.arange(len(prompts)), lengths - 1]  # [b,T,v] -> [b,v]
+    return last, cache, positions.advance(state, lengths)
+
+
+def decode(params: Params, cfg: ModelConfig, ids, cache, state, rt: Runtime):
+    """One token per row [b] at slot state.lengths -> (logits [b,v], cache, state after it)."""
+    pos = positions.positions_for(cfg, state, 1)
+    logits, cache = forward(params, cfg, ids[:, None], cache, pos, rt)  # [b,1,v]
+    return logits[:, 0], cache, positions.advance(state, 1)
+
+
+def stream(
+    params, cfg, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
+):
+    """The token loop: sample each row's next id, record it, stop rows, decode the next step."""
+    b = logits.shape[0]
+    rows = [Generation([], "length") for _ in range(b)]
+    done = np.zeros(b, bool)
+    steps = 0
+    for step in range(stopping.max_new_tokens):
+        ids = sample(logits, sampling, seen, seeds, step)  # [b,v] -> [b]
+        for r in np.flatnonzero(~done):
+            token = int(ids[r])
+            rows[r].ids.append(token)
+            if return_logits:
+                rows[r].logits.append(logits[r].copy())
+            seen[r, token] = True
+            if on_token:
+                on_token(int(r), token)
+            reason = stopping.reason(rows[r].ids)
+            if reason:
+                rows[r].finish_reason, done[r] = reason, True
+        if done.all():
+            break
+        logits, cache, state = decode(params, cfg, ids, cache, state, rt)
+        steps += 1
+    return rows, steps
+
+
 def generate(
     params: Params,
     cfg: ModelConfig,
@@ -119,44 +166,28 @@ def generate(
     """Generate for each prompt; `on_token(row, id)` is called as each id is chosen."""
     prompts = [[int(t) for t in p] for p in prompts]
     b = len(prompts)
-    cache_len = check_prompts(cfg, prompts, stopping.max_new_tokens, rt.cache_len)
+    length = check_prompts(cfg, prompts, stopping.max_new_tokens, rt.cache_len)
     seeds = np.broadcast_to(np.asarray(seeds, np.int64), (b,)).copy()
-    lengths = np.array([len(p) for p in prompts])
     seen = np.zeros((b, cfg.vocab), bool)
     for r, p in enumerate(prompts):
         seen[r, p] = True
 
     t0 = time.perf_counter()
-    cache = kv_cache.init_cache(cfg, b, cache_len, rt.kv_dtype)
-    state = positions.start_state(cfg, prompts)
-    tokens = pad(prompts)
-    pos = positions.positions_for(cfg, state, tokens.shape[1])
-    logits, cache = forward(params, cfg, tokens, cache, pos, rt)
-    last = logits[np.arange(b), lengths - 1]  # [b,v]
-    state = positions.advance(state, lengths)
+    cache = kv_cache.init_cache(cfg, b, length, rt.kv_dtype)
+    logits, cache, state = prefill(params, cfg, prompts, cache, rt)
     t1 = time.perf_counter()
-
-    rows = [Generation([], "length") for _ in range(b)]
-    done = np.zeros(b, bool)
-    steps = 0
-    for step in range(stopping.max_new_tokens):
-        next_ids = sample(last, sampling, seen, seeds, step)
-        for r in np.flatnonzero(~done):
-            token = int(next_ids[r])
-            rows[r].ids.append(token)
-            if return_logits:
-                rows[r].logits.append(last[r].copy())
-            seen[r, token] = True
-            if on_token:
-                on_token(int(r), token)
-            reason = stopping.reason(rows[r].ids)
-            if reason:
-                rows[r].finish_reason, done[r] = reason, True
-        if done.all():
-            break
-        pos = positions.positions_for(cfg, state, 1)
-        logits, cache = forward(params, cfg, next_ids[:, None], cache, pos, rt)
-        last = logits[:, 0]
-        state = positions.advance(state, 1)
-        steps += 1
+    rows, steps = stream(
+        params,
+        cfg,
+        logits,
+        cache,
+        state,
+        seen,
+        seeds,
+        stopping,
+        sampling,
+        rt,
+        on_token,
+        return_logits,
+    )
     return GenerateResult(rows, t1 - t0, time.perf_counter() - t1, steps)
