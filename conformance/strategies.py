@@ -55,6 +55,9 @@ ATTENTION_OPTIONS = {
     "slim": {"mb": (None, 2, 3), "key_splits": (1, 2, 3), "key_block": (16, 64, 256)},
     "flash": {"q_tile": (2, 4, 64), "k_tile": (8, 16, 64)},
 }
+# Options only the JAX kernels take: JAX computes naive attention in key blocks (for speed), the
+# reference's naive attention is the literal definition.
+JAX_ONLY_OPTIONS = {"naive": ("key_block",)}
 
 
 @st.composite
@@ -176,6 +179,15 @@ class Kernel:
         return self.fn(q, kv, bias, scale, **dict(self.options))
 
 
+def backend_options(backend: str, kind: str, options: tuple) -> tuple:
+    """The (name, value) options of attention `kind` that `backend`'s kernel takes."""
+    if backend == "jax":
+        return options
+    return tuple(
+        (name, value) for name, value in options if name not in JAX_ONLY_OPTIONS.get(kind, ())
+    )
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Runtime settings of one run: attention kind and options, KV cache storage dtype."""
@@ -187,7 +199,7 @@ class Runtime:
     def kernel(self, backend: str) -> Kernel:
         """The attention function of `backend` ("numpy" or "jax") with these options."""
         table = REF_ATTENTION if backend == "numpy" else JAX_ATTENTION
-        return Kernel(table[self.attention], self.options)
+        return Kernel(table[self.attention], backend_options(backend, self.attention, self.options))
 
 
 @st.composite

@@ -8,9 +8,10 @@ prefilling T tokens equals T single-token steps for every storage dtype.
 Storage dtypes (a runtime setting, never part of the model config): float32, float16, bfloat16
 (bit patterns in uint16, NumPy has no bf16) and int8 with one float32 scale per (batch, kv head,
 token) for K and for V (PAPER.md section 3; K is quantised after RoPE and q/k norm, because the
-cache stores what attention reads). Attention reads a layer through `LayerKV`, which widens one
-block of keys or values to float32 at a time: for int8 the scales are applied to score columns
-and folded into probabilities (the hybrid formulation), so no float copy of the cache exists.
+cache stores what attention reads). Attention reads a layer through `LayerKV`: the definition
+(`attention.naive_attention`) dequantises it whole (`dequantized`); SlimAttention and the flash
+baseline widen one block of keys or values to float32 at a time, with int8 scales applied to
+score columns and folded into probabilities (`key_blocks.py`), so they build no float copy.
 """
 
 from __future__ import annotations
@@ -141,10 +142,12 @@ def read(cache: KVCache, layer: int) -> LayerKV:
 
 
 def dequantized(kv: LayerKV):
-    """Full float32 K and V of a layer: for tests and the definition only, never on a hot path."""
-    k, v = kv.keys(0, kv.length), kv.values(0, kv.length)
+    """Full float32 K and V of a layer [b,k,s,d] (int8: values * their per-token scales): for
+    the definition of attention and tests, never on a hot path."""
+    k, v = kv.keys(0, kv.length), kv.values(0, kv.length)  # widened [b,k,s,d]
     if kv.k_scale is not None:
-        k, v = k * kv.k_scale[..., None], v * kv.v_scale[..., None]
+        k = k * kv.k_scale[..., None]  # [b,k,s,d] * [b,k,s,1]
+        v = v * kv.v_scale[..., None]
     return k, v
 
 
