@@ -39,7 +39,7 @@ from slimllm.reference.params import Params
 from slimllm.reference.sampling import SamplingConfig
 
 from . import kv_cache, positions, sharding, tp
-from .model import attention_fn, forward
+from .model import attention_fn, forward, tracing
 from .params import to_device
 from .sampling import choose, process, repetition_penalty, sample, seed_words, uniform
 from .tp import SINGLE, Comm
@@ -87,11 +87,11 @@ def chunk_fn(params, tokens, cache, state, *, cfg, attention, comm=SINGLE):
 
 
 def trace_fn(params, tokens, cache, state, *, cfg, attention, comm=SINGLE):
-    """chunk_fn that also returns the named intermediates (model.TRACE_KEYS): a separate
-    program, so the untraced ones are unchanged."""
+    """chunk_fn returning the named intermediates (model.TRACE_KEYS) instead of the logits: a
+    separate program, traced inside `tracing()`, so the untraced ones are unchanged."""
     pos = positions.positions_for(cfg, state, tokens.shape[1])
-    trace = {}
-    logits, cache = forward(params, cfg, tokens, cache, pos, attention, comm=comm, trace=trace)
+    with tracing() as trace:
+        _, cache = forward(params, cfg, tokens, cache, pos, attention, comm=comm)
     return trace, cache
 
 

@@ -10,10 +10,16 @@ The one addition over the reference is tensor parallelism (see `tp.py`): given a
 several ranks, `forward` runs on this rank's heads and ffn columns (shapes come from the
 weights), and the two row-parallel projections of each block (attention output, MLP down) end in
 `row_parallel`, the only place partial sums are reduced; their biases are added once, after.
+
+Tracing is the reference's observer with its own switch. Under jit, `observe` runs while the
+function is traced: a program traced inside `tracing()` returns the dict it fills (see
+`generate.trace_fn`), and every program traced outside it is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -47,15 +53,34 @@ def norm(x, w, b, cfg: ModelConfig):
     return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
 
 
-def record(trace: dict | None, name: str, x):
-    """Keep a named intermediate when tracing (`trace` is a dict); x passes through unchanged.
-    The names are the public keys of `slimllm diff` and of user dumps (see TRACE_KEYS)."""
+# ---------------------------------------------------------------- tracing (an optional observer)
+
+# The dict the forwards inside `tracing()` fill; None (no effect) everywhere else.
+TRACE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jax_trace", default=None)
+
+
+@contextlib.contextmanager
+def tracing():
+    """Keep the named intermediates of every forward traced inside the block:
+    `with tracing() as trace: forward(...)` leaves name -> array in `trace` (TRACE_KEYS)."""
+    trace = {}
+    token = TRACE.set(trace)
+    try:
+        yield trace
+    finally:
+        TRACE.reset(token)
+
+
+def observe(name: str, x):
+    """x, unchanged; inside `tracing()` it is also kept under `name`."""
+    trace = TRACE.get()
     if trace is not None:
         trace[name] = x
     return x
 
 
-# Intermediates a traced forward records, in computation order ({i}: layer index).
+# Intermediates a traced forward observes, in computation order ({i}: layer index). The names
+# are the public keys of `slimllm diff` and of user dumps.
 TRACE_KEYS = (
     "embed",  # token (+ position) embeddings [b,t,e]
     "layers.{i}.attn_in",  # input of the attention sublayer (normed, except post-norm) [b,t,e]
@@ -69,6 +94,9 @@ TRACE_KEYS = (
     "final_norm",  # after the final norm (absent without one) [b,t,e]
     "logits",  # [b,t,v]
 )
+
+
+# ---------------------------------------------------------------- the decoder
 
 
 def row_parallel(y, b, comm: Comm):
@@ -109,19 +137,18 @@ def attention_block(
     bias,
     attention="naive",
     comm: Comm = SINGLE,
-    trace=None,
 ):
     """Self-attention sublayer: writes this layer's K/V, then reads the cache back."""
     b, t, _ = x.shape
-    record(trace, f"layers.{layer}.attn_in", x)
+    observe(f"layers.{layer}.attn_in", x)
     q, k, v = qkv(x, p, cfg, pos)
     for name, y in (("q", q), ("k", k), ("v", v)):
-        record(trace, f"layers.{layer}.{name}", y)
+        observe(f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
     out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)
-    return record(trace, f"layers.{layer}.attn_out", out), cache
+    return observe(f"layers.{layer}.attn_out", out), cache
 
 
 def mlp_block(x, p: DeviceLayer, cfg: ModelConfig, comm: Comm = SINGLE):
@@ -139,13 +166,12 @@ def block(
     bias,
     attention="naive",
     comm: Comm = SINGLE,
-    trace=None,
 ):
     """One transformer block in the config's residual layout."""
 
     def mlp(y):
-        record(trace, f"layers.{layer}.mlp_in", y)
-        return record(trace, f"layers.{layer}.mlp_out", mlp_block(y, p, cfg, comm))
+        observe(f"layers.{layer}.mlp_in", y)
+        return observe(f"layers.{layer}.mlp_out", mlp_block(y, p, cfg, comm))
 
     attend = functools.partial(
         attention_block,
@@ -156,7 +182,6 @@ def block(
         bias=bias,
         attention=attention,
         comm=comm,
-        trace=trace,
     )
     if cfg.residual == "pre_norm":
         a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
@@ -172,7 +197,7 @@ def block(
         h = jnp.float32(cfg.residual_alpha) * n + a
         m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
         out = jnp.float32(cfg.residual_alpha) * m + mlp(m)
-    return record(trace, f"layers.{layer}.out", out), cache
+    return observe(f"layers.{layer}.out", out), cache
 
 
 def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
@@ -185,10 +210,10 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     return x
 
 
-def unembed(params: Params, cfg: ModelConfig, x, trace=None):
+def unembed(params: Params, cfg: ModelConfig, x):
     """Final norm, output projection and LM head: [b,t,e] -> logits [b,t,v]."""
     if cfg.final_norm:
-        x = record(trace, "final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
+        x = observe("final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
         x = linear(x, params.proj_out)  # [b,t,e] -> [b,t,e']
     head = params.embed if cfg.tied_head else params.lm_head  # [v,e'] (device layout)
@@ -204,16 +229,13 @@ def forward(
     attention="naive",
     select=None,
     comm: Comm = SINGLE,
-    trace: dict | None = None,
 ):
     """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache).
-    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]. With a
-    `trace` dict, the intermediates named in TRACE_KEYS are stored in it (under jit, trace in
-    a separate function that returns the dict: the untraced program is unchanged)."""
-    x = record(trace, "embed", embed(params, cfg, tokens, pos))
+    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]."""
+    x = observe("embed", embed(params, cfg, tokens, pos))
     bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm, trace)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm)
     if select is not None:
         x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
-    return record(trace, "logits", unembed(params, cfg, x, trace)), cache
+    return observe("logits", unembed(params, cfg, x)), cache

@@ -72,21 +72,14 @@ def parse_side(text: str) -> Side:
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     from slimllm.reference import kv_cache, positions
-    from slimllm.reference.model import forward
+    from slimllm.reference.model import forward, tracing
 
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.kv_dtype)
-    trace = {}
-    forward(
-        model.params,
-        cfg,
-        np.asarray([tokens]),
-        cache,
-        positions.positions_for(cfg, state, len(tokens)),
-        side.attention,
-        trace=trace,
-    )
+    pos = positions.positions_for(cfg, state, len(tokens))
+    with tracing() as trace:
+        forward(model.params, cfg, np.asarray([tokens]), cache, pos, side.attention)
     return {name: value[0] for name, value in trace.items()}
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from slimllm.reference import kv_cache, positions
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.model import forward
+from slimllm.reference.model import TRACE, TRACE_KEYS, forward, observe, tracing
 from slimllm.reference.params import check_params, init_params
 
 BASE = ModelConfig(
@@ -165,3 +165,27 @@ def test_dynamic_ntk_alpha_is_fixed_by_the_prompt():
     )
     np.testing.assert_allclose(a[:, :1], b[:, :1], rtol=1e-5, atol=1e-5)  # position 0: no rotation
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
+
+
+def test_tracing_observes_every_named_intermediate_and_changes_nothing():
+    """Inside `tracing()` a forward keeps every TRACE_KEYS name (per layer), in computation
+    order, and returns the same logits as untraced; outside it `observe` only passes x on."""
+    cfg = BASE
+    params = init_params(cfg, seed=1)
+    tokens = np.array([[3, 9, 1, 7]])
+
+    def run():
+        cache = kv_cache.init_cache(cfg, 1, 8)
+        return forward(params, cfg, tokens, cache, positions.simple_positions(cfg, 1, 4))[0]
+
+    plain = run()
+    with tracing() as trace:
+        traced = run()
+    np.testing.assert_array_equal(traced, plain)
+    np.testing.assert_array_equal(trace["logits"], plain)
+    layers = [key for key in TRACE_KEYS if "{i}" in key]
+    want = ["embed"] + [k.format(i=i) for i in range(cfg.n_layers) for k in layers]
+    assert list(trace) == want + ["final_norm", "logits"]
+    assert TRACE.get() is None
+    x = np.ones(3)
+    assert observe("embed", x) is x and TRACE.get() is None
