@@ -48,7 +48,7 @@ from slimllm.reference import ops as ref_ops
 from slimllm.reference import positions as ref_positions
 from slimllm.reference import quant as ref_quant
 from slimllm.reference import sampling as ref_sampling
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig
 from slimllm.reference.params import LayerParams, Params
 from slimllm.reference.sampling import SamplingConfig
 
@@ -399,7 +399,7 @@ def rope_configs(pos=("rope", "rope2d")):
 
 def ntk_alphas(cfg: ModelConfig, b: int):
     """Per-row alphas start_state can produce: > 1 only for dynamic-NTK configs."""
-    if cfg.rope_scaling is None or cfg.rope_scaling[0] != "dynamic_ntk":
+    if not isinstance(cfg.rope_scaling, DynamicNTK):
         return st.just(np.ones(b, np.float32))
     alphas = st.sampled_from((1.0, 3.0, 7.0))
     return st.lists(alphas, min_size=b, max_size=b).map(lambda a: np.array(a, np.float32))
@@ -614,7 +614,7 @@ int8_codes = st.lists(st.integers(-127, 127), min_size=16, max_size=16).map(
     lambda q: np.array(q, np.int8).reshape(2, 8)
 )
 dequantize_inputs = st.tuples(int8_codes, S.arrays((2,), 0.0, 1.0))
-llama3_inputs = st.tuples(S.arrays((2, 8), 2.0**-10, 2.0), *map(st.just, S.LLAMA3[1:]))
+wavelength_inputs = st.tuples(S.arrays((2, 8), 2.0**-10, 2.0), st.just(S.WAVELENGTH))
 logn_inputs = rope_inputs("rope").map(lambda a: (a[1].replace(logn_len=S.LOGN_LEN), a[2]))
 learned_inputs = (
     S.configs()
@@ -665,8 +665,8 @@ def _pairs() -> list[Pair]:
     positions = [
         P("positions.inv_freq", ref_inv_freq, jax_positions.inv_freq, V(freq_inputs()), close(),
           (0,), cost=3),
-        P("positions.llama3_scale", ref_positions.llama3_scale, jax_positions.llama3_scale,
-          V(llama3_inputs), close(), (1, 2, 3, 4)),
+        P("positions.wavelength_scale", ref_positions.wavelength_scale,
+          jax_positions.wavelength_scale, V(wavelength_inputs), close(), (1,)),
         P("positions.rope_angles", ref_positions.rope_angles, jax_positions.rope_angles,
           V(angle_inputs()), compare_angles, (0,), cost=3),
         P("positions.apply_rope", ref_positions.apply_rope, jax_positions.apply_rope,

@@ -25,7 +25,16 @@ from slimllm.jaxbackend.model import ATTENTION as JAX_ATTENTION
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import positions
 from slimllm.reference.attention import attention_bias
-from slimllm.reference.config import MLPS, NORMS, POSITIONS, RESIDUALS, ROPE_STYLES, ModelConfig
+from slimllm.reference.config import (
+    MLPS,
+    NORMS,
+    POSITIONS,
+    RESIDUALS,
+    ROPE_STYLES,
+    DynamicNTK,
+    ModelConfig,
+    WavelengthScaling,
+)
 from slimllm.reference.model import ATTENTION as REF_ATTENTION
 from slimllm.reference.params import Params, init_params
 
@@ -40,8 +49,8 @@ LAYERS = (1, 2)
 FFN_WIDTH = 24
 EMBED_WIDTHS = (0, 8)  # 0: embeddings in the model width; 8: projected in and out
 THETAS = (10000.0, 500000.0)
-LLAMA3 = ("llama3", 8.0, 1.0, 4.0, 16)  # bands at wavelengths 4..16: all three are used
-NTK = ("dynamic_ntk", 8)  # prompts longer than 8 stretch the RoPE base
+WAVELENGTH = WavelengthScaling(8.0, 1.0, 4.0, 16)  # bands at wavelengths 4..16: all three used
+NTK = DynamicNTK(8)  # prompts longer than 8 stretch the RoPE base
 LOGN_LEN = 8
 # Prefix-LM special ids at the top of the vocabulary; prompts draw plain ids below them.
 BLOCK_START = VOCAB - 1
@@ -73,7 +82,7 @@ def configs(draw, dynamic_ntk: bool = True) -> ModelConfig:
     fraction = draw(st.sampled_from((1.0, 0.5))) if pos == "rope" else 1.0
     rotary = d // 2 if pos == "rope2d" else int(d * fraction)
     # dynamic NTK stretches the base by alpha^(r/(r-2)): undefined for a rotary dim of 2
-    scalings = [None, LLAMA3] + ([NTK] if dynamic_ntk and rotary > 2 else [])
+    scalings = [None, WAVELENGTH] + ([NTK] if dynamic_ntk and rotary > 2 else [])
     residual = draw(st.sampled_from(RESIDUALS))
     return ModelConfig(
         vocab=VOCAB,

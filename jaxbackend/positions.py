@@ -13,7 +13,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
 from slimllm.reference.positions import Positions, SeqState, alibi_slopes, start_state
 
 from .params import register
@@ -59,19 +59,22 @@ def inv_freq(cfg: ModelConfig, alpha):
     """Inverse frequencies [b, r/2] for per-row NTK alpha [b]."""
     r = cfg.rotary_dim
     base = jnp.float32(cfg.rope_theta) * jnp.ones_like(alpha)
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "dynamic_ntk":
+    if isinstance(cfg.rope_scaling, DynamicNTK):
         base = base * alpha ** jnp.float32(r / (r - 2))  # dynamic NTK: stretch the base
     exponents = jnp.arange(0, r, 2, dtype=jnp.float32) / jnp.float32(r)
     freqs = 1.0 / (base[:, None] ** exponents[None, :])
     if cfg.rope_f16_freqs:
         freqs = freqs.astype(jnp.float16).astype(jnp.float32)
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":
-        freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])
+    if isinstance(cfg.rope_scaling, WavelengthScaling):
+        freqs = wavelength_scale(freqs, cfg.rope_scaling)
     return freqs
 
 
-def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):
-    """Llama-3.1 frequency scaling: long wavelengths / factor, short kept, a smooth band between."""
+def wavelength_scale(freqs, scaling: WavelengthScaling):
+    """Frequencies scaled by wavelength: long wavelengths / factor, short kept, a smooth band
+    between (Llama-3.1's long-context RoPE)."""
+    factor, original_len = scaling.factor, scaling.original_len
+    low_freq_factor, high_freq_factor = scaling.low_freq_factor, scaling.high_freq_factor
     wavelen = 2 * math.pi / freqs
     low_wavelen = original_len / low_freq_factor
     high_wavelen = original_len / high_freq_factor

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import DynamicNTK, ModelConfig, WavelengthScaling
 
 
 @dataclass
@@ -66,8 +66,8 @@ def start_state(cfg: ModelConfig, prompts: list) -> SeqState:
                     f"prompt row {r} has none of the mask tokens {cfg.block_anchor_ids}"
                 )
             anchor[r] = prompt.index(anchors[0]) if anchors else 0
-        if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "dynamic_ntk":
-            alpha[r] = ntk_alpha(len(prompt), cfg.rope_scaling[1])
+        if isinstance(cfg.rope_scaling, DynamicNTK):
+            alpha[r] = ntk_alpha(len(prompt), cfg.rope_scaling.trained_len)
     return SeqState(np.zeros(b, np.int64), prefix, anchor, alpha)
 
 
@@ -92,7 +92,7 @@ def advance(state: SeqState, n) -> SeqState:
 
 def simple_positions(cfg: ModelConfig, b: int, t: int, start: int = 0) -> Positions:
     """Positions for unpadded rows starting at slot `start` (tests, single sequences)."""
-    if cfg.prefix_lm or (cfg.rope_scaling and cfg.rope_scaling[0] == "dynamic_ntk"):
+    if cfg.prefix_lm or isinstance(cfg.rope_scaling, DynamicNTK):
         raise ValueError(
             "this model's positions depend on its prompt: use start_state/positions_for"
         )
@@ -118,13 +118,16 @@ def inv_freq(cfg: ModelConfig, alpha: float = 1.0) -> np.ndarray:
     freqs = freqs.astype(np.float32)
     if cfg.rope_f16_freqs:
         freqs = freqs.astype(np.float16).astype(np.float32)
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":
-        freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])
+    if isinstance(cfg.rope_scaling, WavelengthScaling):
+        freqs = wavelength_scale(freqs, cfg.rope_scaling)
     return freqs
 
 
-def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):
-    """Llama-3.1 frequency scaling: long wavelengths / factor, short kept, a smooth band between."""
+def wavelength_scale(freqs, scaling: WavelengthScaling):
+    """Frequencies scaled by wavelength: long wavelengths / factor, short kept, a smooth band
+    between (Llama-3.1's long-context RoPE)."""
+    factor, original_len = scaling.factor, scaling.original_len
+    low_freq_factor, high_freq_factor = scaling.low_freq_factor, scaling.high_freq_factor
     wavelen = 2 * np.pi / freqs
     low_wavelen = original_len / low_freq_factor
     high_wavelen = original_len / high_freq_factor

@@ -31,7 +31,7 @@ def test_every_reference_function_with_a_twin_is_paired():
         "ops": "rms_norm layer_norm silu gelu_tanh relu swiglu_mlp gelu_mlp relu_mlp softmax "
         "log_softmax l2_normalize_rows",
         "quant": "quantize",
-        "positions": "inv_freq rope_angles apply_rope apply_rope2d llama3_scale logn_scale "
+        "positions": "inv_freq rope_angles apply_rope apply_rope2d wavelength_scale logn_scale "
         "positions_for",
         "attention": "attention_bias naive_attention",
         "key_blocks": "exact_rows",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from slimllm.reference import kv_cache, positions
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
 from slimllm.reference.model import TRACE, TRACE_KEYS, forward, observe, tracing
 from slimllm.reference.params import check_params, init_params
 
@@ -15,7 +15,9 @@ BASE = ModelConfig(
 VARIANTS = {
     "rope_gqa": BASE,
     "interleaved_tied": BASE.replace(rope_style="interleaved", tied_head=True),
-    "llama3_scaling": BASE.replace(rope_scaling=("llama3", 8.0, 1.0, 4.0, 16), rope_theta=5e5),
+    "wavelength_scaling": BASE.replace(
+        rope_scaling=WavelengthScaling(8.0, 1.0, 4.0, 16), rope_theta=5e5
+    ),
     "bias_qknorm": BASE.replace(qkv_bias=True, qk_norm=True, head_dim=16),
     "partial_interleaved": BASE.replace(rope_fraction=0.5, rope_style="interleaved", qkv_bias=True),
     "logn": BASE.replace(logn_len=4, qkv_bias=True, n_kv_heads=4),
@@ -109,7 +111,12 @@ def test_config_rejects_unknown_axis_values():
     with pytest.raises(ValueError, match="logN query scaling with rope2d"):
         VARIANTS["rope2d_prefix_gelu_alpha"].replace(logn_len=4)
     with pytest.raises(ValueError, match="rotary dim > 2"):
-        BASE.replace(head_dim=4, width=16, rope_fraction=0.5, rope_scaling=("dynamic_ntk", 2))
+        BASE.replace(head_dim=4, width=16, rope_fraction=0.5, rope_scaling=DynamicNTK(2))
+    with pytest.raises(ValueError, match="expected None or one of .'WavelengthScaling'"):
+        BASE.replace(rope_scaling=("dynamic_ntk", 8))  # the old tagged-tuple form
+    # a scaled config stays hashable and comparable by value (a static jit argument)
+    scaled = VARIANTS["wavelength_scaling"]
+    assert hash(scaled) == hash(scaled.replace()) and scaled == scaled.replace()
 
 
 def test_residual_layouts_by_hand():
@@ -145,7 +152,7 @@ def test_residual_layouts_by_hand():
 def test_dynamic_ntk_alpha_is_fixed_by_the_prompt():
     """Dynamic NTK: a prompt past the trained length stretches the base for the whole sequence
     (the alpha chosen at prefill is kept), so prefill differs from single steps by design."""
-    cfg = BASE.replace(rope_scaling=("dynamic_ntk", 4), logn_len=4)
+    cfg = BASE.replace(rope_scaling=DynamicNTK(4), logn_len=4)
     params = init_params(cfg, seed=4)
     tokens = [[3, 9, 1, 7, 2, 8, 6, 5, 4]]  # 9 > 4: alpha = 2^ceil(log2(9/4) + 1) - 1 = 7
     state = positions.start_state(cfg, tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from slimllm.reference.config import WavelengthScaling
+
 from ..io import CheckpointError
 
 
@@ -23,7 +25,7 @@ def expect(hf: dict, key: str, allowed, default=None):
     return value
 
 
-def rope_settings(hf: dict) -> tuple[float, tuple | None]:
+def rope_settings(hf: dict) -> tuple[float, WavelengthScaling | None]:
     """(rope_theta, rope_scaling) from either the classic keys or the newer `rope_parameters`."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -33,8 +35,7 @@ def rope_settings(hf: dict) -> tuple[float, tuple | None]:
     if kind == "default":
         return float(theta), None
     if kind == "llama3":
-        return float(theta), (
-            "llama3",
+        return float(theta), WavelengthScaling(
             float(source["factor"]),
             float(source["low_freq_factor"]),
             float(source["high_freq_factor"]),

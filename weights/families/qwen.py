@@ -5,7 +5,7 @@ Dynamic NTK (base scaled by an alpha fixed from the prompt length) and logN quer
 past the trained `seq_length` when the config enables them.
 """
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig
 
 from ..convert import Family, qkv_sizes, split_rows
 from ..io import CheckpointError
@@ -34,7 +34,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=hf.get("layer_norm_epsilon", 1e-6),
         rope_theta=float(hf.get("rotary_emb_base", 10000)),
         rope_fraction=float(hf.get("rotary_pct", 1.0)),
-        rope_scaling=("dynamic_ntk", trained) if hf.get("use_dynamic_ntk") else None,
+        rope_scaling=DynamicNTK(trained) if hf.get("use_dynamic_ntk") else None,
         logn_len=trained if hf.get("use_logn_attn") else 0,
         qkv_bias=True,
         tied_head=bool(hf.get("tie_word_embeddings", False)),
