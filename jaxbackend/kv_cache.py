@@ -47,7 +47,7 @@ def padded_len(max_len: int) -> int:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
     if dtype not in STORAGE:
         raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
-    shape = (batch, cfg.n_kv_heads, padded_len(max_len), cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, padded_len(max_len), cfg.head_dim)  # [b,k,s,d]
 
     def zeros(shape, dt):
         return tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
@@ -56,7 +56,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32
     return KVCache(
         zeros(shape, STORAGE[dtype]),
         zeros(shape, STORAGE[dtype]),
-        zeros(shape[:3], jnp.float32) if scales else None,
+        zeros(shape[:3], jnp.float32) if scales else None,  # [b,k,s]
         zeros(shape[:3], jnp.float32) if scales else None,
         dtype,
     )
@@ -111,18 +111,18 @@ class LayerKV:
     def length(self) -> int:
         return self.k.shape[2]
 
-    def keys(self, a, n: int):
-        """Keys of slots [a, a + n) as float32 [b,k,n,d] (a may be traced; n is static)."""
-        return lax.dynamic_slice_in_dim(self.k, a, n, axis=2).astype(jnp.float32)
+    def keys(self, lo, n: int):
+        """Keys of slots [lo, lo + n) as float32 [b,k,n,d] (lo may be traced; n is static)."""
+        return lax.dynamic_slice_in_dim(self.k, lo, n, axis=2).astype(jnp.float32)  # -> [b,k,n,d]
 
-    def values(self, a, n: int):
-        return lax.dynamic_slice_in_dim(self.v, a, n, axis=2).astype(jnp.float32)
+    def values(self, lo, n: int):
+        return lax.dynamic_slice_in_dim(self.v, lo, n, axis=2).astype(jnp.float32)  # -> [b,k,n,d]
 
-    def key_scales(self, a, n: int):
-        return lax.dynamic_slice_in_dim(self.k_scale, a, n, axis=2)
+    def key_scales(self, lo, n: int):
+        return lax.dynamic_slice_in_dim(self.k_scale, lo, n, axis=2)  # [b,k,s] -> [b,k,n]
 
-    def value_scales(self, a, n: int):
-        return lax.dynamic_slice_in_dim(self.v_scale, a, n, axis=2)
+    def value_scales(self, lo, n: int):
+        return lax.dynamic_slice_in_dim(self.v_scale, lo, n, axis=2)  # [b,k,s] -> [b,k,n]
 
 
 def read(cache: KVCache, layer: int) -> LayerKV:

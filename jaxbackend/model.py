@@ -49,8 +49,8 @@ def attention_fn(kind):
     return ATTENTION[kind]
 
 
-def norm(x, w, b, cfg: ModelConfig):
-    return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
+def norm(x, w, bias, cfg: ModelConfig):
+    return NORMS[cfg.norm](x, w, bias, cfg.norm_eps)
 
 
 # ---------------------------------------------------------------- tracing (an optional observer)
@@ -99,11 +99,11 @@ TRACE_KEYS = (
 # ---------------------------------------------------------------- the decoder
 
 
-def row_parallel(y, b, comm: Comm):
+def row_parallel(y, bias, comm: Comm):
     """Finish a row-parallel projection: sum the ranks' partial results, then add the bias once
     (collective #1 after the attention output, #2 after the MLP down projection)."""
     y = comm.sum(y)
-    return y if b is None else y + b
+    return y if bias is None else y + bias
 
 
 def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions):
@@ -114,16 +114,16 @@ def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions):
     y = linear(x, p.w_qkv)  # [b,t,e] -> [b,t,(h+2k)d], one fused product (params.py)
     kd = y.shape[-1] // (cfg.n_heads // cfg.n_kv_heads + 2)  # this rank's k*d
     q, k, v = jnp.split(y, [y.shape[-1] - 2 * kd, y.shape[-1] - kd], axis=-1)
-    q = bias_add(q, p.bq).reshape(b, t, -1, d)  # [b,t,h,d]
-    k = bias_add(k, p.bk).reshape(b, t, -1, d)  # [b,t,k,d]
-    v = bias_add(v, p.bv).reshape(b, t, -1, d)
+    q = bias_add(q, p.bq).reshape(b, t, -1, d)  # [b,t,h*d] -> [b,t,h,d]
+    k = bias_add(k, p.bk).reshape(b, t, -1, d)  # [b,t,k*d] -> [b,t,k,d]
+    v = bias_add(v, p.bv).reshape(b, t, -1, d)  # [b,t,k*d] -> [b,t,k,d]
     if cfg.qk_norm:
         q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
         k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
     rotate = ROTATIONS[cfg.pos]
     q, k = rotate(q, cfg, pos), rotate(k, cfg, pos)
     if cfg.logn_len:
-        q = q * logn_scale(cfg, pos)[:, :, None, None]
+        q = q * logn_scale(cfg, pos)[:, :, None, None]  # [b,t,h,d] * [b,t,1,1]
     return q, k, v
 
 
@@ -147,7 +147,7 @@ def attention_block(
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
-    out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)
+    out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)  # -> [b,t,h*d] -> [b,t,e]
     return observe(f"layers.{layer}.attn_out", out), cache
 
 
@@ -184,18 +184,18 @@ def block(
         comm=comm,
     )
     if cfg.residual == "pre_norm":
-        a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
-        h = x + a
-        out = h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg))
+        y, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
+        mid = x + y
+        out = mid + mlp(norm(mid, p.mlp_norm, p.mlp_norm_b, cfg))
     elif cfg.residual == "post_norm":
-        a, cache = attend(x, cache=cache)
-        h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
-        out = norm(h + mlp(h), p.mlp_norm, p.mlp_norm_b, cfg)
+        y, cache = attend(x, cache=cache)
+        mid = norm(x + y, p.attn_norm, p.attn_norm_b, cfg)
+        out = norm(mid + mlp(mid), p.mlp_norm, p.mlp_norm_b, cfg)
     else:  # normed_input
         n = norm(x, p.attn_norm, p.attn_norm_b, cfg)
-        a, cache = attend(n, cache=cache)
-        h = jnp.float32(cfg.residual_alpha) * n + a
-        m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+        y, cache = attend(n, cache=cache)
+        mid = jnp.float32(cfg.residual_alpha) * n + y
+        m = norm(mid, p.mlp_norm, p.mlp_norm_b, cfg)
         out = jnp.float32(cfg.residual_alpha) * m + mlp(m)
     return observe(f"layers.{layer}.out", out), cache
 
@@ -206,7 +206,7 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     if params.proj_in is not None:
         x = linear(x, params.proj_in)  # [b,t,e'] -> [b,t,e]
     if cfg.pos == "learned":
-        x = x + learned_positions(params.pos_embed, cfg, pos)
+        x = x + learned_positions(params.pos_embed, cfg, pos)  # [b,t,e]
     return x
 
 
@@ -217,7 +217,7 @@ def unembed(params: Params, cfg: ModelConfig, x):
     if params.proj_out is not None:
         x = linear(x, params.proj_out)  # [b,t,e] -> [b,t,e']
     head = params.embed if cfg.tied_head else params.lm_head  # [v,e'] (device layout)
-    return linear(x, head).astype(jnp.float32)
+    return linear(x, head).astype(jnp.float32)  # [b,t,e'] -> [b,t,v]
 
 
 def forward(
@@ -232,8 +232,8 @@ def forward(
 ):
     """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache).
     With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]."""
-    x = observe("embed", embed(params, cfg, tokens, pos))
-    bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))
+    x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
+    bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))  # [b,h|1,t,s]
     for i, layer in enumerate(params.layers):
         x, cache = block(x, layer, cfg, cache, i, pos, bias, attention, comm)
     if select is not None:

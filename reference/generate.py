@@ -62,7 +62,7 @@ class Stopping:
                 return "stop"
         if self.stop_strings:
             text = self.decode(ids)
-            if any(s in text for s in self.stop_strings):
+            if any(stop in text for stop in self.stop_strings):
                 return "stop"
         if len(ids) >= self.max_new_tokens:
             return "length"
@@ -75,7 +75,7 @@ def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     for p in prompts:
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab]
+        bad = [token for token in p if not 0 <= int(token) < cfg.vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab})")
     need = longest + max_new_tokens
@@ -157,7 +157,7 @@ def generate(
             break
         pos = positions.positions_for(cfg, state, 1)
         logits, cache = forward(params, cfg, next_ids[:, None], cache, pos, attention)
-        last = logits[:, 0]
+        last = logits[:, 0]  # [b,1,v] -> [b,v]
         state = positions.advance(state, 1)
         steps += 1
     return GenerateResult(rows, t1 - t0, time.perf_counter() - t1, steps)

@@ -49,7 +49,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32
     """An empty cache for `batch` rows of up to `max_len` tokens."""
     if dtype not in STORAGE:
         raise ValueError(f"unknown kv cache dtype {dtype!r}: expected one of {KV_DTYPES}")
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)  # [b,k,s,d]
 
     def zeros(shape, dt):
         return tuple(np.zeros(shape, dt) for _ in range(cfg.n_layers))
@@ -58,7 +58,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32
     return KVCache(
         zeros(shape, STORAGE[dtype]),
         zeros(shape, STORAGE[dtype]),
-        zeros(shape[:3], np.float32) if scales else None,
+        zeros(shape[:3], np.float32) if scales else None,  # [b,k,s]
         zeros(shape[:3], np.float32) if scales else None,
         dtype,
     )
@@ -126,12 +126,13 @@ class LayerKV:
             return from_bf16_bits(x)
         return x if x.dtype == np.float32 else x.astype(np.float32)
 
-    def keys(self, a: int, b: int):
-        """Keys of slots [a, b) as float32 [b,k,n,d]: int8 values are NOT scaled here."""
-        return self.widen(self.k[:, :, a:b])
+    def keys(self, lo: int, hi: int):
+        """Keys of slots [lo, hi) as float32 [b,k,n,d], n = hi - lo: int8 values are NOT scaled
+        here."""
+        return self.widen(self.k[:, :, lo:hi])  # [b,k,s,d] -> [b,k,n,d]
 
-    def values(self, a: int, b: int):
-        return self.widen(self.v[:, :, a:b])
+    def values(self, lo: int, hi: int):
+        return self.widen(self.v[:, :, lo:hi])  # [b,k,s,d] -> [b,k,n,d]
 
 
 def read(cache: KVCache, layer: int) -> LayerKV:
@@ -147,7 +148,7 @@ def dequantized(kv: LayerKV):
     k, v = kv.keys(0, kv.length), kv.values(0, kv.length)  # widened [b,k,s,d]
     if kv.k_scale is not None:
         k = k * kv.k_scale[..., None]  # [b,k,s,d] * [b,k,s,1]
-        v = v * kv.v_scale[..., None]
+        v = v * kv.v_scale[..., None]  # [b,k,s,d] * [b,k,s,1]
     return k, v
 
 

@@ -3,10 +3,12 @@
 `forward(params, cfg, tokens, cache, pos)` embeds the tokens, runs every block (attention writes
 the new K/V into the cache, then reads the cache back), applies the final norm and the LM head,
 and returns logits for every input position plus the new cache. Prefill is a call with t > 1 on
-an empty cache, decode a call with t = 1; there is no other path. The three residual layouts:
-  pre_norm      h = x + attn(norm(x));  out = h + mlp(norm(h))         (Llama, Qwen, OPT, ...)
-  post_norm     h = norm(x + attn(x));  out = norm(h + mlp(h))         (OPT-350m)
-  normed_input  n = norm(x); h = a*n + attn(n); m = norm(h); out = a*m + mlp(m)  (GLM-6B)
+an empty cache, decode a call with t = 1; there is no other path. The three residual layouts
+(mid: the residual stream between the two sublayers, alpha: `residual_alpha`):
+  pre_norm      mid = x + attn(norm(x));  out = mid + mlp(norm(mid))       (Llama, Qwen, OPT, ...)
+  post_norm     mid = norm(x + attn(x));  out = norm(mid + mlp(mid))       (OPT-350m)
+  normed_input  n = norm(x); mid = alpha*n + attn(n); m = norm(mid); out = alpha*m + mlp(m)
+                (GLM-6B)
 Named intermediates (TRACE_KEYS) are handed to `observe` as they are computed; it returns them
 unchanged and keeps them only inside `with tracing() as trace:` (what `slimllm diff` compares).
 """
@@ -40,8 +42,8 @@ def attention_fn(kind):
     return ATTENTION[kind]
 
 
-def norm(x, w, b, cfg: ModelConfig):
-    return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
+def norm(x, w, bias, cfg: ModelConfig):
+    return NORMS[cfg.norm](x, w, bias, cfg.norm_eps)
 
 
 # ---------------------------------------------------------------- tracing (an optional observer)
@@ -96,14 +98,14 @@ def qkv(x, p: LayerParams, cfg: ModelConfig, pos: Positions):
     d = cfg.head_dim
     q = linear(x, p.wq, p.bq).reshape(b, t, cfg.n_heads, d)  # [b,t,e] -> [b,t,h,d]
     k = linear(x, p.wk, p.bk).reshape(b, t, cfg.n_kv_heads, d)  # [b,t,e] -> [b,t,k,d]
-    v = linear(x, p.wv, p.bv).reshape(b, t, cfg.n_kv_heads, d)
+    v = linear(x, p.wv, p.bv).reshape(b, t, cfg.n_kv_heads, d)  # [b,t,e] -> [b,t,k,d]
     if cfg.qk_norm:
         q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
         k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
     rotate = ROTATIONS[cfg.pos]
     q, k = rotate(q, cfg, pos), rotate(k, cfg, pos)
     if cfg.logn_len:
-        q = q * logn_scale(cfg, pos)[:, :, None, None]
+        q = q * logn_scale(cfg, pos)[:, :, None, None]  # [b,t,h,d] * [b,t,1,1]
     return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
 
 
@@ -127,7 +129,7 @@ def attention_block(
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(attention)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
-    out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo)
+    out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), p.wo, p.bo)  # -> [b,t,h*d] -> [b,t,e]
     return observe(f"layers.{layer}.attn_out", out), cache
 
 
@@ -151,18 +153,18 @@ def block(
         return attention_block(y, p, cfg, cache, layer, pos, bias, attention)
 
     if cfg.residual == "pre_norm":
-        a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache)
-        h = x + a
-        out = h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg))
+        y, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache)
+        mid = x + y
+        out = mid + mlp(norm(mid, p.mlp_norm, p.mlp_norm_b, cfg))
     elif cfg.residual == "post_norm":
-        a, cache = attend(x, cache)
-        h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
-        out = norm(h + mlp(h), p.mlp_norm, p.mlp_norm_b, cfg)
+        y, cache = attend(x, cache)
+        mid = norm(x + y, p.attn_norm, p.attn_norm_b, cfg)
+        out = norm(mid + mlp(mid), p.mlp_norm, p.mlp_norm_b, cfg)
     else:  # normed_input
         n = norm(x, p.attn_norm, p.attn_norm_b, cfg)
-        a, cache = attend(n, cache)
-        h = np.float32(cfg.residual_alpha) * n + a
-        m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+        y, cache = attend(n, cache)
+        mid = np.float32(cfg.residual_alpha) * n + y
+        m = norm(mid, p.mlp_norm, p.mlp_norm_b, cfg)
         out = np.float32(cfg.residual_alpha) * m + mlp(m)
     return observe(f"layers.{layer}.out", out), cache
 
@@ -175,7 +177,7 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     if params.proj_in is not None:
         x = x @ params.proj_in  # [b,t,e'] -> [b,t,e]
     if cfg.pos == "learned":
-        x = x + learned_positions(params.pos_embed, cfg, pos)
+        x = x + learned_positions(params.pos_embed, cfg, pos)  # [b,t,e]
     return x
 
 
@@ -186,7 +188,7 @@ def unembed(params: Params, cfg: ModelConfig, x):
     if params.proj_out is not None:
         x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
     head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
-    return (x @ head).astype(np.float32)
+    return (x @ head).astype(np.float32)  # [b,t,e'] -> [b,t,v]
 
 
 def forward(
@@ -203,8 +205,8 @@ def forward(
     tokens = np.asarray(tokens)
     kv_cache.check_fits(cache, pos.slots)
     attention_fn(attention)
-    x = observe("embed", embed(params, cfg, tokens, pos))
-    bias = attention_bias(cfg, pos, cache.max_len)
+    x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
+    bias = attention_bias(cfg, pos, cache.max_len)  # [b,h|1,t,s]
     for i, layer in enumerate(params.layers):
         x, cache = block(x, layer, cfg, cache, i, pos, bias, attention)
     if select is not None:
