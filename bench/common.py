@@ -112,7 +112,7 @@ def build_model(args):
         "params": cfg.n_params(),
         "weight_bytes": param_bytes(model.params),
         "init_seconds": r3(time.perf_counter() - t0),
-        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        "config": dataclasses.asdict(cfg),  # nested values (rope scaling) as dicts
     }
     return model, info
 

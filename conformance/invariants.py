@@ -31,7 +31,7 @@ from slimllm.jaxbackend.sequence import chunk_fn
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import positions
 from slimllm.reference import sampling as ref_sampling
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig
 from slimllm.reference.model import forward as ref_forward
 from slimllm.reference.ops import softmax
 from slimllm.reference.params import Params
@@ -147,7 +147,7 @@ def prefill_equals_steps(runner, rows, runtime: Runtime, pad_to: int = 0) -> Non
     A prefix-LM prefix attends both ways, so it is prefilled as one chunk; dynamic-NTK configs
     are excluded by design (their alpha is chosen by the prompt's length)."""
     cfg = runner.cfg
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "dynamic_ntk":
+    if isinstance(cfg.rope_scaling, DynamicNTK):
         raise ValueError("dynamic NTK: prefill and single steps differ by design")
     state = positions.start_state(cfg, rows)
     first = state.prefix + 1 if cfg.prefix_lm else 1

@@ -15,7 +15,8 @@ static, and compares:
 - JAX caches by their logical contents: the JAX cache is padded to `padded_len` (multiples of
   64/256) and stores bfloat16 as `jnp.bfloat16` where the reference keeps uint16 bit patterns.
 Where signatures differ by design (NTK alpha per row [b] in JAX, seeds as [b, 2] uint32 words,
-a padded cache and bias) the Case or a small adapter says so. A pair's `cost` says how many
+a padded cache and bias, JAX-only kernel options such as naive attention's key block) the Case,
+a small adapter or `strategies.backend_options` says so. A pair's `cost` says how many
 times dearer than a plain op its examples are (config-dependent programs compile per example).
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from slimllm.jaxbackend import attention as jax_attention
+from slimllm.jaxbackend import key_blocks as jax_key_blocks
 from slimllm.jaxbackend import kv_cache as jax_kv
 from slimllm.jaxbackend import model as jax_model
 from slimllm.jaxbackend import ops as jax_ops
@@ -40,6 +42,7 @@ from slimllm.jaxbackend import runtime as jax_runtime
 from slimllm.jaxbackend import sampling as jax_sampling
 from slimllm.jaxbackend.params import layer_to_device, to_device
 from slimllm.reference import attention as ref_attention
+from slimllm.reference import key_blocks as ref_key_blocks
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import model as ref_model
 from slimllm.reference import ops as ref_ops
@@ -47,7 +50,7 @@ from slimllm.reference import positions as ref_positions
 from slimllm.reference import quant as ref_quant
 from slimllm.reference import runtime as ref_runtime
 from slimllm.reference import sampling as ref_sampling
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig
 from slimllm.reference.params import LayerParams, Params
 from slimllm.reference.runtime import Runtime
 from slimllm.reference.sampling import SamplingConfig
@@ -401,7 +404,7 @@ def rope_configs(pos=("rope", "rope2d")):
 
 def ntk_alphas(cfg: ModelConfig, b: int):
     """Per-row alphas start_state can produce: > 1 only for dynamic-NTK configs."""
-    if cfg.rope_scaling is None or cfg.rope_scaling[0] != "dynamic_ntk":
+    if not isinstance(cfg.rope_scaling, DynamicNTK):
         return st.just(np.ones(b, np.float32))
     alphas = st.sampled_from((1.0, 3.0, 7.0))
     return st.lists(alphas, min_size=b, max_size=b).map(lambda a: np.array(a, np.float32))
@@ -562,7 +565,7 @@ def attention_pair(kind: str, dtype: str) -> Pair:
     ref_fn, jax_fn = ref_runtime.ATTENTION[kind], jax_runtime.ATTENTION[kind]
 
     def reference(case, options):
-        return S.Kernel(ref_fn, options)(*case.reference())
+        return S.Kernel(ref_fn, S.backend_options("numpy", kind, options))(*case.reference())
 
     def jax_call(case, options):
         q, cache, bias, scale = case.jax()
@@ -574,12 +577,49 @@ def attention_pair(kind: str, dtype: str) -> Pair:
     return Pair(name, reference, jax_call, cases, close(FUNCTION[dtype]), None, cost=15)
 
 
+def ref_exact_rows(case, key_block: int):
+    """The reference's key-blocked attention over the whole cache, from an AttentionCase."""
+    q, kv, bias, scale = case.reference()
+    kh = kv.k.shape[1]
+    qg, gbias = ref_attention.group_queries(q, kh), ref_attention.group_bias(bias, kh)
+    return ref_key_blocks.exact_rows(qg, kv, gbias, scale, kv.length, key_block)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "key_block"))
+def jax_exact_rows_jit(q, cache, bias, *, scale, key_block):
+    kv = jax_kv.read(cache, 0)
+    kh = kv.k.shape[1]
+    qg, gbias = jax_attention.group_queries(q, kh), jax_attention.group_bias(bias, kh)
+    return jax_key_blocks.exact_rows(qg, kv, gbias, scale, kv.length, key_block)
+
+
+def jax_exact_rows(case, key_block: int):
+    """The same over the padded JAX cache (padding slots are masked)."""
+    q, cache, bias, scale = case.jax()
+    return jax_exact_rows_jit(q, cache, bias, scale=scale, key_block=key_block)
+
+
+def exact_rows_pair(dtype: str) -> Pair:
+    """The key-blocked form SlimAttention and flash share, over a cache of `dtype`, read in key
+    blocks that divide the padded JAX cache (the reference's last block may be shorter)."""
+    inputs = st.tuples(S.attention_cases(dtype), st.sampled_from((16, 64)))
+    return Pair(
+        f"key_blocks.exact_rows[{dtype}]",
+        ref_exact_rows,
+        jax_exact_rows,
+        inputs.map(lambda a: Case(a, a)),
+        close(FUNCTION[dtype]),
+        None,
+        cost=15,
+    )
+
+
 # Inputs of the table's entries, as Case strategies.
 int8_codes = st.lists(st.integers(-127, 127), min_size=16, max_size=16).map(
     lambda q: np.array(q, np.int8).reshape(2, 8)
 )
 dequantize_inputs = st.tuples(int8_codes, S.arrays((2,), 0.0, 1.0))
-llama3_inputs = st.tuples(S.arrays((2, 8), 2.0**-10, 2.0), *map(st.just, S.LLAMA3[1:]))
+wavelength_inputs = st.tuples(S.arrays((2, 8), 2.0**-10, 2.0), st.just(S.WAVELENGTH))
 logn_inputs = rope_inputs("rope").map(lambda a: (a[1].replace(logn_len=S.LOGN_LEN), a[2]))
 learned_inputs = (
     S.configs()
@@ -628,8 +668,8 @@ def _pairs() -> list[Pair]:
     positions = [
         P("positions.inv_freq", ref_inv_freq, jax_positions.inv_freq, V(freq_inputs()), close(),
           (0,), cost=3),
-        P("positions.llama3_scale", ref_positions.llama3_scale, jax_positions.llama3_scale,
-          V(llama3_inputs), close(), (1, 2, 3, 4)),
+        P("positions.wavelength_scale", ref_positions.wavelength_scale,
+          jax_positions.wavelength_scale, V(wavelength_inputs), close(), (1,)),
         P("positions.rope_angles", ref_positions.rope_angles, jax_positions.rope_angles,
           V(angle_inputs()), compare_angles, (0,), cost=3),
         P("positions.apply_rope", ref_positions.apply_rope, jax_positions.apply_rope,
@@ -647,6 +687,7 @@ def _pairs() -> list[Pair]:
         P("attention.attention_bias", ref_attention.attention_bias, jax_bias, V(bias_inputs()),
           compare_bias, (0, 2)),
         *(attention_pair(kind, dtype) for kind in S.ATTENTION_KINDS for dtype in S.KV_DTYPES),
+        *(exact_rows_pair(dtype) for dtype in S.KV_DTYPES),
         P("kv_cache.write", ref_kv.write, jax_kv.write, V(write_inputs()), compare_write, (1,),
           cost=3),
         P("kv_cache.read", ref_read, jax_read, V(read_inputs), compare_read, (1,), cost=3),

@@ -25,7 +25,16 @@ from slimllm.jaxbackend.runtime import ATTENTION as JAX_ATTENTION
 from slimllm.reference import kv_cache as ref_kv
 from slimllm.reference import positions
 from slimllm.reference.attention import attention_bias
-from slimllm.reference.config import MLPS, NORMS, POSITIONS, RESIDUALS, ROPE_STYLES, ModelConfig
+from slimllm.reference.config import (
+    MLPS,
+    NORMS,
+    POSITIONS,
+    RESIDUALS,
+    ROPE_STYLES,
+    DynamicNTK,
+    ModelConfig,
+    WavelengthScaling,
+)
 from slimllm.reference.params import Params, init_params
 from slimllm.reference.runtime import ATTENTION as REF_ATTENTION
 from slimllm.reference.runtime import Runtime
@@ -41,8 +50,8 @@ LAYERS = (1, 2)
 FFN_WIDTH = 24
 EMBED_WIDTHS = (0, 8)  # 0: embeddings in the model width; 8: projected in and out
 THETAS = (10000.0, 500000.0)
-LLAMA3 = ("llama3", 8.0, 1.0, 4.0, 16)  # bands at wavelengths 4..16: all three are used
-NTK = ("dynamic_ntk", 8)  # prompts longer than 8 stretch the RoPE base
+WAVELENGTH = WavelengthScaling(8.0, 1.0, 4.0, 16)  # bands at wavelengths 4..16: all three used
+NTK = DynamicNTK(8)  # prompts longer than 8 stretch the RoPE base
 LOGN_LEN = 8
 # Prefix-LM special ids at the top of the vocabulary; prompts draw plain ids below them.
 BLOCK_START = VOCAB - 1
@@ -56,6 +65,9 @@ ATTENTION_OPTIONS = {
     "slim": {"mb": (None, 2, 3), "key_splits": (1, 2, 3), "key_block": (16, 64, 256)},
     "flash": {"q_tile": (2, 4, 64), "k_tile": (8, 16, 64)},
 }
+# Options only the JAX kernels take: JAX computes naive attention in key blocks (for speed), the
+# reference's naive attention is the literal definition.
+JAX_ONLY_OPTIONS = {"naive": ("key_block",)}
 
 
 @st.composite
@@ -71,7 +83,7 @@ def configs(draw, dynamic_ntk: bool = True) -> ModelConfig:
     fraction = draw(st.sampled_from((1.0, 0.5))) if pos == "rope" else 1.0
     rotary = d // 2 if pos == "rope2d" else int(d * fraction)
     # dynamic NTK stretches the base by alpha^(r/(r-2)): undefined for a rotary dim of 2
-    scalings = [None, LLAMA3] + ([NTK] if dynamic_ntk and rotary > 2 else [])
+    scalings = [None, WAVELENGTH] + ([NTK] if dynamic_ntk and rotary > 2 else [])
     residual = draw(st.sampled_from(RESIDUALS))
     return ModelConfig(
         vocab=VOCAB,
@@ -177,10 +189,19 @@ class Kernel:
         return self.fn(q, kv, bias, scale, **dict(self.options))
 
 
+def backend_options(backend: str, kind: str, options: tuple) -> tuple:
+    """The (name, value) options of attention `kind` that `backend`'s kernel takes."""
+    if backend == "jax":
+        return options
+    return tuple(
+        (name, value) for name, value in options if name not in JAX_ONLY_OPTIONS.get(kind, ())
+    )
+
+
 def kernel(rt: Runtime, backend: str) -> Kernel:
     """The attention function of `rt` in `backend` ("numpy" or "jax"), to call directly."""
     table = REF_ATTENTION if backend == "numpy" else JAX_ATTENTION
-    return Kernel(table[rt.attention], rt.attention_options)
+    return Kernel(table[rt.attention], backend_options(backend, rt.attention, rt.attention_options))
 
 
 @st.composite

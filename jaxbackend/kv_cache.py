@@ -72,7 +72,7 @@ def init_cache(
     tensor parallelism (tp.ShardPlan)."""
     kind = kv_format(fmt)
     k = cfg.n_kv_heads if kv_heads is None else kv_heads
-    shape = (batch, k, padded_len(max_len), kind.stored_dim(cfg.head_dim))
+    shape = (batch, k, padded_len(max_len), kind.stored_dim(cfg.head_dim))  # [b,k,s,d]
 
     def zeros(shape, dt):
         return tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
@@ -80,7 +80,7 @@ def init_cache(
     return KVCache(
         zeros(shape, kind.storage),
         zeros(shape, kind.storage),
-        zeros(shape[:3], jnp.float32) if kind.scaled else None,
+        zeros(shape[:3], jnp.float32) if kind.scaled else None,  # [b,k,s]
         zeros(shape[:3], jnp.float32) if kind.scaled else None,
         fmt,
     )
@@ -133,18 +133,18 @@ class LayerKV:
     def length(self) -> int:
         return self.k.shape[2]
 
-    def keys(self, a, n: int):
-        """Keys of slots [a, a + n) as float32 [b,k,n,d] (a may be traced; n is static)."""
-        return self.fmt.widen(lax.dynamic_slice_in_dim(self.k, a, n, axis=2))
+    def keys(self, lo, n: int):
+        """Keys of slots [lo, lo + n) as float32 [b,k,n,d] (lo may be traced; n is static)."""
+        return self.fmt.widen(lax.dynamic_slice_in_dim(self.k, lo, n, axis=2))  # -> [b,k,n,d]
 
-    def values(self, a, n: int):
-        return self.fmt.widen(lax.dynamic_slice_in_dim(self.v, a, n, axis=2))
+    def values(self, lo, n: int):
+        return self.fmt.widen(lax.dynamic_slice_in_dim(self.v, lo, n, axis=2))  # -> [b,k,n,d]
 
-    def key_scales(self, a, n: int):
-        return lax.dynamic_slice_in_dim(self.k_scale, a, n, axis=2)
+    def key_scales(self, lo, n: int):
+        return lax.dynamic_slice_in_dim(self.k_scale, lo, n, axis=2)  # [b,k,s] -> [b,k,n]
 
-    def value_scales(self, a, n: int):
-        return lax.dynamic_slice_in_dim(self.v_scale, a, n, axis=2)
+    def value_scales(self, lo, n: int):
+        return lax.dynamic_slice_in_dim(self.v_scale, lo, n, axis=2)  # [b,k,s] -> [b,k,n]
 
 
 def read(cache: KVCache, layer: int) -> LayerKV:

@@ -1,6 +1,6 @@
 """The whole decoder in JAX: the reference's `model.py` with `jnp` for `np`.
 
-`forward` is a pure function of arrays (jit it with `cfg` and `attention` static and the cache
+`forward` is a pure function of arrays (jit it with `cfg` and `rt` static and the cache
 donated; `generate.py` does). Layers are a Python loop: the per-layer cache is a tuple, and an
 unrolled loop keeps this file a line-by-line mirror of the reference. Bounds (token ids, cache
 length, learned-position table) are checked on the host before calling, since a traced
@@ -10,10 +10,16 @@ The one addition over the reference is tensor parallelism (see `tp.py`): given a
 several ranks, `forward` runs on this rank's heads and ffn columns (shapes come from the
 weights), and the two row-parallel projections of each block (attention output, MLP down) end in
 `row_parallel`, the only place partial sums are reduced; their biases are added once, after.
+
+Tracing is the reference's observer with its own switch. Under jit, `observe` runs while the
+function is traced: a program traced inside `tracing()` returns the dict it fills (see
+`generate.trace_fn`), and every program traced outside it is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -33,19 +39,38 @@ from .tp import SINGLE, Comm
 DEFAULT = Runtime()
 
 
-def norm(x, w, b, cfg: ModelConfig):
-    return NORMS[cfg.norm](x, w, b, cfg.norm_eps)
+def norm(x, w, bias, cfg: ModelConfig):
+    return NORMS[cfg.norm](x, w, bias, cfg.norm_eps)
 
 
-def record(trace: dict | None, name: str, x):
-    """Keep a named intermediate when tracing (`trace` is a dict); x passes through unchanged.
-    The names are the public keys of `slimllm diff` and of user dumps (see TRACE_KEYS)."""
+# ---------------------------------------------------------------- tracing (an optional observer)
+
+# The dict the forwards inside `tracing()` fill; None (no effect) everywhere else.
+TRACE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jax_trace", default=None)
+
+
+@contextlib.contextmanager
+def tracing():
+    """Keep the named intermediates of every forward traced inside the block:
+    `with tracing() as trace: forward(...)` leaves name -> array in `trace` (TRACE_KEYS)."""
+    trace = {}
+    token = TRACE.set(trace)
+    try:
+        yield trace
+    finally:
+        TRACE.reset(token)
+
+
+def observe(name: str, x):
+    """x, unchanged; inside `tracing()` it is also kept under `name`."""
+    trace = TRACE.get()
     if trace is not None:
         trace[name] = x
     return x
 
 
-# Intermediates a traced forward records, in computation order ({i}: layer index).
+# Intermediates a traced forward observes, in computation order ({i}: layer index). The names
+# are the public keys of `slimllm diff` and of user dumps.
 TRACE_KEYS = (
     "embed",  # token (+ position) embeddings [b,t,e]
     "layers.{i}.attn_in",  # input of the attention sublayer (normed, except post-norm) [b,t,e]
@@ -61,11 +86,14 @@ TRACE_KEYS = (
 )
 
 
-def row_parallel(y, b, comm: Comm):
+# ---------------------------------------------------------------- the decoder
+
+
+def row_parallel(y, bias, comm: Comm):
     """Finish a row-parallel projection: sum the ranks' partial results, then add the bias once
     (collective #1 after the attention output, #2 after the MLP down projection)."""
     y = comm.sum(y)
-    return y if b is None else y + b
+    return y if bias is None else y + bias
 
 
 def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions, kv_heads: int | None = None):
@@ -77,16 +105,16 @@ def qkv(x, p: DeviceLayer, cfg: ModelConfig, pos: Positions, kv_heads: int | Non
     y = linear(x, p.w_qkv)  # [b,t,e] -> [b,t,(h+2k)d], one fused product (params.py)
     kd = (cfg.n_kv_heads if kv_heads is None else kv_heads) * d  # this rank's k*d
     q, k, v = jnp.split(y, [y.shape[-1] - 2 * kd, y.shape[-1] - kd], axis=-1)
-    q = bias_add(q, p.bq).reshape(b, t, -1, d)  # [b,t,h,d]
-    k = bias_add(k, p.bk).reshape(b, t, -1, d)  # [b,t,k,d]
-    v = bias_add(v, p.bv).reshape(b, t, -1, d)
+    q = bias_add(q, p.bq).reshape(b, t, -1, d)  # [b,t,h*d] -> [b,t,h,d]
+    k = bias_add(k, p.bk).reshape(b, t, -1, d)  # [b,t,k*d] -> [b,t,k,d]
+    v = bias_add(v, p.bv).reshape(b, t, -1, d)  # [b,t,k*d] -> [b,t,k,d]
     if cfg.qk_norm:
         q = rms_norm(q, p.q_norm, None, cfg.norm_eps)
         k = rms_norm(k, p.k_norm, None, cfg.norm_eps)
     rotate = ROTATIONS[cfg.pos]
     q, k = rotate(q, cfg, pos), rotate(k, cfg, pos)
     if cfg.logn_len:
-        q = q * logn_scale(cfg, pos)[:, :, None, None]
+        q = q * logn_scale(cfg, pos)[:, :, None, None]  # [b,t,h,d] * [b,t,1,1]
     return q, k, v
 
 
@@ -100,19 +128,18 @@ def attention_block(
     bias,
     rt: Runtime = DEFAULT,
     comm: Comm = SINGLE,
-    trace=None,
 ):
     """Self-attention sublayer: writes this layer's K/V, then reads the cache back."""
     b, t, _ = x.shape
-    record(trace, f"layers.{layer}.attn_in", x)
+    observe(f"layers.{layer}.attn_in", x)
     q, k, v = qkv(x, p, cfg, pos, kv_heads=cache.k[layer].shape[1])
     for name, y in (("q", q), ("k", k), ("v", v)):
-        record(trace, f"layers.{layer}.{name}", y)
+        observe(f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
     kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
     o = attention_fn(rt)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
-    out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)
-    return record(trace, f"layers.{layer}.attn_out", out), cache
+    out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)  # -> [b,t,h*d] -> [b,t,e]
+    return observe(f"layers.{layer}.attn_out", out), cache
 
 
 def mlp_block(x, p: DeviceLayer, cfg: ModelConfig, comm: Comm = SINGLE):
@@ -130,13 +157,12 @@ def block(
     bias,
     rt: Runtime = DEFAULT,
     comm: Comm = SINGLE,
-    trace=None,
 ):
     """One transformer block in the config's residual layout."""
 
     def mlp(y):
-        record(trace, f"layers.{layer}.mlp_in", y)
-        return record(trace, f"layers.{layer}.mlp_out", mlp_block(y, p, cfg, comm))
+        observe(f"layers.{layer}.mlp_in", y)
+        return observe(f"layers.{layer}.mlp_out", mlp_block(y, p, cfg, comm))
 
     attend = functools.partial(
         attention_block,
@@ -147,23 +173,22 @@ def block(
         bias=bias,
         rt=rt,
         comm=comm,
-        trace=trace,
     )
     if cfg.residual == "pre_norm":
-        a, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
-        h = x + a
-        out = h + mlp(norm(h, p.mlp_norm, p.mlp_norm_b, cfg))
+        y, cache = attend(norm(x, p.attn_norm, p.attn_norm_b, cfg), cache=cache)
+        mid = x + y
+        out = mid + mlp(norm(mid, p.mlp_norm, p.mlp_norm_b, cfg))
     elif cfg.residual == "post_norm":
-        a, cache = attend(x, cache=cache)
-        h = norm(x + a, p.attn_norm, p.attn_norm_b, cfg)
-        out = norm(h + mlp(h), p.mlp_norm, p.mlp_norm_b, cfg)
+        y, cache = attend(x, cache=cache)
+        mid = norm(x + y, p.attn_norm, p.attn_norm_b, cfg)
+        out = norm(mid + mlp(mid), p.mlp_norm, p.mlp_norm_b, cfg)
     else:  # normed_input
         n = norm(x, p.attn_norm, p.attn_norm_b, cfg)
-        a, cache = attend(n, cache=cache)
-        h = jnp.float32(cfg.residual_alpha) * n + a
-        m = norm(h, p.mlp_norm, p.mlp_norm_b, cfg)
+        y, cache = attend(n, cache=cache)
+        mid = jnp.float32(cfg.residual_alpha) * n + y
+        m = norm(mid, p.mlp_norm, p.mlp_norm_b, cfg)
         out = jnp.float32(cfg.residual_alpha) * m + mlp(m)
-    return record(trace, f"layers.{layer}.out", out), cache
+    return observe(f"layers.{layer}.out", out), cache
 
 
 def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
@@ -172,19 +197,19 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     if params.proj_in is not None:
         x = linear(x, params.proj_in)  # [b,t,e'] -> [b,t,e]
     if cfg.pos == "learned":
-        x = x + learned_positions(params.pos_embed, cfg, pos)
+        x = x + learned_positions(params.pos_embed, cfg, pos)  # [b,t,e]
     return x
 
 
-def unembed(params: Params, cfg: ModelConfig, x, trace=None):
+def unembed(params: Params, cfg: ModelConfig, x):
     """Final norm, output projection and LM head: [b,t,e] -> logits [b,t,v]."""
     if cfg.final_norm:
-        x = record(trace, "final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
+        x = observe("final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
         x = linear(x, params.proj_out)  # [b,t,e] -> [b,t,e']
     # tied: the embedding table; under tensor parallelism the head is always its own (split) copy
     head = params.embed if params.lm_head is None else params.lm_head  # [v,e'] (device layout)
-    return linear(x, head).astype(jnp.float32)
+    return linear(x, head).astype(jnp.float32)  # [b,t,e'] -> [b,t,v]
 
 
 def forward(
@@ -196,16 +221,13 @@ def forward(
     rt: Runtime = DEFAULT,
     select=None,
     comm: Comm = SINGLE,
-    trace: dict | None = None,
 ):
     """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache).
-    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]. With a
-    `trace` dict, the intermediates named in TRACE_KEYS are stored in it (under jit, trace in
-    a separate function that returns the dict: the untraced program is unchanged)."""
-    x = record(trace, "embed", embed(params, cfg, tokens, pos))
-    bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))
+    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]."""
+    x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
+    bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))  # [b,h|1,t,s]
     for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, rt, comm, trace)
+        x, cache = block(x, layer, cfg, cache, i, pos, bias, rt, comm)
     if select is not None:
         x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
-    return record(trace, "logits", unembed(params, cfg, x, trace)), cache
+    return observe("logits", unembed(params, cfg, x)), cache

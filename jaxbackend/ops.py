@@ -7,19 +7,19 @@ import numpy as np
 from jax import lax
 
 
-def rms_norm(x, w, b, eps):
-    """x / sqrt(mean(x^2) + eps) * w, over the last axis (b is unused: RMSNorm has no bias)."""
+def rms_norm(x, w, bias, eps):
+    """x / sqrt(mean(x^2) + eps) * w, over the last axis (no bias: RMSNorm has none)."""
     x32 = x.astype(jnp.float32)
-    inv = 1.0 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.float32(eps))
+    inv = 1.0 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.float32(eps))  # [...,1]
     return x32 * inv * w
 
 
-def layer_norm(x, w, b, eps):
-    """(x - mean) / sqrt(var + eps) * w + b, over the last axis (biased variance)."""
+def layer_norm(x, w, bias, eps):
+    """(x - mean) / sqrt(var + eps) * w + bias, over the last axis (biased variance)."""
     x32 = x.astype(jnp.float32)
-    mu = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean((x32 - mu) ** 2, axis=-1, keepdims=True)
-    return (x32 - mu) / jnp.sqrt(var + jnp.float32(eps)) * w + b
+    mu = jnp.mean(x32, axis=-1, keepdims=True)  # [...,e] -> [...,1]
+    var = jnp.mean((x32 - mu) ** 2, axis=-1, keepdims=True)  # [...,e] -> [...,1]
+    return (x32 - mu) / jnp.sqrt(var + jnp.float32(eps)) * w + bias
 
 
 NORMS = {"rms": rms_norm, "layer": layer_norm}
@@ -39,13 +39,14 @@ def relu(x):
     return jnp.maximum(x, jnp.float32(0.0))
 
 
-def bias_add(y, b=None):
-    return y if b is None else y + b
+def bias_add(y, bias=None):
+    return y if bias is None else y + bias
 
 
-def linear(x, w, b=None):
-    """x @ w.T (+ b); w is [out, in] (the device layout, see `params.py`)."""
-    return bias_add(lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ()))), b)
+def linear(x, w, bias=None):
+    """x @ w.T (+ bias); w is [out, in] (the device layout, see `params.py`)."""
+    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))  # [...,in] -> [...,out]
+    return bias_add(y, bias)
 
 
 def swiglu_mlp(x, p):
@@ -55,11 +56,15 @@ def swiglu_mlp(x, p):
 
 
 def gelu_mlp(x, p):
-    return linear(gelu_tanh(linear(x, p.w_up, p.b_up)), p.w_down, p.b_down)
+    """down(gelu_tanh(x @ up + b_up)) + b_down."""
+    up = linear(x, p.w_up, p.b_up)  # [b,t,e] -> [b,t,f]
+    return linear(gelu_tanh(up), p.w_down, p.b_down)  # [b,t,f] -> [b,t,e]
 
 
 def relu_mlp(x, p):
-    return linear(relu(linear(x, p.w_up, p.b_up)), p.w_down, p.b_down)
+    """down(relu(x @ up + b_up)) + b_down."""
+    up = linear(x, p.w_up, p.b_up)  # [b,t,e] -> [b,t,f]
+    return linear(relu(up), p.w_down, p.b_down)  # [b,t,f] -> [b,t,e]
 
 
 MLPS = {"swiglu": swiglu_mlp, "gelu": gelu_mlp, "relu": relu_mlp}
@@ -67,14 +72,14 @@ MLPS = {"swiglu": swiglu_mlp, "gelu": gelu_mlp, "relu": relu_mlp}
 
 def softmax(x, axis=-1):
     """exp(x - max) / sum; rows that are all -inf give zeros rather than NaN."""
-    m = jnp.max(x, axis=axis, keepdims=True)
+    m = jnp.max(x, axis=axis, keepdims=True)  # [..., n] -> [..., 1], n: the softmax axis
     m = jnp.where(jnp.isfinite(m), m, jnp.float32(0.0))
-    e = jnp.exp(x - m)
-    s = jnp.sum(e, axis=axis, keepdims=True)
-    return e / jnp.where(s > 0, s, jnp.float32(1.0))
+    w = jnp.exp(x - m)  # unnormalised weights [..., n]
+    total = jnp.sum(w, axis=axis, keepdims=True)  # [..., n] -> [..., 1]
+    return w / jnp.where(total > 0, total, jnp.float32(1.0))
 
 
 def log_softmax(x, axis=-1):
-    m = jnp.max(x, axis=axis, keepdims=True)
+    m = jnp.max(x, axis=axis, keepdims=True)  # [..., n] -> [..., 1]
     z = x - m
     return z - jnp.log(jnp.sum(jnp.exp(z), axis=axis, keepdims=True))

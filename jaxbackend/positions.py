@@ -13,7 +13,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
 from slimllm.reference.positions import Positions, SeqState, alibi_slopes, start_state
 
 from .params import register
@@ -59,19 +59,22 @@ def inv_freq(cfg: ModelConfig, alpha):
     """Inverse frequencies [b, r/2] for per-row NTK alpha [b]."""
     r = cfg.rotary_dim
     base = jnp.float32(cfg.rope_theta) * jnp.ones_like(alpha)
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "dynamic_ntk":
+    if isinstance(cfg.rope_scaling, DynamicNTK):
         base = base * alpha ** jnp.float32(r / (r - 2))  # dynamic NTK: stretch the base
-    exponents = jnp.arange(0, r, 2, dtype=jnp.float32) / jnp.float32(r)
-    freqs = 1.0 / (base[:, None] ** exponents[None, :])
+    exponents = jnp.arange(0, r, 2, dtype=jnp.float32) / jnp.float32(r)  # [r/2]
+    freqs = 1.0 / (base[:, None] ** exponents[None, :])  # [b,1] ** [1,r/2] -> [b,r/2]
     if cfg.rope_f16_freqs:
         freqs = freqs.astype(jnp.float16).astype(jnp.float32)
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":
-        freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])
+    if isinstance(cfg.rope_scaling, WavelengthScaling):
+        freqs = wavelength_scale(freqs, cfg.rope_scaling)
     return freqs
 
 
-def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):
-    """Llama-3.1 frequency scaling: long wavelengths / factor, short kept, a smooth band between."""
+def wavelength_scale(freqs, scaling: WavelengthScaling):
+    """Frequencies scaled by wavelength: long wavelengths / factor, short kept, a smooth band
+    between (Llama-3.1's long-context RoPE)."""
+    factor, original_len = scaling.factor, scaling.original_len
+    low_freq_factor, high_freq_factor = scaling.low_freq_factor, scaling.high_freq_factor
     wavelen = 2 * math.pi / freqs
     low_wavelen = original_len / low_freq_factor
     high_wavelen = original_len / high_freq_factor
@@ -84,28 +87,29 @@ def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len)
 
 def rope_angles(cfg: ModelConfig, ids, alpha):
     """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]."""
-    angles = ids.astype(jnp.float32)[:, :, None] * inv_freq(cfg, alpha)[:, None, :]
+    angles = ids.astype(jnp.float32)[:, :, None] * inv_freq(cfg, alpha)[:, None, :]  # [b,t,r/2]
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def rotate(x, cos, sin, style):
-    """Rotate pairs of x [b,t,n,r] by angles [b,t,r/2]: pairs (j, j+r/2) or (2j, 2j+1)."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    """Rotate pairs of x [b,t,n,r] (n heads, r rotated dims) by angles [b,t,r/2]: pairs
+    (j, j+r/2) or (2j, 2j+1)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [b,t,r/2] -> [b,t,1,r/2]
     if style == "half":
         half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.reshape(x.shape)
+        x1, x2 = x[..., :half], x[..., half:]  # [b,t,n,r] -> 2 x [b,t,n,r/2]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # -> [b,t,n,r]
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [b,t,n,r] -> 2 x [b,t,n,r/2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # -> [b,t,n,r/2,2]
+    return out.reshape(x.shape)  # [b,t,n,r/2,2] -> [b,t,n,r]
 
 
 def apply_rope(x, cfg: ModelConfig, pos: Positions):
     """RoPE on the first r dims of every head of x [b,t,n,d]; the rest pass through."""
     r = cfg.rotary_dim
-    cos, sin = rope_angles(cfg, pos.ids, pos.ntk_alpha)
-    rotated = rotate(x[..., :r], cos, sin, cfg.rope_style)
-    return jnp.concatenate([rotated, x[..., r:]], axis=-1)
+    cos, sin = rope_angles(cfg, pos.ids, pos.ntk_alpha)  # [b,t,r/2] each
+    rotated = rotate(x[..., :r], cos, sin, cfg.rope_style)  # [b,t,n,r]
+    return jnp.concatenate([rotated, x[..., r:]], axis=-1)  # [b,t,n,r] + [b,t,n,d-r] -> [b,t,n,d]
 
 
 def apply_rope2d(x, cfg: ModelConfig, pos: Positions):
@@ -114,8 +118,9 @@ def apply_rope2d(x, cfg: ModelConfig, pos: Positions):
     out = []
     for j in range(2):
         cos, sin = rope_angles(cfg, pos.ids[..., j], pos.ntk_alpha)
-        out.append(rotate(x[..., j * half : (j + 1) * half], cos, sin, cfg.rope_style))
-    return jnp.concatenate(out, axis=-1)
+        part = x[..., j * half : (j + 1) * half]  # [b,t,n,d] -> [b,t,n,d/2]
+        out.append(rotate(part, cos, sin, cfg.rope_style))
+    return jnp.concatenate(out, axis=-1)  # 2 x [b,t,n,d/2] -> [b,t,n,d]
 
 
 def no_rotation(x, cfg, pos):
@@ -137,6 +142,6 @@ def learned_positions(table, cfg: ModelConfig, pos: Positions):
 
 def logn_scale(cfg: ModelConfig, pos: Positions):
     """Query scale [b,t]: log(p+1)/log(n) for positions p+1 > n = logn_len, else 1."""
-    p1 = pos.ids.astype(jnp.float32) + 1
+    p1 = pos.ids.astype(jnp.float32) + 1  # [b,t]
     scale = jnp.where(p1 > cfg.logn_len, jnp.log(p1) / np.float32(math.log(cfg.logn_len)), 1.0)
     return scale.astype(jnp.float32)

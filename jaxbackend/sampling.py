@@ -57,10 +57,11 @@ def repetition_penalty(logits, seen, penalty: float):
     return jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
 
 
-def top_k_filter(logits, k: int):
-    if k <= 0 or k >= logits.shape[-1]:
+def top_k_filter(logits, top_k: int):
+    """Keep scores >= the top_k-th largest of each row (ties kept), -inf elsewhere."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
         return logits
-    kth = -jnp.sort(-logits, axis=-1)[:, k - 1 : k]
+    kth = -jnp.sort(-logits, axis=-1)[:, top_k - 1 : top_k]  # [b,v] -> [b,1]
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
@@ -68,8 +69,8 @@ def top_p_filter(logits, p: float):
     if p >= 1.0:
         return logits
     order = jnp.argsort(logits, axis=-1, stable=True)  # ascending
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cum = jnp.cumsum(softmax(sorted_logits, axis=-1), axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)  # [b,v], ascending per row
+    cum = jnp.cumsum(softmax(sorted_logits, axis=-1), axis=-1)  # [b,v]
     drop_sorted = (cum <= jnp.float32(1.0 - p)).at[:, -1].set(False)
     drop = (
         jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
@@ -81,7 +82,7 @@ def min_p_filter(logits, min_p: float):
     if min_p <= 0.0:
         return logits
     probs = softmax(logits, axis=-1)
-    threshold = jnp.float32(min_p) * probs.max(axis=-1, keepdims=True)
+    threshold = jnp.float32(min_p) * probs.max(axis=-1, keepdims=True)  # [b,v] -> [b,1]
     return jnp.where(probs < threshold, -jnp.inf, logits)
 
 
@@ -99,10 +100,10 @@ def process(logits, sc: SamplingConfig, seen, penalty: bool = True):
 
 def choose(scores, u):
     """Inverse-CDF draw in token-id order (see the reference)."""
-    probs = softmax(scores, axis=-1)
-    cum = jnp.cumsum(probs, axis=-1)
-    idx = jnp.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)
-    last = scores.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
+    probs = softmax(scores, axis=-1)  # [b,v]
+    cum = jnp.cumsum(probs, axis=-1)  # [b,v]
+    idx = jnp.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)  # [b,v] <= [b,1] -> [b]
+    last = scores.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)  # [b,v] -> [b]
     return jnp.minimum(idx, last)
 
 
@@ -110,5 +111,5 @@ def sample(logits, sc: SamplingConfig, seen, seeds, step):
     """Next token per row [b] from raw logits [b,v] (seeds: [b, 2] uint32 words)."""
     scores = process(logits, sc, seen)
     if sc.greedy:
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [b,v] -> [b]
     return choose(scores, uniform(seeds, step)).astype(jnp.int32)

@@ -16,7 +16,7 @@ from slimllm.reference import positions as ref_positions
 
 from . import positions
 from .engine import Engine, program_runtime
-from .model import forward
+from .model import forward, tracing
 from .runtime import Runtime
 from .tp import SINGLE
 
@@ -28,11 +28,11 @@ def chunk_fn(params, tokens, cache, state, *, cfg, rt, comm=SINGLE):
 
 
 def trace_fn(params, tokens, cache, state, *, cfg, rt, comm=SINGLE):
-    """chunk_fn that also returns the named intermediates (model.TRACE_KEYS): a separate
-    program, so the untraced ones are unchanged."""
+    """chunk_fn returning the named intermediates (model.TRACE_KEYS) instead of the logits: a
+    separate program, traced inside `tracing()`, so the untraced ones are unchanged."""
     pos = positions.positions_for(cfg, state, tokens.shape[1])
-    trace = {}
-    logits, cache = forward(params, cfg, tokens, cache, pos, rt, comm=comm, trace=trace)
+    with tracing() as trace:
+        _, cache = forward(params, cfg, tokens, cache, pos, rt, comm=comm)
     return trace, cache
 
 

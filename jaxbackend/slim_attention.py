@@ -5,7 +5,7 @@ Query-row blocks are unrolled (their size is static: xFT's L2 rule, rounded up t
 64 rows, a shape XLA's matrix products like; the result does not depend on it). A block's last
 visible key column is only known at run time (it depends on the positions), so each block is a
 `lax.switch` over static key widths: the branch for width W computes complete score rows
-against key slots [0, W), an exact softmax per row and `P @ V` (`attention.exact_rows`), one
+against key slots [0, W), an exact softmax per row and `P @ V` (`key_blocks.exact_rows`), one
 large float32 dot each way. At most `MAX_WIDTHS` widths are compiled per block: a block runs the
 smallest one that covers what it can see. The few-heads decode path splits the keys into chunks
 and merges their (max, sum, output) exactly.
@@ -20,7 +20,8 @@ from jax import lax
 
 from slimllm.reference.slim_attention import L2_BUDGET, block_rows
 
-from .attention import block_output, block_scores, exact_rows, group_bias, group_queries, ungroup
+from .attention import group_bias, group_queries, ungroup
+from .key_blocks import block_output, block_scores, exact_rows
 from .kv_cache import KEY_BLOCK, LayerKV
 
 __all__ = ["L2_BUDGET", "block_rows", "slim_attention"]
@@ -51,37 +52,40 @@ def key_widths(length: int, n: int) -> list[int]:
     return [min(w, blocks) * n for w in range(step, blocks + step, step)]
 
 
-def row_block(qg, kv: LayerKV, bias, scale, n: int):
-    """Exact attention for a block of query rows over the key slots they can see."""
+def row_block(qg, kv: LayerKV, gbias, scale, n: int):
+    """Exact attention for a block of query rows over the key slots they can see: the branch of
+    the smallest compiled width that covers them: [b,k,g,t,d] -> [b,k,g,t,d]."""
     widths = key_widths(kv.length, n)
-    need = last_visible(bias)
+    need = last_visible(gbias)
     branch = jnp.searchsorted(jnp.asarray(widths), need)  # the smallest width >= need
 
-    def over(width, qg, bias):  # the cache is closed over (LayerKV is not a pytree)
-        return exact_rows(qg, kv, bias[..., :width], scale, width, n)
+    def over(width, qg, gbias):  # the cache is closed over (LayerKV is not a pytree)
+        return exact_rows(qg, kv, gbias[..., :width], scale, width, n)
 
     branches = [functools.partial(over, w) for w in widths]
-    return lax.switch(jnp.minimum(branch, len(widths) - 1), branches, qg, bias)
+    return lax.switch(jnp.minimum(branch, len(widths) - 1), branches, qg, gbias)
 
 
-def split_keys_decode(qg, kv: LayerKV, bias, scale, splits: int, n: int):
+def split_keys_decode(qg, kv: LayerKV, gbias, scale, splits: int, n: int):
     """Decode over `splits` key chunks of whole key blocks, each with local (m, l, O), merged."""
     nb = kv.length // n
     per = -(-nb // splits)  # key blocks per chunk
     parts = []
     for c in range(0, nb, per):
-        size = min(per, nb - c) * n
-        a = c * n
-        scores = block_scores(qg, kv, a, size) * jnp.float32(scale) + bias[..., a : a + size]
-        m = scores.max(axis=-1, keepdims=True)
+        lo, size = c * n, min(per, nb - c) * n
+        scores = block_scores(qg, kv, lo, size) * jnp.float32(scale)  # [b,k,g,1,size]
+        scores = scores + gbias[..., lo : lo + size]
+        m = scores.max(axis=-1, keepdims=True)  # [b,k,g,1,size] -> [b,k,g,1,1]
         m_safe = jnp.where(jnp.isfinite(m), m, jnp.float32(0.0))
-        e = jnp.exp(scores - m_safe)
-        l = e.sum(axis=-1, keepdims=True)
-        o = block_output(e, kv, a, size) / jnp.where(l > 0, l, jnp.float32(1.0))
+        w = jnp.exp(scores - m_safe)  # unnormalised weights [b,k,g,1,size]
+        l = w.sum(axis=-1, keepdims=True)  # [b,k,g,1,size] -> [b,k,g,1,1]
+        o = block_output(w, kv, lo, size) / jnp.where(l > 0, l, jnp.float32(1.0))  # [b,k,g,1,d]
         parts.append((m, l, o))
-    m = jnp.max(jnp.stack([p[0] for p in parts]), axis=0)
-    weights = [p[1] * jnp.exp(jnp.where(jnp.isfinite(p[0]), p[0] - m, -jnp.inf)) for p in parts]
-    out = sum(w * p[2] for w, p in zip(weights, parts, strict=True))
+    m = jnp.max(jnp.stack([m_c for m_c, _, _ in parts]), axis=0)  # -> [b,k,g,1,1]
+    weights = [
+        l_c * jnp.exp(jnp.where(jnp.isfinite(m_c), m_c - m, -jnp.inf)) for m_c, l_c, _ in parts
+    ]
+    out = sum(w_c * o_c for w_c, (_, _, o_c) in zip(weights, parts, strict=True))
     return out / sum(weights)
 
 
@@ -98,14 +102,15 @@ def slim_attention(
     """SlimAttention: q [b,t,h,d] -> [b,t,h,d], query-row blocks of `mb` (default: xFT rule)."""
     b, t, h, d = q.shape
     kh = kv.k.shape[1]
-    qg = group_queries(q, kh)  # [b,k,g,t,d]
-    gb = group_bias(bias, kh)
+    qg = group_queries(q, kh)  # [b,t,h,d] -> [b,k,g,t,d]
+    gb = group_bias(bias, kh)  # [b,h|1,t,s] -> [b,k|1,g|1,t,s]
     n = key_block_size(kv, key_block)
     if t == 1 and key_splits > 1:
-        return ungroup(split_keys_decode(qg, kv, gb, scale, key_splits, n)).astype(jnp.float32)
+        out = split_keys_decode(qg, kv, gb, scale, key_splits, n)  # [b,k,g,1,d]
+        return ungroup(out).astype(jnp.float32)  # [b,k,g,1,d] -> [b,1,h,d]
     mb = mb or -(-block_rows(t, d, budget) // ROW_MULTIPLE) * ROW_MULTIPLE
     out = [
         row_block(qg[:, :, :, i : i + mb], kv, gb[:, :, :, i : i + mb], scale, n)
         for i in range(0, t, mb)
-    ]
-    return ungroup(jnp.concatenate(out, axis=3)).astype(jnp.float32)
+    ]  # [b,k,g,mb,d] each
+    return ungroup(jnp.concatenate(out, axis=3)).astype(jnp.float32)  # -> [b,t,h,d]

@@ -20,7 +20,29 @@ MLPS = ("swiglu", "gelu", "relu")
 POSITIONS = ("rope", "rope2d", "alibi", "learned")
 ROPE_STYLES = ("half", "interleaved")
 RESIDUALS = ("pre_norm", "post_norm", "normed_input")
-ROPE_SCALINGS = ("llama3", "dynamic_ntk")
+
+
+@dataclass(frozen=True)
+class WavelengthScaling:
+    """RoPE frequencies scaled by their wavelength (as in Llama-3.1): wavelengths longer than
+    original_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_len / high_freq_factor are kept, and the band between is interpolated smoothly."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_len: int  # the context length the frequencies were trained for
+
+
+@dataclass(frozen=True)
+class DynamicNTK:
+    """RoPE base stretched by alpha^(r/(r-2)), with alpha fixed by the prompt's length: 1 up to
+    trained_len, then 2^ceil(log2(length / trained_len) + 1) - 1 (`positions.ntk_alpha`)."""
+
+    trained_len: int
+
+
+ROPE_SCALINGS = (WavelengthScaling, DynamicNTK)
 
 
 @dataclass(frozen=True)
@@ -42,9 +64,7 @@ class ModelConfig:
     rope_style: str = "half"  # pairs (j, j + r/2) or interleaved (2j, 2j+1) within the rotated part
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # rotate only the first r = fraction * d dims of each head
-    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len) or
-    # ("dynamic_ntk", trained_len): NTK base scaling chosen from the prompt length.
-    rope_scaling: tuple | None = None
+    rope_scaling: WavelengthScaling | DynamicNTK | None = None  # long-context RoPE, if any
     rope_f16_freqs: bool = False  # inverse frequencies rounded to float16 (an upstream quirk)
     pos_offset: int = 0  # learned positions: row = position + offset
     logn_len: int = 0  # > 0: queries past this position are scaled by log_len(position + 1)
@@ -72,10 +92,10 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}: expected one of {allowed}")
-        if self.rope_scaling is not None and self.rope_scaling[0] not in ROPE_SCALINGS:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, ROPE_SCALINGS):
             raise ValueError(
-                f"ModelConfig.rope_scaling kind {self.rope_scaling[0]!r}: "
-                f"expected one of {ROPE_SCALINGS}"
+                f"ModelConfig.rope_scaling={self.rope_scaling!r}: expected None or one of "
+                f"{tuple(kind.__name__ for kind in ROPE_SCALINGS)}"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -87,7 +107,7 @@ class ModelConfig:
             raise ValueError("rope2d needs head_dim % 4 == 0 and a block_start_id")
         if self.logn_len and self.pos == "rope2d":
             raise ValueError("logN query scaling with rope2d is not defined (two position ids)")
-        if self.rope_scaling and self.rope_scaling[0] == "dynamic_ntk" and self.rotary_dim <= 2:
+        if isinstance(self.rope_scaling, DynamicNTK) and self.rotary_dim <= 2:
             raise ValueError(f"dynamic NTK needs a rotary dim > 2, got {self.rotary_dim}")
 
     @property

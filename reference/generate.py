@@ -63,7 +63,7 @@ class Stopping:
                 return "stop"
         if self.stop_strings:
             text = self.decode(ids)
-            if any(s in text for s in self.stop_strings):
+            if any(stop in text for stop in self.stop_strings):
                 return "stop"
         if len(ids) >= self.max_new_tokens:
             return "length"
@@ -76,7 +76,7 @@ def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     for p in prompts:
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab]
+        bad = [token for token in p if not 0 <= int(token) < cfg.vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab})")
     need = longest + max_new_tokens

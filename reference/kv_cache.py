@@ -9,9 +9,10 @@ Storage formats (a runtime setting, never part of the model config) are entries 
 `KV_FORMATS`: float32, float16, bfloat16 (bit patterns in uint16, NumPy has no bf16) and int8
 with one float32 scale per (batch, kv head, token) for K and for V (PAPER.md section 3; K is
 quantised after RoPE and q/k norm, because the cache stores what attention reads). Attention
-reads a layer through `LayerKV`, which widens one block of keys or values to float32 at a time:
-scales are applied to score columns and folded into probabilities (the hybrid formulation), so
-no float copy of the cache exists.
+reads a layer through `LayerKV`: the definition (`attention.naive_attention`) dequantises it
+whole (`dequantized`); SlimAttention and the flash baseline widen one block of keys or values
+to float32 at a time, with scales applied to score columns and folded into probabilities
+(`key_blocks.py`), so they build no float copy.
 """
 
 from __future__ import annotations
@@ -101,12 +102,12 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "float32") -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens."""
     kind = kv_format(fmt)
-    shape = (batch, cfg.n_kv_heads, max_len, kind.stored_dim(cfg.head_dim))
+    shape = (batch, cfg.n_kv_heads, max_len, kind.stored_dim(cfg.head_dim))  # [b,k,s,d]
 
     def zeros(shape, dt):
         return tuple(np.zeros(shape, dt) for _ in range(cfg.n_layers))
 
-    scales = zeros(shape[:3], np.float32) if kind.scaled else None
+    scales = zeros(shape[:3], np.float32) if kind.scaled else None  # [b,k,s]
     return KVCache(zeros(shape, kind.storage), zeros(shape, kind.storage), scales, scales, fmt)
 
 
@@ -165,10 +166,10 @@ class LayerKV:
 
     def keys(self, lo: int, hi: int):
         """Keys of slots [lo, hi) as float32 [b,k,n,d]: scales are NOT applied here."""
-        return self.fmt.widen(self.k[:, :, lo:hi])
+        return self.fmt.widen(self.k[:, :, lo:hi])  # [b,k,s,d] -> [b,k,n,d]
 
     def values(self, lo: int, hi: int):
-        return self.fmt.widen(self.v[:, :, lo:hi])
+        return self.fmt.widen(self.v[:, :, lo:hi])  # [b,k,s,d] -> [b,k,n,d]
 
 
 def read(cache: KVCache, layer: int) -> LayerKV:
@@ -179,10 +180,12 @@ def read(cache: KVCache, layer: int) -> LayerKV:
 
 
 def dequantized(kv: LayerKV):
-    """Full float32 K and V of a layer: for tests and the definition only, never on a hot path."""
-    k, v = kv.keys(0, kv.length), kv.values(0, kv.length)
+    """Full float32 K and V of a layer [b,k,s,d] (int8: values * their per-token scales): for
+    the definition of attention and tests, never on a hot path."""
+    k, v = kv.keys(0, kv.length), kv.values(0, kv.length)  # widened [b,k,s,d]
     if kv.k_scale is not None:
-        k, v = k * kv.k_scale[..., None], v * kv.v_scale[..., None]
+        k = k * kv.k_scale[..., None]  # [b,k,s,d] * [b,k,s,1]
+        v = v * kv.v_scale[..., None]  # [b,k,s,d] * [b,k,s,1]
     return k, v
 
 

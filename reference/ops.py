@@ -10,19 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def rms_norm(x, w, b, eps):
-    """x / sqrt(mean(x^2) + eps) * w, over the last axis (b is unused: RMSNorm has no bias)."""
+def rms_norm(x, w, bias, eps):
+    """x / sqrt(mean(x^2) + eps) * w, over the last axis (no bias: RMSNorm has none)."""
     x32 = x.astype(np.float32)
-    inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(eps))
+    inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(eps))  # [...,1]
     return x32 * inv * w
 
 
-def layer_norm(x, w, b, eps):
-    """(x - mean) / sqrt(var + eps) * w + b, over the last axis (biased variance)."""
+def layer_norm(x, w, bias, eps):
+    """(x - mean) / sqrt(var + eps) * w + bias, over the last axis (biased variance)."""
     x32 = x.astype(np.float32)
-    mu = np.mean(x32, axis=-1, keepdims=True)
-    var = np.mean((x32 - mu) ** 2, axis=-1, keepdims=True)
-    return (x32 - mu) / np.sqrt(var + np.float32(eps)) * w + b
+    mu = np.mean(x32, axis=-1, keepdims=True)  # [...,e] -> [...,1]
+    var = np.mean((x32 - mu) ** 2, axis=-1, keepdims=True)  # [...,e] -> [...,1]
+    return (x32 - mu) / np.sqrt(var + np.float32(eps)) * w + bias
 
 
 NORMS = {"rms": rms_norm, "layer": layer_norm}
@@ -42,10 +42,10 @@ def relu(x):
     return np.maximum(x, np.float32(0.0))
 
 
-def linear(x, w, b=None):
-    """x @ w (+ b); w is [in, out]."""
-    y = x @ w
-    return y if b is None else y + b
+def linear(x, w, bias=None):
+    """x @ w (+ bias); w is [in, out]."""
+    y = x @ w  # [...,in] -> [...,out]
+    return y if bias is None else y + bias
 
 
 def swiglu_mlp(x, p):
@@ -57,12 +57,14 @@ def swiglu_mlp(x, p):
 
 def gelu_mlp(x, p):
     """down(gelu_tanh(x @ up + b_up)) + b_down."""
-    return linear(gelu_tanh(linear(x, p.w_up, p.b_up)), p.w_down, p.b_down)
+    up = linear(x, p.w_up, p.b_up)  # [b,t,e] -> [b,t,f]
+    return linear(gelu_tanh(up), p.w_down, p.b_down)  # [b,t,f] -> [b,t,e]
 
 
 def relu_mlp(x, p):
     """down(relu(x @ up + b_up)) + b_down."""
-    return linear(relu(linear(x, p.w_up, p.b_up)), p.w_down, p.b_down)
+    up = linear(x, p.w_up, p.b_up)  # [b,t,e] -> [b,t,f]
+    return linear(relu(up), p.w_down, p.b_down)  # [b,t,f] -> [b,t,e]
 
 
 MLPS = {"swiglu": swiglu_mlp, "gelu": gelu_mlp, "relu": relu_mlp}
@@ -70,14 +72,14 @@ MLPS = {"swiglu": swiglu_mlp, "gelu": gelu_mlp, "relu": relu_mlp}
 
 def softmax(x, axis=-1):
     """exp(x - max) / sum; rows that are all -inf give zeros rather than NaN."""
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True)  # [..., n] -> [..., 1], n: the softmax axis
     m = np.where(np.isfinite(m), m, np.float32(0.0))
-    e = np.exp(x - m)
-    s = np.sum(e, axis=axis, keepdims=True)
-    return e / np.where(s > 0, s, np.float32(1.0))
+    w = np.exp(x - m)  # unnormalised weights [..., n]
+    total = np.sum(w, axis=axis, keepdims=True)  # [..., n] -> [..., 1]
+    return w / np.where(total > 0, total, np.float32(1.0))
 
 
 def log_softmax(x, axis=-1):
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True)  # [..., n] -> [..., 1]
     z = x - m
     return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))

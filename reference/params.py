@@ -136,10 +136,10 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> Params:
         return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(dtype)
 
     layers = [
-        LayerParams(**{n: draw(n, s) for n, s in layer_shapes(cfg).items()})
+        LayerParams(**{name: draw(name, shape) for name, shape in layer_shapes(cfg).items()})
         for _ in range(cfg.n_layers)
     ]
-    top = {n: draw(n, s) for n, s in model_shapes(cfg).items()}
+    top = {name: draw(name, shape) for name, shape in model_shapes(cfg).items()}
     return Params(layers=layers, **top)
 
 
@@ -147,12 +147,13 @@ def cast_params(params: Params, dtype) -> Params:
     """A copy of params with every array cast to dtype."""
 
     def cast(obj):
+        arrays = {field.name: getattr(obj, field.name) for field in dataclasses.fields(obj)}
         return dataclasses.replace(
             obj,
             **{
-                f.name: None if getattr(obj, f.name) is None else getattr(obj, f.name).astype(dtype)
-                for f in dataclasses.fields(obj)
-                if f.name != "layers"
+                name: None if x is None else x.astype(dtype)
+                for name, x in arrays.items()
+                if name != "layers"
             },
         )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import DynamicNTK, ModelConfig, WavelengthScaling
 
 
 @dataclass
@@ -66,8 +66,8 @@ def start_state(cfg: ModelConfig, prompts: list) -> SeqState:
                     f"prompt row {r} has none of the mask tokens {cfg.block_anchor_ids}"
                 )
             anchor[r] = prompt.index(anchors[0]) if anchors else 0
-        if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "dynamic_ntk":
-            alpha[r] = ntk_alpha(len(prompt), cfg.rope_scaling[1])
+        if isinstance(cfg.rope_scaling, DynamicNTK):
+            alpha[r] = ntk_alpha(len(prompt), cfg.rope_scaling.trained_len)
     return SeqState(np.zeros(b, np.int64), prefix, anchor, alpha)
 
 
@@ -92,7 +92,7 @@ def advance(state: SeqState, n) -> SeqState:
 
 def simple_positions(cfg: ModelConfig, b: int, t: int, start: int = 0) -> Positions:
     """Positions for unpadded rows starting at slot `start` (tests, single sequences)."""
-    if cfg.prefix_lm or (cfg.rope_scaling and cfg.rope_scaling[0] == "dynamic_ntk"):
+    if cfg.prefix_lm or isinstance(cfg.rope_scaling, DynamicNTK):
         raise ValueError(
             "this model's positions depend on its prompt: use start_state/positions_for"
         )
@@ -114,17 +114,20 @@ def inv_freq(cfg: ModelConfig, alpha: float = 1.0) -> np.ndarray:
     base = cfg.rope_theta
     if alpha != 1.0:
         base = base * alpha ** (r / (r - 2))  # dynamic NTK: stretch the base
-    freqs = 1.0 / (np.float32(base) ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r)))
-    freqs = freqs.astype(np.float32)
+    exponents = np.arange(0, r, 2, dtype=np.float32) / np.float32(r)  # [r/2]
+    freqs = (1.0 / (np.float32(base) ** exponents)).astype(np.float32)  # [r/2]
     if cfg.rope_f16_freqs:
         freqs = freqs.astype(np.float16).astype(np.float32)
-    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":
-        freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])
+    if isinstance(cfg.rope_scaling, WavelengthScaling):
+        freqs = wavelength_scale(freqs, cfg.rope_scaling)
     return freqs
 
 
-def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):
-    """Llama-3.1 frequency scaling: long wavelengths / factor, short kept, a smooth band between."""
+def wavelength_scale(freqs, scaling: WavelengthScaling):
+    """Frequencies scaled by wavelength: long wavelengths / factor, short kept, a smooth band
+    between (Llama-3.1's long-context RoPE)."""
+    factor, original_len = scaling.factor, scaling.original_len
+    low_freq_factor, high_freq_factor = scaling.low_freq_factor, scaling.high_freq_factor
     wavelen = 2 * np.pi / freqs
     low_wavelen = original_len / low_freq_factor
     high_wavelen = original_len / high_freq_factor
@@ -138,29 +141,30 @@ def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len)
 def rope_angles(cfg: ModelConfig, ids, alpha):
     """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]."""
     b = ids.shape[0]
-    freqs = np.stack([inv_freq(cfg, float(alpha[r])) for r in range(b)])  # [b, r/2]
-    angles = ids.astype(np.float32)[:, :, None] * freqs[:, None, :]  # [b,t,r/2]
+    freqs = np.stack([inv_freq(cfg, float(alpha[row])) for row in range(b)])  # -> [b,r/2]
+    angles = ids.astype(np.float32)[:, :, None] * freqs[:, None, :]  # [b,t,1] * [b,1,r/2]
     return np.cos(angles), np.sin(angles)
 
 
 def rotate(x, cos, sin, style):
-    """Rotate pairs of x [b,t,n,r] by angles [b,t,r/2]: pairs (j, j+r/2) or (2j, 2j+1)."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    """Rotate pairs of x [b,t,n,r] (n heads, r rotated dims) by angles [b,t,r/2]: pairs
+    (j, j+r/2) or (2j, 2j+1)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [b,t,r/2] -> [b,t,1,r/2]
     if style == "half":
         half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = np.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.reshape(x.shape)
+        x1, x2 = x[..., :half], x[..., half:]  # [b,t,n,r] -> 2 x [b,t,n,r/2]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # -> [b,t,n,r]
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [b,t,n,r] -> 2 x [b,t,n,r/2]
+    out = np.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # -> [b,t,n,r/2,2]
+    return out.reshape(x.shape)  # [b,t,n,r/2,2] -> [b,t,n,r]
 
 
 def apply_rope(x, cfg: ModelConfig, pos: Positions):
     """RoPE on the first r dims of every head of x [b,t,n,d]; the rest pass through."""
     r = cfg.rotary_dim
-    cos, sin = rope_angles(cfg, pos.ids, pos.ntk_alpha)
-    rotated = rotate(x[..., :r], cos, sin, cfg.rope_style)
-    return np.concatenate([rotated, x[..., r:]], axis=-1)
+    cos, sin = rope_angles(cfg, pos.ids, pos.ntk_alpha)  # [b,t,r/2] each
+    rotated = rotate(x[..., :r], cos, sin, cfg.rope_style)  # [b,t,n,r]
+    return np.concatenate([rotated, x[..., r:]], axis=-1)  # [b,t,n,r] + [b,t,n,d-r] -> [b,t,n,d]
 
 
 def apply_rope2d(x, cfg: ModelConfig, pos: Positions):
@@ -169,8 +173,9 @@ def apply_rope2d(x, cfg: ModelConfig, pos: Positions):
     out = []
     for j in range(2):
         cos, sin = rope_angles(cfg, pos.ids[..., j], pos.ntk_alpha)
-        out.append(rotate(x[..., j * half : (j + 1) * half], cos, sin, cfg.rope_style))
-    return np.concatenate(out, axis=-1)
+        part = x[..., j * half : (j + 1) * half]  # [b,t,n,d] -> [b,t,n,d/2]
+        out.append(rotate(part, cos, sin, cfg.rope_style))
+    return np.concatenate(out, axis=-1)  # 2 x [b,t,n,d/2] -> [b,t,n,d]
 
 
 def no_rotation(x, cfg, pos):
@@ -205,6 +210,6 @@ def learned_positions(table, cfg: ModelConfig, pos: Positions):
 
 def logn_scale(cfg: ModelConfig, pos: Positions):
     """Query scale [b,t]: log(p+1)/log(n) for positions p+1 > n = logn_len, else 1."""
-    p1 = pos.ids.astype(np.float64) + 1
+    p1 = pos.ids.astype(np.float64) + 1  # [b,t]
     scale = np.where(p1 > cfg.logn_len, np.log(p1) / math.log(cfg.logn_len), 1.0)
     return scale.astype(np.float32)

@@ -14,17 +14,17 @@ import numpy as np
 def quantize(x):
     """x [..., d] float -> (q [..., d] int8, scale [...] float32)."""
     x = x.astype(np.float32)
-    amax = np.max(np.abs(x), axis=-1)
+    amax = np.max(np.abs(x), axis=-1)  # [..., d] -> [...]
     safe = np.where(amax > 0, amax, np.float32(1.0))
     inv = np.float32(127.0) / safe  # [...]
-    q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)  # [..., d] * [..., 1]
     scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(0.0)).astype(np.float32)
     return q, scale
 
 
 def dequantize(q, scale):
     """q [..., d] int8 and scale [...] -> float32 values q * scale."""
-    return q.astype(np.float32) * scale[..., None]
+    return q.astype(np.float32) * scale[..., None]  # [..., d] * [..., 1]
 
 
 # bfloat16 has no NumPy dtype: the cache stores its bit patterns as uint16 (the top half of a

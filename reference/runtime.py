@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass
 
 from .attention import naive_attention
@@ -69,6 +70,10 @@ class Runtime:
 
 
 def attention_fn(rt: Runtime, table: dict = ATTENTION):
-    """The attention function of `rt` (with its options) from a backend's table."""
+    """The attention function of `rt` from a backend's table, with the options it takes (an
+    option one backend's kind lacks is the other's: JAX computes naive attention in key blocks,
+    `key_block`, while the reference's naive attention is the literal definition)."""
     fn = table[rt.attention]
-    return functools.partial(fn, **dict(rt.attention_options)) if rt.attention_options else fn
+    takes = inspect.signature(fn).parameters
+    options = {name: value for name, value in rt.attention_options if name in takes}
+    return functools.partial(fn, **options) if options else fn

@@ -91,11 +91,11 @@ def repetition_penalty(logits, seen, penalty: float):
     return np.where(seen, penalised, logits)
 
 
-def top_k_filter(logits, k: int):
-    """Keep scores >= the k-th largest of each row (ties kept), -inf elsewhere."""
-    if k <= 0 or k >= logits.shape[-1]:
+def top_k_filter(logits, top_k: int):
+    """Keep scores >= the top_k-th largest of each row (ties kept), -inf elsewhere."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
         return logits
-    kth = -np.sort(-logits, axis=-1)[:, k - 1 : k]  # [b,1]
+    kth = -np.sort(-logits, axis=-1)[:, top_k - 1 : top_k]  # [b,v] -> [b,1]
     return np.where(logits < kth, -np.inf, logits).astype(np.float32)
 
 
@@ -104,8 +104,8 @@ def top_p_filter(logits, p: float):
     if p >= 1.0:
         return logits
     order = np.argsort(logits, axis=-1, kind="stable")  # ascending
-    sorted_logits = np.take_along_axis(logits, order, axis=-1)
-    cum = np.cumsum(softmax(sorted_logits, axis=-1), axis=-1)
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)  # [b,v], ascending per row
+    cum = np.cumsum(softmax(sorted_logits, axis=-1), axis=-1)  # [b,v]
     drop_sorted = cum <= np.float32(1.0 - p)
     drop_sorted[:, -1] = False  # always keep the best token
     drop = np.zeros_like(drop_sorted)
@@ -118,7 +118,7 @@ def min_p_filter(logits, min_p: float):
     if min_p <= 0.0:
         return logits
     probs = softmax(logits, axis=-1)
-    threshold = np.float32(min_p) * probs.max(axis=-1, keepdims=True)
+    threshold = np.float32(min_p) * probs.max(axis=-1, keepdims=True)  # [b,v] -> [b,1]
     return np.where(probs < threshold, -np.inf, logits).astype(np.float32)
 
 
@@ -138,10 +138,10 @@ def choose(scores, u):
     u * total. Id order (not score order) keeps the draw stable under last-bit differences
     between backends or batch shapes: near-equal scores cannot swap places."""
     probs = softmax(scores, axis=-1)  # [b,v]
-    cum = np.cumsum(probs, axis=-1)
-    idx = np.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)  # [b]
+    cum = np.cumsum(probs, axis=-1)  # [b,v]
+    idx = np.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)  # [b,v] <= [b,1] -> [b]
     # never a token of probability 0, even if rounding points past the last possible one
-    last = scores.shape[-1] - 1 - np.argmax((probs > 0)[:, ::-1], axis=-1)
+    last = scores.shape[-1] - 1 - np.argmax((probs > 0)[:, ::-1], axis=-1)  # [b,v] -> [b]
     return np.minimum(idx, last)
 
 
@@ -149,5 +149,5 @@ def sample(logits, sc: SamplingConfig, seen, seeds, step: int):
     """Next token per row [b] from raw logits [b,v]."""
     scores = process(logits, sc, seen)
     if sc.greedy:
-        return np.argmax(scores, axis=-1)
+        return np.argmax(scores, axis=-1)  # [b,v] -> [b]
     return choose(scores, uniform(seeds, step))

@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-from .attention import KEY_BLOCK, block_output, block_scores, group_bias, group_queries, ungroup
+from .attention import group_bias, group_queries, ungroup
+from .key_blocks import KEY_BLOCK, block_bounds, block_output, block_scores, exact_rows
 from .kv_cache import LayerKV
 
 L2_BUDGET = 524288  # float32 values in xFT's 2 MiB L2 budget
@@ -40,35 +41,29 @@ def last_visible(bias_rows) -> int:
     return int(cols[-1]) + 1 if cols.size else 0
 
 
-def row_block(qg, kv: LayerKV, bias, scale, key_block: int):
-    """Exact attention for a block of query rows: full score rows, softmax, P @ V."""
-    s = last_visible(bias)
-    blocks = [(a, min(a + key_block, s)) for a in range(0, s, key_block)]
-    scores = np.concatenate([block_scores(qg, kv, a, b) for a, b in blocks], axis=-1)
-    scores = scores * np.float32(scale) + bias[..., :s]  # [b,k,g,m,s]
-    m = scores.max(axis=-1, keepdims=True)
-    e = np.exp(scores - m)
-    p = e / e.sum(axis=-1, keepdims=True)
-    return sum(block_output(p[..., a:b], kv, a, b) for a, b in blocks)
+def row_block(qg, kv: LayerKV, gbias, scale, key_block: int):
+    """Exact attention for a block of query rows: their complete score rows against every key
+    slot they can see, an exact softmax per row, then P @ V: [b,k,g,t,d] -> [b,k,g,t,d]."""
+    width = last_visible(gbias)
+    return exact_rows(qg, kv, gbias[..., :width], scale, width, key_block)
 
 
-def split_keys_decode(qg, kv: LayerKV, bias, scale, splits: int):
+def split_keys_decode(qg, kv: LayerKV, gbias, scale, splits: int):
     """Decode over `splits` key chunks, each with local (m, l, O), merged exactly."""
-    s = last_visible(bias)
-    size = math.ceil(s / splits)
+    width = last_visible(gbias)
     parts = []
-    for a in range(0, s, size):
-        b = min(a + size, s)
-        scores = block_scores(qg, kv, a, b) * np.float32(scale) + bias[..., a:b]
-        m = scores.max(axis=-1, keepdims=True)  # [b,k,g,1,1]
+    for lo, hi in block_bounds(width, math.ceil(width / splits)):
+        scores = block_scores(qg, kv, lo, hi) * np.float32(scale)  # [b,k,g,1,n]
+        scores = scores + gbias[..., lo:hi]
+        m = scores.max(axis=-1, keepdims=True)  # [b,k,g,1,n] -> [b,k,g,1,1]
         m_safe = np.where(np.isfinite(m), m, np.float32(0.0))
-        e = np.exp(scores - m_safe)
-        l = e.sum(axis=-1, keepdims=True)
-        o = block_output(e, kv, a, b) / np.where(l > 0, l, np.float32(1.0))
+        w = np.exp(scores - m_safe)  # unnormalised weights [b,k,g,1,n]
+        l = w.sum(axis=-1, keepdims=True)  # [b,k,g,1,n] -> [b,k,g,1,1]
+        o = block_output(w, kv, lo, hi) / np.where(l > 0, l, np.float32(1.0))  # [b,k,g,1,d]
         parts.append((m, l, o))
-    m = np.max([p[0] for p in parts], axis=0)
-    weights = [p[1] * np.exp(np.where(np.isfinite(p[0]), p[0] - m, -np.inf)) for p in parts]
-    out = sum(w * p[2] for w, p in zip(weights, parts, strict=True))
+    m = np.max([m_c for m_c, _, _ in parts], axis=0)  # [chunks,b,k,g,1,1] -> [b,k,g,1,1]
+    weights = [l_c * np.exp(np.where(np.isfinite(m_c), m_c - m, -np.inf)) for m_c, l_c, _ in parts]
+    out = sum(w_c * o_c for w_c, (_, _, o_c) in zip(weights, parts, strict=True))
     return out / sum(weights)
 
 
@@ -85,13 +80,14 @@ def slim_attention(
     """SlimAttention: q [b,t,h,d] -> [b,t,h,d], query-row blocks of `mb` (default: xFT rule)."""
     b, t, h, d = q.shape
     kh = kv.k.shape[1]
-    qg = group_queries(q, kh)  # [b,k,g,t,d]
-    gb = group_bias(bias, kh)  # [b,k|1,g|1,t,s]
+    qg = group_queries(q, kh)  # [b,t,h,d] -> [b,k,g,t,d]
+    gb = group_bias(bias, kh)  # [b,h|1,t,s] -> [b,k|1,g|1,t,s]
     if t == 1 and key_splits > 1:
-        return ungroup(split_keys_decode(qg, kv, gb, scale, key_splits)).astype(np.float32)
+        out = split_keys_decode(qg, kv, gb, scale, key_splits)  # [b,k,g,1,d]
+        return ungroup(out).astype(np.float32)  # [b,k,g,1,d] -> [b,1,h,d]
     mb = mb or block_rows(t, d, budget)
     out = [
         row_block(qg[:, :, :, i : i + mb], kv, gb[:, :, :, i : i + mb], scale, key_block)
         for i in range(0, t, mb)
-    ]
-    return ungroup(np.concatenate(out, axis=3)).astype(np.float32)
+    ]  # [b,k,g,mb,d] each
+    return ungroup(np.concatenate(out, axis=3)).astype(np.float32)  # -> [b,k,g,t,d] -> [b,t,h,d]

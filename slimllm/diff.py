@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from slimllm.reference import kv_cache, positions
-from slimllm.reference.model import TRACE_KEYS, forward
+from slimllm.reference.model import TRACE_KEYS, forward, tracing
 from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
 
 from .api import Model
@@ -83,16 +83,9 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.rt.kv_dtype)
-    trace = {}
-    forward(
-        model.params,
-        cfg,
-        np.asarray([tokens]),
-        cache,
-        positions.positions_for(cfg, state, len(tokens)),
-        side.rt,
-        trace=trace,
-    )
+    pos = positions.positions_for(cfg, state, len(tokens))
+    with tracing() as trace:
+        forward(model.params, cfg, np.asarray([tokens]), cache, pos, side.rt)
     return {name: value[0] for name, value in trace.items()}
 
 

@@ -20,21 +20,8 @@ FAMILY = re.compile(
     rf"(?<![a-z0-9])(?:{'|'.join(STEMS)})(?:\d+(?:\.\d+)?[a-z]?)?(?![a-z0-9])", re.IGNORECASE
 )
 
-# Known hits, kept until the rope-scaling kind is renamed after its maths (STYLE.md rule 3):
-# config.py's "llama3" kind and the positions.py functions named after it. Nothing else.
-ALLOWED = {
-    "reference/config.py": {'ROPE_SCALINGS = ("llama3", "dynamic_ntk")'},
-    "reference/positions.py": {
-        'if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":',
-        "freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])",
-        "def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):",
-    },
-    "jaxbackend/positions.py": {
-        'if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "llama3":',
-        "freqs = llama3_scale(freqs, *cfg.rope_scaling[1:])",
-        "def llama3_scale(freqs, factor, low_freq_factor, high_freq_factor, original_len):",
-    },
-}
+# Lines allowed to name a family, per file (none since rope scaling is named after its maths).
+ALLOWED: dict[str, set[str]] = {}
 
 
 def code_lines(path):

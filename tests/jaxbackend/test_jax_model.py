@@ -23,6 +23,7 @@ from slimllm.conformance.invariants import (
     prefill_equals_steps,
 )
 from slimllm.jaxbackend.engine import Engine
+from slimllm.reference.config import DynamicNTK
 
 COMBOS = [(dtype, kind) for dtype in S.KV_DTYPES for kind in S.ATTENTION_KINDS]
 
@@ -40,6 +41,6 @@ def test_jax_model_matches_reference_and_prefill_equals_steps(kv_dtype, attentio
     backends_agree(
         NumpyRunner(params, cfg), jax_runner, prompts, continuations, runtime, pad_to=S.PAD_TO
     )
-    if cfg.rope_scaling is None or cfg.rope_scaling[0] != "dynamic_ntk":
+    if not isinstance(cfg.rope_scaling, DynamicNTK):
         rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
         prefill_equals_steps(jax_runner, rows, runtime, pad_to=S.PAD_TO)

@@ -31,9 +31,10 @@ def test_every_reference_function_with_a_twin_is_paired():
         "ops": "rms_norm layer_norm silu gelu_tanh relu swiglu_mlp gelu_mlp relu_mlp softmax "
         "log_softmax",
         "quant": "quantize",
-        "positions": "inv_freq rope_angles apply_rope apply_rope2d llama3_scale logn_scale "
+        "positions": "inv_freq rope_angles apply_rope apply_rope2d wavelength_scale logn_scale "
         "positions_for",
         "attention": "attention_bias naive_attention",
+        "key_blocks": "exact_rows",
         "kv_cache": "write read",
         "model": "qkv block embed unembed forward",
         "sampling": "uniform threefry2x32 repetition_penalty top_k_filter top_p_filter "
@@ -43,3 +44,5 @@ def test_every_reference_function_with_a_twin_is_paired():
             assert f"{module}.{fn}" in names, f"{module}.{fn} has no pair"
     dtypes = {pair.name for pair in PAIRS if "attention[" in pair.name}
     assert len(dtypes) == 12, sorted(dtypes)  # three kinds x four cache dtypes
+    blocked = {pair.name for pair in PAIRS if pair.name.startswith("key_blocks.exact_rows[")}
+    assert len(blocked) == 4, sorted(blocked)  # the shared key-blocked form, every cache dtype

@@ -1,14 +1,23 @@
-"""Attention: naive is checked against a per-element loop; SlimAttention and the flash baseline
-against naive on Hypothesis-drawn shapes, masks, GQA ratios, blocks, tiles and cache dtypes."""
+"""Attention: naive is checked against a per-element loop; the key-blocked form (the paper's
+hybrid int8 matmuls), SlimAttention and the flash baseline against naive on Hypothesis-drawn
+shapes, masks, GQA ratios, blocks, tiles and cache dtypes."""
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from slimllm.reference import kv_cache, positions
-from slimllm.reference.attention import attention_bias, naive_attention
+from slimllm.reference.attention import (
+    attention_bias,
+    group_bias,
+    group_queries,
+    naive_attention,
+    ungroup,
+)
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.flash_attention import flash_attention
+from slimllm.reference.key_blocks import exact_rows
 from slimllm.reference.slim_attention import block_rows, slim_attention
 
 CFG = ModelConfig(
@@ -88,7 +97,7 @@ def test_block_rows_rule():
 
 
 @st.composite
-def attention_case(draw):
+def attention_case(draw, kv_dtype=None):
     """A cache with P past tokens, T new queries and spare slots, any mask and cache dtype."""
     b = draw(st.sampled_from([1, 2]))
     t = draw(st.sampled_from([1, 2, 3, 5, 9, 17]))
@@ -97,7 +106,7 @@ def attention_case(draw):
     g = draw(st.sampled_from([1, 2, 3]))
     d = draw(st.sampled_from([4, 8]))
     mask = draw(st.sampled_from(["causal", "prefix", "alibi"]))
-    dtype = draw(st.sampled_from(kv_cache.KV_DTYPES))
+    dtype = kv_dtype or draw(st.sampled_from(kv_cache.KV_DTYPES))
     spare = draw(st.sampled_from([0, 3]))
     seed = draw(st.integers(0, 2**16))
     cfg = CFG.replace(
@@ -142,12 +151,14 @@ def test_flash_equals_naive(case, q_tile, k_tile):
     )
 
 
-@given(attention_case())
-def test_every_cache_dtype_equals_naive_on_its_dequantised_values(case):
-    """Hybrid int8 (scales on score columns and probabilities) == naive on q * scale values."""
-    q, kv, bias, scale = case
-    k, v = kv_cache.dequantized(kv)
-    close(
-        naive_attention(q, kv, bias, scale, key_block=4),
-        naive_attention(q, layer_kv(k, v), bias, scale),
-    )
+@pytest.mark.parametrize("kv_dtype", kv_cache.KV_DTYPES)
+@given(data=st.data(), key_block=st.sampled_from([1, 3, 4, 256]))
+def test_key_blocked_form_equals_the_definition(kv_dtype, data, key_block):
+    """Every cache dtype: K and V widened one key block at a time, int8 scales on score columns
+    and folded into the probabilities (exact_rows) == softmax(q kᵀ · scale + bias) · v over the
+    dequantised cache."""
+    q, kv, bias, scale = data.draw(attention_case(kv_dtype))
+    kh = kv.k.shape[1]
+    qg, gbias = group_queries(q, kh), group_bias(bias, kh)
+    blocked = exact_rows(qg, kv, gbias, scale, kv.length, key_block)  # [b,k,g,t,d]
+    close(ungroup(blocked), naive_attention(q, kv, bias, scale))

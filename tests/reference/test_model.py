@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from slimllm.reference import kv_cache, positions
-from slimllm.reference.config import ModelConfig
-from slimllm.reference.model import forward
+from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
+from slimllm.reference.model import TRACE, TRACE_KEYS, forward, observe, tracing
 from slimllm.reference.params import check_params, init_params
 
 BASE = ModelConfig(
@@ -15,7 +15,9 @@ BASE = ModelConfig(
 VARIANTS = {
     "rope_gqa": BASE,
     "interleaved_tied": BASE.replace(rope_style="interleaved", tied_head=True),
-    "llama3_scaling": BASE.replace(rope_scaling=("llama3", 8.0, 1.0, 4.0, 16), rope_theta=5e5),
+    "wavelength_scaling": BASE.replace(
+        rope_scaling=WavelengthScaling(8.0, 1.0, 4.0, 16), rope_theta=5e5
+    ),
     "bias_qknorm": BASE.replace(qkv_bias=True, qk_norm=True, head_dim=16),
     "partial_interleaved": BASE.replace(rope_fraction=0.5, rope_style="interleaved", qkv_bias=True),
     "logn": BASE.replace(logn_len=4, qkv_bias=True, n_kv_heads=4),
@@ -109,7 +111,12 @@ def test_config_rejects_unknown_axis_values():
     with pytest.raises(ValueError, match="logN query scaling with rope2d"):
         VARIANTS["rope2d_prefix_gelu_alpha"].replace(logn_len=4)
     with pytest.raises(ValueError, match="rotary dim > 2"):
-        BASE.replace(head_dim=4, width=16, rope_fraction=0.5, rope_scaling=("dynamic_ntk", 2))
+        BASE.replace(head_dim=4, width=16, rope_fraction=0.5, rope_scaling=DynamicNTK(2))
+    with pytest.raises(ValueError, match="expected None or one of .'WavelengthScaling'"):
+        BASE.replace(rope_scaling=("dynamic_ntk", 8))  # the old tagged-tuple form
+    # a scaled config stays hashable and comparable by value (a static jit argument)
+    scaled = VARIANTS["wavelength_scaling"]
+    assert hash(scaled) == hash(scaled.replace()) and scaled == scaled.replace()
 
 
 def test_residual_layouts_by_hand():
@@ -145,7 +152,7 @@ def test_residual_layouts_by_hand():
 def test_dynamic_ntk_alpha_is_fixed_by_the_prompt():
     """Dynamic NTK: a prompt past the trained length stretches the base for the whole sequence
     (the alpha chosen at prefill is kept), so prefill differs from single steps by design."""
-    cfg = BASE.replace(rope_scaling=("dynamic_ntk", 4), logn_len=4)
+    cfg = BASE.replace(rope_scaling=DynamicNTK(4), logn_len=4)
     params = init_params(cfg, seed=4)
     tokens = [[3, 9, 1, 7, 2, 8, 6, 5, 4]]  # 9 > 4: alpha = 2^ceil(log2(9/4) + 1) - 1 = 7
     state = positions.start_state(cfg, tokens)
@@ -165,3 +172,27 @@ def test_dynamic_ntk_alpha_is_fixed_by_the_prompt():
     )
     np.testing.assert_allclose(a[:, :1], b[:, :1], rtol=1e-5, atol=1e-5)  # position 0: no rotation
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
+
+
+def test_tracing_observes_every_named_intermediate_and_changes_nothing():
+    """Inside `tracing()` a forward keeps every TRACE_KEYS name (per layer), in computation
+    order, and returns the same logits as untraced; outside it `observe` only passes x on."""
+    cfg = BASE
+    params = init_params(cfg, seed=1)
+    tokens = np.array([[3, 9, 1, 7]])
+
+    def run():
+        cache = kv_cache.init_cache(cfg, 1, 8)
+        return forward(params, cfg, tokens, cache, positions.simple_positions(cfg, 1, 4))[0]
+
+    plain = run()
+    with tracing() as trace:
+        traced = run()
+    np.testing.assert_array_equal(traced, plain)
+    np.testing.assert_array_equal(trace["logits"], plain)
+    layers = [key for key in TRACE_KEYS if "{i}" in key]
+    want = ["embed"] + [k.format(i=i) for i in range(cfg.n_layers) for k in layers]
+    assert list(trace) == want + ["final_norm", "logits"]
+    assert TRACE.get() is None
+    x = np.ones(3)
+    assert observe("embed", x) is x and TRACE.get() is None

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from slimllm.reference import positions
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import ModelConfig, WavelengthScaling
 from slimllm.weights.transforms import hf_rope_permute
 
 CFG = ModelConfig(
@@ -60,10 +60,11 @@ def test_partial_rotation_leaves_the_tail():
     assert not np.allclose(y[..., :8], x[..., :8])
 
 
-def test_llama3_scaling_bands():
+def test_wavelength_scaling_bands():
     """Short wavelengths unchanged, long ones divided by factor, the band between smoothed."""
     freqs = np.array([1.0, 0.1, 0.02, 0.001], np.float32)  # wavelengths 6.3, 63, 314, 6283
-    out = positions.llama3_scale(freqs, 8.0, 1.0, 4.0, 512)  # cut-offs 128 and 512
+    scaling = WavelengthScaling(8.0, 1.0, 4.0, 512)  # cut-offs 128 and 512
+    out = positions.wavelength_scale(freqs, scaling)
     assert out[0] == freqs[0] and out[1] == freqs[1]
     assert out[3] == pytest.approx(freqs[3] / 8)
     smooth = (512 / (2 * np.pi / 0.02) - 1) / 3

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import ModelConfig, WavelengthScaling
 
 from ..io import CheckpointError
 
@@ -88,7 +88,7 @@ def expect(hf: dict, key: str, allowed, default=None):
     return value
 
 
-def rope_settings(hf: dict) -> tuple[float, tuple | None]:
+def rope_settings(hf: dict) -> tuple[float, WavelengthScaling | None]:
     """(rope_theta, rope_scaling) from either the classic keys or the newer `rope_parameters`."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -98,8 +98,7 @@ def rope_settings(hf: dict) -> tuple[float, tuple | None]:
     if kind == "default":
         return float(theta), None
     if kind == "llama3":
-        return float(theta), (
-            "llama3",
+        return float(theta), WavelengthScaling(
             float(source["factor"]),
             float(source["low_freq_factor"]),
             float(source["high_freq_factor"]),

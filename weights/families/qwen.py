@@ -6,7 +6,7 @@ past the trained `seq_length` when the config enables them. The tokenizer (tikto
 tokenization_qwen.py) adds nothing around a prompt and numbers 208 specials from 151643.
 """
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import DynamicNTK, ModelConfig
 
 from ..io import CheckpointError
 from ..transforms import qkv_sizes, split_rows
@@ -35,7 +35,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=hf.get("layer_norm_epsilon", 1e-6),
         rope_theta=float(hf.get("rotary_emb_base", 10000)),
         rope_fraction=float(hf.get("rotary_pct", 1.0)),
-        rope_scaling=("dynamic_ntk", trained) if hf.get("use_dynamic_ntk") else None,
+        rope_scaling=DynamicNTK(trained) if hf.get("use_dynamic_ntk") else None,
         logn_len=trained if hf.get("use_logn_attn") else 0,
         qkv_bias=True,
         tied_head=bool(hf.get("tie_word_embeddings", False)),
