@@ -55,8 +55,7 @@ class NumpyRunner:
 
     def forward(self, tokens, cache, state: positions.SeqState, runtime: Runtime):
         """tokens [b,t] after state.lengths -> (logits [b,t,v], cache)."""
-        pos = positions.positions_for(self.cfg, state, tokens.shape[1])
-        return ref_forward(self.params, self.cfg, tokens, cache, pos, runtime)
+        return ref_forward(self.params, self.cfg, tokens, cache, state, runtime)
 
 
 @dataclass

@@ -445,8 +445,10 @@ def model_inputs(draw, what: str):
     and forward write into a cache of a drawn dtype that holds K/V of the past tokens."""
     cfg = draw(S.configs())
     params = draw(S.params(cfg))
-    pos = draw(positions_of(cfg))
-    b, t = pos.slots.shape
+    t = draw(st.sampled_from((1, 3)))
+    state = draw(S.states(cfg, t))  # what forward takes; the layers take its positions
+    pos = ref_positions.positions_for(cfg, state, t)
+    b = pos.slots.shape[0]
     x = draw(S.normal((b, t, cfg.width)))
     tokens = np.array(
         draw(st.lists(st.integers(0, S.VOCAB - 1), min_size=b * t, max_size=b * t))
@@ -472,7 +474,7 @@ def model_inputs(draw, what: str):
             ref_attention.attention_bias(cfg, pos, s),
             Runtime(),
         )
-    return params, cfg, tokens, cache, pos, Runtime()
+    return params, cfg, tokens, cache, state, Runtime()
 
 
 def past_cache(cfg: ModelConfig, b: int, s: int, dtype: str, pos, seed: int):

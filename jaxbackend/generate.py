@@ -51,15 +51,13 @@ REASONS = {1: "length", 2: "eos", 3: "stop"}
 
 def prefill_fn(params, tokens, cache, state, select, *, cfg, rt, comm=SINGLE):
     """Prompt tokens [b,T] -> logits [b,v] at each row's last real token, filled cache."""
-    pos = positions.positions_for(cfg, state, tokens.shape[1])
-    logits, cache = forward(params, cfg, tokens, cache, pos, rt, select=select, comm=comm)
+    logits, cache = forward(params, cfg, tokens, cache, state, rt, select=select, comm=comm)
     return logits[:, 0], cache
 
 
 def decode_fn(params, ids, cache, state, *, cfg, rt, comm=SINGLE):
     """One token per row [b] at slot state.lengths -> logits [b,v], cache."""
-    pos = positions.positions_for(cfg, state, 1)
-    logits, cache = forward(params, cfg, ids[:, None], cache, pos, rt, comm=comm)
+    logits, cache = forward(params, cfg, ids[:, None], cache, state, rt, comm=comm)
     return logits[:, 0], cache
 
 

@@ -32,7 +32,14 @@ from . import kv_cache
 from .attention import attention_bias
 from .ops import MLPS, NORMS, bias_add, linear, rms_norm
 from .params import DeviceLayer
-from .positions import ROTATIONS, Positions, learned_positions, logn_scale
+from .positions import (
+    ROTATIONS,
+    Positions,
+    SeqState,
+    learned_positions,
+    logn_scale,
+    positions_for,
+)
 from .runtime import Runtime, attention_fn
 from .tp import SINGLE, Comm
 
@@ -217,13 +224,15 @@ def forward(
     cfg: ModelConfig,
     tokens,
     cache,
-    pos: Positions,
+    state: SeqState,
     rt: Runtime = DEFAULT,
     select=None,
     comm: Comm = SINGLE,
 ):
-    """tokens [b,t] at positions `pos` -> (logits [b,t,v] or [b,1,v] with `select`, cache).
-    With a multi-rank `comm`, logits are this rank's vocabulary slice [b,t,v/R]."""
+    """tokens [b,t], written after each row's `state.lengths` tokens -> (logits [b,t,v] or
+    [b,1,v] with `select`, cache). With a multi-rank `comm`, logits are this rank's vocabulary
+    slice [b,t,v/R]."""
+    pos = positions_for(cfg, state, tokens.shape[1])  # where these t tokens go
     x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
     bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))  # [b,h|1,t,s]
     for i, layer in enumerate(params.layers):

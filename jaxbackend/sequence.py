@@ -23,16 +23,14 @@ from .tp import SINGLE
 
 def chunk_fn(params, tokens, cache, state, *, cfg, rt, comm=SINGLE):
     """Tokens [b,t] after state.lengths -> logits at every position [b,t,v], cache."""
-    pos = positions.positions_for(cfg, state, tokens.shape[1])
-    return forward(params, cfg, tokens, cache, pos, rt, comm=comm)
+    return forward(params, cfg, tokens, cache, state, rt, comm=comm)
 
 
 def trace_fn(params, tokens, cache, state, *, cfg, rt, comm=SINGLE):
     """chunk_fn returning the named intermediates (model.TRACE_KEYS) instead of the logits: a
     separate program, traced inside `tracing()`, so the untraced ones are unchanged."""
-    pos = positions.positions_for(cfg, state, tokens.shape[1])
     with tracing() as trace:
-        _, cache = forward(params, cfg, tokens, cache, pos, rt, comm=comm)
+        _, cache = forward(params, cfg, tokens, cache, state, rt, comm=comm)
     return trace, cache
 
 

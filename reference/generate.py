@@ -111,16 +111,14 @@ def prefill(params: Params, cfg: ModelConfig, prompts, cache, rt: Runtime):
     lengths = np.array([len(p) for p in prompts])
     state = positions.start_state(cfg, prompts)
     tokens = pad(prompts)  # [b,T]
-    pos = positions.positions_for(cfg, state, tokens.shape[1])
-    logits, cache = forward(params, cfg, tokens, cache, pos, rt)  # [b,T,v]
+    logits, cache = forward(params, cfg, tokens, cache, state, rt)  # [b,T,v]
     last = logits[np.arange(len(prompts)), lengths - 1]  # [b,T,v] -> [b,v]
     return last, cache, positions.advance(state, lengths)
 
 
 def decode(params: Params, cfg: ModelConfig, ids, cache, state, rt: Runtime):
     """One token per row [b] at slot state.lengths -> (logits [b,v], cache, state after it)."""
-    pos = positions.positions_for(cfg, state, 1)
-    logits, cache = forward(params, cfg, ids[:, None], cache, pos, rt)  # [b,1,v]
+    logits, cache = forward(params, cfg, ids[:, None], cache, state, rt)  # [b,1,v]
     return logits[:, 0], cache, positions.advance(state, 1)
 
 

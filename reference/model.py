@@ -1,6 +1,7 @@
 """The whole decoder: one `forward` for prefill and decode.
 
-`forward(params, cfg, tokens, cache, pos)` embeds the tokens, runs every block (attention writes
+`forward(params, cfg, tokens, cache, state)` places the tokens after each row's cached ones
+(`positions.SeqState`), embeds them, runs every block (attention writes
 the new K/V into the cache, then reads the cache back), applies the final norm and the LM head,
 and returns logits for every input position plus the new cache. Prefill is a call with t > 1 on
 an empty cache, decode a call with t = 1; there is no other path. The three residual layouts
@@ -25,7 +26,14 @@ from .attention import attention_bias
 from .config import ModelConfig
 from .ops import MLPS, NORMS, linear, rms_norm
 from .params import LayerParams, Params
-from .positions import ROTATIONS, Positions, learned_positions, logn_scale
+from .positions import (
+    ROTATIONS,
+    Positions,
+    SeqState,
+    learned_positions,
+    logn_scale,
+    positions_for,
+)
 from .runtime import Runtime, attention_fn
 
 DEFAULT = Runtime(backend="numpy")
@@ -185,13 +193,15 @@ def forward(
     cfg: ModelConfig,
     tokens,
     cache,
-    pos: Positions,
+    state: SeqState,
     rt: Runtime = DEFAULT,
     select=None,
 ):
-    """tokens [b,t] at positions `pos` -> (logits [b,t,v], new cache); with `select` [b], only
-    the logits at position select[r] of each row ([b,1,v]: a prefill needs just the last)."""
+    """tokens [b,t], written after each row's `state.lengths` tokens -> (logits [b,t,v], new
+    cache); with `select` [b], only the logits at position select[r] of each row ([b,1,v]: a
+    prefill needs just the last)."""
     tokens = np.asarray(tokens)
+    pos = positions_for(cfg, state, tokens.shape[1])  # where these t tokens go
     kv_cache.check_fits(cache, pos.slots)
     x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
     bias = attention_bias(cfg, pos, cache.max_len)  # [b,h|1,t,s]

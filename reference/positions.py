@@ -1,9 +1,12 @@
 """Where each token is: cache slots, position ids, and the position encodings built from them.
 
-A forward call receives a `Positions` value: the cache slot of every query token (slots define
-causality and where K/V are written), the position id fed to RoPE or the learned table (equal to
-the slot for most models; two ids per token for 2-D RoPE), the prefix-LM length, and the
-dynamic-NTK alpha of each row. `SeqState` tracks these per row across generation steps.
+One concept carries position through generation: a sequence's `SeqState`, made from the
+prompts by `start_state` (how many tokens each row has in the cache, plus facts read off the
+prompt: the prefix-LM length, the 2-D RoPE anchor, the dynamic-NTK alpha) and moved on by
+`advance`. A forward call takes the state and derives, for its t new tokens, their `Positions`
+(`positions_for`): the cache slot of every query token (slots define causality and where K/V
+are written), the position id fed to RoPE or the learned table (the slot for most models; two
+ids per token for 2-D RoPE), the prefix-LM length and the dynamic-NTK alpha of each row.
 
 Encodings: RoPE (rotate-half or interleaved pairs, partial rotation, Llama-3.1 frequency
 scaling, dynamic-NTK base scaling, float16-rounded frequencies), 2-D RoPE (first half of each
@@ -73,13 +76,13 @@ def start_state(cfg: ModelConfig, prompts: list) -> SeqState:
 
 def positions_for(cfg: ModelConfig, state: SeqState, t: int) -> Positions:
     """Positions of the next t tokens of every row (slots continue from state.lengths)."""
-    slots = state.lengths[:, None] + np.arange(t)[None, :]  # [b,t]
+    slots = state.lengths[:, None] + np.arange(t)[None, :]  # [b,1] + [1,t] -> [b,t]
     if cfg.pos == "rope2d":
-        ctx = state.prefix[:, None]
+        ctx = state.prefix[:, None]  # [b] -> [b,1]
         in_block = slots >= ctx
         pos = np.where(in_block, state.anchor[:, None], slots)
         block = np.where(in_block, slots - ctx + 1, 0)
-        ids = np.stack([pos, block], axis=-1)  # [b,t,2]
+        ids = np.stack([pos, block], axis=-1)  # 2 x [b,t] -> [b,t,2]
     else:
         ids = slots
     return Positions(slots, ids, state.prefix.copy(), state.ntk_alpha.copy())
@@ -88,21 +91,6 @@ def positions_for(cfg: ModelConfig, state: SeqState, t: int) -> Positions:
 def advance(state: SeqState, n) -> SeqState:
     """The state after n more tokens (int, or [b]) were written for each row."""
     return SeqState(state.lengths + n, state.prefix, state.anchor, state.ntk_alpha)
-
-
-def simple_positions(cfg: ModelConfig, b: int, t: int, start: int = 0) -> Positions:
-    """Positions for unpadded rows starting at slot `start` (tests, single sequences)."""
-    if cfg.prefix_lm or isinstance(cfg.rope_scaling, DynamicNTK):
-        raise ValueError(
-            "this model's positions depend on its prompt: use start_state/positions_for"
-        )
-    state = SeqState(
-        np.full(b, start, np.int64),
-        np.zeros(b, np.int64),
-        np.zeros(b, np.int64),
-        np.ones(b, np.float32),
-    )
-    return positions_for(cfg, state, t)
 
 
 # ---------------------------------------------------------------- RoPE

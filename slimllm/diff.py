@@ -83,9 +83,8 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.rt.kv_dtype)
-    pos = positions.positions_for(cfg, state, len(tokens))
     with tracing() as trace:
-        forward(model.params, cfg, np.asarray([tokens]), cache, pos, side.rt)
+        forward(model.params, cfg, np.asarray([tokens]), cache, state, side.rt)
     return {name: value[0] for name, value in trace.items()}
 
 

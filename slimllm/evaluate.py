@@ -44,10 +44,8 @@ def sequence_logits(model: Model, tokens, prompt_len: int, setting: Runtime, chu
     cache = kv_cache.init_cache(cfg, 1, len(tokens), setting.kv_dtype)
     out, start = [], 0
     for end in bounds:
-        pos = positions.positions_for(cfg, state, end - start)
-        logits, cache = forward(
-            model.params, cfg, np.array([tokens[start:end]]), cache, pos, setting
-        )
+        chunk = np.array([tokens[start:end]])  # [1,t]
+        logits, cache = forward(model.params, cfg, chunk, cache, state, setting)
         out.append(logits[0])
         state, start = positions.advance(state, end - start), end
     return np.concatenate(out)

@@ -81,7 +81,7 @@ def test_prefix_lm_lets_the_prefix_see_ahead():
 def test_alibi_bias():
     cfg = CFG.replace(pos="alibi")
     q, k, v = draw(b=1, t=4, s=6, seed=3)
-    pos = positions.simple_positions(cfg, 1, 4, start=2)
+    pos = positions.positions_for(cfg, state([2]), 4)
     got = naive_attention(q, layer_kv(k, v), attention_bias(cfg, pos, 6), 8**-0.5)
     allowed = np.arange(6)[None, None] <= pos.slots[:, :, None]
     want = loop_attention(q, k, v, allowed, 8**-0.5, positions.alibi_slopes(4), pos.slots)

@@ -64,7 +64,7 @@ def test_prefill_equals_decode_steps_for_every_dtype_and_attention(dtype, attent
         CFG,
         tokens,
         cache,
-        positions.simple_positions(CFG, 2, 7),
+        positions.start_state(CFG, tokens),
         Runtime("numpy", attention),
     )
     steps = []
@@ -74,7 +74,7 @@ def test_prefill_equals_decode_steps_for_every_dtype_and_attention(dtype, attent
             CFG,
             tokens[:, i : i + 1],
             cache,
-            positions.simple_positions(CFG, 2, 1, start=i),
+            positions.advance(positions.start_state(CFG, tokens), i),
             Runtime("numpy", attention),
         )
         steps.append(logits[:, 0])
@@ -124,7 +124,9 @@ def test_int8_attention_never_builds_a_float_copy_of_the_cache(attention):
     k = rng.standard_normal((1, s, 2, 64)).astype(np.float32)
     cache = kv_cache.write(cache, 0, k, k, np.arange(s)[None])
     kv = kv_cache.read(cache, 0)
-    pos = positions.simple_positions(cfg, 1, 1, start=s - 1)
+    pos = positions.positions_for(
+        cfg, positions.advance(positions.start_state(cfg, [[0]]), s - 1), 1
+    )
     bias = attention_bias(cfg, pos, s)
     q = rng.standard_normal((1, 1, 4, 64)).astype(np.float32)
     float_copy = kv.k.size * 4  # bytes of one float32 copy of this layer's keys

@@ -58,11 +58,9 @@ def prefill_and_steps(cfg, params, tokens):
     t = tokens.shape[1]
     cache = kv_cache.init_cache(cfg, 1, 16)
     state = positions.start_state(cfg, tokens.tolist())
-    full, full_cache = forward(params, cfg, tokens, cache, positions.positions_for(cfg, state, t))
+    full, full_cache = forward(params, cfg, tokens, cache, state)
     first = int(state.prefix[0]) + 1 if cfg.prefix_lm else 1
-    logits, cache = forward(
-        params, cfg, tokens[:, :first], cache, positions.positions_for(cfg, state, first)
-    )
+    logits, cache = forward(params, cfg, tokens[:, :first], cache, state)
     steps = [logits[:, i] for i in range(first)]
     for i in range(first, t):
         logits, cache = forward(
@@ -70,7 +68,7 @@ def prefill_and_steps(cfg, params, tokens):
             cfg,
             tokens[:, i : i + 1],
             cache,
-            positions.positions_for(cfg, positions.advance(state, i), 1),
+            positions.advance(state, i),
         )
         steps.append(logits[:, 0])
     return full, full_cache, np.stack(steps, 1), cache
@@ -93,14 +91,14 @@ def test_cache_overflow_is_an_error():
     params = init_params(BASE)
     cache = kv_cache.init_cache(BASE, 1, 4)
     with pytest.raises(ValueError, match="cache holds 4"):
-        forward(params, BASE, np.zeros((1, 5), int), cache, positions.simple_positions(BASE, 1, 5))
+        forward(params, BASE, np.zeros((1, 5), int), cache, positions.start_state(BASE, [[0]]))
 
 
 def test_token_out_of_vocab_is_an_error():
     params = init_params(BASE)
     cache = kv_cache.init_cache(BASE, 1, 4)
     with pytest.raises(ValueError, match="out of range"):
-        forward(params, BASE, np.array([[64]]), cache, positions.simple_positions(BASE, 1, 1))
+        forward(params, BASE, np.array([[64]]), cache, positions.start_state(BASE, [[0]]))
 
 
 def test_config_rejects_unknown_axis_values():
@@ -160,15 +158,13 @@ def test_dynamic_ntk_alpha_is_fixed_by_the_prompt():
     short = positions.start_state(cfg, [tokens[0][:4]])
     assert short.ntk_alpha[0] == 1.0
     cache = kv_cache.init_cache(cfg, 1, 16)
-    a, _ = forward(params, cfg, np.array(tokens), cache, positions.positions_for(cfg, state, 9))
+    a, _ = forward(params, cfg, np.array(tokens), cache, state)
     b, _ = forward(
         params,
         cfg,
         np.array(tokens),
         cache,
-        positions.positions_for(
-            cfg, positions.SeqState(state.lengths, state.prefix, state.anchor, short.ntk_alpha), 9
-        ),
+        positions.SeqState(state.lengths, state.prefix, state.anchor, short.ntk_alpha),
     )
     np.testing.assert_allclose(a[:, :1], b[:, :1], rtol=1e-5, atol=1e-5)  # position 0: no rotation
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
@@ -183,7 +179,7 @@ def test_tracing_observes_every_named_intermediate_and_changes_nothing():
 
     def run():
         cache = kv_cache.init_cache(cfg, 1, 8)
-        return forward(params, cfg, tokens, cache, positions.simple_positions(cfg, 1, 4))[0]
+        return forward(params, cfg, tokens, cache, positions.start_state(cfg, tokens))[0]
 
     plain = run()
     with tracing() as trace:

@@ -12,10 +12,17 @@ CFG = ModelConfig(
 )
 
 
+def at(cfg, t: int, start: int = 0):
+    """Positions of t tokens of one plain sequence after `start` cached ones."""
+    return positions.positions_for(
+        cfg, positions.advance(positions.start_state(cfg, [[0]]), start), t
+    )
+
+
 def test_rotation_preserves_norm_and_position_zero_is_identity():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, 2, 16)).astype(np.float32)
-    pos = positions.simple_positions(CFG, 1, 5)
+    pos = at(CFG, 5)
     y = positions.apply_rope(x, CFG, pos)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
     np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)
@@ -25,7 +32,7 @@ def test_rope_half_by_hand():
     """d=4, position 1: pair (x0, x2) turns by theta^0 = 1 rad, pair (x1, x3) by theta^-1/2."""
     cfg = CFG.replace(head_dim=4, width=8, rope_theta=100.0)
     x = np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(1, 1, 1, 4)
-    pos = positions.simple_positions(cfg, 1, 1, start=1)
+    pos = at(cfg, 1, start=1)
     y = positions.apply_rope(x, cfg, pos).ravel()
     a, b = 1.0, 0.1
     want = [
@@ -42,7 +49,7 @@ def test_interleaved_rope_equals_half_rope_on_permuted_weights():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((32, 2 * 16)).astype(np.float32)  # [e, h*d]
     x = rng.standard_normal((1, 4, 32)).astype(np.float32)
-    pos = positions.simple_positions(CFG, 1, 4, start=3)
+    pos = at(CFG, 4, start=3)
     inter = positions.apply_rope(
         (x @ w).reshape(1, 4, 2, 16), CFG.replace(rope_style="interleaved"), pos
     )
@@ -55,7 +62,7 @@ def test_interleaved_rope_equals_half_rope_on_permuted_weights():
 def test_partial_rotation_leaves_the_tail():
     cfg = CFG.replace(rope_fraction=0.5)
     x = np.random.default_rng(2).standard_normal((1, 3, 2, 16)).astype(np.float32)
-    y = positions.apply_rope(x, cfg, positions.simple_positions(cfg, 1, 3, start=2))
+    y = positions.apply_rope(x, cfg, at(cfg, 3, start=2))
     np.testing.assert_array_equal(y[..., 8:], x[..., 8:])
     assert not np.allclose(y[..., :8], x[..., :8])
 
@@ -88,7 +95,7 @@ def test_ntk_alpha():
 
 def test_logn_scale():
     cfg = CFG.replace(logn_len=4)
-    pos = positions.simple_positions(cfg, 1, 6)
+    pos = at(cfg, 6)
     np.testing.assert_allclose(
         positions.logn_scale(cfg, pos)[0], [1, 1, 1, 1, math.log(5, 4), math.log(6, 4)], rtol=1e-6
     )

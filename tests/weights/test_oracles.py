@@ -34,13 +34,7 @@ def forward_logits(model, prompt):
     cfg = model.cfg
     state = positions.start_state(cfg, [prompt])
     cache = kv_cache.init_cache(cfg, 1, len(prompt))
-    logits, _ = forward(
-        model.params,
-        cfg,
-        np.asarray(prompt)[None],
-        cache,
-        positions.positions_for(cfg, state, len(prompt)),
-    )
+    logits, _ = forward(model.params, cfg, np.asarray(prompt)[None], cache, state)
     return logits[0]
 
 
