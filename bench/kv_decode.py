@@ -35,14 +35,14 @@ from .common import build_model, bytes_read_per_token, interleaved, kv_bytes_rea
 PARTS = ("model_step", "attention_layer")
 
 
-def compiled_step(params, cfg: ModelConfig, b: int, context: int, kv_dtype: str, attention: str):
+def compiled_step(params, cfg: ModelConfig, b: int, context: int, rt: Runtime):
     """The whole model's decode step at slot context-1, jitted like the engine's with the cache
     donated -> (compile seconds, call that runs one step and keeps the returned cache)."""
-    cache = filled_cache(cfg, b, context, kv_dtype)
+    cache = filled_cache(cfg, b, context, rt.kv_dtype)
     zeros = jnp.zeros(b, jnp.int32)
     state = SeqState(jnp.full(b, context - 1, jnp.int32), zeros, zeros, jnp.ones(b, jnp.float32))
     ids = jnp.ones(b, jnp.int32)
-    fn = functools.partial(decode_fn, cfg=cfg, rt=Runtime(attention=attention))
+    fn = functools.partial(decode_fn, cfg=cfg, rt=rt)
     t0 = time.perf_counter()
     program = jax.jit(fn, donate_argnums=(2,)).lower(params, ids, cache, state).compile()
     compile_s = time.perf_counter() - t0
@@ -76,9 +76,8 @@ def run(args, bandwidth: dict | None = None) -> dict:
     compiled, calls = {}, {}
     for dtype in args.kv_dtypes:
         log(f"decode step at context {ctx}, batch {b}, {dtype} cache, {args.attention}")
-        step_s, calls[("model_step", dtype)] = compiled_step(
-            engine.params, cfg, b, ctx, dtype, args.attention
-        )
+        rt = Runtime(attention=args.attention, kv_dtype=dtype)
+        step_s, calls[("model_step", dtype)] = compiled_step(engine.params, cfg, b, ctx, rt)
         kv = layer_kv(cfg, b, ctx, dtype)
         attention = compiled_attention(args.attention, q, kv, bias)
         layer_s, calls[("attention_layer", dtype)] = attention[:2]
@@ -107,10 +106,11 @@ def run(args, bandwidth: dict | None = None) -> dict:
         "bandwidth": bandwidth,
         "dtypes": dtypes,
     }
-    if "int8" in dtypes and "float32" in dtypes:
+    base, *others = args.kv_dtypes  # every format against the first listed (float32 default)
+    for name in others:
         for part in PARTS:
-            ratio = dtypes["int8"][part]["median_ms"] / dtypes["float32"][part]["median_ms"]
-            report[f"int8_over_float32_{part}"] = r3(ratio)
+            ratio = dtypes[name][part]["median_ms"] / dtypes[base][part]["median_ms"]
+            report[f"{name}_over_{base}_{part}"] = r3(ratio)
     return report
 
 
