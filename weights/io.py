@@ -3,8 +3,9 @@
 safetensors files are parsed here directly (an 8-byte header length, a JSON header, raw data)
 rather than through `safetensors.numpy`, for two reasons: NumPy has no bfloat16, which we widen
 to float32 bit-exactly, and a truncated or inconsistent file must fail with a message naming
-the file and the tensor. PyTorch `.bin` files go through `torch_bin`, a restricted unpickler
-that never executes code. Half-precision tensors load as float32 for the reference.
+the file and the tensor. PyTorch `.bin` files go through `torch_bin`, whose restricted
+unpickler (`torch_pickle`) never executes code. Half-precision tensors load as float32 for the
+reference.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    from .torch_bin import load_torch_bin  # here: torch_bin imports CheckpointError from us
+    from .torch_bin import load_torch_bin  # here: torch_pickle imports CheckpointError from us
 
     return {k: to_float32(v) for k, v in load_torch_bin(path).items()}
 

@@ -143,7 +143,7 @@ def test_bf16_and_f16_safetensors_load_as_float32(ckpt, tmp_path):
 
 def test_pytorch_bin_checkpoint_loads_like_safetensors(ckpt):
     """A pytorch_model.bin (torch zip layout, written without torch) gives identical weights."""
-    from slimllm.weights.torch_bin import write_torch_bin
+    from slimllm.weights.torch_bin_write import write_torch_bin
 
     d, _, tensors = ckpt
     (d / "model.safetensors").unlink()

@@ -21,14 +21,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import FIXTURES
-from slimllm.weights import torch_bin
+from slimllm.weights import torch_bin_write
 from slimllm.weights.torch_bin import (
     TorchBinError,
     UnsafePickleError,
     list_torch_bin,
     load_torch_bin,
-    write_torch_bin,
 )
+from slimllm.weights.torch_bin_write import write_torch_bin
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy-format magic number
 
@@ -431,7 +431,7 @@ def test_writer_refuses_what_it_cannot_write(tmp_path):
 )
 def test_pickled_integers_cover_every_width(value):
     # element counts past 2**31 are real for big checkpoints; exercised here without the bytes
-    assert pickle.loads(b"\x80\x02" + torch_bin._p_int(value) + b".") == value
+    assert pickle.loads(b"\x80\x02" + torch_bin_write._p_int(value) + b".") == value
 
 
 # --- refusals -----------------------------------------------------------------------------------
