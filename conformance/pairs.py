@@ -567,9 +567,8 @@ def visible_rows(draw):
     s = 16
     widths = draw(st.lists(st.integers(0, s), min_size=b * t, max_size=b * t))
     holes = draw(st.lists(st.booleans(), min_size=b * t * s, max_size=b * t * s))
-    seen = (np.arange(s) < np.array(widths).reshape(b, 1, 1, t, 1)) & ~np.array(holes).reshape(
-        b, 1, 1, t, s
-    )
+    seen = np.arange(s) < np.array(widths).reshape(b, 1, 1, t, 1)  # [b,1,1,t,s]
+    seen &= ~np.array(holes).reshape(b, 1, 1, t, s)
     return (np.where(seen, draw(S.normal((b, 1, 1, t, s))), -np.inf).astype(np.float32),)
 
 
