@@ -15,9 +15,12 @@ static, and compares:
 - JAX caches by their logical contents: the JAX cache is padded to `padded_len` (multiples of
   64/256) and stores bfloat16 as `jnp.bfloat16` where the reference keeps uint16 bit patterns.
 Where signatures differ by design (NTK alpha per row [b] in JAX, seeds as [b, 2] uint32 words,
-a padded cache and bias, JAX-only kernel options such as naive attention's key block) the Case,
-a small adapter or `strategies.backend_options` says so. A pair's `cost` says how many
-times dearer than a plain op its examples are (config-dependent programs compile per example).
+a padded cache and bias, key blocks as a start and a static size n where the reference takes
+bounds [lo, hi), linear weights stored [out, in] on the device, JAX-only kernel options such as
+naive attention's key block) the Case, a small adapter or `strategies.backend_options` says so.
+JAX's `LayerKV` is a view, not a pytree: functions that take one get the JAX cache and read
+layer 0 inside jit. A pair's `cost` says how many times dearer than a plain op its examples are
+(config-dependent programs compile per example).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from slimllm.jaxbackend import positions as jax_positions
 from slimllm.jaxbackend import quant as jax_quant
 from slimllm.jaxbackend import runtime as jax_runtime
 from slimllm.jaxbackend import sampling as jax_sampling
+from slimllm.jaxbackend import slim_attention as jax_slim
 from slimllm.jaxbackend.params import layer_to_device, to_device
 from slimllm.reference import attention as ref_attention
 from slimllm.reference import key_blocks as ref_key_blocks
@@ -50,7 +54,8 @@ from slimllm.reference import positions as ref_positions
 from slimllm.reference import quant as ref_quant
 from slimllm.reference import runtime as ref_runtime
 from slimllm.reference import sampling as ref_sampling
-from slimllm.reference.config import DynamicNTK, ModelConfig
+from slimllm.reference import slim_attention as ref_slim
+from slimllm.reference.config import ROPE_STYLES, DynamicNTK, ModelConfig
 from slimllm.reference.params import LayerParams, Params
 from slimllm.reference.runtime import Runtime
 from slimllm.reference.sampling import SamplingConfig
@@ -180,9 +185,12 @@ def logical(cache, s: int):
 
 
 def close_caches(want, got) -> None:
-    """Dequantised K/V of every layer within one storage step (`QUANTUM`) of the reference."""
+    """Dequantised K/V of every layer within one storage step (`QUANTUM`) of the reference, or
+    within FUNCTION where that is larger (float32): the keys written are `qkv`'s, which the
+    backends compute within FUNCTION (RoPE at position p carries p ulps of its angle, see
+    `compare_angles`: float32 keys at positions 20-30 differ by 1-2e-6 relative, measured)."""
     got = logical(got, want.max_len)
-    quantum = QUANTUM[want.format]
+    quantum = max(QUANTUM[want.format], F32)
     for layer in range(len(want.k)):
         pairs = zip(
             ref_kv.dequantized(ref_kv.read(got, layer)),
@@ -232,9 +240,44 @@ def compare_bias(want, got, case):
     assert np.all(np.isneginf(got[..., s:])), "a padding slot is visible"
 
 
-def compare_positions(want, got, case):
-    for name in ("slots", "ids", "prefix", "ntk_alpha"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+def same_fields(*names: str):
+    """Every named field of a Positions or SeqState value equal (int and float32 arrays)."""
+
+    def compare(want, got, case):
+        for name in names:
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+    return compare
+
+
+compare_positions = same_fields("slots", "ids", "prefix", "ntk_alpha")
+compare_state = same_fields("lengths", "prefix", "anchor", "ntk_alpha")
+
+
+def compare_init(want, got, case):
+    """An empty cache: the reference's storage dtype (bfloat16 as its uint16 bits) and shapes,
+    the slot axis padded to `padded_len`, every value zero, scales for scaled formats only."""
+    assert got.format == want.format
+    s = jax_kv.padded_len(want.max_len)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        w, g = getattr(want, name), getattr(got, name)
+        assert (w is None) == (g is None), name
+        for wl, gl in zip(w or (), g or (), strict=True):
+            gl = bits(gl)
+            assert gl.dtype == wl.dtype, (name, gl.dtype, wl.dtype)
+            assert gl.shape == (*wl.shape[:2], s, *wl.shape[3:]), (name, gl.shape, wl.shape)
+            assert not wl.any() and not gl.any(), f"{name}: an empty cache holds a nonzero value"
+
+
+def compare_encoded(want, got, case):
+    """Stored values bit for bit in the reference's storage dtype (bfloat16 as bits); int8
+    scales within FUNCTION (amax / 127, as `compare_quantized`)."""
+    stored = bits(got[0])
+    assert stored.dtype == want[0].dtype, (stored.dtype, want[0].dtype)
+    np.testing.assert_array_equal(stored, want[0])
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        assert_close(got[1], want[1], F32, "scale")
 
 
 def compare_layer(want, got, case):
@@ -244,6 +287,18 @@ def compare_layer(want, got, case):
     bound = (ACROSS_BACKENDS if isinstance(case.ref[0], Params) else THROUGH_CACHE)[cache.format]
     assert_close(got[0], want[0], bound, "output")
     close_caches(want[1], got[1])
+
+
+def compare_traces(want, got, case):
+    """The same named intermediates (`model.TRACE_KEYS`), each within ACROSS_BACKENDS of the
+    cache's dtype, as the logits: what `slimllm diff` relies on when it compares the backends
+    name by name."""
+    cache = next(a for a in case.ref if isinstance(a, ref_kv.KVCache))
+    assert "logits" in want, sorted(want)  # the reference's forward observed its intermediates
+    assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+    for name, w in want.items():
+        assert np.shape(got[name]) == np.shape(w), (name, np.shape(got[name]), np.shape(w))
+        assert_close(got[name], w, ACROSS_BACKENDS[cache.format], name)
 
 
 def same_row(want, got) -> bool:
@@ -334,10 +389,62 @@ def jax_block(x, p, cfg, cache, layer, pos, bias, rt):
     return jax_model.block(x, p, cfg, cache, layer, pos, padded_bias(bias, cache), rt)
 
 
+def jax_attention_block(x, p, cfg, cache, layer, pos, bias, rt):
+    """As `jax_block`: the reference's bias padded with -inf to the padded cache."""
+    return jax_model.attention_block(x, p, cfg, cache, layer, pos, padded_bias(bias, cache), rt)
+
+
+def traced(forward, tracing):
+    """A forward run inside `tracing()`, returning the dict of named intermediates it observed.
+    Under jit, tracing is opened inside the traced function and the dict is the program's
+    output (as `sequence.trace_fn` does)."""
+
+    def run(*args):
+        with tracing() as trace:
+            forward(*args)
+        return trace
+
+    return run
+
+
+ref_traced = traced(ref_model.forward, ref_model.tracing)
+jax_traced = traced(jax_model.forward, jax_model.tracing)
+
+
 @functools.partial(jax.jit, static_argnames=("kernel", "scale"))
 def attend(q, cache, bias, *, kernel, scale):
     """One JAX attention call on layer 0 (LayerKV is a view, not a pytree: read inside jit)."""
     return kernel(q, jax_kv.read(cache, 0), bias, scale)
+
+
+# Functions of a LayerKV, on layer 0 of a JAX cache read inside jit (as `attend`).
+
+
+def jax_block_scores(qg, cache, lo, n: int):
+    return jax_key_blocks.block_scores(qg, jax_kv.read(cache, 0), lo, n)
+
+
+def jax_block_output(p, cache, lo, n: int):
+    return jax_key_blocks.block_output(p, jax_kv.read(cache, 0), lo, n)
+
+
+def jax_row_block(qg, cache, gbias, scale, n: int):
+    return jax_slim.row_block(qg, jax_kv.read(cache, 0), gbias, scale, n)
+
+
+def jax_split_keys_decode(qg, cache, gbias, scale, splits: int, n: int):
+    return jax_slim.split_keys_decode(qg, jax_kv.read(cache, 0), gbias, scale, splits, n)
+
+
+def ref_run_attention(rt, q, kv, bias, scale):
+    """The attention function `attention_fn(rt)` looks up, called."""
+    return ref_runtime.attention_fn(rt)(q, kv, bias, scale)
+
+
+def jax_run_attention(rt, q, cache, bias, scale):
+    """The same in JAX, with the Runtime itself the static argument: equal Runtimes share one
+    program (a partial made per example would compile every example anew)."""
+    return jax_runtime.attention_fn(rt)(q, jax_kv.read(cache, 0), bias, scale)
 
 
 # ---------------------------------------------------------------- input strategies
@@ -396,6 +503,73 @@ def masked_rows(draw, whole_rows: bool):
     if not whole_rows:
         mask[:, 0] = False
     return np.where(mask, -np.inf, x).astype(np.float32)
+
+
+@st.composite
+def model_norm_inputs(draw):
+    """x, weight, bias (LayerNorm only) and a config naming the norm and its eps."""
+    kind = draw(st.sampled_from(tuple(ref_ops.NORMS)))
+    x, w, bias, eps = draw(norm_inputs(kind == "layer"))
+    cfg = ModelConfig(
+        vocab=S.VOCAB,
+        width=WIDTH,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        head_dim=4,
+        ffn_width=12,
+        max_len=S.MAX_LEN,
+        norm=kind,
+        norm_eps=eps,
+    )
+    return x, w, bias, cfg
+
+
+@st.composite
+def linear_inputs(draw):
+    """x [b,t,e], w and an optional bias: the reference takes w [e,o] as it stores it, JAX
+    takes w [o,e], the device layout (`jaxbackend/params.py`)."""
+    o = draw(st.sampled_from((4, 12)))
+    x, w = draw(x_arrays()), draw(S.arrays((WIDTH, o), -1.0, 1.0))
+    bias = draw(st.none() | S.arrays((o,)))
+    return Case((x, w, bias), (jnp.asarray(x), jnp.asarray(w.T), to_jax(bias)))
+
+
+@st.composite
+def grouping_inputs(draw, what: str):
+    """Arguments of group_queries (q [b,t,h,d], k), group_bias (a bias of every head or one
+    shared, [b,h|1,t,s], and k) or ungroup ([b,k,g,t,d])."""
+    h, k = draw(st.sampled_from(S.HEADS))
+    b, t = draw(S.shapes(()))
+    d = draw(st.sampled_from(S.HEAD_DIMS))
+    if what == "queries":
+        return draw(S.normal((b, t, h, d))), k
+    if what == "bias":
+        return draw(S.normal((b, draw(st.sampled_from((1, h))), t, 8))), k
+    return (draw(S.normal((b, k, h // k, t, d))),)
+
+
+@st.composite
+def rotate_inputs(draw):
+    """x [b,t,n,r] and cos, sin [b,t,r/2] of drawn angles, in either pairing style."""
+    shape = draw(S.shapes((draw(st.sampled_from((1, 2))), draw(st.sampled_from((4, 8))))))
+    angles = draw(S.arrays((*shape[:2], shape[3] // 2), -8.0, 8.0))
+    style = draw(st.sampled_from(ROPE_STYLES))
+    return draw(S.arrays(shape)), np.cos(angles), np.sin(angles), style
+
+
+@st.composite
+def visible_rows(draw):
+    """Bias rows [b,1,1,t,16] (a mask shared by the heads, as `group_bias` leaves it): each row
+    sees the columns before its own drawn width in [0, 16] except drawn holes (so the last
+    visible column, or none, is any of them)."""
+    b, t = draw(S.shapes(()))
+    s = 16
+    widths = draw(st.lists(st.integers(0, s), min_size=b * t, max_size=b * t))
+    holes = draw(st.lists(st.booleans(), min_size=b * t * s, max_size=b * t * s))
+    seen = np.arange(s) < np.array(widths).reshape(b, 1, 1, t, 1)  # [b,1,1,t,s]
+    seen &= ~np.array(holes).reshape(b, 1, 1, t, s)
+    return (np.where(seen, draw(S.normal((b, 1, 1, t, s))), -np.inf).astype(np.float32),)
 
 
 def rope_configs(pos=("rope", "rope2d")):
@@ -477,6 +651,15 @@ def model_inputs(draw, what: str):
     return params, cfg, tokens, cache, state, Runtime()
 
 
+@st.composite
+def advance_inputs(draw):
+    """A drawn SeqState and the tokens each row wrote: one count, or one per row [b]."""
+    state = draw(S.states(draw(S.configs())))
+    b = len(state.lengths)
+    per_row = st.lists(st.integers(0, 8), min_size=b, max_size=b).map(np.array)
+    return state, draw(st.integers(0, 8) | per_row)
+
+
 def past_cache(cfg: ModelConfig, b: int, s: int, dtype: str, pos, seed: int):
     """A cache of length s holding random K/V at every slot before each row's first query (what
     earlier steps would have written), in every layer."""
@@ -503,6 +686,68 @@ def write_inputs(draw):
     starts = draw(st.lists(st.integers(0, case.length - n), min_size=b, max_size=b))
     slots = np.asarray(starts)[:, None] + np.arange(n)[None, :]
     return cache, draw(st.sampled_from((0, 1))), case.k, case.v, slots
+
+
+init_cache_inputs = st.tuples(
+    S.configs(),
+    st.sampled_from((1, 2)),
+    st.sampled_from((1, 30, 64, 65, 257)),  # padded to 64, 64, 64, 128 and 512 slots
+    st.sampled_from(S.KV_DTYPES),
+)
+encode_inputs = st.tuples(x_arrays((2, 8), lo=-100, hi=100), st.sampled_from(S.KV_DTYPES))
+
+
+def attention_arguments(case: S.AttentionCase):
+    """(q, LayerKV, bias, scale) for the reference and (q, padded cache, padded bias) for JAX,
+    holding the same stored values (`AttentionCase.jax`)."""
+    q, kv, bias, scale = case.reference()
+    jq, cache, jbias, _ = case.jax()
+    return (q, kv, bias, scale), (jq, cache, jbias)
+
+
+@st.composite
+def key_block_inputs(draw, output: bool):
+    """Grouped queries [b,k,g,t,d] (or weights p [b,k,g,t,n] for `block_output`) and layer 0 of
+    a cache of a drawn dtype, read in a block of n in {1, 4, 16} slots from a drawn start: the
+    reference takes bounds [lo, lo + n), JAX (lo, n) with n static."""
+    case = draw(S.attention_cases())
+    (q, kv, _, _), (_, cache, _) = attention_arguments(case)
+    n = draw(st.sampled_from([size for size in (1, 4, 16) if size <= case.length]))
+    lo = draw(st.integers(0, case.length - n))
+    kh = kv.k.shape[1]
+    if output:
+        b, t, h, _ = q.shape
+        x = np.abs(draw(S.normal((b, kh, h // kh, t, n))))  # softmax-like weights, >= 0
+    else:
+        x = ref_attention.group_queries(q, kh)
+    return Case((x, kv, lo, lo + n), (jnp.asarray(x), cache, lo, n))
+
+
+@st.composite
+def slim_inputs(draw, decode: bool):
+    """One query-row block (all t rows) or one decode step over a cache of a drawn dtype, queries
+    and bias grouped; JAX reads key blocks of n in {16, 64} slots (dividing its 64-slot cache),
+    which the reference's `row_block` takes as its key block and `split_keys_decode` does not
+    (it splits the visible keys into chunks of its own)."""
+    case = draw(S.attention_cases(t=1 if decode else None))
+    (q, kv, bias, scale), (jq, cache, jbias) = attention_arguments(case)
+    kh = kv.k.shape[1]
+    qg, gbias = ref_attention.group_queries(q, kh), ref_attention.group_bias(bias, kh)
+    jqg, jgbias = jnp.asarray(qg), jnp.asarray(ref_attention.group_bias(np.asarray(jbias), kh))
+    n = draw(st.sampled_from((16, 64)))
+    if decode:
+        splits = draw(st.sampled_from((1, 2, 3)))
+        return Case((qg, kv, gbias, scale, splits), (jqg, cache, jgbias, scale, splits, n))
+    return Case((qg, kv, gbias, scale, n), (jqg, cache, jgbias, scale, n))
+
+
+@st.composite
+def runtime_inputs(draw):
+    """A drawn Runtime (attention kind and options) and an attention case of its cache dtype."""
+    case = draw(S.attention_cases())
+    rt = draw(S.runtimes(kv_dtype=case.kv_dtype))
+    (q, kv, bias, scale), (jq, cache, jbias) = attention_arguments(case)
+    return Case((rt, q, kv, bias, scale), (rt, jq, cache, jbias, scale))
 
 
 @st.composite
@@ -656,6 +901,7 @@ def _pairs() -> list[Pair]:
         P("ops.gelu_tanh", ref_ops.gelu_tanh, jax_ops.gelu_tanh, V(st.tuples(activation_inputs)),
           close()),
         P("ops.relu", ref_ops.relu, jax_ops.relu, V(st.tuples(x_arrays())), exact),
+        P("ops.linear", ref_ops.linear, jax_ops.linear, linear_inputs(), close()),
         *(P(f"ops.{kind}_mlp", ref_ops.MLPS[kind], jax_ops.MLPS[kind], V(mlp_inputs(kind)), close())
           for kind in ref_ops.MLPS),
         P("ops.softmax", ref_ops.softmax, jax_ops.softmax, V(st.tuples(masked_rows(True))),
@@ -684,17 +930,48 @@ def _pairs() -> list[Pair]:
           jax_positions.learned_positions, V(learned_inputs), exact, (1,), cost=3),
         P("positions.positions_for", ref_positions.positions_for, jax_positions.positions_for,
           V(positions_for_inputs), compare_positions, (0, 2), cost=3),
+        P("positions.advance", ref_positions.advance, jax_positions.advance, V(advance_inputs()),
+          compare_state),
+        P("positions.rotate", ref_positions.rotate, jax_positions.rotate, V(rotate_inputs()),
+          close(), (3,)),
+        P("positions.no_rotation", ref_positions.no_rotation, jax_positions.no_rotation,
+          V(st.sampled_from(("alibi", "learned")).flatmap(rope_inputs)), exact, (1,), cost=3),
     ]
     attention = [
+        P("attention.visible", ref_attention.visible, jax_attention.visible,
+          V(bias_inputs().map(lambda a: a[1:])), exact, (1,)),
         P("attention.attention_bias", ref_attention.attention_bias, jax_bias, V(bias_inputs()),
           compare_bias, (0, 2)),
+        P("attention.group_queries", ref_attention.group_queries, jax_attention.group_queries,
+          V(grouping_inputs("queries")), exact, (1,)),
+        P("attention.group_bias", ref_attention.group_bias, jax_attention.group_bias,
+          V(grouping_inputs("bias")), exact, (1,)),
+        P("attention.ungroup", ref_attention.ungroup, jax_attention.ungroup,
+          V(grouping_inputs("out")), exact),
         *(attention_pair(kind, dtype) for kind in S.ATTENTION_KINDS for dtype in S.KV_DTYPES),
         *(exact_rows_pair(dtype) for dtype in S.KV_DTYPES),
+        P("key_blocks.block_scores", ref_key_blocks.block_scores, jax_block_scores,
+          key_block_inputs(False), close(), (3,), cost=3),
+        P("key_blocks.block_output", ref_key_blocks.block_output, jax_block_output,
+          key_block_inputs(True), close(), (3,), cost=3),
+        P("slim_attention.last_visible", ref_slim.last_visible, jax_slim.last_visible,
+          V(visible_rows()), exact),
+        P("slim_attention.row_block", ref_slim.row_block, jax_row_block, slim_inputs(False),
+          close(), (3, 4), cost=8),
+        P("slim_attention.split_keys_decode", ref_slim.split_keys_decode, jax_split_keys_decode,
+          slim_inputs(True), close(), (3, 4, 5), cost=8),
+        P("runtime.attention_fn", ref_run_attention, jax_run_attention, runtime_inputs(),
+          close(), (0, 4), cost=15),
+        P("kv_cache.init_cache", ref_kv.init_cache, jax_kv.init_cache, V(init_cache_inputs),
+          compare_init, None),
+        P("kv_cache.encode", ref_kv.encode, jax_kv.encode, V(encode_inputs), compare_encoded,
+          (1,)),
         P("kv_cache.write", ref_kv.write, jax_kv.write, V(write_inputs()), compare_write, (1,),
           cost=3),
         P("kv_cache.read", ref_read, jax_read, V(read_inputs), compare_read, (1,), cost=3),
     ]
     model = [
+        P("model.norm", ref_model.norm, jax_model.norm, V(model_norm_inputs()), close(), (3,)),
         P("model.qkv", ref_model.qkv, jax_model.qkv, V(model_inputs("qkv")), close(), (2,),
           cost=3),
         P("model.embed", ref_model.embed, jax_model.embed, V(model_inputs("embed")), close(),
@@ -703,10 +980,17 @@ def _pairs() -> list[Pair]:
           close(), (1,), cost=3),
         P("model.block", ref_model.block, jax_block, V(model_inputs("block")), compare_layer,
           (2, 4, 7), cost=8),
+        P("model.attention_block", ref_model.attention_block, jax_attention_block,
+          V(model_inputs("block")), compare_layer, (2, 4, 7), cost=8),
         P("model.forward", ref_model.forward, jax_model.forward, V(model_inputs("forward")),
           compare_layer, (1, 5), cost=8),
+        # static as model.forward's
+        P("model.tracing", ref_traced, jax_traced, V(model_inputs("forward")), compare_traces,
+          (1, 5), cost=8),
     ]
     sampling = [
+        P("sampling.rotl", ref_sampling.rotl, jax_sampling.rotl,
+          V(st.tuples(words, st.integers(1, 31))), exact, (1,)),
         P("sampling.threefry2x32", ref_sampling.threefry2x32, jax_sampling.threefry2x32,
           V(st.tuples(words, words, words, words)), exact),
         P("sampling.uniform", ref_sampling.uniform, jax_sampling.uniform, seeded(False), exact),

@@ -2,7 +2,9 @@
 
 `ci` keeps the suite fast on two cores, `dev` (the default outside CI) draws four times as many
 examples. Tests whose every example compiles XLA programs take a fraction of the active
-profile's examples through `compiling(divisor)`, so the profile still scales them.
+profile's examples through `compiling(divisor)`, so the profile still scales them, but never
+fewer than `MIN_EXAMPLES`: one example checks one config, shape and cache dtype, three already
+vary them (strategies draw shapes from small sets, so later examples can reuse programs).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 EXAMPLES = {"ci": 15, "dev": 60}
+MIN_EXAMPLES = 3  # the fewest examples `compiling` draws (unless a profile draws fewer)
 
 for _name, _examples in EXAMPLES.items():
     settings.register_profile(
@@ -27,7 +30,9 @@ def load_profile(environ=os.environ) -> str:
 
 
 def compiling(divisor: int) -> settings:
-    """The active profile with max_examples / divisor (at least 1), for tests whose examples
-    each compile new XLA programs (seconds apiece). Call it after the profile is loaded."""
+    """The active profile with max_examples / divisor (at least MIN_EXAMPLES), for tests whose
+    examples each compile new XLA programs (seconds apiece). Call it after the profile is
+    loaded."""
     current = settings()
-    return settings(current, max_examples=max(1, current.max_examples // divisor))
+    floor = min(MIN_EXAMPLES, current.max_examples)
+    return settings(current, max_examples=max(floor, current.max_examples // divisor))

@@ -25,11 +25,11 @@ from .quant import quantize
 __all__ = ["KVCache", "KV_DTYPES", "nbytes_per_token", "init_cache", "write", "read", "LayerKV"]
 
 
-def cast(dtype):
+def _cast(dtype):
     return lambda x: (x.astype(dtype), None)
 
 
-def to_float32(x):
+def _to_float32(x):
     return x.astype(jnp.float32)
 
 
@@ -37,10 +37,10 @@ def to_float32(x):
 KV_FORMATS = {
     fmt.name: fmt
     for fmt in (
-        KVFormat("float32", jnp.float32, False, cast(jnp.float32), to_float32),
-        KVFormat("float16", jnp.float16, False, cast(jnp.float16), to_float32),
-        KVFormat("bfloat16", jnp.bfloat16, False, cast(jnp.bfloat16), to_float32),
-        KVFormat("int8", jnp.int8, True, quantize, to_float32),
+        KVFormat("float32", jnp.float32, False, _cast(jnp.float32), _to_float32),
+        KVFormat("float16", jnp.float16, False, _cast(jnp.float16), _to_float32),
+        KVFormat("bfloat16", jnp.bfloat16, False, _cast(jnp.bfloat16), _to_float32),
+        KVFormat("int8", jnp.int8, True, quantize, _to_float32),
     )
 }
 
@@ -90,7 +90,7 @@ def encode(x, fmt: str):
     return kv_format(fmt).encode(x)
 
 
-def replace_layer(layers, layer: int, value):
+def _replace_layer(layers, layer: int, value):
     return None if layers is None else layers[:layer] + (value,) + layers[layer + 1 :]
 
 
@@ -109,13 +109,13 @@ def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
         rows = jnp.swapaxes(stored, 1, 2)  # [b,k,t,d]
         for r in range(x.shape[0]):
             values = lax.dynamic_update_slice(values, rows[r : r + 1], (r, 0, starts[r], 0))
-        out[name] = replace_layer(getattr(cache, name), layer, values)
+        out[name] = _replace_layer(getattr(cache, name), layer, values)
         if scale is not None:
             scales = getattr(cache, f"{name}_scale")[layer]  # [b,k,s]
             rows = jnp.swapaxes(scale, 1, 2)  # [b,k,t]
             for r in range(x.shape[0]):
                 scales = lax.dynamic_update_slice(scales, rows[r : r + 1], (r, 0, starts[r]))
-            out[f"{name}_scale"] = replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
+            out[f"{name}_scale"] = _replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
     return dataclasses.replace(cache, **out)
 
 

@@ -55,22 +55,22 @@ class KVFormat:
         return self.stored_dim(d) * np.dtype(self.storage).itemsize + 4 * self.scaled
 
 
-def cast(dtype):
+def _cast(dtype):
     return lambda x: (x.astype(dtype), None)
 
 
-def to_float32(x):
+def _to_float32(x):
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
 KV_FORMATS = {
     fmt.name: fmt
     for fmt in (
-        KVFormat("float32", np.float32, False, cast(np.float32), to_float32),
-        KVFormat("float16", np.float16, False, cast(np.float16), to_float32),
+        KVFormat("float32", np.float32, False, _cast(np.float32), _to_float32),
+        KVFormat("float16", np.float16, False, _cast(np.float16), _to_float32),
         # bfloat16 has no NumPy dtype: its bit patterns are stored in uint16 (quant.py)
         KVFormat("bfloat16", np.uint16, False, lambda x: (to_bf16_bits(x), None), from_bf16_bits),
-        KVFormat("int8", np.int8, True, quantize, to_float32),
+        KVFormat("int8", np.int8, True, quantize, _to_float32),
     )
 }
 KV_DTYPES = tuple(KV_FORMATS)
@@ -128,7 +128,7 @@ def check_fits(cache: KVCache, slots) -> None:
         raise ValueError("each row's cache slots must be consecutive (one run per row)")
 
 
-def replace_layer(layers: tuple | None, layer: int, value):
+def _replace_layer(layers: tuple | None, layer: int, value):
     return None if layers is None else layers[:layer] + (value,) + layers[layer + 1 :]
 
 
@@ -142,11 +142,11 @@ def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
         stored, scale = encode(x, cache.format)
         values = getattr(cache, name)[layer].copy()
         values[rows, :, slots] = stored  # [b,t,k,d] into [b,k,s,d] at (row, :, slot)
-        out[name] = replace_layer(getattr(cache, name), layer, values)
+        out[name] = _replace_layer(getattr(cache, name), layer, values)
         if scale is not None:
             scales = getattr(cache, f"{name}_scale")[layer].copy()
             scales[rows, :, slots] = scale  # [b,t,k] into [b,k,s]
-            out[f"{name}_scale"] = replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
+            out[f"{name}_scale"] = _replace_layer(getattr(cache, f"{name}_scale"), layer, scales)
     return dataclasses.replace(cache, **out)
 
 

@@ -1,8 +1,10 @@
-"""End to end against upstream outputs, through the public `slimllm.load` path a user calls.
+"""The NumPy reference end to end against upstream outputs, through the public `slimllm.load`
+path a user calls (the JAX backend's twin of this file is tests/jaxbackend/test_jax_oracles.py).
 
 stories260K: a trained llama2.c checkpoint, oracle from HF LlamaForCausalLM. Fixtures: tiny
 random checkpoints in hub format with logits and greedy ids from the upstream implementation.
-Bounds: logits within 1e-4 relative (max abs diff / max abs logit), greedy ids exact.
+Bounds: logits within 1e-4 relative (max abs diff / max abs logit), greedy ids exact. Generation
+runs with backend="numpy": `slimllm.generate`'s default is the JAX backend.
 """
 
 import numpy as np
@@ -14,8 +16,15 @@ from conftest import FIXTURES, VARIANTS, rel_err
 
 def test_stories_greedy_200(stories):
     model, oracle = stories
-    out = slimllm.generate(model, ids=oracle["prompt_a"].tolist(), max_new_tokens=200)
+    out = slimllm.generate(
+        model,
+        ids=oracle["prompt_a"].tolist(),
+        max_new_tokens=len(oracle["greedy_a"]),
+        backend="numpy",
+        return_logits=True,
+    )
     assert out.ids[0] == oracle["greedy_a"].tolist()
+    assert rel_err(out.logits[0], oracle["logits_greedy_a"]) < 1e-4
 
 
 @pytest.mark.parametrize("key", ["b", "long"])
@@ -60,6 +69,7 @@ def test_fixture_greedy(fixture):
         ids=oracle["prompt_a"].tolist(),
         eos_ids=(),
         max_new_tokens=len(oracle["greedy_a"]),
+        backend="numpy",
         return_logits=True,
     )
     assert out.ids[0] == oracle["greedy_a"].tolist(), name
