@@ -74,6 +74,11 @@ def attention_fn(rt: Runtime, table: dict = ATTENTION):
     option one backend's kind lacks is the other's: JAX computes naive attention in key blocks,
     `key_block`, while the reference's naive attention is the literal definition)."""
     fn = table[rt.attention]
-    takes = inspect.signature(fn).parameters
-    options = {name: value for name, value in rt.attention_options if name in takes}
+    options = {name: value for name, value in rt.attention_options if name in parameters(fn)}
     return functools.partial(fn, **options) if options else fn
+
+
+@functools.cache
+def parameters(fn) -> frozenset[str]:
+    """The names a function takes (cached: attention_fn runs once per layer per forward)."""
+    return frozenset(inspect.signature(fn).parameters)
