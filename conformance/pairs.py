@@ -170,7 +170,7 @@ def masked_close(want, got, case=None) -> None:
 def bits(x):
     """Stored cache values as comparable arrays: bfloat16 as its uint16 bit patterns."""
     x = np.asarray(x)
-    return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+    return x.view(np.uint16) if x.dtype == jnp.bfloat16 else x
 
 
 def logical(cache, s: int):

@@ -17,8 +17,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays as np_arrays
 
 from slimllm.jaxbackend import kv_cache as jax_kv
 from slimllm.jaxbackend.runtime import ATTENTION as JAX_ATTENTION
@@ -238,8 +240,6 @@ def floats(lo: float = -4.0, hi: float = 4.0) -> st.SearchStrategy[float]:
 
 def arrays(shape, lo: float = -4.0, hi: float = 4.0) -> st.SearchStrategy[np.ndarray]:
     """float32 arrays of `shape` with values from `floats` (ties and zeros included)."""
-    from hypothesis.extra.numpy import arrays as np_arrays
-
     return np_arrays(np.float32, shape, elements=floats(lo, hi))
 
 
@@ -286,8 +286,6 @@ class AttentionCase:
     def jax(self):
         """(q, JAX cache, bias, scale) holding the SAME stored values as `reference()`, the
         cache padded to `padded_len` and the bias padded with -inf (padding is never visible)."""
-        import jax.numpy as jnp
-
         q, kv, bias, scale = self.reference()
         scales = ((kv.k_scale,), (kv.v_scale,)) if kv.k_scale is not None else (None, None)
         cache = jax_cache(ref_kv.KVCache((kv.k,), (kv.v,), *scales, kv.fmt.name))
@@ -297,24 +295,25 @@ class AttentionCase:
 
 
 def jax_cache(cache: ref_kv.KVCache):
-    """A reference cache's stored values as a JAX cache padded to `padded_len` (bfloat16 bit
-    patterns become jnp.bfloat16 values; padding slots are zero, as in a fresh cache)."""
-    import jax.numpy as jnp
-    from jax import lax
-
+    """A reference cache's stored values as a JAX cache padded to `padded_len`: the same bits
+    viewed as the JAX format's storage (bfloat16 bit patterns become jnp.bfloat16 values);
+    padding slots are zero, as in a fresh cache."""
     s = cache.max_len
     pad = jax_kv.padded_len(s) - s
+    storage = jax_kv.KV_FORMATS[cache.format].storage
 
-    def convert(x):
-        widths = ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3)
-        x = jnp.asarray(np.pad(x, widths))
-        return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
-
-    def layers(values):
-        return None if values is None else tuple(convert(x) for x in values)
+    def layers(values, dtype):
+        if values is None:
+            return None
+        widths = ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (values[0].ndim - 3)
+        return tuple(jnp.asarray(np.pad(x, widths).view(dtype)) for x in values)
 
     return ref_kv.KVCache(
-        layers(cache.k), layers(cache.v), layers(cache.k_scale), layers(cache.v_scale), cache.format
+        layers(cache.k, storage),
+        layers(cache.v, storage),
+        layers(cache.k_scale, np.float32),
+        layers(cache.v_scale, np.float32),
+        cache.format,
     )
 
 
