@@ -51,9 +51,8 @@ class Runtime:
             raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
         if self.tp > 1 and self.backend != "jax":
             raise ValueError("tensor parallelism (tp > 1) needs the jax backend")
-        if self.cache_len is not None and (
-            not isinstance(self.cache_len, int) or self.cache_len < 1
-        ):
+        n = self.cache_len
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"cache_len must be a positive integer, got {self.cache_len!r}")
         if self.weights is not None:
             raise ValueError(

@@ -35,6 +35,7 @@ def test_runtime_is_a_hashable_value_with_defaults():
         ({"tp": 2, "backend": "numpy"}, "needs the jax backend"),
         ({"cache_len": 0}, "cache_len must be a positive integer"),
         ({"cache_len": 2.5}, "cache_len must be a positive integer"),
+        ({"cache_len": True}, "cache_len must be a positive integer"),
         ({"weights": "int8"}, "weight format 'int8'"),
     ],
 )
