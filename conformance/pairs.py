@@ -408,7 +408,7 @@ def traced(forward, tracing):
 
 
 ref_traced = traced(ref_model.forward, ref_model.tracing)
-jax_traced = traced(jax_model.forward, jax_model.tracing)
+jax_traced = traced(jax_model.forward, ref_model.tracing)  # one observer for both
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "scale"))

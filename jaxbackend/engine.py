@@ -22,10 +22,10 @@ import jax
 import numpy as np
 
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.model import TRACE_KEYS
 from slimllm.reference.params import Params
 
 from . import kv_cache, mpi, sharding, tp
-from .model import TRACE_KEYS
 from .params import to_device
 from .runtime import Runtime
 from .sharding import LAYOUTS, ShardPlan

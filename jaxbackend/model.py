@@ -18,14 +18,13 @@ function is traced: a program traced inside `tracing()` returns the dict it fill
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 
 import jax.numpy as jnp
 
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.model import observe
 from slimllm.reference.params import Params
 
 from . import kv_cache
@@ -50,47 +49,9 @@ def norm(x, w, bias, cfg: ModelConfig):
     return NORMS[cfg.norm](x, w, bias, cfg.norm_eps)
 
 
-# ---------------------------------------------------------------- tracing (an optional observer)
-
-# The dict the forwards inside `tracing()` fill; None (no effect) everywhere else.
-TRACE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jax_trace", default=None)
-
-
-@contextlib.contextmanager
-def tracing():
-    """Keep the named intermediates of every forward traced inside the block:
-    `with tracing() as trace: forward(...)` leaves name -> array in `trace` (TRACE_KEYS)."""
-    trace = {}
-    token = TRACE.set(trace)
-    try:
-        yield trace
-    finally:
-        TRACE.reset(token)
-
-
-def observe(name: str, x):
-    """x, unchanged; inside `tracing()` it is also kept under `name`."""
-    trace = TRACE.get()
-    if trace is not None:
-        trace[name] = x
-    return x
-
-
-# Intermediates a traced forward observes, in computation order ({i}: layer index). The names
-# are the public keys of `slimllm diff` and of user dumps.
-TRACE_KEYS = (
-    "embed",  # token (+ position) embeddings [b,t,e]
-    "layers.{i}.attn_in",  # input of the attention sublayer (normed, except post-norm) [b,t,e]
-    "layers.{i}.q",  # queries after q/k norm, positions and logN scaling [b,t,h,d]
-    "layers.{i}.k",  # keys after q/k norm and positions, before the cache [b,t,k,d]
-    "layers.{i}.v",  # values [b,t,k,d]
-    "layers.{i}.attn_out",  # attention sublayer output, after the output projection [b,t,e]
-    "layers.{i}.mlp_in",  # input of the MLP sublayer [b,t,e]
-    "layers.{i}.mlp_out",  # MLP sublayer output [b,t,e]
-    "layers.{i}.out",  # block output (the residual stream) [b,t,e]
-    "final_norm",  # after the final norm (absent without one) [b,t,e]
-    "logits",  # [b,t,v]
-)
+# Tracing is the reference's observer itself (`observe` above records only inside
+# `reference.model.tracing()`): under jit it records while the program is traced, so open
+# `tracing()` inside the jitted function (`sequence.trace_fn`) and return the dict.
 
 
 # ---------------------------------------------------------------- the decoder

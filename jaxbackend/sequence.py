@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from slimllm.reference import positions as ref_positions
+from slimllm.reference.model import tracing
 
 from . import positions
 from .engine import Engine, program_runtime
-from .model import forward, tracing
+from .model import forward
 from .runtime import Runtime
 from .tp import SINGLE
 

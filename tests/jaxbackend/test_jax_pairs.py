@@ -31,8 +31,6 @@ ELSEWHERE = {
         ("generate.prefill", "generate.decode", "generate.stream", "generate.generate"),
         ("tests/jaxbackend/test_jax_generate.py", "tests/jaxbackend/test_jax_oracles.py"),
     ),
-    # the identity, keeping x inside tracing(): the model.tracing pair checks what it keeps
-    "model.observe": ("conformance/pairs.py",),
     # a lookup in the KV_FORMATS table: both backends' tables are checked entry by entry
     "kv_cache.kv_format": ("tests/reference/test_runtime.py",),
 }
