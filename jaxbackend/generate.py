@@ -29,6 +29,7 @@ from slimllm.reference.generate import (
     Stopping,
     check_prompts,
     pad,
+    record,
 )
 from slimllm.reference.sampling import SamplingConfig
 
@@ -259,18 +260,8 @@ def stream(
         ids, seen = engine.run(
             sample_fn, {"sampling": sampling}, (), logits, seen, seeds, jnp.int32(step)
         )
-        host_ids = np.asarray(ids)
         host_logits = engine.full_logits(logits) if return_logits else None
-        for r in np.flatnonzero(~done):
-            token = int(host_ids[r])
-            rows[r].ids.append(token)
-            if return_logits:
-                rows[r].logits.append(host_logits[r])
-            if on_token:
-                on_token(int(r), token)
-            reason = stopping.reason(rows[r].ids)
-            if reason:
-                rows[r].finish_reason, done[r] = reason, True
+        record(rows, done, np.asarray(ids), host_logits, stopping, on_token)
         if done.all():
             break
         logits, cache, state = decode(engine, ids, cache, state, rt)

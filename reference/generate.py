@@ -122,6 +122,21 @@ def decode(params: Params, cfg: ModelConfig, ids, cache, state, rt: Runtime):
     return logits[:, 0], cache, positions.advance(state, 1)
 
 
+def record(rows: list[Generation], done, ids, logits, stopping: Stopping, on_token) -> None:
+    """Append each running row's chosen id (and, given `logits` [b,v], the logits that chose
+    it), tell `on_token`, and mark the rows that stop (`done` in place). Both backends' loops."""
+    for r in np.flatnonzero(~done):
+        token = int(ids[r])
+        rows[r].ids.append(token)
+        if logits is not None:
+            rows[r].logits.append(np.array(logits[r]))
+        if on_token:
+            on_token(int(r), token)
+        reason = stopping.reason(rows[r].ids)
+        if reason:
+            rows[r].finish_reason, done[r] = reason, True
+
+
 def stream(
     params, cfg, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
 ):
@@ -132,17 +147,8 @@ def stream(
     steps = 0
     for step in range(stopping.max_new_tokens):
         ids = sample(logits, sampling, seen, seeds, step)  # [b,v] -> [b]
-        for r in np.flatnonzero(~done):
-            token = int(ids[r])
-            rows[r].ids.append(token)
-            if return_logits:
-                rows[r].logits.append(logits[r].copy())
-            seen[r, token] = True
-            if on_token:
-                on_token(int(r), token)
-            reason = stopping.reason(rows[r].ids)
-            if reason:
-                rows[r].finish_reason, done[r] = reason, True
+        seen[np.arange(b), ids] = True  # a stopped row's later ids are never read
+        record(rows, done, ids, logits if return_logits else None, stopping, on_token)
         if done.all():
             break
         logits, cache, state = decode(params, cfg, ids, cache, state, rt)
