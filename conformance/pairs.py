@@ -478,20 +478,22 @@ def norm_inputs(layer: bool):
     )
 
 
+# A one-layer config of width WIDTH for the functions that read only a few of its fields.
+ONE_LAYER = ModelConfig(
+    vocab=S.VOCAB,
+    width=WIDTH,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    head_dim=4,
+    ffn_width=12,
+    max_len=S.MAX_LEN,
+)
+
+
 @st.composite
 def mlp_inputs(draw, kind: str):
-    cfg = ModelConfig(
-        vocab=S.VOCAB,
-        width=WIDTH,
-        n_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        head_dim=4,
-        ffn_width=12,
-        max_len=S.MAX_LEN,
-        mlp=kind,
-        mlp_bias=draw(st.booleans()),
-    )
+    cfg = ONE_LAYER.replace(mlp=kind, mlp_bias=draw(st.booleans()))
     return draw(x_arrays()), draw(S.params(cfg)).layers[0]
 
 
@@ -510,19 +512,7 @@ def model_norm_inputs(draw):
     """x, weight, bias (LayerNorm only) and a config naming the norm and its eps."""
     kind = draw(st.sampled_from(tuple(ref_ops.NORMS)))
     x, w, bias, eps = draw(norm_inputs(kind == "layer"))
-    cfg = ModelConfig(
-        vocab=S.VOCAB,
-        width=WIDTH,
-        n_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        head_dim=4,
-        ffn_width=12,
-        max_len=S.MAX_LEN,
-        norm=kind,
-        norm_eps=eps,
-    )
-    return x, w, bias, cfg
+    return x, w, bias, ONE_LAYER.replace(norm=kind, norm_eps=eps)
 
 
 @st.composite

@@ -105,7 +105,8 @@ class Engine:
         return names
 
     def spec(self, kind: str, arg):
-        return sharding.layout(kind, arg, self.params, self.trace_names())
+        names = self.trace_names() if kind == "trace" else ()  # place() runs on every call
+        return sharding.layout(kind, arg, self.params, names)
 
     def place(self, args, kinds):
         """Put arguments where the compiled program expects them (no-op when already there)."""
