@@ -35,6 +35,7 @@ from .positions import (
     positions_for,
 )
 from .runtime import Runtime, attention_fn
+from .weight_format import take_rows, widen
 
 DEFAULT = Runtime(backend="numpy")
 
@@ -170,9 +171,9 @@ def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     """Token (and learned position) embeddings: [b,t] -> [b,t,e]."""
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
         raise ValueError(f"token id out of range [0, {cfg.vocab}): {tokens.min()}..{tokens.max()}")
-    x = params.embed[tokens].astype(np.float32)  # [b,t] -> [b,t,e']
+    x = take_rows(params.embed, tokens)  # [b,t] -> [b,t,e'] (float32)
     if params.proj_in is not None:
-        x = x @ params.proj_in  # [b,t,e'] -> [b,t,e]
+        x = linear(x, params.proj_in)  # [b,t,e'] -> [b,t,e]
     if cfg.pos == "learned":
         x = x + learned_positions(params.pos_embed, cfg, pos)  # [b,t,e]
     return x
@@ -183,9 +184,9 @@ def unembed(params: Params, cfg: ModelConfig, x):
     if cfg.final_norm:
         x = observe("final_norm", norm(x, params.final_norm, params.final_norm_b, cfg))
     if params.proj_out is not None:
-        x = x @ params.proj_out  # [b,t,e] -> [b,t,e']
-    head = params.embed.T if cfg.tied_head else params.lm_head  # [e',v]
-    return (x @ head).astype(np.float32)  # [b,t,e'] -> [b,t,v]
+        x = linear(x, params.proj_out)  # [b,t,e] -> [b,t,e']
+    head = widen(params.embed).T if cfg.tied_head else params.lm_head  # [e',v]
+    return linear(x, head).astype(np.float32)  # [b,t,e'] -> [b,t,v]
 
 
 def forward(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .weight_format import widen
+
 
 def rms_norm(x, w, bias, eps):
     """x / sqrt(mean(x^2) + eps) * w, over the last axis (no bias: RMSNorm has none)."""
@@ -43,8 +45,8 @@ def relu(x):
 
 
 def linear(x, w, bias=None):
-    """x @ w (+ bias); w is [in, out]."""
-    y = x @ w  # [...,in] -> [...,out]
+    """x @ w (+ bias); w is [in, out] in any weight format, widened to float32 for the product."""
+    y = x @ widen(w)  # [...,in] -> [...,out]
     return y if bias is None else y + bias
 
 

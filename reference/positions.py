@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DynamicNTK, ModelConfig, WavelengthScaling
+from .weight_format import take_rows
 
 
 @dataclass
@@ -193,7 +194,7 @@ def learned_positions(table, cfg: ModelConfig, pos: Positions):
     """Rows of the learned position table [max_len + offset, e] for position ids [b,t]."""
     if pos.ids.max(initial=0) + cfg.pos_offset >= table.shape[0]:
         raise ValueError(f"position {int(pos.ids.max())} is past the learned table ({cfg.max_len})")
-    return table[pos.ids + cfg.pos_offset]  # [b,t,e]
+    return take_rows(table, pos.ids + cfg.pos_offset)  # [b,t,e]
 
 
 def logn_scale(cfg: ModelConfig, pos: Positions):

@@ -3,7 +3,8 @@
 `ModelConfig` says what a model is; `Runtime` says how this run computes it: which backend,
 which attention kind (all tested equal to the naive definition), how the KV cache is stored (an
 entry of `kv_cache.KV_FORMATS`), over how many tensor-parallel ranks and which transport, how
-long a cache to allocate, and (room for a later issue) which weight format. It is frozen and
+long a cache to allocate, and how the weights are stored (an entry of
+`weight_format.WEIGHT_FORMATS`, with the quantisation group size). It is frozen and
 hashable, validated here and nowhere else, and passed as one static argument under jit.
 
 The attention kinds are a table per backend (`ATTENTION` here and in `jaxbackend/runtime.py`),
@@ -21,6 +22,7 @@ from .attention import naive_attention
 from .flash_attention import flash_attention
 from .kv_cache import KV_FORMATS
 from .slim_attention import slim_attention
+from .weight_format import WEIGHT_FORMATS
 
 ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
 BACKENDS = ("jax", "numpy")  # jax: the compiled fast path; numpy: the reference
@@ -36,7 +38,8 @@ class Runtime:
     tp: int = 1  # tensor-parallel ranks
     transport: str = "devices"
     cache_len: int | None = None  # KV slots to allocate (None: prompt + new tokens)
-    weights: str | None = None  # weight format (None: the checkpoint's own dtype)
+    weights: str | None = None  # a WEIGHT_FORMATS name (None: the checkpoint's own dtype)
+    weight_group: int | None = None  # input columns per scale (None: the format's default)
 
     def __post_init__(self):
         for what, value, allowed in (
@@ -54,10 +57,13 @@ class Runtime:
         n = self.cache_len
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"cache_len must be a positive integer, got {self.cache_len!r}")
-        if self.weights is not None:
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(
-                f"weight format {self.weights!r}: only the checkpoint's own is supported"
+                f"unknown weight format {self.weights!r}: expected one of {tuple(WEIGHT_FORMATS)}"
             )
+        g = self.weight_group
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ValueError(f"weight_group must be a positive integer, got {g!r}")
 
     def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)
@@ -65,7 +71,9 @@ class Runtime:
     def describe(self) -> str:
         """A short label: backend:attention:kv[:tpN] (the syntax `slimllm diff` parses)."""
         tp = f":tp{self.tp}" if self.tp > 1 else ""
-        return f"{self.backend}:{self.attention}:{self.kv_dtype}{tp}"
+        weights = f":w{self.weights}" if self.weights else ""
+        group = f":g{self.weight_group}" if self.weight_group else ""
+        return f"{self.backend}:{self.attention}:{self.kv_dtype}{tp}{weights}{group}"
 
 
 def attention_fn(rt: Runtime, table: dict = ATTENTION):

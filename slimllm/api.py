@@ -20,6 +20,7 @@ from slimllm.reference.generate import generate as run_reference
 from slimllm.reference.params import Params, init_params
 from slimllm.reference.runtime import BACKENDS, Runtime
 from slimllm.reference.sampling import SamplingConfig
+from slimllm.reference.weight_format import encode_params, weight_format
 from slimllm.weights import load_checkpoint
 
 from .progress import shards
@@ -37,7 +38,20 @@ class Model:
     family: str = ""
     source: str = ""
     hf_config: dict = field(default_factory=dict, repr=False)
+    weights: str = "float32"  # the weight format `params` are stored in
+    weight_group: int | None = None
     _engines: dict = field(default_factory=dict, repr=False)
+    _formats: dict = field(default_factory=dict, repr=False)
+
+    def params_for(self, rt: Runtime) -> Params:
+        """The weights in `rt`'s format: as loaded when it names none (or the loaded one), else
+        re-encoded once from the loaded weights and kept."""
+        key = (rt.weights or self.weights, rt.weight_group if rt.weights else self.weight_group)
+        if key == (self.weights, self.weight_group):
+            return self.params
+        if key not in self._formats:
+            self._formats[key] = encode_params(self.params, weight_format(key[0]), key[1])
+        return self._formats[key]
 
     def placed(self, rt: Runtime) -> Runtime:
         """`rt` with the transport this process runs under: under mpiexec the ranks split the
@@ -51,12 +65,13 @@ class Model:
         """The JAX engine of this model (device weights, compiled programs) for `rt`'s tp and
         transport, made on first use."""
         rt = self.placed(rt)
-        if (rt.tp, rt.transport) not in self._engines:
+        key = (rt.tp, rt.transport, rt.weights, rt.weight_group)
+        if key not in self._engines:
             # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
             from slimllm.jaxbackend.engine import Engine
 
-            self._engines[rt.tp, rt.transport] = Engine(self.params, self.cfg, rt)
-        return self._engines[rt.tp, rt.transport]
+            self._engines[key] = Engine(self.params_for(rt), self.cfg, rt)
+        return self._engines[key]
 
 
 @dataclass
@@ -83,12 +98,23 @@ class Output:
         return self.decode_steps * len(self.ids) / self.decode_seconds
 
 
-def load(path, progress=None) -> Model:
-    """Load a Hugging Face checkpoint directory or a llama2.c .bin file."""
+def load(path, progress=None, weights: str | None = None, group: int | None = None) -> Model:
+    """Load a Hugging Face checkpoint directory or a llama2.c .bin file, its weights stored in
+    format `weights` (a WEIGHT_FORMATS name; None: the checkpoint's own dtype) with `group`
+    input columns per scale (None: the format's default)."""
     progress = progress or shards
-    ck = load_checkpoint(path, progress=progress)
+    ck = load_checkpoint(path, progress=progress, weights=weights, group=group)
     return Model(
-        ck.cfg, ck.params, ck.tokenizer, ck.eos_ids, ck.bos_id, ck.family, ck.source, ck.hf_config
+        ck.cfg,
+        ck.params,
+        ck.tokenizer,
+        ck.eos_ids,
+        ck.bos_id,
+        ck.family,
+        ck.source,
+        ck.hf_config,
+        weights=ck.weights,
+        weight_group=group,
     )
 
 
@@ -146,12 +172,19 @@ def generate(
     return_logits: bool = False,
     mode: str | None = None,
     tp: int = 1,
+    weights: str | None = None,
     runtime: Runtime | None = None,
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
-    run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp."""
+    run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp/
+    weights (a weight format other than the loaded one re-encodes the weights once)."""
     rt = runtime or Runtime(
-        backend=backend, attention=attention, kv_dtype=kv_dtype, tp=tp, cache_len=cache_len
+        backend=backend,
+        attention=attention,
+        kv_dtype=kv_dtype,
+        tp=tp,
+        cache_len=cache_len,
+        weights=weights,
     )
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer
@@ -177,7 +210,7 @@ def generate(
         result = run_jax(engine, prompts, stopping, sampling, rt=rt, mode=mode, **options)
     else:
         result = run_reference(
-            model.params, model.cfg, prompts, stopping, sampling, rt=rt, **options
+            model.params_for(rt), model.cfg, prompts, stopping, sampling, rt=rt, **options
         )
     ids_out = [row.ids for row in result.rows]
     return Output(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import Params
+from slimllm.reference.weight_format import encode_params, weight_format
 
 from .convert import convert
 from .families import detect
@@ -33,6 +34,7 @@ class Checkpoint:
     bos_id: int | None = None
     source: str = ""
     hf_config: dict = field(default_factory=dict)
+    weights: str = "float32"  # the weight format of `params`
 
 
 def read_json(path: Path) -> dict:
@@ -65,14 +67,19 @@ def load_config(path) -> ModelConfig:
     return detect(hf).config_from_hf(hf)
 
 
-def load_checkpoint(path, progress=None, tokenizer: bool = True) -> Checkpoint:
-    """Load a checkpoint directory or llama2.c .bin file (strict: see weights.convert)."""
+def load_checkpoint(
+    path, progress=None, tokenizer: bool = True, weights: str | None = None, group=None
+) -> Checkpoint:
+    """Load a checkpoint directory or llama2.c .bin file (strict: see weights.convert), its
+    weights in format `weights` (None: the checkpoint's own) with `group` columns per scale."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    fmt = weights or "float32"
     if path.is_file():
         cfg, params = read_llama2c(path)
-        return Checkpoint(cfg, params, "llama2c", source=str(path))
+        params = encode_params(params, weight_format(fmt), group) if fmt != "float32" else params
+        return Checkpoint(cfg, params, "llama2c", source=str(path), weights=fmt)
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint?)")
@@ -80,10 +87,11 @@ def load_checkpoint(path, progress=None, tokenizer: bool = True) -> Checkpoint:
     family = detect(hf)
     cfg = family.config_from_hf(hf)
     params = convert(family, cfg, read_tensors(path, progress))
+    params = encode_params(params, weight_format(fmt), group) if fmt != "float32" else params
     eos, bos = special_ids(path, hf)
     tok = None
     if tokenizer:
         tok = load_tokenizer(path, hf)
         if tok is not None and not eos:
             eos = tuple(tok.eos_ids)
-    return Checkpoint(cfg, params, family.name, tok, eos, bos, str(path), hf)
+    return Checkpoint(cfg, params, family.name, tok, eos, bos, str(path), hf, fmt)

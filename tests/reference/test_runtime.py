@@ -36,7 +36,9 @@ def test_runtime_is_a_hashable_value_with_defaults():
         ({"cache_len": 0}, "cache_len must be a positive integer"),
         ({"cache_len": 2.5}, "cache_len must be a positive integer"),
         ({"cache_len": True}, "cache_len must be a positive integer"),
-        ({"weights": "int8"}, "weight format 'int8'"),
+        ({"weights": "int3"}, "unknown weight format 'int3'"),
+        ({"weight_group": 0}, "weight_group must be a positive integer"),
+        ({"weight_group": True}, "weight_group must be a positive integer"),
     ],
 )
 def test_runtime_rejects_each_bad_setting_by_name(changes, message):

@@ -1,0 +1,294 @@
+"""Weight formats: how a model's matrices are stored, and the product that reads them.
+
+A weight format is a run setting (`Runtime.weights`), an entry of `WEIGHT_FORMATS`; the JAX
+backend has the same table in `jaxbackend/weight_format.py`. Activations and accumulation are
+always float32: a stored matrix is widened to float32 right before its product, so the product
+of every format equals a float32 matmul on the widened weights (that is the definition, and what
+`linear` computes here).
+
+- float32, float16: NumPy arrays of that dtype.
+- bfloat16: its bit patterns in uint16 (NumPy has no bfloat16; the KV cache does the same), the
+  top half of a float32, so widening is exact.
+- int8, int4: symmetric, one float32 scale per output row per group of G input columns. For one
+  group of values w: amax = max|w|, scale = amax / qmax (0 when amax = 0),
+  q = round_half_even(w * (qmax / amax)) in [-qmax, qmax] (qmax 127 or 7; -128 and -8 are never
+  produced), widened value q * scale. int4 packs two values per byte: byte j of a row holds
+  columns 2j (low nibble) and 2j+1 (high nibble), each stored as q + 8 in [1, 15].
+
+Which tensors a format compresses (`WeightFormat.tables`): norms and biases stay float32 (they
+are tiny); projections use the format's encoding; the embedding table, the LM head and the
+width projections use `tables`, which for int4 is int8, because the LM head decides the token
+directly and its error is the one most visible in top-1 agreement (measured in the note of the
+issue that added formats; llama.cpp keeps its output matrix wider in Q4_0 for the same reason).
+
+A compressed matrix is a `Compact`: values stored [rows, cols] with rows the outputs, the
+quantiser's layout (torch's Linear layout, and the JAX device layout). The reference keeps
+float32 linear weights [in, out], so a Compact linear weight is `transposed`: its logical shape
+is [cols, rows]. Tables ([v, e]: one row per token) are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quant import from_bf16_bits, to_bf16_bits
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one matrix is stored: `encode` float32 [rows, cols] -> (stored values, scale or None),
+    `widen` (values, scale) -> float32 [rows, cols]."""
+
+    name: str
+    storage: type  # NumPy dtype of the stored values
+    qmax: int  # largest code of a scaled encoding; 0 for float encodings
+    pack: int  # values per stored element
+    group: int | None  # default columns per scale (None: the whole row, per-channel)
+    encode: Callable
+    widen: Callable
+
+    @property
+    def scaled(self) -> bool:
+        return self.qmax > 0
+
+    def bytes_for(self, rows: int, cols: int, group: int | None = None) -> int:
+        """Bytes of a [rows, cols] matrix in this encoding, with its scales."""
+        n = rows * (cols // self.pack) * np.dtype(self.storage).itemsize
+        return n + (4 * rows * (cols // (group or cols)) if self.scaled else 0)
+
+
+def check_group(cols: int, group: int | None, pack: int = 1) -> int:
+    """The group size for rows of `cols` values (None: the whole row); a clear error when it does
+    not divide the row or splits a packed byte."""
+    g = cols if group is None else group
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"weight group must be a positive integer, got {group!r}")
+    if cols % g or g % pack:
+        raise ValueError(
+            f"weight group {g} does not divide rows of {cols} values"
+            + (f" into whole bytes of {pack} values" if pack > 1 and not cols % g else "")
+        )
+    return g
+
+
+def quantize(w, qmax: int, group: int | None = None):
+    """w [rows, cols] -> (q [rows, cols] int8 in [-qmax, qmax], scale [rows, cols // G] float32),
+    one scale per row per group of G columns (round half to even, as `np.rint`)."""
+    w = np.asarray(w, np.float32)
+    rows, cols = w.shape
+    g = check_group(cols, group)
+    grouped = w.reshape(rows, cols // g, g)  # [r, c] -> [r, n, G]
+    amax = np.max(np.abs(grouped), axis=-1)  # [r, n]
+    safe = np.where(amax > 0, amax, np.float32(1.0))
+    inv = np.float32(qmax) / safe  # [r, n]
+    q = np.clip(np.rint(grouped * inv[..., None]), -qmax, qmax).astype(np.int8)
+    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(0.0)).astype(np.float32)
+    return q.reshape(rows, cols), scale
+
+
+def dequantize(q, scale):
+    """q [rows, cols] and scale [rows, n] -> float32 [rows, cols] (groups of cols / n columns)."""
+    rows, cols = q.shape
+    grouped = q.astype(np.float32).reshape(rows, scale.shape[1], -1)  # [r, n, G]
+    return (grouped * scale[..., None]).reshape(rows, cols)  # [r, n, G] * [r, n, 1]
+
+
+def pack_int4(q):
+    """int4 codes q [rows, cols] in [-7, 7] -> uint8 [rows, cols // 2]: column 2j in the low
+    nibble, 2j+1 in the high one, each as q + 8."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """uint8 [rows, cols // 2] -> int8 codes [rows, cols] (inverse of `pack_int4`)."""
+    lo = (packed & 15).astype(np.int8) - 8
+    hi = (packed >> 4).astype(np.int8) - 8
+    return np.stack([lo, hi], axis=-1).reshape(packed.shape[0], -1)  # [r, c/2, 2] -> [r, c]
+
+
+def _float(dtype):
+    return Encoding(
+        np.dtype(dtype).name,
+        dtype,
+        0,
+        1,
+        None,
+        lambda w, group=None: (np.asarray(w, np.float32).astype(dtype), None),
+        lambda values, scale: values.astype(np.float32),
+    )
+
+
+ENCODINGS = {
+    enc.name: enc
+    for enc in (
+        _float(np.float32),
+        _float(np.float16),
+        Encoding(
+            "bfloat16",
+            np.uint16,
+            0,
+            1,
+            None,
+            lambda w, group=None: (to_bf16_bits(np.asarray(w, np.float32)), None),
+            lambda values, scale: from_bf16_bits(values),
+        ),
+        Encoding(
+            "int8",
+            np.int8,
+            127,
+            1,
+            None,
+            lambda w, group=None: quantize(w, 127, group),
+            dequantize,
+        ),
+        Encoding(
+            "int4",
+            np.uint8,
+            7,
+            2,
+            32,
+            lambda w, group=None: (lambda q, s: (pack_int4(q), s))(*quantize(w, 7, group)),
+            lambda values, scale: dequantize(unpack_int4(values), scale),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A weight format: the encoding of the projections and of the tables (embedding, LM head,
+    width projections). Norms and biases are always float32."""
+
+    name: str
+    matrices: Encoding
+    tables: Encoding
+
+
+WEIGHT_FORMATS = {
+    fmt.name: fmt
+    for fmt in (
+        WeightFormat("float32", ENCODINGS["float32"], ENCODINGS["float32"]),
+        WeightFormat("bfloat16", ENCODINGS["bfloat16"], ENCODINGS["bfloat16"]),
+        WeightFormat("float16", ENCODINGS["float16"], ENCODINGS["float16"]),
+        WeightFormat("int8", ENCODINGS["int8"], ENCODINGS["int8"]),
+        WeightFormat("int4", ENCODINGS["int4"], ENCODINGS["int8"]),
+    )
+}
+WEIGHT_DTYPES = tuple(WEIGHT_FORMATS)
+
+# Params fields stored with the format's `tables` encoding; the other matrices are projections.
+TABLES = frozenset({"embed", "pos_embed", "lm_head", "proj_in", "proj_out"})
+# Matrices whose reference layout is [in, out] (the transpose of the stored [rows = out, cols]).
+TRANSPOSED = frozenset(
+    {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", "proj_in", "proj_out"}
+)
+
+
+def weight_format(name: str) -> WeightFormat:
+    if name not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {name!r}: expected one of {WEIGHT_DTYPES}")
+    return WEIGHT_FORMATS[name]
+
+
+@dataclass
+class Compact:
+    """A matrix in a compact encoding: values [rows, cols // pack] and, when scaled, one float32
+    scale per row per group ([rows, cols // group]). `transposed`: the logical matrix is the
+    transpose of the stored one (reference linear weights, [in, out])."""
+
+    values: np.ndarray
+    scale: np.ndarray | None
+    encoding: str
+    transposed: bool = False
+
+    @property
+    def enc(self) -> Encoding:
+        return ENCODINGS[self.encoding]
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        rows, packed = self.values.shape
+        return rows, packed * self.enc.pack
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical shape (the float32 matrix this stands for)."""
+        rows, cols = self.stored_shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+
+def encode(name: str, w, fmt: WeightFormat, group: int | None = None):
+    """One canonical weight (reference layout) in format `fmt`: vectors as float32, float32
+    matrices as plain arrays, every other matrix as a `Compact`."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        return w if w.dtype == np.float32 else w.astype(np.float32)
+    enc = fmt.tables if name in TABLES else fmt.matrices
+    if enc.name == "float32":
+        return w if w.dtype == np.float32 else w.astype(np.float32)
+    transposed = name in TRANSPOSED
+    rows_first = w.T if transposed else w  # [rows = outputs, cols]
+    group = group if enc.scaled else None
+    if enc.scaled:
+        check_group(rows_first.shape[1], group or enc.group, enc.pack)
+    values, scale = enc.encode(rows_first, group or enc.group)
+    return Compact(np.ascontiguousarray(values), scale, enc.name, transposed)
+
+
+def widen(w):
+    """A weight as float32 in its logical layout (a plain float32 array is returned as is)."""
+    if not isinstance(w, Compact):
+        return w if w.dtype == np.float32 else w.astype(np.float32)
+    full = w.enc.widen(w.values, w.scale)  # [rows, cols]
+    return full.T if w.transposed else full
+
+
+def take_rows(table, ids):
+    """Rows `ids` of a table ([v, e] -> [..., e]) as float32, widening only those rows."""
+    if not isinstance(table, Compact):
+        return widen(table[ids])
+    flat = np.asarray(ids).reshape(-1)
+    scale = None if table.scale is None else table.scale[flat]
+    rows = table.enc.widen(table.values[flat], scale)  # [n, e]
+    return rows.reshape(*np.shape(ids), rows.shape[-1])
+
+
+def encode_params(params, fmt: WeightFormat, group: int | None = None):
+    """Params with every weight in format `fmt` (from float weights: re-encoding a quantised
+    model would quantise its quantisation error)."""
+    for w in iter_weights(params):
+        if isinstance(w, Compact) and w.enc.scaled:
+            raise ValueError(f"weights are already {w.encoding}: load the checkpoint as {fmt.name}")
+
+    def convert(obj):
+        changes = {}
+        for field in dataclasses.fields(obj):
+            w = getattr(obj, field.name)
+            if field.name != "layers" and w is not None:
+                changes[field.name] = encode(field.name, widen(w), fmt, group)
+        return dataclasses.replace(obj, **changes)
+
+    return dataclasses.replace(convert(params), layers=[convert(p) for p in params.layers])
+
+
+def iter_weights(params):
+    """Every weight of a Params (top level, then each layer), absent ones skipped."""
+    for obj in (params, *params.layers):
+        for field in dataclasses.fields(obj):
+            w = getattr(obj, field.name)
+            if field.name != "layers" and w is not None:
+                yield w
+
+
+def weight_bytes(params) -> int:
+    """Bytes the weights occupy as stored (scales included)."""
+    return sum(int(w.nbytes) for w in iter_weights(params))
