@@ -6,10 +6,12 @@ attention output, MLP input/output, block output, final norm, logits). `compare`
 layer and intermediate in computation order, the max abs and relative error (max |a-b| / max |a|,
 a = the first side) and the first point, with the token position, that exceeds a tolerance.
 
-A side is a setting of slimllm (`numpy:naive:float32`, `jax:slim:int8:tp2`, ...), the upstream
-transformers implementation (`hf`, needs the `oracle` extra), or a user's dump
-(`dump:FILE.npz`): an npz with the `tokens` it was computed on ([t] ids) and any of the keys
-above (e.g. `layers.3.attn_out`), each [t, ...] or [1, t, ...]; keys it lacks are skipped.
+A side is a setting of slimllm (`numpy:naive:float32`, `jax:slim:int8:tp2`, `numpy:wint4:g32`:
+the syntax of `Runtime.describe`, weight formats spelled `w<format>` because KV formats share
+their names), the upstream transformers implementation (`hf`, needs the `oracle` extra), or a
+user's dump (`dump:FILE.npz`): an npz with the `tokens` it was computed on ([t] ids) and any of
+the keys above (e.g. `layers.3.attn_out`), each [t, ...] or [1, t, ...]; keys it lacks are
+skipped.
 
 JSON report (schema "slimllm.diff/1"): {schema, model, a, b, tokens, tolerance, rows, first,
 missing, max_rel}; each row {key, layer (int or null), name, shape, max_abs, rel, exceeds,
@@ -27,6 +29,7 @@ import numpy as np
 from slimllm.reference import kv_cache, positions
 from slimllm.reference.model import TRACE_KEYS, forward, tracing
 from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
+from slimllm.reference.weight_format import WEIGHT_FORMATS
 
 from .api import Model
 from .hf_trace import hf_trace
@@ -52,13 +55,16 @@ class Side:
 
 
 SIDE_SYNTAX = (
-    f"a setting: parts joined by ':' in any order, from backends {BACKENDS}, attention kinds "
-    f"{tuple(ATTENTION)}, KV cache dtypes and tpN (e.g. jax:slim:int8:tp2); or hf; or dump:FILE"
+    f"a setting: parts joined by ':' in any order, from backends {'|'.join(BACKENDS)}, "
+    f"attention kinds {'|'.join(ATTENTION)}, a KV cache dtype, tpN, a weight format "
+    f"w{{{'|'.join(WEIGHT_FORMATS)}}} and gN, its input columns per scale "
+    "(e.g. jax:slim:int8:tp2, numpy:wint4:g32); or hf; or dump:FILE"
 )
 
 
 def parse_side(text: str) -> Side:
-    """'numpy', 'jax:slim:int8:tp2' (any order of parts), 'hf', 'dump:FILE.npz'."""
+    """'numpy', 'jax:slim:int8:tp2:wint4:g32' (any order of parts), 'hf', 'dump:FILE.npz';
+    a setting's side reads back the `Runtime.describe()` it prints."""
     if text == "hf":
         return Side(kind="hf")
     if text.startswith("dump:"):
@@ -71,12 +77,28 @@ def parse_side(text: str) -> Side:
             fields["attention"] = part
         elif re.fullmatch(r"tp\d+", part):
             fields["tp"] = int(part[2:])
+        elif re.fullmatch(r"g\d+", part):
+            fields["weight_group"] = int(part[1:])
+        elif part in kv_cache.KV_FORMATS:
+            fields["kv_dtype"] = part
+        elif part.startswith("w"):  # "wint8": weight formats share names with KV formats
+            fields["weights"] = part[1:]
         elif part:
             fields["kv_dtype"] = part  # anything else names a KV format (validated below)
     try:
-        return Side(rt=Runtime(**fields))
+        return Side(rt=check_weight_group(Runtime(**fields)))
     except ValueError as err:
         raise ValueError(f"{text!r}: {err}") from None
+
+
+def check_weight_group(rt: Runtime) -> Runtime:
+    """`rt`, unless it names a weight group without quantised weights: the group would be
+    silently ignored (float formats have no scales, and no format means the loaded one)."""
+    fmt = WEIGHT_FORMATS.get(rt.weights)
+    if rt.weight_group is not None and not (fmt and (fmt.matrices.scaled or fmt.tables.scaled)):
+        quantised = [n for n, f in WEIGHT_FORMATS.items() if f.matrices.scaled or f.tables.scaled]
+        raise ValueError(f"a weight group needs quantised weights: one of {quantised}")
+    return rt
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
@@ -84,7 +106,7 @@ def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.rt.kv_dtype)
     with tracing() as trace:
-        forward(model.params, cfg, np.asarray([tokens]), cache, state, side.rt)
+        forward(model.params_for(side.rt), cfg, np.asarray([tokens]), cache, state, side.rt)
     return {name: value[0] for name, value in trace.items()}
 
 

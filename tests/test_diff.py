@@ -12,6 +12,7 @@ from conftest import FIXTURES, STORIES
 from slimllm.cli import main
 from slimllm.diff import SCHEMA, compare, diff, parse_side, reference_trace
 from slimllm.reference.model import TRACE_KEYS
+from slimllm.reference.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,50 @@ def test_jax_and_tensor_parallel_sides_agree_and_int8_drift_starts_in_attention(
     assert report["first"]["key"] == "layers.0.attn_out"  # K/V are exact until the cache
 
 
+@pytest.mark.parametrize(
+    "rt",
+    [
+        Runtime("numpy"),
+        Runtime("numpy", "flash", kv_dtype="bfloat16", weights="bfloat16"),
+        Runtime("numpy", weights="int8", weight_group=16),
+        Runtime("jax", "slim", kv_dtype="int8", tp=2, weights="int4", weight_group=32),
+        Runtime("jax", kv_dtype="float16", weights="float16"),
+    ],
+)
+def test_a_side_reads_back_the_description_it_prints(rt):
+    assert parse_side(rt.describe()).rt == rt
+    parts = rt.describe().split(":")
+    assert parse_side(":".join(reversed(parts))).rt == rt  # parts in any order
+
+
+@pytest.mark.parametrize(
+    "side, message",
+    [
+        ("numpy:wint3", "unknown weight format 'int3'"),
+        ("numpy:g32", "a weight group needs quantised weights"),
+        ("numpy:wfloat16:g32", "a weight group needs quantised weights"),
+        ("numpy:wint8:g0", "weight_group must be a positive integer"),
+    ],
+)
+def test_bad_weight_parts_of_a_side(side, message):
+    with pytest.raises(ValueError, match=message):
+        parse_side(side)
+
+
+def test_a_weight_format_side_drifts_from_the_tables_on(llama):
+    """Weight formats re-encode the float32 model once: float32 is the same run, and every other
+    format stores the embedding table too, so the drift starts at the first intermediate."""
+    model, tokens = llama
+    same = diff(model, tokens, len(tokens), parse_side("numpy"), parse_side("numpy:wfloat32"))
+    assert same["max_rel"] == 0
+    for fmt in ("wbfloat16", "wfloat16", "wint8", "wint4:g32"):
+        report = diff(model, tokens, len(tokens), parse_side("numpy"), parse_side(f"numpy:{fmt}"))
+        assert report["first"]["key"] == "embed", fmt
+        assert report["b"]["weights"] == fmt[1:].split(":")[0]
+    int8 = diff(model, tokens, len(tokens), parse_side("numpy:wint8"), parse_side("numpy:wint8"))
+    assert int8["max_rel"] == 0  # quantisation is deterministic: the same setting, the same run
+
+
 def test_compare_orders_rows_and_rejects_shape_mismatch():
     a = {"embed": np.ones((2, 3)), "layers.0.q": np.ones((2, 1, 4)), "logits": np.ones((2, 5))}
     b = {"embed": np.ones((2, 3)), "layers.0.q": np.ones((2, 1, 4)) * 1.1}
@@ -168,6 +213,18 @@ def test_cli_table_and_mistakes(capsys, tmp_path):
     assert "unknown kv cache dtype 'int4'" in capsys.readouterr().err
     assert main(["diff", "--model", model, "--dump", str(tmp_path / "none.npz")]) == 2
     assert "no such dump file" in capsys.readouterr().err
+    assert main(["diff", "--model", model, "--ids", "1,2", "--b", "numpy:wint4"]) == 2
+    assert "weight group 32 does not divide rows of 172" in capsys.readouterr().err
+
+
+def test_cli_weight_format_side(capsys):
+    model = str(STORIES / "stories260K.bin")
+    argv = ["diff", "--model", model, "--ids", "1,5,9,13", "--b", "numpy:wint4:g4", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["b"]["weights"] == "int4" and report["b"]["weight_group"] == 4
+    assert report["b"]["desc"] == "numpy:naive:float32:wint4:g4"
+    assert report["first"]["key"] == "embed"
 
 
 def test_progress_stays_out_of_json(capsys, monkeypatch):
