@@ -19,10 +19,12 @@ import sys
 from slimllm.jaxbackend import mpi
 from slimllm.reference.kv_cache import KV_DTYPES
 from slimllm.reference.runtime import ATTENTION, BACKENDS
+from slimllm.reference.weight_format import WEIGHT_DTYPES
 from slimllm.weights.io import CheckpointError
 
 from .bench.common import add_arguments as add_bench_arguments
 from .commands import COMMANDS, UserError, prepare_devices
+from .diff import SIDE_SYNTAX
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,6 +71,21 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         help="naive (the definition), slim (SlimAttention), flash (the 2-D baseline)",
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
+    add_weight_options(p)
+
+
+def add_weight_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_DTYPES,
+        help="weight storage (default: the checkpoint's own); products are float32",
+    )
+    p.add_argument(
+        "--weight-group",
+        type=int,
+        help="input columns per scale of int8/int4 weights (default: per channel for int8, "
+        "32 for int4); must divide every matrix's input width",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,11 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "diff",
         help="per-layer divergence of two implementations (slimllm settings, hf, a dump)",
-        description=f"Sides: {'|'.join(BACKENDS)} with optional :{'|'.join(ATTENTION)} "
-        f":{'|'.join(KV_DTYPES)} :tpN (e.g. jax:slim:int8:tp2); 'hf' (transformers, oracle "
-        "extra); 'dump:FILE.npz' (your implementation's intermediates: a 'tokens' array plus "
+        description=f"Sides: {SIDE_SYNTAX}. 'hf' is transformers (oracle extra); "
+        "'dump:FILE.npz' holds your implementation's intermediates: a 'tokens' array plus "
         "keys like embed, layers.0.attn_in, layers.0.q, layers.0.attn_out, layers.0.out, "
-        "final_norm, logits).",
+        "final_norm, logits.",
     )
     f.add_argument("--model", required=True)
     fseq = f.add_mutually_exclusive_group()

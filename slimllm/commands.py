@@ -15,7 +15,7 @@ from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config
 
 from .api import demo_model, generate, load
-from .diff import diff, format_report, load_dump, parse_side
+from .diff import check_weight_group, diff, format_report, load_dump, parse_side
 from .evaluate import compare, kv_size_report, sample_sequence
 
 
@@ -35,9 +35,22 @@ def parse_ids(text: str) -> list[int]:
 
 def runtime_from(args) -> Runtime:
     """The run settings the options name (validated by Runtime)."""
-    return Runtime(
-        backend=args.backend, attention=args.attention, kv_dtype=args.kv_dtype, tp=args.tp
+    rt = Runtime(
+        backend=args.backend,
+        attention=args.attention,
+        kv_dtype=args.kv_dtype,
+        tp=args.tp,
+        weights=args.weights,
+        weight_group=args.weight_group,
     )
+    return check_weight_group(rt)
+
+
+def load_for(args):
+    """The checkpoint of --model, its weights loaded directly in the --weights format (so the
+    model keeps that encoding alone, not float32 weights beside it)."""
+    runtime_from(args)  # a bad setting fails before minutes of loading, not after
+    return load(args.model, weights=args.weights, group=args.weight_group)
 
 
 def run_generation(model, args, default_ids=None) -> dict:
@@ -78,6 +91,8 @@ def run_generation(model, args, default_ids=None) -> dict:
         "backend": args.backend,
         "attention": args.attention,
         "kv_dtype": args.kv_dtype,
+        "weights": args.weights or model.weights,
+        "weight_group": args.weight_group if args.weights else model.weight_group,
         "tp": model.engine(runtime_from(args)).comm.size if args.backend == "jax" else 1,
     }
     if out.text is not None:
@@ -121,11 +136,12 @@ class StreamPrinter:
 
 
 def cmd_generate(args) -> dict:
-    return run_generation(load(args.model), args)
+    return run_generation(load_for(args), args)
 
 
 def cmd_demo(args) -> dict:
-    model = load(args.model) if args.model else demo_model()
+    # The random demo model is made in float32; a --weights run encodes it once (params_for).
+    model = load_for(args) if args.model else demo_model()
     if not args.json:
         print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)", flush=True)
     result = run_generation(model, args, default_ids=[model.bos_id or 1])
@@ -133,7 +149,7 @@ def cmd_demo(args) -> dict:
     if not args.json:
         print(
             f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s "
-            f"(decode, {args.backend} backend)"
+            f"(decode, {args.backend} backend, {result['weights']} weights)"
         )
     return result
 
@@ -164,8 +180,10 @@ def read_ids_file(path) -> list[int]:
 
 
 def cmd_eval(args) -> dict:
-    model = load(args.model)
     setting = runtime_from(args)
+    # Loaded without --weights: the checkpoint's own values are the float32 baseline, and the
+    # setting's weight format is encoded from them once (Model.params_for).
+    model = load(args.model)
     prompt = parse_ids(args.ids) if args.ids else None
     if args.ids_file:
         tokens = read_ids_file(args.ids_file)

@@ -1,5 +1,5 @@
-"""Accuracy harness: how far a setting (cache dtype, attention kind, backend) drifts from the
-float32 naive NumPy reference on the same model and tokens.
+"""Accuracy harness: how far a setting (cache dtype, weight format, attention kind, backend)
+drifts from the float32 naive NumPy reference on the same model and tokens.
 
 For a token sequence it reports, per position, the KL divergence KL(baseline || setting) of the
 next-token distributions (mean, p99, max), top-1 agreement, the perplexity of the sequence
@@ -7,6 +7,8 @@ under both, and over N greedy tokens from the sequence's prompt the length of th
 prefix — the figures llama.cpp's perplexity/KL tool gives its users, for any family.
 Logits are teacher-forced: the prompt is prefilled as generation would, the rest of the sequence
 in chunks (equal to token-by-token decode, since attention always reads the cache back).
+A weight format is part of the setting: the model is loaded in float32 (the baseline) and the
+setting's weights are encoded from it once (`Model.params_for`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from slimllm.reference.runtime import Runtime
 from .api import Model, generate
 from .progress import bar
 
-BASELINE = Runtime(backend="numpy")  # the float32 naive NumPy reference
+BASELINE = Runtime(backend="numpy", weights="float32")  # the float32 naive NumPy reference
 
 
 def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
@@ -42,10 +44,11 @@ def sequence_logits(model: Model, tokens, prompt_len: int, setting: Runtime, chu
         return sequence.sequence_logits(model.engine(setting), tokens, bounds, setting)
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), setting.kv_dtype)
+    params = model.params_for(setting)
     out, start = [], 0
     for end in bounds:
         chunk = np.array([tokens[start:end]])  # [1,t]
-        logits, cache = forward(model.params, cfg, chunk, cache, state, setting)
+        logits, cache = forward(params, cfg, chunk, cache, state, setting)
         out.append(logits[0])
         state, start = positions.advance(state, end - start), end
     return np.concatenate(out)
@@ -72,7 +75,7 @@ def compare(
     greedy_tokens: int = 200,
 ) -> dict:
     """All harness figures for `setting` against `baseline` on one sequence."""
-    steps = iter(bar(range(4), f"eval {setting.kv_dtype}/{setting.attention}/{setting.backend}"))
+    steps = iter(bar(range(4), f"eval {setting.describe()}"))
     next(steps)
     base = log_softmax(sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64))
     next(steps)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import slimllm
 from conftest import FIXTURES, STORIES, VARIANTS
 from slimllm.cli import main
 
@@ -93,6 +94,24 @@ def test_demo_runs_on_the_embedded_model(capsys):
         ),
         (["generate", "--model", "STORIES", "--ids", "9999"], "outside the vocabulary"),
         (["generate", "--model", "STORIES", "--ids", "1", "--backend", "cuda"], "invalid choice"),
+        (["generate", "--model", "STORIES", "--ids", "1", "--weights", "int3"], "invalid choice"),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--weights", "int4"],
+            "weight group 32 does not divide rows of 172 values",  # stories' ffn width is 172
+        ),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--weights", "int8", "--weight-group"]
+            + ["0"],
+            "weight_group must be a positive integer",
+        ),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--weight-group", "4"],
+            "a weight group needs quantised weights",
+        ),
+        (
+            ["demo", "--weights", "bfloat16", "--weight-group", "4"],
+            "a weight group needs quantised weights",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -101,6 +120,29 @@ def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
     code, out, err = run(capsys, *[model if a == "STORIES" else a for a in argv])
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_weights_option_loads_that_format(capsys, stories):
+    model, oracle = stories
+    argv = ["generate", "--model", str(STORIES / "stories260K.bin"), "--ids", "1", "--json"]
+    argv += ["--max-new-tokens", "30", "--backend", "numpy"]
+    code, out, err = run(capsys, *argv, "--weights", "float32")
+    assert code == 0, err
+    assert json.loads(out)["ids"] == oracle["greedy_a"][:30].tolist()  # float32 is the default
+    code, out, err = run(capsys, *argv, "--weights", "int4", "--weight-group", "4")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["weights"] == "int4" and result["weight_group"] == 4
+    int4 = slimllm.load(STORIES / "stories260K.bin", weights="int4", group=4)
+    expected = slimllm.generate(int4, ids=[1], max_new_tokens=30, backend="numpy")
+    assert result["ids"] == expected.ids[0]
+
+
+def test_demo_runs_in_a_weight_format(capsys):
+    argv = ["demo", "--max-new-tokens", "3", "--backend", "numpy", "--weights", "int4", "--json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["weights"] == "int4" and len(json.loads(out)["ids"]) == 3
 
 
 def test_console_script_is_installed():

@@ -7,6 +7,7 @@ perturbation, so the int8/bf16 KL ratio is about the ratio of noise variances,
 4 * (amax^2 / mean x^2) ~ 4 * 2 ln(2d) ~ 15-22 for d = 8..32. We require int8's mean KL to be
 within 25x bf16's on the same sequence, top-1 agreement >= 0.9, and perplexity within 2%.
 Measured (closing note of the issue): ratios 3-11, top-1 >= 0.917, perplexity +0.5%.
+(Weight formats have their bounds in test_weight_accuracy.py.)
 """
 
 import json
@@ -94,10 +95,24 @@ def test_eval_and_kv_size_cli(capsys, tmp_path):
     assert sizes["int8"]["total_bytes"] == 2 * 5 * 4 * (8 + 4) * 512 * 2
 
 
+def test_eval_compares_a_weight_format_with_float32_weights(capsys):
+    model = str(STORIES / "stories260K.bin")
+    argv = ["eval", "--model", model, "--backend", "numpy", "--length", "60", "--json"]
+    assert main([*argv, "--greedy-tokens", "10", "--weights", "int8", "--weight-group", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["baseline"]["weights"] == "float32"
+    assert report["setting"]["weights"] == "int8" and report["setting"]["weight_group"] == 4
+    assert 0 < report["kl"]["mean"] < 0.1 and report["top1_agreement"] > 0.8
+    assert main([*argv, "--greedy-tokens", "10", "--weights", "float32"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["kl"]["max"] == 0 and same["greedy"]["identical_prefix"] == 10
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["kv-size", "--model", "/nope"], "no such file"),
+        (["eval", "--model", "STORIES", "--weights", "int4"], "does not divide rows of 172"),
         (["eval", "--model", "STORIES", "--kv-dtype", "int4"], "invalid choice"),
         (["eval", "--model", "STORIES", "--text", "hi"], "no tokenizer"),
         (
