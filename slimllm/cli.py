@@ -97,10 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate with a random-weight model (or --model PATH)")
     d.add_argument("--model", help="run this checkpoint instead of the random demo model")
     add_generation_options(d)
-    k = sub.add_parser("kv-size", help="KV cache memory per dtype for a model's shape")
+    k = sub.add_parser(
+        "memory",
+        aliases=["kv-size"],
+        help="memory of the weights and KV cache for a model's config",
+        description="Bytes of the weights in each format (--weights: the one to total; default "
+        "float32, what slimllm loads) and of the KV cache per dtype for --batch x --context, "
+        "and the whole GiB they fit in. Reads only the config: no weights are loaded.",
+    )
     k.add_argument("--model", required=True, help="checkpoint directory, config.json or .bin")
     k.add_argument("--context", type=int, default=4096)
     k.add_argument("--batch", type=int, default=1)
+    add_weight_options(k)
+    k.add_argument("--memory", type=float, help="GiB available: say whether each total fits")
     k.add_argument("--json", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a setting against the float32 naive reference")
     e.add_argument("--model", required=True)

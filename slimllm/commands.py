@@ -16,7 +16,7 @@ from slimllm.weights import load_config
 
 from .api import demo_model, generate, load
 from .diff import check_weight_group, diff, format_report, load_dump, parse_side
-from .evaluate import compare, kv_size_report, sample_sequence
+from .evaluate import compare, memory_report, sample_sequence
 
 
 class UserError(Exception):
@@ -154,20 +154,48 @@ def cmd_demo(args) -> dict:
     return result
 
 
-def cmd_kv_size(args) -> dict:
+def size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n} B"
+
+
+def cmd_memory(args) -> dict:
+    """Weights + KV cache from the config alone (`slimllm memory`, formerly `kv-size`)."""
     if args.context < 1 or args.batch < 1:
         raise UserError("--context and --batch must be positive")
-    report = kv_size_report(load_config(args.model), args.context, args.batch)
+    if args.memory is not None and args.memory <= 0:
+        raise UserError("--memory must be positive (GiB)")
+    weights = args.weights or "float32"  # what slimllm loads a checkpoint in without --weights
+    check_weight_group(Runtime(weights=weights, weight_group=args.weight_group))
+    cfg = load_config(args.model)
+    report = memory_report(cfg, args.context, args.batch, weights, args.weight_group, args.memory)
     if not args.json:
         print(
-            f"KV cache for batch {args.batch} x context {args.context} "
-            f"({report['layers']} layers, {report['kv_heads']} kv heads, d={report['head_dim']})"
+            f"{report['parameters']:,d} parameters; batch {args.batch} x context "
+            f"{args.context} ({report['layers']} layers, {report['kv_heads']} kv heads, "
+            f"d={report['head_dim']})"
         )
+        group = args.weight_group or "the format's default"
+        print(f"weights (group: {group})")
+        for name, row in report["weight_formats"].items():
+            mark = "  <- --weights" if name == weights else ""
+            print(f"  {name:9s} {size(row['bytes']) if row['bytes'] else row['error']:>14s}{mark}")
+        print("KV cache")
         for dtype, row in report["dtypes"].items():
             print(
                 f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
-                f"{row['total_bytes'] / 2**20:>12,.1f} MiB  ({row['vs_float32']:.3f}x float32)"
+                f"{size(row['total_bytes']):>14s}  ({row['vs_float32']:.3f}x float32)"
             )
+        print(f"total with {weights} weights")
+        for dtype, row in report["totals"].items():
+            if args.memory is None:
+                verdict = f"fits in {row['fits_gib']} GiB"
+            else:
+                verdict = f"{'fits' if row['fits'] else 'does not fit'} in {args.memory:g} GiB"
+            print(f"  + {dtype:9s} KV {size(row['bytes']):>14s}  {verdict}")
     return report
 
 
@@ -252,7 +280,8 @@ def cmd_diff(args) -> dict:
 COMMANDS = {
     "generate": cmd_generate,
     "demo": cmd_demo,
-    "kv-size": cmd_kv_size,
+    "memory": cmd_memory,
+    "kv-size": cmd_memory,  # the report's first name, when it counted only the KV cache
     "eval": cmd_eval,
     "bench": cmd_bench,
     "diff": cmd_diff,

@@ -1,5 +1,6 @@
 """Accuracy harness: how far a setting (cache dtype, weight format, attention kind, backend)
-drifts from the float32 naive NumPy reference on the same model and tokens.
+drifts from the float32 naive NumPy reference on the same model and tokens; and the memory a
+setting needs, from a model's config alone.
 
 For a token sequence it reports, per position, the KL divergence KL(baseline || setting) of the
 next-token distributions (mean, p99, max), top-1 agreement, the perplexity of the sequence
@@ -9,10 +10,16 @@ Logits are teacher-forced: the prompt is prefilled as generation would, the rest
 in chunks (equal to token-by-token decode, since attention always reads the cache back).
 A weight format is part of the setting: the model is loaded in float32 (the baseline) and the
 setting's weights are encoded from it once (`Model.params_for`).
+
+The memory report counts bytes exactly as they would be stored: every matrix of
+`params.model_shapes`/`layer_shapes` in its format's encoding (`tables` for the embedding, head
+and width projections, `matrices` for the rest, scales included), vectors in float32, and the KV
+cache of `kv_cache.nbytes_per_token`; no activations or runtime overhead.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import numpy as np
@@ -20,7 +27,15 @@ import numpy as np
 from slimllm.reference import kv_cache, positions
 from slimllm.reference.model import forward
 from slimllm.reference.ops import log_softmax
+from slimllm.reference.params import layer_shapes, model_shapes
 from slimllm.reference.runtime import Runtime
+from slimllm.reference.weight_format import (
+    TABLES,
+    TRANSPOSED,
+    WEIGHT_FORMATS,
+    check_group,
+    weight_format,
+)
 
 from .api import Model, generate
 from .progress import bar
@@ -124,7 +139,28 @@ def compare(
     }
 
 
-def kv_size_report(cfg, context: int, batch: int) -> dict:
+def matrix_bytes(name: str, shape, fmt, group: int | None = None) -> int:
+    """Bytes of one weight of a config in format `fmt`, stored as `weight_format.encode` would:
+    vectors float32, a matrix [rows = outputs, cols] in the encoding of its kind."""
+    if len(shape) == 1:
+        return 4 * shape[0]
+    enc = fmt.tables if name in TABLES else fmt.matrices
+    rows, cols = shape[::-1] if name in TRANSPOSED else shape  # [in, out] -> stored [out, in]
+    g = (group or enc.group) if enc.scaled else None
+    if enc.scaled:
+        check_group(cols, g, enc.pack)  # the error encode would raise, before any bytes are counted
+    return enc.bytes_for(rows, cols, g)
+
+
+def weight_bytes_for(cfg, fmt, group: int | None = None) -> int:
+    """Bytes of all of a config's weights in format `fmt` (what `weight_bytes` of the encoded
+    params gives, without making them)."""
+    layer = sum(matrix_bytes(n, s, fmt, group) for n, s in layer_shapes(cfg).items())
+    top = sum(matrix_bytes(n, s, fmt, group) for n, s in model_shapes(cfg).items())
+    return cfg.n_layers * layer + top
+
+
+def kv_rows(cfg, context: int, batch: int) -> dict:
     """Cache bytes per token and for `batch` sequences of `context` tokens, per storage dtype."""
     rows = {}
     for dtype in kv_cache.KV_DTYPES:
@@ -133,11 +169,45 @@ def kv_size_report(cfg, context: int, batch: int) -> dict:
     f32 = rows["float32"]["total_bytes"]
     for row in rows.values():
         row["vs_float32"] = row["total_bytes"] / f32
+    return rows
+
+
+def memory_report(
+    cfg,
+    context: int,
+    batch: int,
+    weights: str = "float32",
+    group: int | None = None,
+    memory_gib: float | None = None,
+) -> dict:
+    """Weights in format `weights` plus the KV cache of each format for `batch` x `context`
+    tokens: bytes, and the smallest whole number of GiB that holds them (or whether they fit in
+    `memory_gib`). `weight_formats` compares every format; a format whose group does not divide
+    the model's widths is listed with its reason instead of bytes."""
+    chosen = weight_bytes_for(cfg, weight_format(weights), group)
+    formats = {}
+    for name, fmt in WEIGHT_FORMATS.items():
+        try:
+            formats[name] = {"bytes": weight_bytes_for(cfg, fmt, group)}
+        except ValueError as err:
+            formats[name] = {"bytes": None, "error": str(err)}
+    dtypes = kv_rows(cfg, context, batch)
+    totals = {}
+    for dtype, row in dtypes.items():
+        total = chosen + row["total_bytes"]
+        totals[dtype] = {"bytes": total, "fits_gib": math.ceil(total / 2**30)}
+        if memory_gib is not None:
+            totals[dtype]["fits"] = total <= memory_gib * 2**30
     return {
         "context": context,
         "batch": batch,
         "layers": cfg.n_layers,
         "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "dtypes": rows,
+        "dtypes": dtypes,  # the KV cache per format (the report's original keys)
+        "parameters": cfg.n_params(),
+        "weights": {"format": weights, "group": group, "bytes": chosen},
+        "weight_formats": formats,
+        "totals": totals,  # weights in `weights` + the KV cache of each format
+        "memory_gib": memory_gib,
     }

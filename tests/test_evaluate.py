@@ -8,9 +8,13 @@ perturbation, so the int8/bf16 KL ratio is about the ratio of noise variances,
 within 25x bf16's on the same sequence, top-1 agreement >= 0.9, and perplexity within 2%.
 Measured (closing note of the issue): ratios 3-11, top-1 >= 0.917, perplexity +0.5%.
 (Weight formats have their bounds in test_weight_accuracy.py.)
+
+The memory report counts weight bytes from a config alone; it is checked against the bytes of
+weights actually encoded, and against a published count (Llama-3-8B).
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,8 +22,11 @@ import pytest
 import slimllm
 from conftest import FIXTURES, STORIES, VARIANTS
 from slimllm.cli import main
-from slimllm.evaluate import compare, sample_sequence
+from slimllm.evaluate import compare, memory_report, sample_sequence, weight_bytes_for
+from slimllm.reference.params import init_params
 from slimllm.reference.runtime import Runtime
+from slimllm.reference.weight_format import WEIGHT_FORMATS, encode_params, weight_bytes
+from slimllm.weights import load_config
 
 
 def check_int8(model, seq, prompt_len, greedy_tokens):
@@ -109,9 +116,91 @@ def test_eval_compares_a_weight_format_with_float32_weights(capsys):
 
 
 @pytest.mark.parametrize(
+    "path", [FIXTURES / name for name in VARIANTS] + [STORIES / "stories260K.bin"]
+)
+def test_weight_bytes_from_a_config_are_the_encoded_bytes(path):
+    cfg = load_config(path)
+    params = init_params(cfg)
+    for name, fmt in WEIGHT_FORMATS.items():
+        for group in (None, 4):
+            try:
+                encoded = encode_params(params, fmt, group)
+            except ValueError as err:  # stories260K in int4's default groups of 32: the same error
+                with pytest.raises(ValueError, match=re.escape(str(err))):
+                    weight_bytes_for(cfg, fmt, group)
+                continue
+            assert weight_bytes_for(cfg, fmt, group) == weight_bytes(encoded), (name, group)
+
+
+# Llama-3-8B's config.json (the fields that set its shapes; the rest of the file changes nothing).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+
+def test_memory_report_of_llama3_8b(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    argv = ["memory", "--model", str(tmp_path), "--context", "8192", "--batch", "4", "--json"]
+    assert main([*argv, "--weights", "bfloat16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # 8.03e9 parameters in bfloat16, plus the 65 RMSNorm weight vectors kept in float32
+    assert report["parameters"] == 8_029_995_008
+    assert report["weights"]["bytes"] == 2 * 8_029_995_008 + 4 * 65 * 4096
+    assert round(report["weights"]["bytes"] / 1e9, 2) == 16.06
+    # KV: 2 (K, V) x 32 layers x 8 kv heads x 128 x 2 bytes = 128 KiB per token
+    kv = report["dtypes"]["bfloat16"]["total_bytes"]
+    assert kv == 131072 * 8192 * 4 == 4 * 2**30
+    total = report["totals"]["bfloat16"]
+    assert total["bytes"] == report["weights"]["bytes"] + kv  # 20.36e9 B = 18.96 GiB
+    assert total["fits_gib"] == 19
+    formats = report["weight_formats"]
+    assert formats["float32"]["bytes"] == 4 * 8_029_995_008 + 4 * 65 * 4096
+    # int8: a byte per weight and a float32 scale per output row (43008 per layer, 128256 for
+    # each of the embedding and the head); int4: half a byte and a scale per 32 columns in the
+    # projections (6_979_321_856 weights), the embedding and the head in int8.
+    vectors, rows = 4 * 65 * 4096, 32 * 43008 + 2 * 128256
+    assert formats["int8"]["bytes"] == 8_029_995_008 + 4 * rows + vectors
+    tables = 2 * 128256 * 4096 + 4 * 2 * 128256
+    assert formats["int4"]["bytes"] == 6_979_321_856 * (1 / 2 + 4 / 32) + tables + vectors
+    assert main([*argv, "--weights", "int4", "--memory", "8"]) == 0
+    small = json.loads(capsys.readouterr().out)["totals"]
+    assert [small[k]["fits"] for k in ("float32", "bfloat16", "int8")] == [False, False, True]
+
+
+def test_memory_report_names_unfit_groups_and_keeps_kv_size(capsys):
+    model = str(STORIES / "stories260K.bin")
+    assert main(["kv-size", "--model", model, "--json"]) == 0  # the first name still works
+    report = json.loads(capsys.readouterr().out)
+    assert "does not divide rows of 172" in report["weight_formats"]["int4"]["error"]
+    assert report["weights"] == {"format": "float32", "group": None, "bytes": 1015.75 * 1024}
+    assert main(["memory", "--model", model, "--weights", "int4", "--weight-group", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "int4" in out and "fits in 1 GiB" in out
+    cfg = load_config(model)
+    assert memory_report(cfg, 1, 1, "int4", 4)["weights"]["bytes"] < weight_bytes_for(
+        cfg, WEIGHT_FORMATS["int8"], 4
+    )
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["kv-size", "--model", "/nope"], "no such file"),
+        (["memory", "--model", "STORIES", "--weights", "int4"], "does not divide rows of 172"),
+        (["memory", "--model", "STORIES", "--weight-group", "4"], "needs quantised weights"),
+        (["memory", "--model", "STORIES", "--memory", "0"], "--memory must be positive"),
         (["eval", "--model", "STORIES", "--weights", "int4"], "does not divide rows of 172"),
         (["eval", "--model", "STORIES", "--kv-dtype", "int4"], "invalid choice"),
         (["eval", "--model", "STORIES", "--text", "hi"], "no tokenizer"),
