@@ -74,11 +74,11 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
     add_weight_options(p)
 
 
-def add_weight_options(p: argparse.ArgumentParser) -> None:
+def add_weight_options(p: argparse.ArgumentParser, default: str = "the checkpoint's own") -> None:
     p.add_argument(
         "--weights",
         choices=WEIGHT_DTYPES,
-        help="weight storage (default: the checkpoint's own); products are float32",
+        help=f"weight storage (default: {default}); products are float32",
     )
     p.add_argument(
         "--weight-group",
@@ -101,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "memory",
         aliases=["kv-size"],
         help="memory of the weights and KV cache for a model's config",
-        description="Bytes of the weights in each format (--weights: the one to total; default "
-        "float32, what slimllm loads) and of the KV cache per dtype for --batch x --context, "
-        "and the whole GiB they fit in. Reads only the config: no weights are loaded.",
+        description="Bytes of the weights in each format (--weights: the one to total) and of "
+        "the KV cache per dtype for --batch x --context, and the whole GiB they fit in. Reads "
+        "only the config: no weights are loaded.",
     )
     k.add_argument("--model", required=True, help="checkpoint directory, config.json or .bin")
     k.add_argument("--context", type=int, default=4096)
     k.add_argument("--batch", type=int, default=1)
-    add_weight_options(k)
+    add_weight_options(k, default="float32, what slimllm loads a checkpoint in")
     k.add_argument("--memory", type=float, help="GiB available: say whether each total fits")
     k.add_argument("--json", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a setting against the float32 naive reference")
