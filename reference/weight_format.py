@@ -237,10 +237,10 @@ def encode(name: str, w, fmt: WeightFormat, group: int | None = None):
         return w if w.dtype == np.float32 else w.astype(np.float32)
     transposed = name in TRANSPOSED
     rows_first = w.T if transposed else w  # [rows = outputs, cols]
-    group = group if enc.scaled else None
+    group = (enc.group if group is None else group) if enc.scaled else None
     if enc.scaled:
-        check_group(rows_first.shape[1], group or enc.group, enc.pack)
-    values, scale = enc.encode(rows_first, group or enc.group)
+        check_group(rows_first.shape[1], group, enc.pack)
+    values, scale = enc.encode(rows_first, group)
     return Compact(np.ascontiguousarray(values), scale, enc.name, transposed)
 
 
