@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 import slimllm
 from conftest import FIXTURES, ROOT, STORIES
+from slimllm.reference.params import init_params
 from slimllm.reference.weight_format import (
     Compact,
     encode_params,
@@ -216,6 +217,39 @@ def test_a_tensor_in_two_shards_is_an_error(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=rf"b.safetensors: tensor {names[4]} appears in"):
         slimllm.load(tmp_path)
+
+
+class StubEngine:
+    """Stands in for the JAX engine (being changed elsewhere): it only takes the params."""
+
+    def __init__(self, params, cfg, rt):
+        self.params = params
+
+
+def test_model_releases_its_host_weights_to_an_engine(monkeypatch):
+    from slimllm.jaxbackend import engine
+
+    monkeypatch.setattr(engine, "Engine", StubEngine)
+    model = slimllm.load(FIXTURES / "llama", weights="bfloat16")
+    loaded = model.params
+    made = model.engine()
+    assert made.params is loaded and model._host is None  # no host copy beside the engine
+    same_weights(model.params, loaded)  # the NumPy backend reads them again from the source
+    assert model.params_for(slimllm.Runtime()) is model.params
+    assert model.engine() is made
+
+    other = model.engine(slimllm.Runtime(weights="int8"))  # another format: only the engine's
+    same_weights(other.params, encode_params(loaded, weight_format("int8")))
+    assert not model._formats and model._host is not None
+
+    demo = slimllm.demo_model(model.cfg)  # no source: keeps its weights
+    demo_params = demo.params
+    demo.engine()
+    assert demo.params is demo_params
+    model.params = init_params(model.cfg)  # assigned by hand: no longer the checkpoint's
+    model._engines.clear()
+    model.engine()
+    assert model._host is not None
 
 
 # Peak and current resident memory from /proc: VmHWM is the peak of this process's own memory.
