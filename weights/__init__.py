@@ -64,7 +64,8 @@ NATIVE = ("float32", "bfloat16", "float16")
 
 def native_format(hf: dict, tensors: dict[str, Lazy]) -> str:
     """The checkpoint's own dtype, as transformers' torch_dtype="auto": config.json's torch_dtype
-    (or dtype) when it names one of NATIVE, else the dtype of the first floating-point matrix."""
+    (or dtype) when it names one of NATIVE, else the dtype of the first floating-point matrix
+    listed (shards in order, each one's names sorted, as the safetensors library lists them)."""
     named = hf.get("torch_dtype") or hf.get("dtype")
     if named in NATIVE:
         return named
