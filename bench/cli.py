@@ -1,5 +1,5 @@
 """Benchmarks with JSON output: decode latency the way xFasterTransformer measures it, two
-micro-benchmarks, and the machine's memory bandwidth with the floor it sets.
+micro-benchmarks, the machine's memory bandwidth with the floor it sets, and a real-size check.
 
 The entry point of `slimllm bench` (slimllm/cli.py parses the options, then calls `run` and
 `summary`) and of the scripts in this folder (`main`, JSON on stdout unless --table). `run`
@@ -19,8 +19,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import attention, bandwidth, decode, kv_decode, targets
-from .common import add_arguments, peak_rss_bytes, r3
+from . import attention, bandwidth, decode, kv_decode, realsize, targets
+from .common import add_arguments, fill_defaults, peak_rss_bytes, r3
 
 SCHEMA = "slimllm.bench/1"
 BENCHMARKS = {  # the kinds of common.KINDS
@@ -29,6 +29,7 @@ BENCHMARKS = {  # the kinds of common.KINDS
     "kv-decode": kv_decode,
     "bandwidth": bandwidth,
     "targets": targets,
+    "realsize": realsize,
 }
 
 
@@ -45,6 +46,7 @@ def machine() -> dict:
 
 def run(args) -> dict:
     """Run the benchmark `args.kind` and return its JSON report."""
+    fill_defaults(args)
     if args.iterations < 1 or args.warmup < 0 or args.runs < 1:
         raise ValueError("need --iterations >= 1, --warmup >= 0 and --runs >= 1")
     t0 = time.perf_counter()

@@ -22,9 +22,10 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.kv_cache import KV_DTYPES, nbytes_per_token
 from slimllm.reference.params import init_params
 from slimllm.reference.runtime import ATTENTION
+from slimllm.reference.weight_format import WEIGHT_FORMATS, weight_bytes
 from slimllm.weights import load_config
 
-KINDS = ("decode", "attention", "kv-decode", "bandwidth", "targets")  # one module each
+KINDS = ("decode", "attention", "kv-decode", "bandwidth", "targets", "realsize")  # one module each
 
 # A ~150M-parameter Llama shape (the issue's decode target) and a tiny one for smoke tests.
 PRESETS = {
@@ -110,27 +111,21 @@ def build_model(args):
     cfg = model.cfg
     info |= {
         "params": cfg.n_params(),
-        "weight_bytes": param_bytes(model.params),
+        "weight_bytes": weight_bytes(model.params),
         "init_seconds": r3(time.perf_counter() - t0),
         "config": dataclasses.asdict(cfg),  # nested values (rope scaling) as dicts
     }
     return model, info
 
 
-def param_bytes(params) -> int:
-    arrays = [getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "layers"]
-    for layer in params.layers:
-        arrays += [getattr(layer, f.name) for f in dataclasses.fields(layer)]
-    return int(sum(a.nbytes for a in arrays if a is not None))
-
-
 def bytes_read_per_token(params, cfg: ModelConfig, batch: int) -> int:
-    """Weight bytes one decode step must read: every weight except the embedding table, of
-    which only the B looked-up rows are read (unless it doubles as the LM head)."""
-    total = param_bytes(params)
+    """Weight bytes one decode step must read, as stored (in any weight format, scales
+    included): every weight except the embedding table, of which only the B looked-up rows
+    are read (unless it doubles as the LM head). Every row of a table has the same bytes."""
+    total = weight_bytes(params)
     if not cfg.tied_head:
-        e = params.embed
-        total -= e.nbytes - batch * e.shape[1] * e.itemsize
+        e = params.embed  # [v, e'], a plain array or a Compact
+        total -= e.nbytes - batch * (e.nbytes // e.shape[0])
     return int(total)
 
 
@@ -192,6 +187,30 @@ def timing(compile_s: float, ms: list[float]) -> dict:
 
 # ---------------------------------------------------------------- options
 
+# Options whose default depends on the benchmark: None in the parser, filled in by `fill_defaults`
+# (realsize runs a full-size model, so its defaults are a real shape and a short generation).
+DEFAULTS = {"preset": "150m", "prompt_len": 128, "new_tokens": 32}
+KIND_DEFAULTS = {"realsize": {"preset": "llama-3-8b", "prompt_len": 16, "new_tokens": 8}}
+
+
+def fill_defaults(args) -> None:
+    """Set the options left unset to the defaults of the benchmark `args.kind`."""
+    for name, value in (DEFAULTS | KIND_DEFAULTS.get(args.kind, {})).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def weight_formats(text: str) -> tuple[str, ...]:
+    """`--weights float32,int8` -> ("float32", "int8"): WEIGHT_FORMATS names, each once."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in WEIGHT_FORMATS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct weight formats from {tuple(WEIGHT_FORMATS)}, comma separated; "
+            f"got {text!r}"
+        )
+    return names
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `slimllm bench` (and of the scripts in bench/)."""
@@ -206,15 +225,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument(
         "--preset",
-        default="150m",
         choices=(*PRESETS, *REAL_PRESETS),
-        help="model shape with random weights (default 150m)",
+        help="model shape with random weights (default 150m; realsize: llama-3-8b)",
     )
     m.add_argument("--config", help="a config.json (random weights of that shape)")
-    m.add_argument("--model", help="a real checkpoint (directory or llama2.c .bin)")
+    m.add_argument(
+        "--model",
+        help="a real checkpoint (directory or llama2.c .bin); realsize: one to measure, "
+        "neither written nor deleted",
+    )
     p.add_argument("--layers", type=int, help="override the layer count (reported)")
     p.add_argument("--backend", choices=("jax", "numpy"), default="jax")
     p.add_argument("--compare", action="store_true", help="run jax and numpy, report the ratio")
+    p.add_argument(
+        "--weights",
+        type=weight_formats,
+        help="weight format(s), comma separated, e.g. float32,bfloat16,int8 (decode: each timed "
+        "in turn, ratios to the first; default the model's own; realsize: bfloat16,int8)",
+    )
+    p.add_argument(
+        "--weight-group",
+        type=int,
+        help="int8/int4: input columns per scale (default: the format's own)",
+    )
     p.add_argument(
         "--mode",
         choices=("stream", "loop"),
@@ -228,8 +261,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor-parallel ranks (XLA devices here, or the mpiexec job's ranks)",
     )
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, help="default 128 (realsize: 16)")
+    p.add_argument("--new-tokens", type=int, help="default 32 (realsize: 8)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
     p.add_argument("--attention", choices=tuple(ATTENTION), default="naive")
     p.add_argument("--iterations", type=int, default=10)
@@ -261,6 +294,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=KV_DTYPES,
         default=("float32", "int8"),
         help="kv-decode: cache dtypes to time",
+    )
+    r = p.add_argument_group("realsize")
+    r.add_argument("--dir", help="realsize: where to write the checkpoint (default: the temp dir)")
+    r.add_argument("--keep", action="store_true", help="realsize: keep the written checkpoint")
+    r.add_argument(
+        "--shard-mb",
+        type=float,
+        default=5000,
+        help="realsize: largest safetensors shard in MB (default 5000, the hub's 5GB)",
     )
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--json", action="store_true", help="print the JSON report (else a table)")

@@ -44,7 +44,8 @@ from slimllm.jaxbackend import quant as jax_quant
 from slimllm.jaxbackend import runtime as jax_runtime
 from slimllm.jaxbackend import sampling as jax_sampling
 from slimllm.jaxbackend import slim_attention as jax_slim
-from slimllm.jaxbackend.params import layer_to_device, to_device
+from slimllm.jaxbackend import weight_format as jax_wf
+from slimllm.jaxbackend.params import device_array, layer_to_device, to_device
 from slimllm.reference import attention as ref_attention
 from slimllm.reference import key_blocks as ref_key_blocks
 from slimllm.reference import kv_cache as ref_kv
@@ -55,6 +56,7 @@ from slimllm.reference import quant as ref_quant
 from slimllm.reference import runtime as ref_runtime
 from slimllm.reference import sampling as ref_sampling
 from slimllm.reference import slim_attention as ref_slim
+from slimllm.reference import weight_format as ref_wf
 from slimllm.reference.config import ROPE_STYLES, DynamicNTK, ModelConfig
 from slimllm.reference.params import LayerParams, Params
 from slimllm.reference.runtime import Runtime
@@ -517,12 +519,42 @@ def model_norm_inputs(draw):
 
 @st.composite
 def linear_inputs(draw):
-    """x [b,t,e], w and an optional bias: the reference takes w [e,o] as it stores it, JAX
-    takes w [o,e], the device layout (`jaxbackend/params.py`)."""
+    """x [b,t,e], w in a drawn weight format and an optional bias: the reference takes w [e,o]
+    as it stores it, JAX takes w [o,e], the device layout (`jaxbackend/params.py`)."""
     o = draw(st.sampled_from((4, 12)))
     x, w = draw(x_arrays()), draw(S.arrays((WIDTH, o), -1.0, 1.0))
+    name, group = draw(S.weights())
+    w = ref_wf.encode("wq", w, ref_wf.weight_format(name), group)
     bias = draw(st.none() | S.arrays((o,)))
-    return Case((x, w, bias), (jnp.asarray(x), jnp.asarray(w.T), to_jax(bias)))
+    return Case((x, w, bias), (jnp.asarray(x), device_array("wq", w), to_jax(bias)))
+
+
+@st.composite
+def compact_inputs(draw, table: bool = False):
+    """A [rows, 8] matrix encoded in a drawn format (a table [v, e], or a linear weight), and for
+    a table some row ids [2, 3]."""
+    name, group = draw(S.weights())
+    w = draw(S.arrays((12, 8), -3.0, 3.0))
+    w = ref_wf.encode("embed" if table else "wq", w, ref_wf.weight_format(name), group)
+    if not table:
+        return Case((w,), (device_array("wq", w),))
+    ids = np.array(draw(st.lists(st.integers(0, 11), min_size=6, max_size=6))).reshape(2, 3)
+    return Case((w, ids), (device_array("embed", w), jnp.asarray(ids)))
+
+
+def jax_widen_logical(w):
+    """JAX widening, viewed in the reference's orientation (device weights are [out, in])."""
+    return jax_wf.widen(w).T
+
+
+@st.composite
+def int4_codes(draw):
+    """Packed int4 bytes [3, 4]: every byte value, not only the codes the quantiser makes."""
+    return (
+        np.array(draw(st.lists(st.integers(0, 255), min_size=12, max_size=12)), np.uint8).reshape(
+            3, 4
+        ),
+    )
 
 
 @st.composite
@@ -902,6 +934,13 @@ def _pairs() -> list[Pair]:
           V(st.tuples(x_arrays((3, 8), lo=-100, hi=100))), compare_quantized),
         P("quant.dequantize", ref_quant.dequantize, jax_quant.dequantize, V(dequantize_inputs),
           close()),
+        P("weight_format.dequantize", ref_wf.dequantize, jax_wf.dequantize,
+          V(st.tuples(int8_codes, S.arrays((2, 4), 0.0, 1.0))), close()),
+        P("weight_format.unpack_int4", ref_wf.unpack_int4, jax_wf.unpack_int4, V(int4_codes()),
+          exact),
+        P("weight_format.widen", ref_wf.widen, jax_widen_logical, compact_inputs(), exact, None),
+        P("weight_format.take_rows", ref_wf.take_rows, jax_wf.take_rows, compact_inputs(True),
+          exact, None),
     ]
     positions = [
         P("positions.inv_freq", ref_inv_freq, jax_positions.inv_freq, V(freq_inputs()), close(),

@@ -40,6 +40,7 @@ from slimllm.reference.config import (
 from slimllm.reference.params import Params, init_params
 from slimllm.reference.runtime import ATTENTION as REF_ATTENTION
 from slimllm.reference.runtime import Runtime
+from slimllm.reference.weight_format import encode_params, weight_format
 
 # ---------------------------------------------------------------- shapes (small discrete sets)
 
@@ -126,9 +127,32 @@ def configs(draw, dynamic_ntk: bool = True) -> ModelConfig:
     )
 
 
-def params(cfg: ModelConfig) -> st.SearchStrategy[Params]:
-    """Weights for cfg from `reference.params.init_params` with a drawn seed."""
-    return st.integers(0, 2**32 - 1).map(lambda seed: init_params(cfg, seed))
+# Weight formats as (name, group): every format; int8 per-channel (its default) and in groups of
+# 4, int4 in groups of 4 (4 divides every input width the configs draw: widths, heads x head
+# dims, FFN, embed width; int4's default of 32 would not).
+WEIGHTS = (
+    ("float32", None),
+    ("bfloat16", None),
+    ("float16", None),
+    ("int8", None),
+    ("int8", 4),
+    ("int4", 4),
+)
+
+
+def weights(formats=WEIGHTS) -> st.SearchStrategy[tuple[str, int | None]]:
+    return st.sampled_from(formats)
+
+
+def params(cfg: ModelConfig, formats=WEIGHTS) -> st.SearchStrategy[Params]:
+    """Weights for cfg from `reference.params.init_params` with a drawn seed, stored in a drawn
+    weight format."""
+
+    def build(seed, fmt):
+        p = init_params(cfg, seed)
+        return p if fmt[0] == "float32" else encode_params(p, weight_format(fmt[0]), fmt[1])
+
+    return st.builds(build, st.integers(0, 2**32 - 1), weights(formats))
 
 
 # ---------------------------------------------------------------- prompts

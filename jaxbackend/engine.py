@@ -56,15 +56,18 @@ class Engine:
 
     `rt.tp` > 1 splits the model over tensor-parallel ranks: `rt.transport == "devices"` uses
     tp XLA devices of this process (shard_map), "mpi" makes this process one of tp MPI ranks
-    holding only its slice of the weights. The other settings of `rt` are per call.
+    holding only its slice of the weights. The other settings of `rt` are per call. With
+    `consume` (one device), the host `params` are emptied as they are placed (`to_device`).
     """
 
-    def __init__(self, params: Params, cfg: ModelConfig, rt: Runtime = Runtime()):
+    def __init__(
+        self, params: Params, cfg: ModelConfig, rt: Runtime = Runtime(), consume: bool = False
+    ):
         self.cfg = cfg  # the model's own config, never edited for a shard
         self.plan = ShardPlan.of(cfg, rt.tp)
         self.mesh = None
         if rt.tp == 1:
-            self.comm, self.params = SINGLE, to_device(params)
+            self.comm, self.params = SINGLE, to_device(params, consume=consume)
         else:
             prepared = sharding.prepare(params, cfg, self.plan)
             self.comm = TRANSPORTS[rt.transport](rt.tp)

@@ -41,6 +41,7 @@ from .positions import (
 )
 from .runtime import Runtime, attention_fn
 from .tp import SINGLE, Comm
+from .weight_format import take_rows
 
 DEFAULT = Runtime()
 
@@ -161,7 +162,7 @@ def block(
 
 def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     """Token (and learned position) embeddings: [b,t] -> [b,t,e]."""
-    x = params.embed[tokens].astype(jnp.float32)  # [b,t] -> [b,t,e']
+    x = take_rows(params.embed, tokens)  # [b,t] -> [b,t,e'] (float32)
     if params.proj_in is not None:
         x = linear(x, params.proj_in)  # [b,t,e'] -> [b,t,e]
     if cfg.pos == "learned":

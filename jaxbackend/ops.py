@@ -6,6 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from slimllm.reference.weight_format import Compact
+
+from .weight_format import compact_linear
+
 
 def rms_norm(x, w, bias, eps):
     """x / sqrt(mean(x^2) + eps) * w, over the last axis (no bias: RMSNorm has none)."""
@@ -44,7 +48,10 @@ def bias_add(y, bias=None):
 
 
 def linear(x, w, bias=None):
-    """x @ w.T (+ bias); w is [out, in] (the device layout, see `params.py`)."""
+    """x @ w.T (+ bias); w is [out, in] (the device layout, see `params.py`) in any weight
+    format (a compact one is widened tile by tile inside the product, `weight_format.py`)."""
+    if isinstance(w, Compact):
+        return bias_add(compact_linear(x, w), bias)
     y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))  # [...,in] -> [...,out]
     return bias_add(y, bias)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slimllm.reference.params import LayerParams, Params
+from slimllm.reference.weight_format import Compact
 
 # Weights used as `linear(x, w)`: [in, out] in the reference, [out, in] on the device.
 LINEAR = frozenset(
@@ -53,18 +54,33 @@ register(Params)
 
 def host_layout(name: str, a):
     """One reference weight in the device layout, still on the host (linear weights transposed
-    to [out, in]; absent weights stay None)."""
+    to [out, in]; a Compact is stored [out, in] or as a table already; absent weights stay
+    None)."""
+    if isinstance(a, Compact):
+        return Compact(a.values, a.scale, a.encoding)
     return np.asarray(a).T if a is not None and name in LINEAR else a
+
+
+def to_jax(a, dtype=jnp.float32):
+    """A host weight (array or Compact, in the device layout) as device arrays."""
+    if a is None or not isinstance(a, Compact):
+        return None if a is None else jnp.asarray(a, dtype)
+    scale = None if a.scale is None else jnp.asarray(a.scale)
+    return Compact(jnp.asarray(a.values), scale, a.encoding)
 
 
 def device_array(name: str, a, dtype=jnp.float32):
     """One reference weight as the device stores it."""
-    return None if a is None else jnp.asarray(host_layout(name, a), dtype)
+    return to_jax(host_layout(name, a), dtype)
 
 
-def fuse_rows(parts: list, ranks: int) -> np.ndarray:
+def fuse_rows(parts: list, ranks: int):
     """Stack [out_i, in] matrices by rows, rank-major: each part's rows are cut into `ranks`
-    equal pieces, and rank r's pieces of every part come together, r = 0, 1, ..."""
+    equal pieces, and rank r's pieces of every part come together, r = 0, 1, ... (a Compact's
+    values and scales alike)."""
+    if isinstance(parts[0], Compact):
+        scale = None if parts[0].scale is None else fuse_rows([p.scale for p in parts], ranks)
+        return Compact(fuse_rows([p.values for p in parts], ranks), scale, parts[0].encoding)
     pieces = [np.split(part, ranks, axis=0) for part in parts]
     return np.concatenate([piece[r] for r in range(ranks) for piece in pieces], axis=0)
 
@@ -76,17 +92,24 @@ def layer_to_device(layer: LayerParams, dtype=jnp.float32, ranks: int = 1) -> De
     host["w_qkv"] = fuse_rows([host.pop("wq"), host.pop("wk"), host.pop("wv")], ranks)
     if host["w_gate"] is not None:  # swiglu (the other MLPs have only w_up)
         host["w_gate_up"] = fuse_rows([host.pop("w_gate"), host.pop("w_up")], ranks)
-    arrays = {name: None if a is None else jnp.asarray(a, dtype) for name, a in host.items()}
+    arrays = {name: to_jax(a, dtype) for name, a in host.items()}
     return DeviceLayer(**(dict.fromkeys(("wq", "wk", "wv", "w_gate", "w_up")) | arrays))
 
 
-def to_device(params: Params, dtype=jnp.float32, ranks: int = 1) -> Params:
+def to_device(params: Params, dtype=jnp.float32, ranks: int = 1, consume: bool = False) -> Params:
     """A copy of NumPy params as device arrays in the device layout (layers become a tuple: a
-    static-length pytree)."""
-    top = {
-        f.name: device_array(f.name, getattr(params, f.name), dtype)
-        for f in dataclasses.fields(params)
-        if f.name != "layers"
-    }
-    layers = tuple(layer_to_device(layer, dtype, ranks) for layer in params.layers)
-    return Params(layers=layers, **top)
+    static-length pytree). With `consume`, each host weight is dropped from `params` as soon as
+    its device copy exists, so placing a model never holds two copies of it (the caller gives
+    the host weights up: an 8B model in bf16 is 16 GB either way)."""
+    top = {}
+    for f in dataclasses.fields(params):
+        if f.name != "layers":
+            top[f.name] = device_array(f.name, getattr(params, f.name), dtype)
+            if consume:
+                setattr(params, f.name, None)
+    layers = []
+    for i, layer in enumerate(params.layers):
+        layers.append(layer_to_device(layer, dtype, ranks))
+        if consume:
+            params.layers[i] = None
+    return Params(layers=tuple(layers), **top)

@@ -17,6 +17,7 @@ from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
 from slimllm.reference.positions import Positions, SeqState, alibi_slopes, start_state
 
 from .params import register
+from .weight_format import take_rows
 
 register(Positions)
 register(SeqState)
@@ -137,7 +138,7 @@ ROTATIONS = {
 
 def learned_positions(table, cfg: ModelConfig, pos: Positions):
     """Rows of the learned position table for position ids [b,t] (bounds checked on the host)."""
-    return table[pos.ids + cfg.pos_offset]  # [b,t,e]
+    return take_rows(table, pos.ids + cfg.pos_offset)  # [b,t,e]
 
 
 def logn_scale(cfg: ModelConfig, pos: Positions):

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import Params
+from slimllm.reference.weight_format import Compact
 
 from .params import LINEAR, to_device
 from .tp import AXIS
@@ -132,6 +133,8 @@ def prepare(params: Params, cfg: ModelConfig, plan: ShardPlan) -> Params:
     def replicate_kv(w):  # [..., k*d] -> [..., k*copies*d], each head repeated in place
         if w is None or copies == 1:
             return w
+        if isinstance(w, Compact):  # stored [k*d, cols]: repeat rows, values and scales alike
+            return map_stored(w, lambda a: replicate_kv(a.T).T)
         shape = w.shape[:-1]
         heads = w.reshape(*shape, cfg.n_kv_heads, 1, d)  # [...,k*d] -> [...,k,1,d]
         return np.broadcast_to(heads, (*shape, cfg.n_kv_heads, copies, d)).reshape(*shape, -1)
@@ -146,14 +149,59 @@ def prepare(params: Params, cfg: ModelConfig, plan: ShardPlan) -> Params:
         )
         for layer in params.layers
     ]
-    lm_head = params.embed.T.copy() if cfg.tied_head else params.lm_head
-    return dataclasses.replace(params, layers=layers, lm_head=lm_head)
+    lm_head = transpose(params.embed) if cfg.tied_head else params.lm_head
+    prepared = dataclasses.replace(params, layers=layers, lm_head=lm_head)
+    check_groups(prepared, plan.tp)
+    return prepared
 
 
-def device_spec(name: str) -> P:
-    """The PartitionSpec of a weight in the device layout (linear weights are transposed)."""
+def map_stored(w: Compact, fn) -> Compact:
+    """A Compact with fn applied to its stored values and to its scales."""
+    scale = None if w.scale is None else fn(w.scale)
+    return Compact(fn(w.values), scale, w.encoding, w.transposed)
+
+
+def transpose(w):
+    """The transpose of a reference weight (a Compact only flips its orientation)."""
+    if isinstance(w, Compact):
+        return Compact(w.values, w.scale, w.encoding, not w.transposed)
+    return w.T.copy()
+
+
+def split_axis(name: str, w) -> int | None:
+    """The axis of w as stored that the table splits (None: replicated)."""
+    axis = next((i for i, ax in enumerate(SPECS[name]) if ax == AXIS), None)
+    return 1 - axis if axis is not None and isinstance(w, Compact) and w.transposed else axis
+
+
+def check_groups(params: Params, tp: int) -> None:
+    """A split across the input columns of a compact matrix (row-parallel) must not cut a
+    quantisation group or a packed byte: a clear error instead of a wrong answer."""
+    for obj in (params, *params.layers):
+        for f in dataclasses.fields(obj):
+            w = getattr(obj, f.name)
+            if not isinstance(w, Compact) or split_axis(f.name, w) != 1:
+                continue
+            rows, cols = w.stored_shape
+            groups = 1 if w.scale is None else w.scale.shape[1]
+            if (cols // w.enc.pack) % tp or (groups > 1 and groups % tp):
+                raise ValueError(
+                    f"tp={tp} splits the {cols} input columns of {f.name} inside a weight group "
+                    f"of {cols // groups} ({w.encoding}): choose a group dividing {cols // tp}"
+                )
+
+
+def device_spec(name: str, w=None):
+    """The PartitionSpec of a weight in the device layout (linear weights are transposed); for a
+    Compact, a Compact of specs: its scales split like its values, except per-channel scales
+    ([rows, 1]) of a matrix split by columns, which every rank needs whole."""
     spec = SPECS[name]
-    return P(*reversed(spec)) if name in LINEAR else spec
+    spec = P(*reversed(spec)) if name in LINEAR else spec
+    if not isinstance(w, Compact):
+        return spec
+    per_channel = w.scale is None or w.scale.shape[1] == 1
+    scale_spec = REPLICATED if per_channel and spec == P(None, AXIS) else spec
+    return Compact(spec, None if w.scale is None else scale_spec, w.encoding)
 
 
 def spec_tree(params: Params) -> Params:
@@ -161,7 +209,9 @@ def spec_tree(params: Params) -> Params:
 
     def specs(obj):
         return {
-            f.name: None if getattr(obj, f.name) is None else device_spec(f.name)
+            f.name: None
+            if getattr(obj, f.name) is None
+            else device_spec(f.name, getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if f.name != "layers"
         }
@@ -198,15 +248,20 @@ def local_slice(params: Params, rank: int, tp: int) -> Params:
     """Rank `rank`'s part of prepared NumPy params, still in the reference layout (MPI processes
     hold only their part; `to_device` then lays it out)."""
 
-    def part(name, a):
-        if a is None:
-            return None
-        spec = SPECS[name]
-        axis = next((i for i, ax in enumerate(spec) if ax == AXIS), None)
-        if axis is None:
-            return a
+    def cut(a, axis):
         n = a.shape[axis] // tp
         return np.ascontiguousarray(np.take(a, range(rank * n, (rank + 1) * n), axis=axis))
+
+    def part(name, a):
+        axis = None if a is None else split_axis(name, a)
+        if axis is None:
+            return a
+        if not isinstance(a, Compact):
+            return cut(a, axis)
+        # per-channel scales ([rows, 1]) of a matrix split by columns: every rank needs them
+        whole = a.scale is None or (axis == 1 and a.scale.shape[1] == 1)
+        scale = a.scale if whole else cut(a.scale, axis)
+        return Compact(cut(a.values, axis), scale, a.encoding, a.transposed)
 
     def sliced(obj):
         return dataclasses.replace(

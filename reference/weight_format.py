@@ -111,6 +111,19 @@ def unpack_int4(packed):
     return np.stack([lo, hi], axis=-1).reshape(packed.shape[0], -1)  # [r, c/2, 2] -> [r, c]
 
 
+def as_float(w, dtype):
+    """w rounded to a float dtype through float32 (the definition), or kept if already it."""
+    w = np.asarray(w)
+    return w if w.dtype == dtype else np.asarray(w, np.float32).astype(dtype)
+
+
+def as_bf16_bits(w):
+    """w as bfloat16 bit patterns; a bfloat16 source (ml_dtypes, as safetensors returns one)
+    keeps its bits without passing through float32."""
+    w = np.asarray(w)
+    return w.view(np.uint16) if w.dtype.name == "bfloat16" else to_bf16_bits(w.astype(np.float32))
+
+
 def _float(dtype):
     return Encoding(
         np.dtype(dtype).name,
@@ -118,7 +131,7 @@ def _float(dtype):
         0,
         1,
         None,
-        lambda w, group=None: (np.asarray(w, np.float32).astype(dtype), None),
+        lambda w, group=None: (as_float(w, dtype), None),
         lambda values, scale: values.astype(np.float32),
     )
 
@@ -134,7 +147,7 @@ ENCODINGS = {
             0,
             1,
             None,
-            lambda w, group=None: (to_bf16_bits(np.asarray(w, np.float32)), None),
+            lambda w, group=None: (as_bf16_bits(w), None),
             lambda values, scale: from_bf16_bits(values),
         ),
         Encoding(
@@ -227,8 +240,10 @@ class Compact:
 
 
 def encode(name: str, w, fmt: WeightFormat, group: int | None = None):
-    """One canonical weight (reference layout) in format `fmt`: vectors as float32, float32
-    matrices as plain arrays, every other matrix as a `Compact`."""
+    """One canonical weight (reference layout, any float dtype: a loader passes the checkpoint's
+    own, bfloat16 as `ml_dtypes.bfloat16`) in format `fmt`: vectors as float32, float32 matrices
+    as plain arrays, every other matrix as a `Compact`. A source already in the stored dtype
+    (bfloat16 or float16) keeps its values without passing through float32."""
     w = np.asarray(w)
     if w.ndim != 2:
         return w if w.dtype == np.float32 else w.astype(np.float32)
@@ -237,10 +252,10 @@ def encode(name: str, w, fmt: WeightFormat, group: int | None = None):
         return w if w.dtype == np.float32 else w.astype(np.float32)
     transposed = name in TRANSPOSED
     rows_first = w.T if transposed else w  # [rows = outputs, cols]
-    group = group if enc.scaled else None
+    group = (enc.group if group is None else group) if enc.scaled else None
     if enc.scaled:
-        check_group(rows_first.shape[1], group or enc.group, enc.pack)
-    values, scale = enc.encode(rows_first, group or enc.group)
+        check_group(rows_first.shape[1], group, enc.pack)
+    values, scale = enc.encode(rows_first, group)
     return Compact(np.ascontiguousarray(values), scale, enc.name, transposed)
 
 

@@ -30,8 +30,17 @@ __all__ = ["BACKENDS", "Model", "Output", "Runtime", "demo_model", "generate", "
 
 @dataclass
 class Model:
+    """A loaded model: config, weights (`params`, in format `weights`), tokenizer, special ids.
+
+    At most one copy of the weights is kept: once a JAX engine holds the model's weights in
+    their own format, the host copy is released, and read again from `source` (same format and
+    group) only if the NumPy backend asks for it. Models that no `load` made (a demo) keep
+    theirs, and so do models whose `params` were assigned; to change loaded weights, assign
+    `params` (an edit inside the Params object would be lost when they are read again).
+    """
+
     cfg: ModelConfig
-    params: Params
+    params: Params = field(repr=False, compare=False)  # a property, defined below the class
     tokenizer: object | None = None
     eos_ids: tuple[int, ...] = ()
     bos_id: int | None = None
@@ -43,10 +52,14 @@ class Model:
     _engines: dict = field(default_factory=dict, repr=False)
     _formats: dict = field(default_factory=dict, repr=False)
 
+    def format_of(self, rt: Runtime) -> tuple[str, int | None]:
+        """(weight format, group) that `rt` asks for (the loaded ones if it names none)."""
+        return (rt.weights or self.weights, rt.weight_group if rt.weights else self.weight_group)
+
     def params_for(self, rt: Runtime) -> Params:
         """The weights in `rt`'s format: as loaded when it names none (or the loaded one), else
         re-encoded once from the loaded weights and kept."""
-        key = (rt.weights or self.weights, rt.weight_group if rt.weights else self.weight_group)
+        key = self.format_of(rt)
         if key == (self.weights, self.weight_group):
             return self.params
         if key not in self._formats:
@@ -63,7 +76,9 @@ class Model:
 
     def engine(self, rt: Runtime = Runtime()):
         """The JAX engine of this model (device weights, compiled programs) for `rt`'s tp and
-        transport, made on first use."""
+        transport, made on first use. The engine holds the weights from then on, so the host
+        copy it was made from is dropped when it can be made again: another format is encoded
+        again from the loaded weights, the loaded ones are read again from `source`."""
         rt = self.placed(rt)
         key = (rt.tp, rt.transport, rt.weights, rt.weight_group)
         if key not in self._engines:
@@ -71,7 +86,28 @@ class Model:
             from slimllm.jaxbackend.engine import Engine
 
             self._engines[key] = Engine(self.params_for(rt), self.cfg, rt)
+            if self.format_of(rt) != (self.weights, self.weight_group):
+                self._formats.pop(self.format_of(rt), None)
+            elif self._rereadable:
+                self._host = None
         return self._engines[key]
+
+    def _get_params(self) -> Params:
+        if self._host is None and self._rereadable:  # released to an engine: read it again
+            again = load_checkpoint(
+                self.source, tokenizer=False, weights=self.weights, group=self.weight_group
+            )
+            self._host = again.params
+        return self._host
+
+    def _set_params(self, params: Params) -> None:
+        self._host = params
+        self._rereadable = False  # these may differ from the checkpoint (e.g. cut by a benchmark)
+
+
+# `params` is a property set here, after @dataclass, which would take a property in the class
+# body for the field's default value; the generated __init__ assigns `params` through it.
+Model.params = property(Model._get_params, Model._set_params)
 
 
 @dataclass
@@ -104,7 +140,7 @@ def load(path, progress=None, weights: str | None = None, group: int | None = No
     input columns per scale (None: the format's default)."""
     progress = progress or shards
     ck = load_checkpoint(path, progress=progress, weights=weights, group=group)
-    return Model(
+    model = Model(
         ck.cfg,
         ck.params,
         ck.tokenizer,
@@ -116,6 +152,8 @@ def load(path, progress=None, weights: str | None = None, group: int | None = No
         weights=ck.weights,
         weight_group=group,
     )
+    model._rereadable = True  # `params` are what load_checkpoint(source, weights, group) gives
+    return model
 
 
 DEMO_CONFIG = ModelConfig(

@@ -1,25 +1,36 @@
-"""Checkpoint tensors -> reference `Params`, driven by a family's declarative spec.
+"""Checkpoint tensors -> reference `Params` in a weight format, one tensor at a time.
 
 The spec (`weights.families.common.Family`) maps canonical parameters to checkpoint tensor
 names, fused tensors to splitters and canonical parameters to transforms (`weights.transforms`).
-Conversion is strict: every tensor the config needs must be found, every tensor in the file must
-be used or ignored, and every shape must match the config.
+Conversion is strict, and every check runs before any tensor data is read: every tensor the
+config needs must be found, every tensor in the files must be used or ignored (names come from
+the listing, `weights.io.read_tensors`), and every shape must match the config (each splitter
+runs first on a stand-in of its tensor: the right shape, every stride 0, no data).
+
+Then the checkpoint tensors are converted one at a time, file by file: each is read, split,
+transformed and encoded in the target format, and dropped before the next, so the model is
+never held in float32 unless that is its format. A tensor that needs no splitting or transform
+goes to `weights.stream.encode_rows` unread, which reads and encodes it a block of rows at a
+time (a fixed amount of memory beyond the result); a fused tensor is held whole in its stored
+dtype while it is split, and a transformed one is widened whole to float32 for its maths
+(NormHead sums its squares in float64: twice that).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import LayerParams, Params, check_params, layer_shapes, model_shapes
+from slimllm.reference.weight_format import WeightFormat, widen
 
 from .families.common import Family
-from .io import CheckpointError
-
-# Canonical parameters kept in their checkpoint orientation (tables, not projections).
-TABLES = {"embed", "pos_embed"}
+from .io import CheckpointError, Lazy
+from .stream import encode_rows, field, torch_to_ours, whole
 
 
 def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
@@ -28,28 +39,35 @@ def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
     return [(i, pattern.format(i=i)) for i in range(n_layers)]
 
 
-def torch_to_ours(canonical: str, w: np.ndarray) -> np.ndarray:
-    """torch Linear weights are [out, in]; ours are [in, out]. Tables and vectors are unchanged."""
-    base = canonical.rsplit(".", 1)[-1]
-    return np.ascontiguousarray(w.T) if w.ndim == 2 and base not in TABLES else w
+def stand_in(t: Lazy) -> np.ndarray:
+    """An array with t's shape and dtype and no data (every stride 0)."""
+    return np.broadcast_to(np.zeros((), t.dtype), t.shape)
 
 
-def convert(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
-    """Build Params from checkpoint tensors (torch layout) following the family spec."""
-    if family.rename:
-        tensors = {family.rename(name): w for name, w in tensors.items()}
+def split_targets(split: Callable, cfg: ModelConfig, i: int | None) -> Callable:
+    """A fused tensor's splitter, with the layer index put into the canonical names it gives."""
+
+    def pieces(w):
+        return {part if i is None else part.format(i=i): p for part, p in split(w, cfg).items()}
+
+    return pieces
+
+
+def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str, Callable]:
+    """What each checkpoint tensor used gives: name -> function from the tensor (torch layout)
+    to {canonical name: piece}. Names and shapes are checked here, on stand-ins."""
     needed = {f"layers.{{i}}.{n}" for n in layer_shapes(cfg)} | set(model_shapes(cfg))
-    found: dict[str, np.ndarray] = {}
-    used: set[str] = set()
+    plans: dict[str, Callable] = {}
+    found: dict[str, np.ndarray] = {}  # canonical name -> stand-in in the reference layout
 
     for source, split in family.fused.items():
         for i, name in expand(source, cfg.n_layers):
-            if name not in tensors:
-                continue
-            used.add(name)
-            for part, w in split(tensors[name], cfg).items():
-                found[part if i is None else part.format(i=i)] = w
+            if name in tensors:
+                plans[name] = split_targets(split, cfg, i)
+                for target, piece in plans[name](stand_in(tensors[name])).items():
+                    found[target] = torch_to_ours(target, piece)
 
+    direct: dict[str, list[str]] = {}  # checkpoint name -> the canonical names it is
     for canonical, source in family.names.items():
         if canonical not in needed:
             continue
@@ -59,11 +77,12 @@ def convert(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray]) ->
                 continue
             if name not in tensors:
                 raise CheckpointError(f"missing tensor {name} (needed for {target})")
-            used.add(name)
-            found[target] = tensors[name]
+            direct.setdefault(name, []).append(target)
+            found[target] = torch_to_ours(target, stand_in(tensors[name]))
+    plans |= {name: partial(dict.fromkeys, targets) for name, targets in direct.items()}
 
     ignored = {n for pattern in family.ignored for _, n in expand(pattern, cfg.n_layers)}
-    unknown = sorted(set(tensors) - used - ignored)
+    unknown = sorted(set(tensors) - set(plans) - ignored)
     if unknown:
         raise CheckpointError(
             f"unexpected tensor(s) for a {family.name} model with this config: {unknown[:5]}"
@@ -76,12 +95,12 @@ def convert(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray]) ->
     )
     if missing:
         raise CheckpointError(f"missing weights for {family.name}: {missing[:5]}")
+    assemble(family, cfg, found)
+    return plans
 
-    values = {}
-    for target, w in found.items():
-        w = torch_to_ours(target, np.asarray(w, np.float32))
-        transform = family.transforms.get(re.sub(r"^layers\.\d+\.", "layers.{i}.", target))
-        values[target] = transform(w, cfg) if transform else w
+
+def assemble(family: Family, cfg: ModelConfig, values: dict) -> Params:
+    """Params from canonical name -> weight, every shape checked against the config."""
     layers = [
         LayerParams(**{n: values[f"layers.{i}.{n}"] for n in layer_shapes(cfg)})
         for i in range(cfg.n_layers)
@@ -92,3 +111,41 @@ def convert(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray]) ->
     except ValueError as e:
         raise CheckpointError(f"{family.name} checkpoint does not match its config: {e}") from None
     return params
+
+
+def convert_tensor(family, cfg, source: Lazy, pieces, fused: bool, fmt, group) -> dict:
+    """The canonical weights one checkpoint tensor gives, each transformed and encoded: a fused
+    tensor is read whole to be split, any other is passed on unread (`encode_rows` reads it)."""
+    out = {}
+    for target, piece in pieces(source.read() if fused else source).items():
+        transform = family.transforms.get(re.sub(r"^layers\.\d+\.", "layers.{i}.", target))
+        if transform:  # the maths runs in float32, in the reference layout
+            ours = transform(torch_to_ours(target, widen(whole(piece))), cfg)
+            piece = torch_to_ours(target, ours)
+        out[target] = encode_rows(field(target), piece, fmt, group)
+    return out
+
+
+def convert(
+    family: Family,
+    cfg: ModelConfig,
+    tensors: dict[str, Lazy],
+    fmt: WeightFormat,
+    group: int | None = None,
+    progress=None,
+) -> Params:
+    """Params in format `fmt` from a checkpoint's unread tensors (torch layout) following the
+    family spec; all checks run before any data is read, then one tensor is read at a time, in
+    file order (`progress` wraps the list of files)."""
+    if family.rename:
+        tensors = {family.rename(name): t for name, t in tensors.items()}
+    plans = plan(family, cfg, tensors)
+    fused = {name for pattern in family.fused for _, name in expand(pattern, cfg.n_layers)}
+    values = {}
+    files = list(dict.fromkeys(tensors[name].file for name in plans))
+    for file in progress(files) if progress else files:
+        for name, pieces in plans.items():
+            if tensors[name].file == file:
+                t = tensors[name]
+                values |= convert_tensor(family, cfg, t, pieces, name in fused, fmt, group)
+    return assemble(family, cfg, values)

@@ -7,92 +7,122 @@ w1 (gate), w2 (down), w3 (up), final norm, two legacy RoPE tables (seq_len * hea
 read and ignored: slimllm recomputes the frequencies), and the classifier if unshared.
 llama2.c rotates interleaved pairs (x[2i], x[2i+1]) with theta 10000 and RMSNorm eps 1e-5, so
 the config says `rope_style="interleaved"` and the weights need no permutation.
+
+The sizes are checked against the file before any data is read; then each weight is read (a
+block of rows at a time, straight from the file) and encoded in the requested weight format by
+`weights.stream.encode_rows`, as for Hugging Face checkpoints.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.params import LayerParams, Params, check_params
+from slimllm.reference.weight_format import WeightFormat, weight_format
 
-from .io import CheckpointError
+from .io import CheckpointError, Lazy
+from .stream import encode_rows
 
 HEADER = 7 * 4
+# llama2.c's names for what it stores -> ours (w1, w2, w3: gate, down, up); None: ignored.
+NAMES = {
+    "token_embedding": "embed",
+    "rms_att_weight": "attn_norm",
+    "wq": "wq",
+    "wk": "wk",
+    "wv": "wv",
+    "wo": "wo",
+    "rms_ffn_weight": "mlp_norm",
+    "w1": "w_gate",
+    "w2": "w_down",
+    "w3": "w_up",
+    "rms_final_weight": "final_norm",
+    "freq_cis_real": None,  # legacy RoPE tables: slimllm recomputes the frequencies
+    "freq_cis_imag": None,
+    "wcls": "lm_head",
+}
+PER_LAYER = ("rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight", "w1", "w2", "w3")
 
 
-def read_llama2c(path: Path) -> tuple[ModelConfig, Params]:
+def llama2c_config(path: Path) -> ModelConfig:
+    """The model config in a llama2.c file's header (a negative vocab: an unshared classifier)."""
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) < HEADER:
+    with open(path, "rb") as f:
+        header = f.read(HEADER)
+    if len(header) < HEADER:
         raise CheckpointError(f"{path}: too short for a llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = np.frombuffer(data[:HEADER], np.int32)
-    shared = vocab > 0
-    vocab = abs(int(vocab))
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = np.frombuffer(header, np.int32)
     if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or dim % n_heads:
-        raise CheckpointError(f"{path}: implausible llama2.c header {data[:HEADER].hex()}")
-    head_dim = int(dim) // int(n_heads)
-    kv_dim = int(n_kv) * head_dim
-    cfg = ModelConfig(
-        vocab=vocab,
+        raise CheckpointError(f"{path}: implausible llama2.c header {header.hex()}")
+    return ModelConfig(
+        vocab=abs(int(vocab)),
         width=int(dim),
         n_layers=int(n_layers),
         n_heads=int(n_heads),
         n_kv_heads=int(n_kv),
-        head_dim=head_dim,
+        head_dim=int(dim) // int(n_heads),
         ffn_width=int(hidden),
         max_len=int(seq_len),
         norm_eps=1e-5,
         rope_style="interleaved",
-        tied_head=bool(shared),
+        tied_head=bool(vocab > 0),
     )
-    values = np.frombuffer(data[HEADER:], np.float32) if (len(data) - HEADER) % 4 == 0 else None
-    if values is None:
+
+
+def layout(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of a llama2.c file in order, torch layout, per-layer ones stacked [L, ...]."""
+    e, f, L, v = cfg.width, cfg.ffn_width, cfg.n_layers, cfg.vocab
+    kv = cfg.n_kv_heads * cfg.head_dim
+    rope = (cfg.max_len, cfg.head_dim // 2)
+    shapes = [(v, e), (L, e), (L, e, e), (L, kv, e), (L, kv, e), (L, e, e), (L, e)]
+    shapes += [(L, f, e), (L, e, f), (L, f, e), (e,), rope, rope, (v, e)]
+    pairs = list(zip(NAMES, shapes, strict=True))
+    return pairs[:-1] if cfg.tied_head else pairs
+
+
+def read_rows(path: Path, offset: int, shape: tuple[int, ...], a=None, b=None) -> np.ndarray:
+    """Rows a:b (all by default) of the float32 tensor of `shape` at byte `offset` of a file."""
+    row = int(np.prod(shape[1:]))
+    a, b = (0, shape[0]) if a is None else (a, min(b, shape[0]))
+    w = np.fromfile(path, np.float32, count=(b - a) * row, offset=offset + 4 * a * row)
+    return w.reshape(b - a, *shape[1:])
+
+
+def read_llama2c(
+    path: Path, fmt: WeightFormat | None = None, group: int | None = None
+) -> tuple[ModelConfig, Params]:
+    """The config and weights of a llama2.c file, the weights in format `fmt` (float32 default)."""
+    path = Path(path)
+    fmt = fmt or weight_format("float32")
+    cfg = llama2c_config(path)
+    tensors = layout(cfg)
+    payload = path.stat().st_size - HEADER
+    expected = 4 * sum(int(np.prod(shape)) for _, shape in tensors)
+    if payload % 4:
         raise CheckpointError(f"{path}: payload is not a whole number of float32 values")
-    offset = 0
+    if payload < expected:
+        raise CheckpointError(f"{path}: file ends early (truncated llama2.c checkpoint)")
+    if payload > expected:
+        raise CheckpointError(f"{path}: {(payload - expected) // 4} unexpected trailing values")
 
-    def take(*shape):
-        nonlocal offset
-        n = int(np.prod(shape))
-        if offset + n > values.size:
-            raise CheckpointError(f"{path}: file ends early (truncated llama2.c checkpoint)")
-        a = values[offset : offset + n].reshape(shape)
-        offset += n
-        return a
+    def weight(name, offset, shape, where):
+        read = partial(read_rows, path, offset, shape)
+        lazy = Lazy(path, name + where, np.dtype(np.float32), shape, read, by_rows=True)
+        return encode_rows(NAMES[name], lazy, fmt, group)
 
-    L = cfg.n_layers
-    embed = take(vocab, dim).copy()
-    attn_norm = take(L, dim)
-    wq, wk, wv = take(L, dim, dim), take(L, kv_dim, dim), take(L, kv_dim, dim)
-    wo = take(L, dim, dim)
-    mlp_norm = take(L, dim)
-    w1, w2, w3 = take(L, hidden, dim), take(L, dim, hidden), take(L, hidden, dim)
-    final_norm = take(dim).copy()
-    take(seq_len, head_dim // 2)  # legacy freq_cis_real: ignored
-    take(seq_len, head_dim // 2)  # legacy freq_cis_imag: ignored
-    lm_head = None if shared else take(vocab, dim).T.copy()
-    if offset != values.size:
-        raise CheckpointError(f"{path}: {values.size - offset} unexpected trailing values")
-
-    def t(a):  # torch [out, in] -> ours [in, out]
-        return np.ascontiguousarray(a.T)
-
-    layers = [
-        LayerParams(
-            attn_norm=attn_norm[i].copy(),
-            wq=t(wq[i]),
-            wk=t(wk[i]),
-            wv=t(wv[i]),
-            wo=t(wo[i]),
-            mlp_norm=mlp_norm[i].copy(),
-            w_gate=t(w1[i]),
-            w_up=t(w3[i]),
-            w_down=t(w2[i]),
-        )
-        for i in range(L)
-    ]
-    params = Params(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+    top, layers, offset = {}, [{} for _ in range(cfg.n_layers)], HEADER
+    for name, shape in tensors:
+        if name in PER_LAYER:
+            size = 4 * int(np.prod(shape[1:]))
+            for i, layer in enumerate(layers):
+                layer[NAMES[name]] = weight(name, offset + i * size, shape[1:], f"[{i}]")
+        elif NAMES[name]:
+            top[NAMES[name]] = weight(name, offset, shape, "")
+        offset += 4 * int(np.prod(shape))
+    params = Params(layers=[LayerParams(**layer) for layer in layers], **top)
     check_params(params, cfg)
     return cfg, params

@@ -5,9 +5,10 @@ references to storages (key, dtype, element count) and tensor views on them; not
 is executed. This module opens the two layouts torch.save writes, the zip archive since 1.6
 (<folder>/data.pkl plus one record per storage) and the older single stream ("legacy": header
 pickles, the object pickle, then the raw storages), checks each storage's size against the
-pickle, and reads the tensor bytes with NumPy into strided views. `torch_bin_write` writes the
-zip layout without torch, so tests can make checkpoints that torch.load(weights_only=True) also
-accepts.
+pickle, and reads the tensor bytes with NumPy into strided views, all at once (`load_torch_bin`)
+or one tensor per call while the file stays open (`open_torch_bin`, for loading a model without
+holding the whole file in memory). `torch_bin_write` writes the zip layout without torch, so
+tests can make checkpoints that torch.load(weights_only=True) also accepts.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import contextlib
 import io
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import ml_dtypes
 import numpy as np
 
 # The errors are defined beside the unpickler that raises most of them, and re-exported here as
@@ -33,7 +35,13 @@ from .torch_pickle import (
     unpickle,
 )
 
-__all__ = ["TorchBinError", "UnsafePickleError", "list_torch_bin", "load_torch_bin"]
+__all__ = [
+    "TorchBinError",
+    "UnsafePickleError",
+    "list_torch_bin",
+    "load_torch_bin",
+    "open_torch_bin",
+]
 
 
 # --- the two file layouts ---------------------------------------------------------------------
@@ -219,8 +227,46 @@ def load_torch_bin(path: str | Path, *, keep_dtype: bool = False) -> dict[str, n
     return {name: arrays[name] for name in checkpoint.tensors}
 
 
-def _build(storage: np.ndarray, ref: TensorRef, sole_user: bool, keep_dtype: bool) -> np.ndarray:
-    """One tensor from its storage: the strided view, copied unless it is the whole storage."""
+@contextlib.contextmanager
+def open_torch_bin(
+    path: str | Path,
+) -> Iterator[tuple[dict[str, tuple[np.dtype, tuple[int, ...]]], Callable[[str], np.ndarray]]]:
+    """While the file is open: each tensor's NumPy dtype and shape, and a function reading one
+    tensor by name in its stored dtype (bfloat16 as `ml_dtypes.bfloat16`).
+
+    Each call reads the tensor's storage anew, so memory holds only the tensors the caller
+    keeps (a storage shared by several tensors is read once per tensor).
+    """
+    path = Path(path)
+    with open(path, "rb") as file:
+        with _naming_errors(path):
+            checkpoint = _open_checkpoint(file)
+
+        def read(name: str) -> np.ndarray:
+            ref = checkpoint.tensors[name]
+            with _naming_errors(path):
+                storage = checkpoint.read_storage(ref.storage)
+            return _build(storage, ref, sole_user=True, keep_dtype=True, bfloat16=True)
+
+        listing = {
+            name: (_numpy_dtype(ref.storage.type), ref.shape)
+            for name, ref in checkpoint.tensors.items()
+        }
+        yield listing, read
+
+
+def _numpy_dtype(storage_type) -> np.dtype:
+    """The NumPy dtype `open_torch_bin` returns a storage type's tensors in."""
+    if storage_type.dtype == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.bool_) if storage_type.dtype == "bool" else storage_type.raw
+
+
+def _build(
+    storage: np.ndarray, ref: TensorRef, sole_user: bool, keep_dtype: bool, bfloat16: bool = False
+) -> np.ndarray:
+    """One tensor from its storage: the strided view, copied unless it is the whole storage.
+    `bfloat16`: a bfloat16 tensor comes back as `ml_dtypes.bfloat16` rather than widened."""
     if 0 in ref.shape:
         array = np.empty(ref.shape, storage.dtype)
     else:
@@ -236,7 +282,9 @@ def _build(storage: np.ndarray, ref: TensorRef, sole_user: bool, keep_dtype: boo
         array = storage.reshape(ref.shape) if sole_user and whole else np.array(view, order="C")
     kind = ref.storage.type.dtype
     # astype and in-place operators, because NumPy operators turn 0-d arrays into scalars
-    if kind == "bfloat16":
+    if kind == "bfloat16" and bfloat16:
+        array = array.view(ml_dtypes.bfloat16)
+    elif kind == "bfloat16":
         bits = array.astype(np.uint32)
         bits <<= 16
         array = bits.view(np.float32)

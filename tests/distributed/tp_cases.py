@@ -10,8 +10,9 @@ Every distinct (model, attention, cache, sampling, shape) compiles its own progr
 seconds each on CI's two cores, four times over: tp=1, devices and two MPI ranks), so the plan is
 a covering, not the full product:
 - each fixture whose heads allow tp=2 (sharding.check_tp), one per distinct config structure
-  (`allowed_fixtures`), runs one greedy case with logits; the six (attention, cache) pairs are
-  dealt out in turn, so each pair runs on two families. SLIMLLM_TP_FULL=1 runs every pair on
+  (`allowed_fixtures`), runs one greedy case with logits; the six (attention, cache, weights)
+  combinations are dealt out in turn, so each runs on one or two families and every weight format
+  is split with its scales. SLIMLLM_TP_FULL=1 runs every pair on
   every family (slow: for a thorough local check).
 - sampling acts on logits only, so the two sampling settings run on one fixture, in both
   generation modes; the stream cases reuse that fixture's greedy prefill and decode programs.
@@ -32,13 +33,13 @@ import numpy as np
 
 MAX_NEW = 10  # tokens per row: enough decode steps through the cache, cheap to run
 SEEDS = (11, 12)  # one seed per row (prompt_a, prompt_b)
-COMBOS = (  # (attention, kv cache), in an order that alternates both axes
-    ("naive", "float32"),
-    ("slim", "int8"),
-    ("flash", "float32"),
-    ("naive", "int8"),
-    ("slim", "float32"),
-    ("flash", "int8"),
+COMBOS = (  # (attention, kv cache, weight format), alternating every axis
+    ("naive", "float32", "float32"),
+    ("slim", "int8", "int8"),
+    ("flash", "float32", "bfloat16"),
+    ("naive", "int8", "int4"),
+    ("slim", "float32", "float16"),
+    ("flash", "int8", "int8"),
 )
 SAMPLINGS = {
     # the top-k path: each rank offers its local top-k, the R*k candidates are merged
@@ -53,12 +54,14 @@ class Case:
     fixture: str
     attention: str
     kv_dtype: str
+    weights: str = "float32"
     sampling: str = "greedy"  # "greedy" or a key of SAMPLINGS
     mode: str = "stream"  # "stream" (host sees every token; logits) or "loop" (one program)
 
     @property
     def key(self) -> str:
-        return f"{self.fixture}-{self.attention}-{self.kv_dtype}-{self.sampling}-{self.mode}"
+        parts = (self.attention, self.kv_dtype, self.weights, self.sampling, self.mode)
+        return "-".join((self.fixture, *parts))
 
     @property
     def with_logits(self) -> bool:
@@ -102,14 +105,14 @@ def plan(fixtures: Path) -> list[Case]:
     """All cases, greedy first (see the module docstring for the choice)."""
     names = allowed_fixtures(fixtures)
     if os.environ.get("SLIMLLM_TP_FULL"):
-        greedy = [Case(n, a, kv) for n in names for a, kv in COMBOS]
+        greedy = [Case(n, *combo) for n in names for combo in COMBOS]
     else:
         greedy = [Case(n, *COMBOS[i % len(COMBOS)]) for i, n in enumerate(names)]
     if not names:
         return greedy
     first = next(c for c in greedy if c.fixture == sampled_fixture(names))
     return greedy + [
-        Case(first.fixture, first.attention, first.kv_dtype, s, mode)
+        Case(first.fixture, first.attention, first.kv_dtype, first.weights, s, mode)
         for s in SAMPLINGS
         for mode in ("loop", "stream")
     ]
@@ -145,6 +148,7 @@ def run(fixtures: Path, case: Case, tp: int) -> dict[str, np.ndarray]:
         seed=list(SEEDS),
         attention=case.attention,
         kv_dtype=case.kv_dtype,
+        weights=case.weights,
         mode=case.mode,
         return_logits=case.with_logits,
         tp=tp,

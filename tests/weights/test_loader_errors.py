@@ -120,9 +120,10 @@ def test_sharded_safetensors_and_rope_parameters(ckpt):
     assert rel_err(model.params.layers[1].w_down, ref.params.layers[1].w_down) == 0
 
 
-def test_bf16_and_f16_safetensors_load_as_float32(ckpt, tmp_path):
-    """Half-precision files widen to float32 exactly (bf16 by bit shift)."""
-    from slimllm.weights.io import read_safetensors
+def test_bf16_and_f16_safetensors_keep_their_dtype(tmp_path):
+    """Half-precision tensors are read as stored (bf16 as ml_dtypes.bfloat16, whose float32
+    widening is the bit shift)."""
+    from slimllm.weights.io import lazy_safetensors
 
     x = np.array([1.0, -2.5, 3.140625, 1e-3], np.float32)
     bits = (x.view(np.uint32) >> 16).astype(np.uint16)
@@ -135,10 +136,16 @@ def test_bf16_and_f16_safetensors_load_as_float32(ckpt, tmp_path):
     path.write_bytes(
         len(raw).to_bytes(8, "little") + raw + bits.tobytes() + x.astype(np.float16).tobytes()
     )
-    t = read_safetensors(path)
-    assert t["a"].dtype == np.float32 and t["b"].dtype == np.float32
-    np.testing.assert_array_equal(t["a"], (bits.astype(np.uint32) << 16).view(np.float32))
-    np.testing.assert_array_equal(t["b"], x.astype(np.float16).astype(np.float32))
+    t = lazy_safetensors(path)
+    a, b = t["a"].read(), t["b"].read()
+    assert t["a"].dtype.name == a.dtype.name == "bfloat16"
+    assert t["b"].dtype == b.dtype == np.float16
+    np.testing.assert_array_equal(a.view(np.uint16), bits)
+    np.testing.assert_array_equal(
+        a.astype(np.float32), (bits.astype(np.uint32) << 16).view(np.float32)
+    )
+    np.testing.assert_array_equal(b, x.astype(np.float16))
+    np.testing.assert_array_equal(t["a"].read(1, 3).view(np.uint16), bits[1:3])
 
 
 def test_pytorch_bin_checkpoint_loads_like_safetensors(ckpt):

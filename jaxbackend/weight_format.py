@@ -1,0 +1,109 @@
+"""Weight formats in JAX: the reference's `weight_format.py` table with jnp widening, and the
+product that reads a compact matrix.
+
+The reference's `Compact` is registered as a pytree (values and scale are leaves, the encoding
+and orientation static), so a compact weight sits in the device Params like any array. On the
+device every linear weight is [rows = out, cols = in] (`params.py`), the quantiser's layout, so a
+device Compact is never transposed.
+
+How the product reads a compact matrix (measured on the 150M preset's 33 weight matrices at batch
+1, XLA:CPU, 2 cores; `/tmp`-style micro-benchmark described in the note of the issue that added
+formats): widening a whole bf16 matrix and then multiplying lets XLA fuse the conversion into
+its dot at batch 1 (19.5 ms against float32's 23.6 ms) but falls off a cliff at batch 4 (175 ms
+against 35 ms); widening one tile of `TILE_ROWS` output rows at a time under `lax.scan` and
+multiplying it in float32 keeps every batch on the float32 dot (bf16 20 ms, int8 14 ms at batch
+1; bf16 41 ms, int8 48 ms at batch 4). Each tile widened is at most TILE_ROWS x cols float32 (2
+MiB for 1024 columns), so no float copy of a matrix is ever built. int4's unpacking is slow in
+XLA (54 ms at batch 1 with this formulation, 64-170 ms with others tried: nibbles as halves of
+each group, float arithmetic): the speed issue replaces it with a kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from slimllm.reference.weight_format import ENCODINGS, Compact
+
+TILE_ROWS = 512  # output rows widened per scan step (measured: 512 beat 64, 128 and 256)
+
+try:
+    jax.tree_util.register_dataclass(
+        Compact, data_fields=["values", "scale"], meta_fields=["encoding", "transposed"]
+    )
+except ValueError:  # already registered (module reloaded)
+    pass
+
+
+def dequantize(q, scale):
+    """q [rows, cols] and scale [rows, n] -> float32 [rows, cols] (groups of cols / n columns)."""
+    rows, cols = q.shape
+    grouped = q.astype(jnp.float32).reshape(rows, scale.shape[1], -1)  # [r, n, G]
+    return (grouped * scale[..., None]).reshape(rows, cols)  # [r, n, G] * [r, n, 1]
+
+
+def unpack_int4(packed):
+    """uint8 [rows, cols // 2] -> int8 codes [rows, cols]: low nibble column 2j, high 2j+1."""
+    lo = (packed & 15).astype(jnp.int8) - 8
+    hi = (packed >> 4).astype(jnp.int8) - 8
+    return jnp.stack([lo, hi], axis=-1).reshape(packed.shape[0], -1)  # [r, c/2, 2] -> [r, c]
+
+
+def from_bf16_bits(bits):
+    """bfloat16 bit patterns (uint16) -> float32, exactly, with integer ops (XLA:CPU converts
+    these fast; its bf16 arithmetic is slow)."""
+    return lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
+
+
+# name -> widen(values, scale) -> float32 [rows, cols]; the encodings of the reference's table.
+WIDEN = {
+    "float32": lambda values, scale: values,
+    "float16": lambda values, scale: values.astype(jnp.float32),
+    "bfloat16": lambda values, scale: from_bf16_bits(values),
+    "int8": dequantize,
+    "int4": lambda values, scale: dequantize(unpack_int4(values), scale),
+}
+assert set(WIDEN) == set(ENCODINGS), "one widening per reference encoding"
+
+
+def widen(w):
+    """A weight as float32 (a whole matrix: for tables and tests; products use `linear`)."""
+    if not isinstance(w, Compact):
+        return w.astype(jnp.float32)
+    return WIDEN[w.encoding](w.values, w.scale)
+
+
+def compact_linear(x, w: Compact):
+    """x @ widen(w).T for a compact device weight [out, in]: [..., in] -> [..., out], widened one
+    tile of TILE_ROWS output rows at a time (module docstring). When the tiles do not divide the
+    rows, the last tile starts earlier and overlaps the one before it (those rows are kept
+    once), so no weight is ever padded or copied."""
+    rows = w.values.shape[0]
+    t = min(TILE_ROWS, rows)
+    n = -(-rows // t)  # tiles
+    flat = x.reshape(-1, x.shape[-1])  # [m, in]
+    widen_tile = WIDEN[w.encoding]
+
+    def step(carry, i):
+        start = jnp.minimum(i * t, rows - t)
+        tile = jax.tree_util.tree_map(
+            lambda a: lax.dynamic_slice_in_dim(a, start, t), (w.values, w.scale)
+        )  # [t, ...] of the values and the scales
+        return carry, flat @ widen_tile(*tile).T  # [m, in] x [in, t] -> [m, t]
+
+    _, ys = lax.scan(step, None, jnp.arange(n))  # [n, m, t]
+    last = rows - (n - 1) * t  # rows only the last tile holds
+    y = jnp.concatenate(
+        [jnp.moveaxis(ys[:-1], 0, 1).reshape(flat.shape[0], -1), ys[-1][:, t - last :]], axis=1
+    )  # [m, rows]
+    return y.reshape(*x.shape[:-1], rows)
+
+
+def take_rows(table, ids):
+    """Rows `ids` of a table [v, e] as float32: [...] -> [..., e], widening only those rows."""
+    if not isinstance(table, Compact):
+        return table[ids].astype(jnp.float32)
+    scale = None if table.scale is None else table.scale[ids.reshape(-1)]
+    rows = WIDEN[table.encoding](table.values[ids.reshape(-1)], scale)  # [n, e]
+    return rows.reshape(*ids.shape, rows.shape[-1])

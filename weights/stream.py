@@ -1,0 +1,86 @@
+"""Encoding one checkpoint tensor in a weight format with a fixed amount of memory beside it.
+
+`encode_rows` applies `reference.weight_format.encode` to a block of rows at a time, BLOCK
+bytes as float32, and writes each block into the result's arrays: besides the result, memory
+holds one block read from the file, its float32 widening and the quantiser's temporaries (about
+four float32 arrays of the block's size), at most about 6 x BLOCK = 24 MiB whatever the
+tensor's size. A tensor is read block by block straight from its file when the file can give
+part of a tensor (safetensors, llama2.c); a PyTorch .bin tensor is read whole first, in its
+stored dtype. bfloat16 to bfloat16 copies bits and never makes float32.
+
+Rows are the checkpoint's: torch's layout, [out, in] for Linear weights, which is the stored
+layout of a `Compact` (one scale per output row), so a block of rows encodes as it is; a
+float32 weight is written into the reference's [in, out] layout, a block of columns at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slimllm.reference.weight_format import TRANSPOSED, Compact, WeightFormat, encode
+
+from .io import Lazy
+
+BLOCK = 4 << 20  # bytes of float32 encoded at once
+
+
+def field(target: str) -> str:
+    """The Params field of a canonical name: "layers.3.wq" -> "wq"."""
+    return target.rsplit(".", 1)[-1]
+
+
+def torch_to_ours(target: str, w):
+    """torch Linear weights are [out, in]; ours are [in, out] (a view; it is its own inverse).
+    Tables and vectors are unchanged."""
+    return w.T if w.ndim == 2 and field(target) in TRANSPOSED else w
+
+
+def whole(source) -> np.ndarray:
+    """A checkpoint tensor in memory: read when it is a `Lazy` one."""
+    return source.read() if isinstance(source, Lazy) else source
+
+
+def rows_of(source):
+    """rows(a, b) of a checkpoint tensor: read from the file when it can read part of a tensor,
+    else from the tensor in memory."""
+    if isinstance(source, Lazy) and source.by_rows:
+        return source.read
+    w = whole(source)
+    return lambda a, b: w[a:b]
+
+
+def empty(name: str, part, rows: int, cols: int):
+    """An unfilled result with `rows` stored rows, of the kind `part` (one block of it) is."""
+    if isinstance(part, Compact):
+
+        def like(a):
+            return None if a is None else np.empty((rows, *a.shape[1:]), a.dtype)
+
+        return Compact(like(part.values), like(part.scale), part.encoding, part.transposed)
+    return np.empty((cols, rows) if name in TRANSPOSED else (rows, cols), np.float32)
+
+
+def put(name: str, out, part, a: int, b: int) -> None:
+    """Write the encoded block of stored rows a:b into the result."""
+    if isinstance(out, Compact):  # stored [rows, cols]: the torch layout
+        out.values[a:b] = part.values
+        if out.scale is not None:
+            out.scale[a:b] = part.scale
+    else:  # float32 in the reference layout
+        torch_to_ours(name, out)[a:b] = torch_to_ours(name, part)
+
+
+def encode_rows(name: str, source, fmt: WeightFormat, group: int | None):
+    """Params field `name` in format `fmt` from its checkpoint tensor in torch layout (an array
+    or a `Lazy`), encoded BLOCK bytes of float32 rows at a time into the result's arrays."""
+    if len(source.shape) != 2:
+        return np.array(encode(name, whole(source), fmt, group))  # a copy: never a view
+    rows, cols = source.shape
+    step = max(1, BLOCK // (4 * max(cols, 1)))
+    read, out = rows_of(source), None
+    for a in range(0, rows, step) or [0]:
+        b = min(rows, a + step)
+        part = encode(name, torch_to_ours(name, read(a, b)), fmt, group)
+        out = empty(name, part, rows, cols) if out is None else out
+        put(name, out, part, a, b)
+    return out
