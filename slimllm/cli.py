@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", required=True, help="checkpoint directory, config.json or .bin")
     k.add_argument("--context", type=int, default=4096)
     k.add_argument("--batch", type=int, default=1)
-    add_weight_options(k, default="float32, what slimllm loads a checkpoint in")
+    add_weight_options(k, default="the config's torch_dtype, else float32")
     k.add_argument("--memory", type=float, help="GiB available: say whether each total fits")
     k.add_argument("--json", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a setting against the float32 naive reference")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from slimllm.jaxbackend import mpi
 from slimllm.reference.runtime import Runtime
-from slimllm.weights import load_config
+from slimllm.weights import load_config, native_format, read_json
 
 from .api import demo_model, generate, load
 from .diff import check_weight_group, diff, format_report, load_dump, parse_side
-from .evaluate import compare, memory_report, sample_sequence
+from .evaluate import compare, format_memory, memory_report, sample_sequence
 
 
 class UserError(Exception):
@@ -154,12 +154,13 @@ def cmd_demo(args) -> dict:
     return result
 
 
-def size(n: int) -> str:
-    """Bytes in the largest binary unit that keeps a number >= 1."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n} B"
+def own_format(path) -> str:
+    """The format `load` keeps a checkpoint in without --weights, as far as its config says:
+    its torch_dtype (weights.native_format, without tensors), else float32 (always for llama2.c)."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".json":
+        return "float32"
+    return native_format(read_json(path if path.is_file() else path / "config.json"), {})
 
 
 def cmd_memory(args) -> dict:
@@ -168,34 +169,12 @@ def cmd_memory(args) -> dict:
         raise UserError("--context and --batch must be positive")
     if args.memory is not None and args.memory <= 0:
         raise UserError("--memory must be positive (GiB)")
-    weights = args.weights or "float32"  # what slimllm loads a checkpoint in without --weights
-    check_weight_group(Runtime(weights=weights, weight_group=args.weight_group))
     cfg = load_config(args.model)
+    weights = args.weights or own_format(args.model)
+    check_weight_group(Runtime(weights=weights, weight_group=args.weight_group))
     report = memory_report(cfg, args.context, args.batch, weights, args.weight_group, args.memory)
     if not args.json:
-        print(
-            f"{report['parameters']:,d} parameters; batch {args.batch} x context "
-            f"{args.context} ({report['layers']} layers, {report['kv_heads']} kv heads, "
-            f"d={report['head_dim']})"
-        )
-        group = args.weight_group or "the format's default"
-        print(f"weights (group: {group})")
-        for name, row in report["weight_formats"].items():
-            mark = "  <- --weights" if name == weights else ""
-            print(f"  {name:9s} {size(row['bytes']) if row['bytes'] else row['error']:>14s}{mark}")
-        print("KV cache")
-        for dtype, row in report["dtypes"].items():
-            print(
-                f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
-                f"{size(row['total_bytes']):>14s}  ({row['vs_float32']:.3f}x float32)"
-            )
-        print(f"total with {weights} weights")
-        for dtype, row in report["totals"].items():
-            if args.memory is None:
-                verdict = f"fits in {row['fits_gib']} GiB"
-            else:
-                verdict = f"{'fits' if row['fits'] else 'does not fit'} in {args.memory:g} GiB"
-            print(f"  + {dtype:9s} KV {size(row['bytes']):>14s}  {verdict}")
+        print(format_memory(report))
     return report
 
 

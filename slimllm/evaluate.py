@@ -8,8 +8,9 @@ under both, and over N greedy tokens from the sequence's prompt the length of th
 prefix — the figures llama.cpp's perplexity/KL tool gives its users, for any family.
 Logits are teacher-forced: the prompt is prefilled as generation would, the rest of the sequence
 in chunks (equal to token-by-token decode, since attention always reads the cache back).
-A weight format is part of the setting: the model is loaded in float32 (the baseline) and the
-setting's weights are encoded from it once (`Model.params_for`).
+A weight format is part of the setting: the baseline runs the loaded weights in float32 (widened
+exactly when the checkpoint stores a narrower float), the setting encodes them once in its format
+(`Model.params_for`).
 
 The memory report counts bytes exactly as they would be stored: every matrix of
 `params.model_shapes`/`layer_shapes` in its format's encoding (`tables` for the embedding, head
@@ -211,3 +212,41 @@ def memory_report(
         "totals": totals,  # weights in `weights` + the KV cache of each format
         "memory_gib": memory_gib,
     }
+
+
+def size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n} B"
+
+
+def format_memory(report: dict) -> str:
+    """The readable memory report: weights per format, KV cache per dtype, and the totals."""
+    weights, memory = report["weights"], report["memory_gib"]
+    lines = [
+        f"{report['parameters']:,d} parameters; batch {report['batch']} x context "
+        f"{report['context']} ({report['layers']} layers, {report['kv_heads']} kv heads, "
+        f"d={report['head_dim']})",
+        f"weights (group: {weights['group'] or 'the format default'})",
+    ]
+    for name, row in report["weight_formats"].items():
+        mark = "  <- in the totals" if name == weights["format"] else ""
+        lines.append(
+            f"  {name:9s} {size(row['bytes']) if row['bytes'] else row['error']:>14s}{mark}"
+        )
+    lines.append("KV cache")
+    for dtype, row in report["dtypes"].items():
+        lines.append(
+            f"  {dtype:9s} {row['bytes_per_token']:>10,d} B/token  "
+            f"{size(row['total_bytes']):>14s}  ({row['vs_float32']:.3f}x float32)"
+        )
+    lines.append(f"total with {weights['format']} weights")
+    for dtype, row in report["totals"].items():
+        if memory is None:
+            verdict = f"fits in {row['fits_gib']} GiB"
+        else:
+            verdict = f"{'fits' if row['fits'] else 'does not fit'} in {memory:g} GiB"
+        lines.append(f"  + {dtype:9s} KV {size(row['bytes']):>14s}  {verdict}")
+    return "\n".join(lines)

@@ -147,14 +147,16 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
     "tie_word_embeddings": False,
     "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
 }
 
 
 def test_memory_report_of_llama3_8b(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     argv = ["memory", "--model", str(tmp_path), "--context", "8192", "--batch", "4", "--json"]
-    assert main([*argv, "--weights", "bfloat16"]) == 0
+    assert main(argv) == 0  # without --weights: the checkpoint's own, its config's torch_dtype
     report = json.loads(capsys.readouterr().out)
+    assert report["weights"]["format"] == "bfloat16"
     # 8.03e9 parameters in bfloat16, plus the 65 RMSNorm weight vectors kept in float32
     assert report["parameters"] == 8_029_995_008
     assert report["weights"]["bytes"] == 2 * 8_029_995_008 + 4 * 65 * 4096
@@ -187,7 +189,7 @@ def test_memory_report_names_unfit_groups_and_keeps_kv_size(capsys):
     assert report["weights"] == {"format": "float32", "group": None, "bytes": 1015.75 * 1024}
     assert main(["memory", "--model", model, "--weights", "int4", "--weight-group", "4"]) == 0
     out = capsys.readouterr().out
-    assert "int4" in out and "fits in 1 GiB" in out
+    assert "total with int4 weights" in out and "fits in 1 GiB" in out
     cfg = load_config(model)
     assert memory_report(cfg, 1, 1, "int4", 4)["weights"]["bytes"] < weight_bytes_for(
         cfg, WEIGHT_FORMATS["int8"], 4
