@@ -159,6 +159,14 @@ def test_a_weight_format_side_drifts_from_the_tables_on(llama):
     assert int8["max_rel"] == 0  # quantisation is deterministic: the same setting, the same run
 
 
+def test_jax_sides_in_a_weight_format_match_numpy_in_that_format(llama):
+    model, tokens = llama
+    for fmt in ("wint8", "wint4:g32"):
+        a, b = parse_side(f"numpy:{fmt}"), parse_side(f"jax:slim:{fmt}:tp2")
+        report = diff(model, tokens, len(tokens), a, b)
+        assert report["first"] is None and report["max_rel"] < 1e-5, (fmt, report["first"])
+
+
 def test_compare_orders_rows_and_rejects_shape_mismatch():
     a = {"embed": np.ones((2, 3)), "layers.0.q": np.ones((2, 1, 4)), "logits": np.ones((2, 5))}
     b = {"embed": np.ones((2, 3)), "layers.0.q": np.ones((2, 1, 4)) * 1.1}
