@@ -80,14 +80,19 @@ class Model:
         copy it was made from is dropped when it can be made again: another format is encoded
         again from the loaded weights, the loaded ones are read again from `source`."""
         rt = self.placed(rt)
-        key = (rt.tp, rt.transport, rt.weights, rt.weight_group)
+        fmt = self.format_of(rt)
+        key = (rt.tp, rt.transport, *fmt)
         if key not in self._engines:
             # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
             from slimllm.jaxbackend.engine import Engine
 
-            self._engines[key] = Engine(self.params_for(rt), self.cfg, rt)
-            if self.format_of(rt) != (self.weights, self.weight_group):
-                self._formats.pop(self.format_of(rt), None)
+            own = fmt == (self.weights, self.weight_group)
+            # weights that can be made again are given up as they are placed (Engine consume):
+            # placing an 8B model in bf16 never holds 2 x 16 GB
+            consume = not own or self._rereadable
+            self._engines[key] = Engine(self.params_for(rt), self.cfg, rt, consume=consume)
+            if not own:
+                self._formats.pop(fmt, None)
             elif self._rereadable:
                 self._host = None
         return self._engines[key]

@@ -22,3 +22,18 @@ def test_tiled_product_equals_the_widened_matmul(name, rows):
     want = x @ wf.widen(stored)
     assert got.shape == (2, 3, rows)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_an_engine_that_consumes_the_host_weights_empties_them_and_computes_the_same():
+    from slimllm.api import demo_model
+    from slimllm.jaxbackend.engine import Engine
+    from slimllm.reference.config import ModelConfig
+
+    cfg = ModelConfig(vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                      ffn_width=64, max_len=16)  # fmt: skip
+    params = wf.encode_params(demo_model(cfg).params, wf.weight_format("int8"))
+    kept = Engine(params, cfg).params
+    consumed = Engine(params, cfg, consume=True).params
+    assert params.embed is None and all(layer is None for layer in params.layers)
+    for a, b in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(consumed)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))

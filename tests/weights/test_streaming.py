@@ -220,10 +220,11 @@ def test_a_tensor_in_two_shards_is_an_error(tmp_path):
 
 
 class StubEngine:
-    """Stands in for the JAX engine (being changed elsewhere): it only takes the params."""
+    """Stands in for the JAX engine: it keeps the params it was given, and whether it was told
+    it may consume them (empty the host copy as it places them)."""
 
-    def __init__(self, params, cfg, rt):
-        self.params = params
+    def __init__(self, params, cfg, rt, consume=False):
+        self.params, self.consume = params, consume
 
 
 def test_model_releases_its_host_weights_to_an_engine(monkeypatch):
@@ -234,6 +235,7 @@ def test_model_releases_its_host_weights_to_an_engine(monkeypatch):
     loaded = model.params
     made = model.engine()
     assert made.params is loaded and model._host is None  # no host copy beside the engine
+    assert made.consume  # ... not even while it is being placed
     same_weights(model.params, loaded)  # the NumPy backend reads them again from the source
     assert model.params_for(slimllm.Runtime()) is model.params
     assert model.engine() is made
@@ -244,7 +246,7 @@ def test_model_releases_its_host_weights_to_an_engine(monkeypatch):
 
     demo = slimllm.demo_model(model.cfg)  # no source: keeps its weights
     demo_params = demo.params
-    demo.engine()
+    assert not demo.engine().consume
     assert demo.params is demo_params
     model.params = init_params(model.cfg)  # assigned by hand: no longer the checkpoint's
     model._engines.clear()
