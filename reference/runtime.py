@@ -64,6 +64,12 @@ class Runtime:
         g = self.weight_group
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
             raise ValueError(f"weight_group must be a positive integer, got {g!r}")
+        if g is not None and not (self.weights and WEIGHT_FORMATS[self.weights].scaled):
+            scaled = tuple(name for name, fmt in WEIGHT_FORMATS.items() if fmt.scaled)
+            raise ValueError(
+                f"a weight group needs a quantised weight format (one of {scaled}): it would "
+                "be ignored"
+            )
 
     def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)

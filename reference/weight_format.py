@@ -181,6 +181,11 @@ class WeightFormat:
     matrices: Encoding
     tables: Encoding
 
+    @property
+    def scaled(self) -> bool:
+        """Some of its matrices are quantised (a group size applies)."""
+        return self.matrices.scaled or self.tables.scaled
+
 
 WEIGHT_FORMATS = {
     fmt.name: fmt

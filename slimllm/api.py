@@ -216,6 +216,7 @@ def generate(
     mode: str | None = None,
     tp: int = 1,
     weights: str | None = None,
+    weight_group: int | None = None,
     runtime: Runtime | None = None,
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
@@ -228,6 +229,7 @@ def generate(
         tp=tp,
         cache_len=cache_len,
         weights=weights,
+        weight_group=weight_group,
     )
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer

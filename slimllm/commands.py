@@ -15,7 +15,7 @@ from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config, native_format, read_json
 
 from .api import demo_model, generate, load
-from .diff import check_weight_group, diff, format_report, load_dump, parse_side
+from .diff import diff, format_report, load_dump, parse_side
 from .evaluate import compare, format_memory, memory_report, sample_sequence
 
 
@@ -35,7 +35,7 @@ def parse_ids(text: str) -> list[int]:
 
 def runtime_from(args) -> Runtime:
     """The run settings the options name (validated by Runtime)."""
-    rt = Runtime(
+    return Runtime(
         backend=args.backend,
         attention=args.attention,
         kv_dtype=args.kv_dtype,
@@ -43,7 +43,6 @@ def runtime_from(args) -> Runtime:
         weights=args.weights,
         weight_group=args.weight_group,
     )
-    return check_weight_group(rt)
 
 
 def load_for(args):
@@ -171,7 +170,7 @@ def cmd_memory(args) -> dict:
         raise UserError("--memory must be positive (GiB)")
     cfg = load_config(args.model)
     weights = args.weights or own_format(args.model)
-    check_weight_group(Runtime(weights=weights, weight_group=args.weight_group))
+    Runtime(weights=weights, weight_group=args.weight_group)  # validates the pair
     report = memory_report(cfg, args.context, args.batch, weights, args.weight_group, args.memory)
     if not args.json:
         print(format_memory(report))

@@ -86,19 +86,9 @@ def parse_side(text: str) -> Side:
         elif part:
             fields["kv_dtype"] = part  # anything else names a KV format (validated below)
     try:
-        return Side(rt=check_weight_group(Runtime(**fields)))
+        return Side(rt=Runtime(**fields))
     except ValueError as err:
         raise ValueError(f"{text!r}: {err}") from None
-
-
-def check_weight_group(rt: Runtime) -> Runtime:
-    """`rt`, unless it names a weight group without quantised weights: the group would be
-    silently ignored (float formats have no scales, and no format means the loaded one)."""
-    fmt = WEIGHT_FORMATS.get(rt.weights)
-    if rt.weight_group is not None and not (fmt and (fmt.matrices.scaled or fmt.tables.scaled)):
-        quantised = [n for n, f in WEIGHT_FORMATS.items() if f.matrices.scaled or f.tables.scaled]
-        raise ValueError(f"a weight group needs quantised weights: one of {quantised}")
-    return rt
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:

@@ -106,11 +106,11 @@ def test_demo_runs_on_the_embedded_model(capsys):
         ),
         (
             ["generate", "--model", "STORIES", "--ids", "1", "--weight-group", "4"],
-            "a weight group needs quantised weights",
+            "a weight group needs a quantised weight format",
         ),
         (
             ["demo", "--weights", "bfloat16", "--weight-group", "4"],
-            "a weight group needs quantised weights",
+            "a weight group needs a quantised weight format",
         ),
         (["frobnicate"], "invalid choice"),
     ],

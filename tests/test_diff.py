@@ -135,8 +135,8 @@ def test_a_side_reads_back_the_description_it_prints(rt):
     "side, message",
     [
         ("numpy:wint3", "unknown weight format 'int3'"),
-        ("numpy:g32", "a weight group needs quantised weights"),
-        ("numpy:wfloat16:g32", "a weight group needs quantised weights"),
+        ("numpy:g32", "a weight group needs a quantised weight format"),
+        ("numpy:wfloat16:g32", "a weight group needs a quantised weight format"),
         ("numpy:wint8:g0", "weight_group must be a positive integer"),
     ],
 )

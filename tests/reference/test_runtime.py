@@ -39,6 +39,8 @@ def test_runtime_is_a_hashable_value_with_defaults():
         ({"weights": "int3"}, "unknown weight format 'int3'"),
         ({"weight_group": 0}, "weight_group must be a positive integer"),
         ({"weight_group": True}, "weight_group must be a positive integer"),
+        ({"weight_group": 32}, "a weight group needs a quantised weight format"),
+        ({"weights": "bfloat16", "weight_group": 32}, "a weight group needs a quantised"),
     ],
 )
 def test_runtime_rejects_each_bad_setting_by_name(changes, message):
