@@ -26,7 +26,8 @@ from jax import lax
 
 from slimllm.reference.weight_format import ENCODINGS, Compact
 
-TILE_ROWS = 512  # output rows widened per scan step (measured: 512 beat 64, 128 and 256)
+TILE_ROWS = 256  # output rows widened per scan step
+TRANSPOSED_TILE_COLS = 2048
 
 try:
     jax.tree_util.register_dataclass(
@@ -79,7 +80,7 @@ def compact_linear(x, w: Compact):
     tile of TILE_ROWS output rows at a time (module docstring). When the tiles do not divide the
     rows, the last tile starts earlier and overlaps the one before it (those rows are kept
     once), so no weight is ever padded or copied."""
-    rows = w.values.shape[0]
+    rows, cols = w.values.shape[0], x.shape[-1]
     t = min(TILE_ROWS, rows)
     n = -(-rows // t)  # tiles
     flat = x.reshape(-1, x.shape[-1])  # [m, in]
@@ -90,7 +91,10 @@ def compact_linear(x, w: Compact):
         tile = jax.tree_util.tree_map(
             lambda a: lax.dynamic_slice_in_dim(a, start, t), (w.values, w.scale)
         )  # [t, ...] of the values and the scales
-        return carry, flat @ widen_tile(*tile).T  # [m, in] x [in, t] -> [m, t]
+        wide = widen_tile(*tile)  # [t, in] float32
+        if cols <= TRANSPOSED_TILE_COLS:  # the widened tile is written as [in, t]
+            return carry, flat @ wide.T  # [m, in] x [in, t] -> [m, t]
+        return carry, lax.dot_general(flat, wide, (((1,), (1,)), ((), ())))  # -> [m, t]
 
     _, ys = lax.scan(step, None, jnp.arange(n))  # [n, m, t]
     last = rows - (n - 1) * t  # rows only the last tile holds
