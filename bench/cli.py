@@ -1,4 +1,4 @@
-"""Benchmarks with JSON output: decode latency the way xFasterTransformer measures it, two
+"""Benchmarks with JSON output: decode latency the way xFasterTransformer measures it, three
 micro-benchmarks, the machine's memory bandwidth with the floor it sets, and a real-size check.
 
 The entry point of `slimllm bench` (slimllm/cli.py parses the options, then calls `run` and
@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import attention, bandwidth, decode, kv_decode, realsize, targets
+from . import attention, bandwidth, decode, kv_decode, products, realsize, targets
 from .common import add_arguments, fill_defaults, peak_rss_bytes, r3
 
 SCHEMA = "slimllm.bench/1"
@@ -27,6 +27,7 @@ BENCHMARKS = {  # the kinds of common.KINDS
     "decode": decode,
     "attention": attention,
     "kv-decode": kv_decode,
+    "products": products,
     "bandwidth": bandwidth,
     "targets": targets,
     "realsize": realsize,

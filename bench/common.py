@@ -25,7 +25,8 @@ from slimllm.reference.runtime import ATTENTION
 from slimllm.reference.weight_format import WEIGHT_FORMATS, weight_bytes
 from slimllm.weights import load_config
 
-KINDS = ("decode", "attention", "kv-decode", "bandwidth", "targets", "realsize")  # one module each
+# One module each (cli.BENCHMARKS).
+KINDS = ("decode", "attention", "kv-decode", "products", "bandwidth", "targets", "realsize")
 
 # A ~150M-parameter Llama shape (the issue's decode target) and a tiny one for smoke tests.
 PRESETS = {
@@ -52,6 +53,12 @@ PRESETS = {
 }
 # Real published shapes: config.json files in ../shared/configs (random weights, real sizes).
 REAL_PRESETS = ("llama-3-8b", "qwen2-0_5b", "qwen3-0_6b")
+# `products` shape sets: name -> (preset, "model": every layer and the LM head, "layer": one layer).
+SHAPE_SETS = {
+    "150m": ("150m", "model"),
+    "llama-3-8b-layer": ("llama-3-8b", "layer"),
+    "tiny": ("tiny", "model"),
+}
 
 
 def log(*parts) -> None:
@@ -188,16 +195,26 @@ def timing(compile_s: float, ms: list[float]) -> dict:
 # ---------------------------------------------------------------- options
 
 # Options whose default depends on the benchmark: None in the parser, filled in by `fill_defaults`
-# (realsize runs a full-size model, so its defaults are a real shape and a short generation).
-DEFAULTS = {"preset": "150m", "prompt_len": 128, "new_tokens": 32}
-KIND_DEFAULTS = {"realsize": {"preset": "llama-3-8b", "prompt_len": 16, "new_tokens": 8}}
+# (realsize runs a full-size model, so its defaults are a real shape and a short generation;
+# products times every weight format at several batch sizes).
+DEFAULTS = {"preset": "150m", "prompt_len": 128, "new_tokens": 32, "batch": (1,)}
+KIND_DEFAULTS = {
+    "realsize": {"preset": "llama-3-8b", "prompt_len": 16, "new_tokens": 8},
+    "products": {"batch": (1, 4, 16), "weights": tuple(WEIGHT_FORMATS)},
+}
+BATCH_LISTS = frozenset({"products"})  # the kinds that take several --batch sizes
 
 
 def fill_defaults(args) -> None:
-    """Set the options left unset to the defaults of the benchmark `args.kind`."""
+    """Set the options left unset to the defaults of the benchmark `args.kind`; `--batch` is a
+    tuple of sizes for the kinds of BATCH_LISTS, one int for the others."""
     for name, value in (DEFAULTS | KIND_DEFAULTS.get(args.kind, {})).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.kind not in BATCH_LISTS and isinstance(args.batch, tuple):
+        if len(args.batch) != 1:
+            raise ValueError(f"--batch takes one size for {args.kind}, got {args.batch}")
+        args.batch = args.batch[0]
 
 
 def weight_formats(text: str) -> tuple[str, ...]:
@@ -212,6 +229,19 @@ def weight_formats(text: str) -> tuple[str, ...]:
     return names
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """`--batch 1,4,16` -> (1, 4, 16): positive sizes, each once (one size for most kinds)."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct positive batch sizes, comma separated; got {text!r}"
+        )
+    return sizes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `slimllm bench` (and of the scripts in bench/)."""
     p.add_argument(
@@ -219,8 +249,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="?",
         choices=KINDS,
         default="decode",
-        help="decode (default), attention / kv-decode micro-benchmarks, bandwidth, "
-        "or targets (all of the issue's measurements in one run)",
+        help="decode (default), attention / kv-decode / products micro-benchmarks, bandwidth, "
+        "targets (all of the issue's measurements in one run) or realsize",
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(
@@ -241,7 +271,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--weights",
         type=weight_formats,
         help="weight format(s), comma separated, e.g. float32,bfloat16,int8 (decode: each timed "
-        "in turn, ratios to the first; default the model's own; realsize: bfloat16,int8)",
+        "in turn, ratios to the first; default the model's own; realsize: bfloat16,int8; "
+        "products: all formats)",
     )
     p.add_argument(
         "--weight-group",
@@ -254,7 +285,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="stream",
         help="jax decode: per-token steps timed (stream) or the one-program loop",
     )
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--batch",
+        type=batch_sizes,
+        help="batch size (default 1); products: a comma list (default 1,4,16)",
+    )
     p.add_argument(
         "--tp",
         type=int,
@@ -294,6 +329,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=KV_DTYPES,
         default=("float32", "int8"),
         help="kv-decode: cache dtypes to time",
+    )
+    w = p.add_argument_group("products")
+    w.add_argument(
+        "--shapes",
+        choices=tuple(SHAPE_SETS),
+        default="150m",
+        help="products: the weight matrices (150m: every layer and the LM head; "
+        "llama-3-8b-layer: one layer; tiny)",
+    )
+    w.add_argument(
+        "--tile-rows",
+        type=int,
+        help="products: override jaxbackend.weight_format.TILE_ROWS (output rows per tile)",
+    )
+    w.add_argument(
+        "--transposed-cols",
+        type=int,
+        help="products: override jaxbackend.weight_format.TRANSPOSED_TILE_COLS (widest tile "
+        "transposed before its product)",
     )
     r = p.add_argument_group("realsize")
     r.add_argument("--dir", help="realsize: where to write the checkpoint (default: the temp dir)")

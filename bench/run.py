@@ -1,6 +1,6 @@
-"""`python bench/run.py [decode|attention|kv-decode|bandwidth|targets|realsize] [options]`: any
-benchmark, JSON on stdout (`--table` for a summary). The same as `slimllm bench` but JSON by
-default."""
+"""`python bench/run.py [decode|attention|kv-decode|products|bandwidth|targets|realsize]
+[options]`: any benchmark, JSON on stdout (`--table` for a summary). The same as `slimllm bench`
+but JSON by default."""
 
 import sys
 

@@ -63,6 +63,40 @@ def test_micro_benchmarks_report_each_kind_and_dtype(capsys):
 def test_bad_options_are_one_line_errors(capsys):
     assert main(["bench", "--preset", "tiny", "--prompt-len", "600"]) == 2
     assert "context" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--batch", "1,4"]) == 2  # a list: products only
+    assert "one size" in capsys.readouterr().err
+
+
+def test_products_times_every_weight_format_at_each_batch(capsys):
+    from slimllm.jaxbackend import weight_format
+
+    r = bench(capsys, "products", "--shapes", "tiny", "--batch", "1,2")
+    formats = ["float32", "bfloat16", "float16", "int8", "int4"]  # the default: every format
+    assert r["kind"] == "products" and r["batch"] == [1, 2] and r["base"] == "float32"
+    sh = r["shapes"]
+    assert sh["name"] == "tiny" and sum(m["count"] for m in sh["matrices"]) == 2 * 4 + 1
+    assert sh["params"] == sum(m["out"] * m["in"] * m["count"] for m in sh["matrices"])
+    assert r["tiling"] == {"tile_rows": 256, "transposed_tile_cols": 2048, "overridden": False}
+    f = r["formats"]
+    assert list(f) == formats
+    for name in formats:
+        assert list(f[name]["batches"]) == ["1", "2"]
+        for x in f[name]["batches"].values():
+            assert positive(x, "compile_seconds", "median_ms", "min_ms", "stored_gbs", "over_base")
+    assert all(x["over_base"] == 1.0 for x in f["float32"]["batches"].values())
+    assert f["float32"]["stored_bytes"] == 4 * sh["params"]
+    assert 0.25 < f["int8"]["stored_bytes"] / f["float32"]["stored_bytes"] < 0.3  # + row scales
+    assert f["bfloat16"]["stored_bytes"] == f["float16"]["stored_bytes"] == 2 * sh["params"]
+    groups = {name: f[name]["weight_group"] for name in formats}
+    assert groups == dict.fromkeys(formats[:4]) | {"int4": 32}  # int8: one scale per row
+    # the tiling overridden while tracing, then restored
+    argv = ["--shapes", "tiny", "--weights", "float32,int4", "--batch", "3"]
+    r = bench(capsys, "products", *argv, "--tile-rows", "16", "--transposed-cols", "0")
+    assert r["tiling"] == {"tile_rows": 16, "transposed_tile_cols": 0, "overridden": True}
+    assert list(r["formats"]) == ["float32", "int4"] and list(r["formats"]["int4"]["batches"]) == [
+        "3"
+    ]
+    assert (weight_format.TILE_ROWS, weight_format.TRANSPOSED_TILE_COLS) == (256, 2048)
 
 
 def test_decode_times_each_weight_format_against_the_first(capsys):
