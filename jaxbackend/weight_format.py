@@ -6,16 +6,19 @@ and orientation static), so a compact weight sits in the device Params like any 
 device every linear weight is [rows = out, cols = in] (`params.py`), the quantiser's layout, so a
 device Compact is never transposed.
 
-How the product reads a compact matrix (measured on the 150M preset's 33 weight matrices at batch
-1, XLA:CPU, 2 cores; `/tmp`-style micro-benchmark described in the note of the issue that added
-formats): widening a whole bf16 matrix and then multiplying lets XLA fuse the conversion into
-its dot at batch 1 (19.5 ms against float32's 23.6 ms) but falls off a cliff at batch 4 (175 ms
-against 35 ms); widening one tile of `TILE_ROWS` output rows at a time under `lax.scan` and
-multiplying it in float32 keeps every batch on the float32 dot (bf16 20 ms, int8 14 ms at batch
-1; bf16 41 ms, int8 48 ms at batch 4). Each tile widened is at most TILE_ROWS x cols float32 (2
-MiB for 1024 columns), so no float copy of a matrix is ever built. int4's unpacking is slow in
-XLA (54 ms at batch 1 with this formulation, 64-170 ms with others tried: nibbles as halves of
-each group, float arithmetic): the speed issue replaces it with a kernel.
+How the product reads a compact matrix. Widening a whole matrix and then multiplying lets XLA
+fuse the conversion into its dot at batch 1 but falls off a cliff at batch 4 and at large shapes;
+widening one tile of TILE_ROWS output rows at a time under `lax.scan` and multiplying it in
+float32 keeps every batch on the float32 dot, and never builds a float copy of a matrix (a tile
+is TILE_ROWS x cols float32: 1 MiB for 1024 columns). How the tile meets the dot matters more
+than its size: written transposed ([in, t], `x @ tile.T`) it is fastest up to a few thousand
+columns, contracted on its last axis beyond (the transposed write of 4096+ columns is 4-6x
+slower), hence TRANSPOSED_TILE_COLS. Measured with `slimllm bench products` (2 cores, batch 1,
+ms for all matrices, float32 / bfloat16 / int8): the 150M preset's 33 matrices 21-26 / 22-30 /
+16-21; one Llama-3-8B layer 44-46 / 63-76 / 55-61 (float32 reads 2-4x the bytes). bfloat16
+and int8 therefore decode at about float32's speed, not at their own bandwidth floor, and int4's
+unpacking is slow in XLA (5x float32 at the 150M shapes): the speed issue replaces these
+products with kernels.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from jax import lax
 
 from slimllm.reference.weight_format import ENCODINGS, Compact
 
-TILE_ROWS = 256  # output rows widened per scan step
-TRANSPOSED_TILE_COLS = 2048
+TILE_ROWS = 256  # output rows widened per scan step (128 and 512 were no faster)
+TRANSPOSED_TILE_COLS = 3072  # widest tile written transposed (above the 150M preset's 2816)
 
 try:
     jax.tree_util.register_dataclass(

@@ -94,7 +94,8 @@ def dequantize(q, scale):
     """q [rows, cols] and scale [rows, n] -> float32 [rows, cols] (groups of cols / n columns)."""
     rows, cols = q.shape
     grouped = q.astype(np.float32).reshape(rows, scale.shape[1], -1)  # [r, n, G]
-    return (grouped * scale[..., None]).reshape(rows, cols)  # [r, n, G] * [r, n, 1]
+    grouped *= scale[..., None]  # [r, n, G] * [r, n, 1], in place: one float copy, not two
+    return grouped.reshape(rows, cols)
 
 
 def pack_int4(q):

@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--greedy-tokens", type=int, default=200)
     add_setting_options(e)
     e.add_argument("--json", action="store_true")
-    b = sub.add_parser("bench", help="decode latency, attention and KV-cache micro-benchmarks")
+    b = sub.add_parser(
+        "bench",
+        help="decode latency, weight-product, attention and KV-cache benchmarks, a real-size check",
+    )
     add_bench_arguments(b)
     f = sub.add_parser(
         "diff",

@@ -201,7 +201,7 @@ def test_memory_report_names_unfit_groups_and_keeps_kv_size(capsys):
     [
         (["kv-size", "--model", "/nope"], "no such file"),
         (["memory", "--model", "STORIES", "--weights", "int4"], "does not divide rows of 172"),
-        (["memory", "--model", "STORIES", "--weight-group", "4"], "needs a quantised weight format"),
+        (["memory", "--model", "STORIES", "--weight-group", "4"], "needs a quantised"),
         (["memory", "--model", "STORIES", "--memory", "0"], "--memory must be positive"),
         (["eval", "--model", "STORIES", "--weights", "int4"], "does not divide rows of 172"),
         (["eval", "--model", "STORIES", "--kv-dtype", "int4"], "invalid choice"),
