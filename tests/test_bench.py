@@ -76,7 +76,9 @@ def test_products_times_every_weight_format_at_each_batch(capsys):
     sh = r["shapes"]
     assert sh["name"] == "tiny" and sum(m["count"] for m in sh["matrices"]) == 2 * 4 + 1
     assert sh["params"] == sum(m["out"] * m["in"] * m["count"] for m in sh["matrices"])
-    assert r["tiling"] == {"tile_rows": 256, "transposed_tile_cols": 2048, "overridden": False}
+    constants = (weight_format.TILE_ROWS, weight_format.TRANSPOSED_TILE_COLS)
+    tiling = {"tile_rows": constants[0], "transposed_tile_cols": constants[1]}
+    assert r["tiling"] == tiling | {"overridden": False}
     f = r["formats"]
     assert list(f) == formats
     for name in formats:
@@ -96,7 +98,7 @@ def test_products_times_every_weight_format_at_each_batch(capsys):
     assert list(r["formats"]) == ["float32", "int4"] and list(r["formats"]["int4"]["batches"]) == [
         "3"
     ]
-    assert (weight_format.TILE_ROWS, weight_format.TRANSPOSED_TILE_COLS) == (256, 2048)
+    assert (weight_format.TILE_ROWS, weight_format.TRANSPOSED_TILE_COLS) == constants
 
 
 def test_decode_times_each_weight_format_against_the_first(capsys):
