@@ -22,13 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from slimllm.reference.params import LayerParams, Params
-from slimllm.reference.weight_format import Compact
+from slimllm.reference.weight_format import TRANSPOSED, Compact
 
 # Weights used as `linear(x, w)`: [in, out] in the reference, [out, in] on the device.
-LINEAR = frozenset(
-    {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "proj_in", "proj_out", "lm_head"}
-    | {"w_qkv", "w_gate_up"}  # fused, device layout only
-)
+LINEAR = TRANSPOSED | {"w_qkv", "w_gate_up"}  # the fused ones: device layout only
 
 
 def register(cls):

@@ -245,6 +245,27 @@ class Compact:
         return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
 
+def storage(name: str, shape, fmt: WeightFormat, group: int | None = None):
+    """How matrix `name` of logical `shape` is stored in format `fmt`: (its encoding, stored
+    [rows = outputs, cols], its group: None unless scaled, checked against the row)."""
+    enc = fmt.tables if name in TABLES else fmt.matrices
+    rows, cols = shape[::-1] if name in TRANSPOSED else shape  # [in, out] -> stored [out, in]
+    if not enc.scaled:
+        return enc, rows, cols, None
+    group = enc.group if group is None else group
+    check_group(cols, group, enc.pack)
+    return enc, rows, cols, group
+
+
+def stored_bytes(name: str, shape, fmt: WeightFormat, group: int | None = None) -> int:
+    """Bytes weight `name` of logical `shape` occupies in format `fmt` (vectors: float32), as
+    `encode` would store it, without encoding it."""
+    if len(shape) == 1:
+        return 4 * shape[0]
+    enc, rows, cols, group = storage(name, shape, fmt, group)
+    return enc.bytes_for(rows, cols, group)
+
+
 def encode(name: str, w, fmt: WeightFormat, group: int | None = None):
     """One canonical weight (reference layout, any float dtype: a loader passes the checkpoint's
     own, bfloat16 as `ml_dtypes.bfloat16`) in format `fmt`: vectors as float32, float32 matrices
@@ -252,16 +273,12 @@ def encode(name: str, w, fmt: WeightFormat, group: int | None = None):
     (bfloat16 or float16) keeps its values without passing through float32."""
     w = np.asarray(w)
     if w.ndim != 2:
-        return w if w.dtype == np.float32 else w.astype(np.float32)
-    enc = fmt.tables if name in TABLES else fmt.matrices
+        return widen(w)
+    enc, _, _, group = storage(name, w.shape, fmt, group)
     if enc.name == "float32":
-        return w if w.dtype == np.float32 else w.astype(np.float32)
+        return widen(w)
     transposed = name in TRANSPOSED
-    rows_first = w.T if transposed else w  # [rows = outputs, cols]
-    group = (enc.group if group is None else group) if enc.scaled else None
-    if enc.scaled:
-        check_group(rows_first.shape[1], group, enc.pack)
-    values, scale = enc.encode(rows_first, group)
+    values, scale = enc.encode(w.T if transposed else w, group)  # [rows = outputs, cols]
     return Compact(np.ascontiguousarray(values), scale, enc.name, transposed)
 
 

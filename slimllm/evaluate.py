@@ -30,13 +30,7 @@ from slimllm.reference.model import forward
 from slimllm.reference.ops import log_softmax
 from slimllm.reference.params import layer_shapes, model_shapes
 from slimllm.reference.runtime import Runtime
-from slimllm.reference.weight_format import (
-    TABLES,
-    TRANSPOSED,
-    WEIGHT_FORMATS,
-    check_group,
-    weight_format,
-)
+from slimllm.reference.weight_format import WEIGHT_FORMATS, stored_bytes, weight_format
 
 from .api import Model, generate
 from .progress import bar
@@ -140,24 +134,11 @@ def compare(
     }
 
 
-def matrix_bytes(name: str, shape, fmt, group: int | None = None) -> int:
-    """Bytes of one weight of a config in format `fmt`, stored as `weight_format.encode` would:
-    vectors float32, a matrix [rows = outputs, cols] in the encoding of its kind."""
-    if len(shape) == 1:
-        return 4 * shape[0]
-    enc = fmt.tables if name in TABLES else fmt.matrices
-    rows, cols = shape[::-1] if name in TRANSPOSED else shape  # [in, out] -> stored [out, in]
-    g = (group or enc.group) if enc.scaled else None
-    if enc.scaled:
-        check_group(cols, g, enc.pack)  # the error encode would raise, before any bytes are counted
-    return enc.bytes_for(rows, cols, g)
-
-
 def weight_bytes_for(cfg, fmt, group: int | None = None) -> int:
     """Bytes of all of a config's weights in format `fmt` (what `weight_bytes` of the encoded
     params gives, without making them)."""
-    layer = sum(matrix_bytes(n, s, fmt, group) for n, s in layer_shapes(cfg).items())
-    top = sum(matrix_bytes(n, s, fmt, group) for n, s in model_shapes(cfg).items())
+    layer = sum(stored_bytes(n, s, fmt, group) for n, s in layer_shapes(cfg).items())
+    top = sum(stored_bytes(n, s, fmt, group) for n, s in model_shapes(cfg).items())
     return cfg.n_layers * layer + top
 
 
