@@ -37,3 +37,19 @@ def test_an_engine_that_consumes_the_host_weights_empties_them_and_computes_the_
     assert params.embed is None and all(layer is None for layer in params.layers)
     for a, b in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(consumed)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_tensor_parallel_split_inside_a_weight_group_is_a_clear_error():
+    from slimllm.api import demo_model
+    from slimllm.jaxbackend.sharding import ShardPlan, prepare
+    from slimllm.reference.config import ModelConfig
+
+    cfg = ModelConfig(vocab=64, width=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                      ffn_width=96, max_len=16)  # fmt: skip
+    params = demo_model(cfg).params
+    plan = ShardPlan.of(cfg, 2)
+    grouped = wf.encode_params(params, wf.weight_format("int8"), 32)  # w_down: 3 groups of 32
+    with pytest.raises(ValueError, match="tp=2 splits the 96 input columns of w_down inside"):
+        prepare(grouped, cfg, plan)
+    per_channel = prepare(wf.encode_params(params, wf.weight_format("int8")), cfg, plan)
+    assert per_channel.layers[0].w_down.scale.shape == (32, 1)  # one scale per row: replicated
