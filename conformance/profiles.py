@@ -1,7 +1,11 @@
-"""Hypothesis settings profiles of slimllm's tests, registered on import: `ci` and `dev`.
+"""Hypothesis settings profiles of slimllm's tests, registered on import: `ci`, `dev`, `fuzz`.
 
 `ci` keeps the suite fast on two cores, `dev` (the default outside CI) draws four times as many
-examples. Tests whose every example compiles XLA programs take a fraction of the active
+examples. `fuzz` is `ci` for every test except the fuzz suite (tests/fuzz), whose tests take
+`fuzzing()` examples: a few dozen per target under `ci`, thousands under `fuzz` (a long local
+run: `HYPOTHESIS_PROFILE=fuzz python -m pytest tests/fuzz`).
+
+Tests whose every example compiles XLA programs take a fraction of the active
 profile's examples through `compiling(divisor)`, so the profile still scales them, but never
 fewer than `MIN_EXAMPLES`: one example checks one config, shape and cache dtype, three already
 vary them (strategies draw shapes from small sets, so later examples can reuse programs).
@@ -13,7 +17,8 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-EXAMPLES = {"ci": 15, "dev": 60}
+EXAMPLES = {"ci": 15, "dev": 60, "fuzz": 15}
+FUZZ_EXAMPLES = {"ci": 30, "dev": 100, "fuzz": 3000}  # per fuzz target
 MIN_EXAMPLES = 3  # the fewest examples `compiling` draws (unless a profile draws fewer)
 
 for _name, _examples in EXAMPLES.items():
@@ -24,9 +29,19 @@ for _name, _examples in EXAMPLES.items():
 
 def load_profile(environ=os.environ) -> str:
     """Load `HYPOTHESIS_PROFILE`, else `ci` when `CI` is set, else `dev`; returns its name."""
+    global ACTIVE
     name = environ.get("HYPOTHESIS_PROFILE", "ci" if environ.get("CI") else "dev")
     settings.load_profile(name)
+    ACTIVE = name
     return name
+
+
+ACTIVE = "default"  # the profile load_profile loaded
+
+
+def fuzzing() -> settings:
+    """The active profile with the fuzz suite's example count (FUZZ_EXAMPLES; ci's elsewhere)."""
+    return settings(settings(), max_examples=FUZZ_EXAMPLES.get(ACTIVE, FUZZ_EXAMPLES["ci"]))
 
 
 def compiling(divisor: int) -> settings:

@@ -18,5 +18,6 @@ if not _os.path.isdir(_os.path.join(__path__[0], "reference")) and _os.path.isfi
     __path__.append(_root)
 
 from .api import Model, Output, Runtime, demo_model, generate, load  # noqa: E402 (after the path)
+from .reference.errors import SlimllmError  # noqa: E402
 
-__all__ = ["Model", "Output", "Runtime", "demo_model", "generate", "load"]
+__all__ = ["Model", "Output", "Runtime", "SlimllmError", "demo_model", "generate", "load"]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from slimllm.jaxbackend import mpi
+from slimllm.reference.errors import SlimllmError
 from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config, native_format, read_json
 
@@ -19,8 +20,8 @@ from .diff import diff, format_report, load_dump, parse_side
 from .evaluate import compare, format_memory, memory_report, sample_sequence
 
 
-class UserError(Exception):
-    pass
+class UserError(SlimllmError):
+    """A command-line mistake (an option's value or combination)."""
 
 
 def parse_ids(text: str) -> list[int]:

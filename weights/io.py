@@ -31,6 +31,8 @@ import ml_dtypes  # registers bfloat16 with NumPy, which safetensors needs to re
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from slimllm.reference.errors import SlimllmError
+
 # The safetensors dtypes a checkpoint tensor may have (floating point and integer buffers).
 SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -46,7 +48,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SlimllmError):
     """A checkpoint file or directory that cannot be read as a model."""
 
 

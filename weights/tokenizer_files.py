@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from slimllm.reference.errors import SlimllmError
+
 from .families.common import TokenizerRule
 from .tokenizer_backends import TokenizersBackend
 
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SlimllmError):
     """A tokenizer file is corrupt, unsupported or inconsistent with its configuration."""
 
 

@@ -1,0 +1,107 @@
+"""What every fuzz target and hostile-file test asserts, and how a case is bounded.
+
+A mutated file must end in one of two ways: a clean `SlimllmError` (any other exception fails
+the test: it would reach a user as a traceback), or a model identical to the original (a
+mutation that changed nothing that matters). `outcome` runs a load and says which; `same`
+compares two loaded results exactly. Cases that could take the process down (deep pickles,
+hash bombs, huge declared sizes) run in a child process under `bounded`, which enforces a wall
+time and an address-space cap and reports the child's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimllm.reference.errors import SlimllmError
+
+
+def outcome(load, *args, **kwargs):
+    """(None, result) when load succeeds, (error message, None) when it raises SlimllmError;
+    anything else propagates and fails the calling test."""
+    try:
+        return None, load(*args, **kwargs)
+    except SlimllmError as e:
+        message = str(e)
+        assert message and "\n" not in message.strip(), f"not a one-line message: {message!r}"
+        return message, None
+
+
+def same(a, b) -> bool:
+    """Two loaded trees (dicts, lists, tuples, dataclasses, arrays, scalars) exactly equal."""
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(
+            same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    return a == b
+
+
+@dataclass
+class Bounded:
+    returncode: int | None  # None: killed at the time limit; negative: killed by a signal
+    seconds: float  # wall time, less the interpreter's start-up
+    peak_mb: float  # the child's peak resident memory
+    stdout: str
+    stderr: str
+
+
+STARTUP = "import slimllm.weights"
+
+
+@functools.cache
+def startup_seconds() -> float:
+    """Wall time of a child that only imports slimllm.weights: what `bounded` does not count."""
+    return bounded(STARTUP, seconds=60.0, subtract=0.0).seconds
+
+
+def bounded(
+    code: str, seconds: float = 2.0, address_gb: float = 4.0, subtract: float | None = None
+) -> Bounded:
+    """Run `python -c code` in a child with at most `address_gb` of address space (so a memory
+    bomb fails instead of swapping the machine), killed once it has run `seconds` past the
+    interpreter's start-up (`startup_seconds`). Returns how it ended, its time less start-up,
+    and its peak RSS (from wait4, so only this child's), for the test to assert both bounds."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    limit = int(address_gb * 2**30)
+    startup = startup_seconds() if subtract is None else subtract
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=out, stderr=err, env=env, preexec_fn=cap
+        )
+        deadline = start + seconds + startup
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                code_ = os.waitstatus_to_exitcode(status)
+                break
+            if time.perf_counter() > deadline:
+                child.kill()
+                _, status, usage = os.wait4(child.pid, 0)
+                code_ = None
+                break
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - start - startup
+        child.returncode = code_ if code_ is not None else -9  # already reaped
+        out.seek(0)
+        err.seek(0)
+        return Bounded(code_, elapsed, usage.ru_maxrss / 1024, out.read(), err.read())
