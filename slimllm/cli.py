@@ -17,6 +17,7 @@ import os
 import sys
 
 from slimllm.jaxbackend import mpi
+from slimllm.reference.errors import SlimllmError
 from slimllm.reference.kv_cache import KV_DTYPES
 from slimllm.reference.runtime import ATTENTION, BACKENDS
 from slimllm.reference.weight_format import WEIGHT_DTYPES
@@ -169,23 +170,35 @@ def main(argv=None) -> int:
 
 def main_mpi(argv=None) -> int:
     """One rank of `mpiexec -n R slimllm ...`: rank 0 prints, the others stay quiet; any failure
-    on any rank prints one line and aborts the whole job, so no rank waits forever."""
-    rank = mpi.rank()
+    on any rank prints one line and aborts the whole job, so no rank waits forever (a rank that
+    goes silent is caught by mpi.Heartbeat). The JSON result is printed only once every rank has
+    finished its part."""
+    try:
+        rank = mpi.rank()
+    except SlimllmError as e:  # the job's setup (e.g. $SLIMLLM_MPI_TIMEOUT): said by rank 0
+        if os.environ.get("PMI_RANK", "0") == "0":
+            print(f"slimllm: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if rank:  # before parsing, so that --help and usage print once
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         try:
             args = build_parser().parse_args(argv)
+            if getattr(args, "backend", "jax") != "jax":
+                raise UserError(
+                    f"--backend {args.backend} runs the whole model in one process; under "
+                    f"mpiexec ({mpi.size()} ranks) use --backend jax, or run without mpiexec"
+                )
         except UserError as e:  # the same mistake on every rank: say it once, end together
             if rank == 0:
                 print(f"slimllm: error: {e}", file=sys.stderr, flush=True)
             mpi.barrier()
             return 2
         result = COMMANDS[args.command](args)
+        mpi.barrier()  # every rank succeeded: only now is there a result to print
         if getattr(args, "json", False):
             print(json.dumps(result))
         sys.stdout.flush()
-        mpi.barrier()
         return 0
     except SystemExit:
         raise

@@ -101,15 +101,16 @@ def run_generation(model, args, default_ids=None) -> dict:
 
 
 def inject_fault() -> None:
-    """Testing aid for distributed runs: SLIMLLM_FAULT="RANK:raise" or "RANK:kill" makes that
-    MPI rank fail just before generating, while the others enter their first collective."""
+    """Testing aid for distributed runs: SLIMLLM_FAULT="RANK:raise", "RANK:kill" or "RANK:stop"
+    makes that MPI rank fail (raise, SIGKILL itself, or SIGSTOP itself: alive but silent) just
+    before generating, while the others enter their first collective."""
     fault = os.environ.get("SLIMLLM_FAULT", "")
     if not fault:
         return
     rank, kind = fault.split(":")
     if mpi.launched_size() > 1 and mpi.rank() == int(rank):
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if kind in ("kill", "stop"):
+            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
         raise RuntimeError(f"injected fault on rank {rank}")
 
 

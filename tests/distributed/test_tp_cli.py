@@ -23,7 +23,9 @@ import pytest
 import tp_cases
 
 from conftest import FIXTURES
+from slimllm import SlimllmError
 from slimllm.cli import main
+from slimllm.jaxbackend import mpi
 
 FAULT_TIMEOUT = 60  # seconds for a failing job to end (it needs about 2)
 RUN_TIMEOUT = 300  # seconds for a whole successful 2-rank run (about 15 on CI)
@@ -61,12 +63,13 @@ def slimllm_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "slimllm.cli"]
 
 
-def start_mpi(*argv: str, fault: str | None = None) -> subprocess.Popen:
-    """`mpiexec -n 2 slimllm ARGV` in its own session (so a timeout can end every rank)."""
+def start_mpi(*argv: str, fault: str | None = None, **env: str) -> subprocess.Popen:
+    """`mpiexec -n 2 slimllm ARGV` in its own session (so a timeout can end every rank), with
+    the extra environment variables `env`."""
     launcher = tp_cases.mpiexec()
     if launcher is None:
         pytest.skip(tp_cases.MPI_MISSING)
-    env = tp_cases.worker_env(**({"SLIMLLM_FAULT": fault} if fault else {}))
+    env = tp_cases.worker_env(**env, **({"SLIMLLM_FAULT": fault} if fault else {}))
     return subprocess.Popen(
         [launcher, "-n", "2", *slimllm_command(), *argv],
         env=env,
@@ -137,6 +140,39 @@ def test_a_failing_rank_ends_the_job(fault):
     assert "{" not in out  # no result was printed
     if kind == "raise":
         assert f"slimllm: error (rank {rank} of 2): injected fault on rank {rank}" in err, err
+
+
+def test_a_stopped_rank_ends_the_job_with_a_message():
+    """SIGSTOP: the rank is alive but silent, so no launcher notices; rank 0's heartbeat does."""
+    code, out, err, seconds = finish(
+        start_mpi(*generate_args("--json"), fault="1:stop", SLIMLLM_MPI_TIMEOUT="8"),
+        FAULT_TIMEOUT,
+    )
+    assert code != 0 and "{" not in out, f"exit {code} after {seconds:.1f} s\n{out}\n{err}"
+    assert "slimllm: error (rank 0 of 2): rank 1 has not answered for more than 8 s" in err, err
+
+
+@pytest.mark.parametrize("text", ["soon", "0", "-1", "nan", "inf"])
+def test_the_mpi_timeout_must_be_a_positive_number_of_seconds(text):
+    assert mpi.timeout_from({}) == mpi.DEFAULT_TIMEOUT
+    assert mpi.timeout_from({mpi.TIMEOUT_VAR: "2.5"}) == 2.5
+    with pytest.raises(SlimllmError, match=f"SLIMLLM_MPI_TIMEOUT='{text}': expected a positive"):
+        mpi.timeout_from({mpi.TIMEOUT_VAR: text})
+
+
+def test_a_bad_mpi_timeout_is_a_clear_error():
+    code, out, err, _ = finish(
+        start_mpi(*generate_args(), SLIMLLM_MPI_TIMEOUT="soon"), FAULT_TIMEOUT
+    )
+    assert code != 0 and out == ""
+    assert err.count("slimllm: error: SLIMLLM_MPI_TIMEOUT='soon': expected a positive") == 1, err
+
+
+def test_the_numpy_backend_is_refused_under_mpiexec():
+    """It would run the whole model on every rank."""
+    code, out, err, _ = finish(start_mpi(*generate_args("--backend", "numpy")), FAULT_TIMEOUT)
+    assert code != 0 and out == ""
+    assert err.count("slimllm: error: --backend numpy runs the whole model in one process") == 1
 
 
 def test_tp_that_does_not_divide_the_heads_is_a_clear_error():
