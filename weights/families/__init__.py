@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..io import CheckpointError
 from . import baichuan, chatglm, chatglm2, glm, llama, opt, qwen, qwen2
+from .common import json_object
 
 FAMILIES = [
     llama.FAMILY,
@@ -26,10 +27,11 @@ FAMILIES = [
 
 def detect(hf: dict):
     """The family of a hub config.json, from `model_type`, `architectures` and `auto_map`."""
+    json_object(hf)
     for family in FAMILIES:
         if family.detect(hf):
             return family
-    what = hf.get("model_type") or hf.get("architectures") or "no model_type"
+    what = str(hf.get("model_type") or hf.get("architectures") or "no model_type")[:80]
     supported = sorted({f.name for f in FAMILIES})
     raise CheckpointError(f"unsupported model type {what!r} (supported families: {supported})")
 
