@@ -13,8 +13,8 @@ h query heads, k kv heads, g heads per kv head, d head dim, f ffn width, v vocab
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
+import reprlib
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -34,6 +34,12 @@ MAX_FLOAT = 1e30
 FLAGS = ("rope_f16_freqs", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "final_norm", "tied_head")
 
 
+def shown(value) -> str:
+    """A value as an error message shows it: its repr, cut short (a hostile config's value may
+    be huge or deeply nested)."""
+    return reprlib.repr(value)
+
+
 def integer(name: str, value, low: int = 1, high: int = MAX_SIZE) -> int:
     """`value` if it is an integer (a bool is not) in [low, high], else a ConfigError naming it."""
     if (
@@ -41,27 +47,23 @@ def integer(name: str, value, low: int = 1, high: int = MAX_SIZE) -> int:
         or not isinstance(value, numbers.Integral)
         or not low <= value <= high
     ):
-        raise ConfigError(f"{name}={value!r}: expected an integer in [{low}, {high}]")
+        raise ConfigError(f"{name}={shown(value)}: expected an integer in [{low}, {high}]")
     return value
 
 
 def number(name: str, value, low: float = 0.0, high: float = MAX_FLOAT) -> float:
     """`value` if it is a number (an int or a float; a bool is not) in (low, high]: NaN and the
-    infinities never are."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or not low < value <= high
-    ):
-        raise ConfigError(f"{name}={value!r}: expected a number in ({low:g}, {high:g}]")
+    infinities never are (the comparison is exact, so an int too large for a float is refused
+    too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low < value <= high:
+        raise ConfigError(f"{name}={shown(value)}: expected a number in ({low:g}, {high:g}]")
     return value
 
 
 def boolean(name: str, value) -> bool:
     """`value` if it is True or False (not 0, 1 or a string)."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r}: expected true or false")
+        raise ConfigError(f"{name}={shown(value)}: expected true or false")
     return value
 
 
@@ -148,7 +150,7 @@ class ModelConfig:
             ("residual", self.residual, RESIDUALS),
         ):
             if not isinstance(value, str) or value not in allowed:
-                raise ConfigError(f"ModelConfig.{name}={value!r}: expected one of {allowed}")
+                raise ConfigError(f"ModelConfig.{name}={shown(value)}: expected one of {allowed}")
         self.check_ranges()
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, ROPE_SCALINGS):
             raise ConfigError(
@@ -186,7 +188,7 @@ class ModelConfig:
         integer("ModelConfig.block_start_id", self.block_start_id, low=-1, high=self.vocab - 1)
         if not isinstance(self.block_anchor_ids, tuple):
             raise ConfigError(
-                f"ModelConfig.block_anchor_ids={self.block_anchor_ids!r}: expected a tuple"
+                f"ModelConfig.block_anchor_ids={shown(self.block_anchor_ids)}: expected a tuple"
             )
         for i in self.block_anchor_ids:
             integer("ModelConfig.block_anchor_ids[]", i, low=0, high=self.vocab - 1)

@@ -30,6 +30,7 @@ BASE = ModelConfig(
         ({"norm_eps": 0.0}, "norm_eps=0.0"),
         ({"norm_eps": math.nan}, "norm_eps=nan"),
         ({"rope_theta": math.inf}, "rope_theta=inf"),
+        ({"rope_theta": 10**400}, "rope_theta=1000"),  # too large for a float: no OverflowError
         ({"rope_theta": 1.0}, "rope_theta=1.0"),  # every wavelength the same
         ({"rope_fraction": 1.5}, "rope_fraction=1.5"),
         ({"rope_fraction": 0.1}, "rotary dim 0"),  # nothing rotated

@@ -7,6 +7,8 @@ where tokenizer names overlap (ChatGLM's model_type covers three families: v1, 2
 
 from __future__ import annotations
 
+from slimllm.reference.config import shown
+
 from ..io import CheckpointError
 from . import baichuan, chatglm, chatglm2, glm, llama, opt, qwen, qwen2
 from .common import json_object
@@ -31,9 +33,9 @@ def detect(hf: dict):
     for family in FAMILIES:
         if family.detect(hf):
             return family
-    what = str(hf.get("model_type") or hf.get("architectures") or "no model_type")[:80]
+    what = shown(hf.get("model_type") or hf.get("architectures") or "no model_type")
     supported = sorted({f.name for f in FAMILIES})
-    raise CheckpointError(f"unsupported model type {what!r} (supported families: {supported})")
+    raise CheckpointError(f"unsupported model type {what} (supported families: {supported})")
 
 
 def by_name(name: str):

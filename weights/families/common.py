@@ -190,7 +190,9 @@ def expect(hf: dict, key: str, allowed, default=None):
     """A config value that slimllm supports only in the listed forms."""
     v = hf.get(key, default)
     if type(v) not in {type(a) for a in allowed} or v not in allowed:  # 1 == True: not allowed
-        raise HubConfigError(f"config.json {key}={v!r} is not supported (supported: {allowed})")
+        raise HubConfigError(
+            f"config.json {key}={config.shown(v)} is not supported (supported: {allowed})"
+        )
     return v
 
 
@@ -211,7 +213,7 @@ def no_sliding_window(hf: dict):
         not isinstance(kinds, list) or any(kind != "full_attention" for kind in kinds)
     ):
         raise HubConfigError(
-            f"config.json layer_types={str(kinds)[:80]}: kinds other than full_attention are "
+            f"config.json layer_types={config.shown(kinds)}: kinds other than full_attention are "
             "not supported"
         )
 
@@ -238,12 +240,12 @@ def rope_settings(hf: dict) -> tuple[float, WavelengthScaling | None]:
     )
     kind = source.get("rope_type") or source.get("type") or "default"
     if not isinstance(kind, str) or kind not in ROPE_KEYS:
-        raise HubConfigError(f"config.json rope scaling type {kind!r} is not supported")
+        raise HubConfigError(f"config.json rope scaling type {config.shown(kind)} is not supported")
     for name, settings in (("rope_parameters", params), ("rope_scaling", scaling)):
         unknown = sorted(set(settings) - set(ROPE_KEYS[kind]))
         if unknown:
             raise HubConfigError(
-                f"config.json {name} has {unknown}: not read for rope type {kind!r}"
+                f"config.json {name} has {config.shown(unknown)}: not read for rope type {kind!r}"
             )
     theta = (
         number(params, "rope_theta", low=1.0, where="config.json rope_parameters")
@@ -266,7 +268,7 @@ def rope_object(hf: dict, key: str) -> dict:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise HubConfigError(f"config.json {key}={str(v)[:80]}: expected an object or null")
+        raise HubConfigError(f"config.json {key}={config.shown(v)}: expected an object or null")
     return v
 
 
