@@ -118,6 +118,8 @@ def test_rope_keys_the_rope_type_does_not_read_are_refused(tmp_path, capsys):
         ("llama", {"pretraining_tp": True}, "pretraining_tp=True"),
         ("chatglm3", {"multi_query_group_num": None}, "lacks multi_query_group_num"),
         ("chatglm6b", {"bos_token_id": 300}, "bos_token_id=300"),
+        ("chatglm6b", {"pre_seq_len": 128}, "pre_seq_len=128"),
+        ("chatglm3", {"quantization_bit": 4}, "quantization_bit=4"),
         ("qwen1", {"rotary_pct": 0.01}, "rotary dim 0"),
         ("qwen1", {"use_logn_attn": 1}, "use_logn_attn=1"),
         ("qwen1", {"scale_attn_weights": False}, "scale_attn_weights=False"),

@@ -13,7 +13,7 @@ import math
 from slimllm.reference.config import MAX_LAYERS, ModelConfig
 
 from ..transforms import split_per_head
-from .common import Family, TokenizerRule, flag, head_dim, hub_config, integer, number
+from .common import Family, TokenizerRule, expect, flag, head_dim, hub_config, integer, number
 
 LAYER = "transformer.layers.{i}."
 UPSTREAM_LAYERS = 28  # the GLMBlock default num_layers that sets alpha
@@ -21,6 +21,8 @@ UPSTREAM_LAYERS = 28  # the GLMBlock default num_layers that sets alpha
 
 @hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
+    expect(hf, "quantization_bit", (0,), 0)  # int4/int8 weights: another layout
+    expect(hf, "pre_seq_len", (None,), None)  # P-tuning prefix tokens
     heads = integer(hf, "num_attention_heads")
     width = integer(hf, "hidden_size")
     vocab = integer(hf, "vocab_size")

@@ -19,6 +19,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     expect(hf, "apply_residual_connection_post_layernorm", (False,), False)
     expect(hf, "rmsnorm", (True,), True)
     expect(hf, "add_bias_linear", (False,), False)
+    expect(hf, "quantization_bit", (0,), 0)  # int4/int8 weights: another layout
+    expect(hf, "pre_seq_len", (None,), None)  # P-tuning prefix tokens
     heads = integer(hf, "num_attention_heads")
     width = integer(hf, "hidden_size")
     grouped = flag(hf, "multi_query_attention")
