@@ -4,7 +4,9 @@ Every family slimllm runs (Llama, Qwen, ChatGLM, Baichuan, OPT) is a point in th
 fields name the maths (which norm, which positions, which MLP), never a family. Family names and
 hub config keys live only in `slimllm.weights.families`. The config is hashable so the JAX
 backend can use it as a static jit argument; runtime settings (batch, cache length, cache dtype,
-attention kind, tp) live elsewhere and never edit it.
+attention kind, tp) live elsewhere and never edit it. Every field is checked by type and range
+when a config is made, whichever loader makes it (a `ConfigError` naming the field): a head count
+of 0, a negative eps or a float width is refused here, not met later as a crash or nonsense.
 
 Shape letters used across the code: b batch, t query positions, s key positions, e model width,
 h query heads, k kv heads, g heads per kv head, d head dim, f ffn width, v vocab.

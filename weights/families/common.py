@@ -8,6 +8,11 @@ that are read and deliberately unused (e.g. cached rotary frequencies); `weights
 applies them, and `weights.transforms` holds the maths. Its `tokenizer` rule tells
 `weights.tokenizer` how to recognise the family's tokenizer and what that tokenizer puts around
 a prompt, so that a family name means the same thing to the loader and to the tokenizer.
+
+A family reads its hub config through `integer`, `number`, `flag` and `expect`, which check a
+value's type and range and name its config.json key in the error (`HubConfigError`, a
+`ConfigError`); `hub_config` wraps each `config_from_hf` to refuse what no family runs
+(sliding-window attention) and to mark the ModelConfig's own range errors as config.json's.
 """
 
 from __future__ import annotations
