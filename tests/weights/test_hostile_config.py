@@ -7,7 +7,7 @@ import math
 import shutil
 
 import pytest
-from fuzz.harness import outcome
+from fuzz.harness import bounded, outcome
 
 from conftest import FIXTURES, SHARED
 from slimllm.cli import main
@@ -161,3 +161,15 @@ def test_values_real_checkpoints_use_still_load(tmp_path):
     )
     for config in (SHARED / "configs").glob("*/config.json"):  # beside the checkout, if there
         assert load_config(config).n_layers >= 24
+
+
+def test_a_billion_layers_end_at_once_in_bounded_memory(tmp_path):
+    """The loader names every layer's tensors: 10^9 layers ran for minutes before the check."""
+    d = copy(tmp_path, "llama", setting(num_hidden_layers=10**9))
+    code = (
+        f"from slimllm.weights import load_checkpoint\nload_checkpoint({str(d)!r}, tokenizer=False)"
+    )
+    run = bounded(code, seconds=2.0, address_gb=4.0)
+    assert run.returncode == 1 and "ConfigError" in run.stderr, run.stderr[-300:]
+    assert "num_hidden_layers=1000000000" in run.stderr
+    assert run.seconds < 2.0 and run.peak_mb < 200, (run.seconds, run.peak_mb)
