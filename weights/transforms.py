@@ -18,16 +18,23 @@ from slimllm.reference.config import ModelConfig
 from .io import CheckpointError
 
 
+def check_rows(w, sizes: dict[str, int]):
+    """A fused tensor has the rows its parts need (a wrong rank or size is a CheckpointError,
+    named by the family's `Family.fused` wrapper; the parts' columns are checked later)."""
+    rows = w.shape[0] if w.ndim else None
+    if rows != sum(sizes.values()) or w.ndim > 2:
+        raise CheckpointError(
+            f"fused tensor of shape {tuple(w.shape)}, expected {sum(sizes.values())} rows "
+            f"({' + '.join(f'{n}={s}' for n, s in sizes.items())}) and at most 2 dims"
+        )
+
+
 def split_rows(sizes_of: Callable[[ModelConfig], dict[str, int]]):
     """A fused-tensor splitter: consecutive blocks of output rows, e.g. [q | k | v]."""
 
     def split(w, cfg):
         sizes = sizes_of(cfg)
-        if w.shape[0] != sum(sizes.values()):
-            raise CheckpointError(
-                f"fused tensor has {w.shape[0]} rows, expected {sum(sizes.values())} "
-                f"({' + '.join(f'{n}={s}' for n, s in sizes.items())})"
-            )
+        check_rows(w, sizes)
         bounds = np.cumsum([0, *sizes.values()])
         return {n: w[a:b] for n, a, b in zip(sizes, bounds[:-1], bounds[1:], strict=True)}
 
@@ -54,6 +61,9 @@ def split_per_head(prefix: str):
     biases, for prefix "b"), each with its heads in order."""
 
     def split(w, cfg):
+        check_rows(
+            w, {f"{cfg.n_heads} heads * [q|k|v] * {cfg.head_dim}": cfg.n_heads * 3 * cfg.head_dim}
+        )
         grouped = w.reshape(
             cfg.n_heads, 3, cfg.head_dim, *w.shape[1:]
         )  # [h*3*d, ...] -> [h,3,d,...]

@@ -7,8 +7,11 @@ where tokenizer names overlap (ChatGLM's model_type covers three families: v1, 2
 
 from __future__ import annotations
 
+from slimllm.reference.config import shown
+
 from ..io import CheckpointError
 from . import baichuan, chatglm, chatglm2, glm, llama, opt, qwen, qwen2
+from .common import json_object
 
 FAMILIES = [
     llama.FAMILY,
@@ -26,12 +29,13 @@ FAMILIES = [
 
 def detect(hf: dict):
     """The family of a hub config.json, from `model_type`, `architectures` and `auto_map`."""
+    json_object(hf)
     for family in FAMILIES:
         if family.detect(hf):
             return family
-    what = hf.get("model_type") or hf.get("architectures") or "no model_type"
+    what = shown(hf.get("model_type") or hf.get("architectures") or "no model_type")
     supported = sorted({f.name for f in FAMILIES})
-    raise CheckpointError(f"unsupported model type {what!r} (supported families: {supported})")
+    raise CheckpointError(f"unsupported model type {what} (supported families: {supported})")
 
 
 def by_name(name: str):

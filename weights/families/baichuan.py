@@ -7,11 +7,11 @@ its 125696-token vocabulary) -> NormHead (`weights.transforms.norm_head`). All f
 tokenizer (SentencePiece, tokenization_baichuan.py), with Llama's conventions.
 """
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import MAX_LAYERS, ModelConfig
 
 from ..transforms import norm_head, qkv_sizes, split_rows
 from . import llama
-from .common import Family, TokenizerRule, require
+from .common import Family, TokenizerRule, expect, flag, head_dim, hub_config, integer, number
 
 BAICHUAN2_VOCAB = 125696
 
@@ -22,22 +22,24 @@ def is_baichuan2(hf: dict) -> bool:
     )
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
+    expect(hf, "hidden_act", ("silu",), "silu")
     rope = "max_position_embeddings" in hf
-    heads = require(hf, "num_attention_heads")
-    width = require(hf, "hidden_size")
+    heads = integer(hf, "num_attention_heads")
+    width = integer(hf, "hidden_size")
     return ModelConfig(
-        vocab=require(hf, "vocab_size"),
+        vocab=integer(hf, "vocab_size"),
         width=width,
-        n_layers=require(hf, "num_hidden_layers"),
+        n_layers=integer(hf, "num_hidden_layers", high=MAX_LAYERS),
         n_heads=heads,
         n_kv_heads=heads,
-        head_dim=width // heads,
-        ffn_width=require(hf, "intermediate_size"),
-        max_len=require(hf, "max_position_embeddings" if rope else "model_max_length"),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=head_dim(hf, width, heads, None),
+        ffn_width=integer(hf, "intermediate_size"),
+        max_len=integer(hf, "max_position_embeddings" if rope else "model_max_length"),
+        norm_eps=number(hf, "rms_norm_eps", default=1e-6, high=1.0),
         pos="rope" if rope else "alibi",
-        tied_head=bool(hf.get("tie_word_embeddings", False)),
+        tied_head=flag(hf, "tie_word_embeddings"),
     )
 
 

@@ -10,31 +10,39 @@ pieces, appends [gMASK] <sop> to a prompt, and rewrites newlines, tabs and runs 
 
 import math
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import MAX_LAYERS, ModelConfig
 
 from ..transforms import split_per_head
-from .common import Family, TokenizerRule, require
+from .common import Family, TokenizerRule, expect, flag, head_dim, hub_config, integer, number
 
 LAYER = "transformer.layers.{i}."
 UPSTREAM_LAYERS = 28  # the GLMBlock default num_layers that sets alpha
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
-    heads = require(hf, "num_attention_heads")
-    width = require(hf, "hidden_size")
+    expect(hf, "quantization_bit", (0,), 0)  # int4/int8 weights: another layout
+    expect(hf, "pre_seq_len", (None,), None)  # P-tuning prefix tokens
+    heads = integer(hf, "num_attention_heads")
+    width = integer(hf, "hidden_size")
+    vocab = integer(hf, "vocab_size")
+
+    def token(key):
+        return integer(hf, key, low=0, high=vocab - 1)
+
     return ModelConfig(
-        vocab=require(hf, "vocab_size"),
+        vocab=vocab,
         width=width,
-        n_layers=require(hf, "num_layers"),
+        n_layers=integer(hf, "num_layers", high=MAX_LAYERS),
         n_heads=heads,
         n_kv_heads=heads,
-        head_dim=width // heads,
-        ffn_width=hf.get("inner_hidden_size") or 4 * width,
-        max_len=hf.get("max_sequence_length", 2048),
+        head_dim=head_dim(hf, width, heads, None),
+        ffn_width=integer(hf, "inner_hidden_size", default=4 * width),
+        max_len=integer(hf, "max_sequence_length", default=2048),
         norm="layer",
-        norm_eps=hf.get("layernorm_epsilon", 1e-5),
+        norm_eps=number(hf, "layernorm_epsilon", default=1e-5, high=1.0),
         mlp="gelu",
-        pos="rope2d" if hf.get("position_encoding_2d", True) else "rope",
+        pos="rope2d" if flag(hf, "position_encoding_2d", default=True) else "rope",
         rope_f16_freqs=True,
         qkv_bias=True,
         o_bias=True,
@@ -42,8 +50,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         residual="normed_input",
         residual_alpha=math.sqrt(2 * UPSTREAM_LAYERS),
         tied_head=True,
-        block_start_id=require(hf, "bos_token_id"),
-        block_anchor_ids=(require(hf, "gmask_token_id"), require(hf, "mask_token_id")),
+        block_start_id=token("bos_token_id"),
+        block_anchor_ids=(token("gmask_token_id"), token("mask_token_id")),
     )
 
 

@@ -5,37 +5,40 @@ GLM-4's remote-code checkpoints say the same model_type and load here too (`glm.
 layout and its tiktoken tokenizer).
 """
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import MAX_LAYERS, ModelConfig
 
 from ..transforms import gate_up_sizes, qkv_sizes, split_rows
-from .common import Family, TokenizerRule, expect, require
+from .common import Family, TokenizerRule, expect, flag, head_dim, hub_config, integer, number
 
 LAYER = "transformer.encoder.layers.{i}."
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
     expect(hf, "original_rope", (True,), True)
     expect(hf, "apply_residual_connection_post_layernorm", (False,), False)
     expect(hf, "rmsnorm", (True,), True)
     expect(hf, "add_bias_linear", (False,), False)
-    heads = require(hf, "num_attention_heads")
-    width = require(hf, "hidden_size")
-    kv = hf["multi_query_group_num"] if hf.get("multi_query_attention") else heads
+    expect(hf, "quantization_bit", (0,), 0)  # int4/int8 weights: another layout
+    expect(hf, "pre_seq_len", (None,), None)  # P-tuning prefix tokens
+    heads = integer(hf, "num_attention_heads")
+    width = integer(hf, "hidden_size")
+    grouped = flag(hf, "multi_query_attention")
     return ModelConfig(
-        vocab=require(hf, "padded_vocab_size", "vocab_size"),
+        vocab=integer(hf, "padded_vocab_size", "vocab_size"),
         width=width,
-        n_layers=require(hf, "num_layers"),
+        n_layers=integer(hf, "num_layers", high=MAX_LAYERS),
         n_heads=heads,
-        n_kv_heads=kv,
-        head_dim=hf.get("kv_channels") or width // heads,
-        ffn_width=require(hf, "ffn_hidden_size"),
-        max_len=hf.get("seq_length", 2048),
-        norm_eps=hf.get("layernorm_epsilon", 1e-5),
+        n_kv_heads=integer(hf, "multi_query_group_num", high=heads) if grouped else heads,
+        head_dim=head_dim(hf, width, heads, "kv_channels"),
+        ffn_width=integer(hf, "ffn_hidden_size"),
+        max_len=integer(hf, "seq_length", default=2048),
+        norm_eps=number(hf, "layernorm_epsilon", default=1e-5, high=1.0),
         rope_style="interleaved",
         rope_fraction=0.5,
-        rope_theta=10000.0 * hf.get("rope_ratio", 1),
-        qkv_bias=bool(hf.get("add_qkv_bias", False)),
-        final_norm=bool(hf.get("post_layer_norm", True)),
+        rope_theta=10000.0 * number(hf, "rope_ratio", default=1.0),
+        qkv_bias=flag(hf, "add_qkv_bias"),
+        final_norm=flag(hf, "post_layer_norm", default=True),
     )
 
 

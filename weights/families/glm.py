@@ -11,14 +11,15 @@ from slimllm.reference.config import ModelConfig
 
 from ..transforms import gate_up_sizes, split_rows
 from . import llama, qwen
-from .common import Family, TokenizerRule
+from .common import Family, TokenizerRule, flag, hub_config, number
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
     return llama.config_from_hf(hf).replace(
         rope_style="interleaved",
-        rope_fraction=float(hf.get("partial_rotary_factor", 0.5)),
-        qkv_bias=bool(hf.get("attention_bias", False)),
+        rope_fraction=number(hf, "partial_rotary_factor", default=0.5, high=1.0),
+        qkv_bias=flag(hf, "attention_bias"),
         o_bias=False,
     )
 

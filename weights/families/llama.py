@@ -4,33 +4,44 @@ RMSNorm, rotate-half RoPE (theta from the config, Llama-3.1 "llama3" frequency s
 SwiGLU; the head is tied in the small Llama-3.2 models (no `lm_head.weight` in the file).
 """
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import MAX_LAYERS, ModelConfig
 
-from .common import Family, TokenizerRule, expect, require, rope_settings
+from .common import (
+    Family,
+    TokenizerRule,
+    expect,
+    flag,
+    head_dim,
+    hub_config,
+    integer,
+    number,
+    rope_settings,
+)
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
     expect(hf, "hidden_act", ("silu",), "silu")
     expect(hf, "pretraining_tp", (1,), 1)
     theta, scaling = rope_settings(hf)
-    heads = require(hf, "num_attention_heads")
-    width = require(hf, "hidden_size")
+    heads = integer(hf, "num_attention_heads")
+    width = integer(hf, "hidden_size")
     return ModelConfig(
-        vocab=require(hf, "vocab_size"),
+        vocab=integer(hf, "vocab_size"),
         width=width,
-        n_layers=require(hf, "num_hidden_layers"),
+        n_layers=integer(hf, "num_hidden_layers", high=MAX_LAYERS),
         n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or width // heads,
-        ffn_width=require(hf, "intermediate_size"),
-        max_len=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        n_kv_heads=integer(hf, "num_key_value_heads", default=heads, high=heads),
+        head_dim=head_dim(hf, width, heads),
+        ffn_width=integer(hf, "intermediate_size"),
+        max_len=integer(hf, "max_position_embeddings", default=2048),
+        norm_eps=number(hf, "rms_norm_eps", default=1e-6, high=1.0),
         rope_theta=theta,
         rope_scaling=scaling,
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        o_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        tied_head=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=flag(hf, "attention_bias"),
+        o_bias=flag(hf, "attention_bias"),
+        mlp_bias=flag(hf, "mlp_bias"),
+        tied_head=flag(hf, "tie_word_embeddings"),
     )
 
 

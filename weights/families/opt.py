@@ -7,30 +7,31 @@ checkpoints saved from `OPTForCausalLM` prefix `model.` and add a tied `lm_head.
 load: the prefix is dropped and the tied head is ignored.
 """
 
-from slimllm.reference.config import ModelConfig
+from slimllm.reference.config import MAX_LAYERS, ModelConfig
 
-from .common import Family, TokenizerRule, expect, require
+from .common import Family, TokenizerRule, expect, flag, head_dim, hub_config, integer
 
 LAYER = "decoder.layers.{i}."
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
     expect(hf, "activation_function", ("relu",), "relu")
     expect(hf, "enable_bias", (True,), True)
     expect(hf, "layer_norm_elementwise_affine", (True,), True)
-    pre = bool(hf.get("do_layer_norm_before", True))
-    width = require(hf, "hidden_size")
-    heads = require(hf, "num_attention_heads")
-    embed_width = hf.get("word_embed_proj_dim") or width
+    pre = flag(hf, "do_layer_norm_before", default=True)
+    width = integer(hf, "hidden_size")
+    heads = integer(hf, "num_attention_heads")
+    embed_width = integer(hf, "word_embed_proj_dim", default=width)
     return ModelConfig(
-        vocab=require(hf, "vocab_size"),
+        vocab=integer(hf, "vocab_size"),
         width=width,
-        n_layers=require(hf, "num_hidden_layers"),
+        n_layers=integer(hf, "num_hidden_layers", high=MAX_LAYERS),
         n_heads=heads,
         n_kv_heads=heads,
-        head_dim=width // heads,
-        ffn_width=require(hf, "ffn_dim"),
-        max_len=require(hf, "max_position_embeddings"),
+        head_dim=head_dim(hf, width, heads, None),
+        ffn_width=integer(hf, "ffn_dim"),
+        max_len=integer(hf, "max_position_embeddings"),
         norm="layer",
         norm_eps=1e-5,
         mlp="relu",
@@ -40,7 +41,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         o_bias=True,
         mlp_bias=True,
         residual="pre_norm" if pre else "post_norm",
-        final_norm=pre and not hf.get("_remove_final_layer_norm", False),
+        final_norm=pre and not flag(hf, "_remove_final_layer_norm"),
         tied_head=True,
         embed_width=embed_width if embed_width != width else 0,
     )

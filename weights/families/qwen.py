@@ -6,39 +6,51 @@ past the trained `seq_length` when the config enables them. The tokenizer (tikto
 tokenization_qwen.py) adds nothing around a prompt and numbers 208 specials from 151643.
 """
 
-from slimllm.reference.config import DynamicNTK, ModelConfig
+from slimllm.reference.config import MAX_LAYERS, DynamicNTK, ModelConfig
 
-from ..io import CheckpointError
 from ..transforms import qkv_sizes, split_rows
-from .common import Family, TokenizerRule, require
+from .common import (
+    Family,
+    HubConfigError,
+    TokenizerRule,
+    architectures,
+    expect,
+    flag,
+    head_dim,
+    hub_config,
+    integer,
+    number,
+)
 
 LAYER = "transformer.h.{i}."
 
 
+@hub_config
 def config_from_hf(hf: dict) -> ModelConfig:
-    if not hf.get("no_bias", True):
-        raise CheckpointError(
-            "config.json no_bias=false (biased Qwen projections) is not supported"
-        )
-    heads = require(hf, "num_attention_heads")
-    width = require(hf, "hidden_size")
-    trained = require(hf, "seq_length")
+    expect(hf, "no_bias", (True,), True)  # biased projections: not supported
+    expect(hf, "scale_attn_weights", (True,), True)  # scores divided by sqrt(d)
+    heads = integer(hf, "num_attention_heads")
+    width = integer(hf, "hidden_size")
+    trained = integer(hf, "seq_length")
+    fused_ffn = integer(hf, "intermediate_size")
+    if fused_ffn % 2:
+        raise HubConfigError(f"config.json intermediate_size={fused_ffn}: expected an even size")
     return ModelConfig(
-        vocab=require(hf, "vocab_size"),
+        vocab=integer(hf, "vocab_size"),
         width=width,
-        n_layers=require(hf, "num_hidden_layers"),
+        n_layers=integer(hf, "num_hidden_layers", high=MAX_LAYERS),
         n_heads=heads,
         n_kv_heads=heads,
-        head_dim=hf.get("kv_channels") or width // heads,
-        ffn_width=require(hf, "intermediate_size") // 2,
-        max_len=hf.get("max_position_embeddings", trained),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
-        rope_theta=float(hf.get("rotary_emb_base", 10000)),
-        rope_fraction=float(hf.get("rotary_pct", 1.0)),
-        rope_scaling=DynamicNTK(trained) if hf.get("use_dynamic_ntk") else None,
-        logn_len=trained if hf.get("use_logn_attn") else 0,
+        head_dim=head_dim(hf, width, heads, "kv_channels"),
+        ffn_width=fused_ffn // 2,
+        max_len=integer(hf, "max_position_embeddings", default=trained),
+        norm_eps=number(hf, "layer_norm_epsilon", default=1e-6, high=1.0),
+        rope_theta=number(hf, "rotary_emb_base", default=10000.0, low=1.0),
+        rope_fraction=number(hf, "rotary_pct", default=1.0, high=1.0),
+        rope_scaling=DynamicNTK(trained) if flag(hf, "use_dynamic_ntk") else None,
+        logn_len=trained if flag(hf, "use_logn_attn") else 0,
         qkv_bias=True,
-        tied_head=bool(hf.get("tie_word_embeddings", False)),
+        tied_head=flag(hf, "tie_word_embeddings"),
     )
 
 
@@ -55,9 +67,7 @@ QKV_B = ("layers.{i}.bq", "layers.{i}.bk", "layers.{i}.bv")
 
 FAMILY = Family(
     name="qwen",
-    detect=lambda hf: (
-        hf.get("model_type") == "qwen" or "QWenLMHeadModel" in hf.get("architectures", [])
-    ),
+    detect=lambda hf: hf.get("model_type") == "qwen" or "QWenLMHeadModel" in architectures(hf),
     config_from_hf=config_from_hf,
     names={
         "embed": "transformer.wte.weight",

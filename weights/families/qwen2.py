@@ -2,18 +2,15 @@
 q/k/v biases (Qwen2) or per-head q/k RMSNorm with an explicit head_dim (Qwen3). Both ship the
 Qwen2Tokenizer (byte-level BPE with Qwen's split pattern), which adds nothing around a prompt."""
 
-from ..io import CheckpointError
 from . import llama, qwen
-from .common import Family, TokenizerRule
+from .common import Family, TokenizerRule, hub_config
 
 LAYER = llama.LAYER
 
 
+@hub_config
 def config_from_hf(hf: dict):
-    if hf.get("use_sliding_window") and hf.get("sliding_window", 0) < hf.get(
-        "max_position_embeddings", 0
-    ):
-        raise CheckpointError("config.json use_sliding_window=true is not supported")
+    # A sliding window shorter than the context is refused by `hub_config`.
     cfg = llama.config_from_hf(hf)
     if hf["model_type"] == "qwen2":
         return cfg.replace(qkv_bias=True, o_bias=False)
