@@ -13,12 +13,13 @@ Before the unpickler runs, `scan` walks the opcode stream once, iteratively, and
 could exhaust the process without running code: more than MAX_PICKLE_BYTES or MAX_OPCODES,
 objects nested more than MAX_DEPTH deep, dict keys that are not plain values (a key is hashed,
 and hashing a 200,000-deep tuple overflows the C stack, while `t = (t, t)` built 80 times via
-the memo takes 2**80 steps), sets, integers wider than MAX_INT_BITS, memo indices beyond the
-memo (the unpickler sizes its memo by the index) and objects changed after being nested (which
-would let depth grow unseen). So the unpickler's work is linear in the pickle's size, and no
-attacker-built structure is hashed, compared or repr'd unbounded: messages show values through
-`brief`. A tensor may hold no more elements than its storage, so a stride-0 view cannot expand
-a small file into a huge array.
+the memo takes 2**80 steps) or that repeat in one dict (the last would silently win), sets,
+integers wider than MAX_INT_BITS, memo indices beyond the memo (the unpickler sizes its memo
+by the index) and objects changed after being nested (which would let depth grow unseen). So
+the unpickler's work is linear in the pickle's size, and no attacker-built structure is
+hashed, compared or repr'd unbounded: messages show values through `brief`. A tensor may hold
+no more elements than its storage, so a stride-0 view cannot expand a small file into a huge
+array.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def brief(value: Any) -> str:
 
 
 def clip(text: str, most: int = 200) -> str:
-    """text, cut to `most` characters: for messages that quote what the file said."""
+    """text on one line (control characters escaped), cut to `most` characters: for messages
+    that quote what the file said."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= most else text[:most] + "..."
 
 
@@ -88,14 +92,15 @@ def clip(text: str, most: int = 200) -> str:
 class _Built:
     """What the scan knows of one object the unpickler will build (shared by memo copies)."""
 
-    __slots__ = ("depth", "key", "value", "nested", "empty")
+    __slots__ = ("depth", "key", "value", "nested", "empty", "keys")
 
     def __init__(self, depth: int = 0, key: bool = False, value: Any = None, empty=False):
         self.depth = depth  # containers around the deepest plain value
         self.key = key  # a plain value, cheap to hash: may be a dict key
-        self.value = value  # strings are kept: STACK_GLOBAL names a global with two of them
+        self.value = value  # a plain value's value; a global's "module name"
         self.nested = False  # placed inside another object: must not change any more
         self.empty = empty  # the empty tuple (the only arguments OrderedDict may take)
+        self.keys: set | None = None  # the keys set in it so far, if it is a dict
 
 
 # opcodes pushing one plain value
@@ -161,12 +166,18 @@ class _Scan:
             target.depth = max(target.depth, 1 + part.depth)
         self.deep_enough(target, pos)
 
-    def keys(self, items: list[_Built], pos: int) -> None:
-        """items alternate key, value: each key must be a plain value (hashing it is cheap)."""
+    def keys(self, target: _Built, items: list[_Built], pos: int) -> None:
+        """items alternate key, value: each key must be a plain value (hashing it is cheap), and
+        new to the dict (a name set twice would silently keep the last tensor)."""
         if len(items) % 2:
             raise ValueError("odd number of dict items")
         if not all(k.key for k in items[::2]):
             raise self.refuse("a dict key that is not a string or number", pos)
+        target.keys = target.keys or set()
+        for k in items[::2]:
+            if k.value in target.keys:
+                raise self.refuse(f"the key {brief(k.value)} is set twice in one dict", pos)
+            target.keys.add(k.value)
 
     def call(self, func: _Built, args: list[_Built], pos: int) -> None:
         """OrderedDict(pairs) would hash the keys of pairs: torch calls it without arguments."""
@@ -180,7 +191,8 @@ class _Scan:
         if name in _PLAIN:
             if isinstance(arg, int) and abs(arg).bit_length() > MAX_INT_BITS:
                 raise self.refuse(f"an integer wider than {MAX_INT_BITS} bits", pos)
-            stack.append(_Built(key=True, value=arg if isinstance(arg, str) else None))
+            value = {"NEWTRUE": True, "NEWFALSE": False}.get(name, arg)
+            stack.append(_Built(key=True, value=value))
         elif name in ("PROTO", "STOP"):
             pass
         elif name == "FRAME":
@@ -217,19 +229,20 @@ class _Scan:
             stack.append(self.made(self.pop_mark(), pos))
         elif name == "DICT":
             items = self.pop_mark()
-            self.keys(items, pos)
-            stack.append(self.made(items, pos))
+            built = self.made(items, pos)
+            self.keys(built, items, pos)
+            stack.append(built)
         elif name == "APPEND":
             item = self.pop()
             self.fill(stack[-1], [item], pos)
         elif name == "SETITEM":
             items = [self.pop(), self.pop()][::-1]
-            self.keys(items, pos)
+            self.keys(stack[-1], items, pos)
             self.fill(stack[-1], items, pos)
         elif name in ("APPENDS", "SETITEMS"):
             items = self.pop_mark()
             if name == "SETITEMS":
-                self.keys(items, pos)
+                self.keys(stack[-1], items, pos)
             self.fill(stack[-1], items, pos)
         elif name == "BUILD":
             state = self.pop()
@@ -441,7 +454,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             # torch's own, and harmless, but for tensor kinds this reader does not handle
             why = "it builds a tensor type this reader does not support (complex, uint16, ...)"
         raise UnsafePickleError(
-            f"pickle references forbidden global {module}.{name}: {why}; "
+            f"pickle references forbidden global {clip(f'{module}.{name}')}: {why}; "
             "refused before anything ran"
         )
 
