@@ -24,6 +24,7 @@ import contextlib
 import io
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -60,8 +61,18 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _CHUNK = 1 << 24
 MAX_READ = 1 << 26  # the largest single read of the zip structure (a chunk is 16 MiB)
-# what zipfile raises on damaged archives (bad offsets surface as ValueError or struct.error)
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error)
+# what zipfile raises on damaged archives (bad offsets surface as ValueError or struct.error,
+# damaged deflate data as zlib.error, a version or method field it does not know as
+# NotImplementedError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    zlib.error,
+    NotImplementedError,
+)
 
 
 def _read_into(file: BinaryIO, out: np.ndarray, what: str) -> None:
@@ -141,6 +152,13 @@ class _ZipCheckpoint:
         if info.file_size > most:
             raise TorchBinError(
                 f"record {clip(name)} declares {info.file_size} bytes, more than {limit} ({most})"
+            )
+        if info.flag_bits & 1:
+            raise TorchBinError(f"record {clip(name)} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise TorchBinError(
+                f"record {clip(name)} uses compression method {info.compress_type}; "
+                "torch.save stores records uncompressed"
             )
         stored = info.compress_type == zipfile.ZIP_STORED
         if stored and info.file_size != info.compress_size:
