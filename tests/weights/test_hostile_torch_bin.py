@@ -371,3 +371,14 @@ def test_sparse_llama2c_file_is_refused_without_reading_it(tmp_path):
     shutil.copy(STORIES, path)
     out = in_child(sparse(path), "read_llama2c")
     assert out.startswith("CheckpointError") and "unexpected trailing values" in out
+
+
+def test_names_from_the_file_are_shown_on_one_line(tmp_path):
+    # STACK_GLOBAL takes its names from strings, which may hold newlines and NULs
+    def binary(text: bytes) -> bytes:
+        return pickle.BINUNICODE + struct.pack("<I", len(text)) + text
+
+    evil = binary(b"os\nsystem") + binary(b"x\x00y") + pickle.STACK_GLOBAL
+    pkl = p_top(pickle.EMPTY_DICT + p_str("x") + evil + pickle.SETITEM)
+    message, _ = outcome(load_torch_bin, make_zip(tmp_path / "n.bin", pkl, {}))
+    assert "forbidden global os\\nsystem.x\\x00y" in message
