@@ -21,6 +21,7 @@ import pytest
 from fuzz.harness import bounded, outcome
 from test_torch_bin import make_legacy, make_zip, p_dict, p_storage, p_str, p_tensor, p_top
 
+from conftest import FIXTURES
 from slimllm.weights.torch_bin import list_torch_bin, load_torch_bin
 from slimllm.weights.torch_bin_write import write_torch_bin
 
@@ -32,6 +33,7 @@ CHILD = """
 from slimllm.reference.errors import SlimllmError
 from slimllm.weights.torch_bin import load_torch_bin, list_torch_bin
 from slimllm.weights.llama2c import read_llama2c
+from slimllm.weights import load_checkpoint
 try:
     {call}({path!r})
     print("loaded")
@@ -187,6 +189,15 @@ def test_stride_zero_view_is_refused_before_it_is_materialised(tmp_path, side):
     assert out.startswith("TorchBinError") and "stride (0, 0))" in out
     why = "spans more than" if side * side > 2**48 else f"has {side * side} elements, more than"
     assert why in out
+
+
+def test_stride_zero_view_through_the_model_loader(tmp_path):
+    # the issue's case went through load_checkpoint (open_torch_bin), then failed on the shape
+    view = p_tensor(p_storage("FloatStorage", "0", 1), 0, (10**5, 10**5), (0, 0))
+    shutil.copy(FIXTURES / "llama" / "config.json", tmp_path / "config.json")
+    make_zip(tmp_path / "pytorch_model.bin", p_top(p_dict({"w": view})), ONE_FLOAT)
+    out = in_child(tmp_path, "load_checkpoint")
+    assert out.startswith("TorchBinError") and "pytorch_model.bin: tensor view" in out
 
 
 def test_overlapping_view_larger_than_its_storage_is_refused(tmp_path):
@@ -382,3 +393,10 @@ def test_names_from_the_file_are_shown_on_one_line(tmp_path):
     pkl = p_top(pickle.EMPTY_DICT + p_str("x") + evil + pickle.SETITEM)
     message, _ = outcome(load_torch_bin, make_zip(tmp_path / "n.bin", pkl, {}))
     assert "forbidden global os\\nsystem.x\\x00y" in message
+
+
+def test_a_name_set_twice_is_refused_not_last_wins(tmp_path):
+    twice = p_str("w") + one_tensor() + p_str("w") + one_tensor()
+    pkl = p_top(pickle.EMPTY_DICT + pickle.MARK + twice + pickle.SETITEMS)
+    message, _ = outcome(load_torch_bin, make_zip(tmp_path / "d.bin", pkl, ONE_FLOAT))
+    assert "is refused: the key 'w' is set twice in one dict" in message
