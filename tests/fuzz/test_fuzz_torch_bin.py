@@ -10,7 +10,8 @@ Three targets, each on a small valid checkpoint written by `write_torch_bin`:
   unpickled the simplest way and each tensor cut from its storage bytes with NumPy, written
   here independently of the reader. For the unmutated pickle that is the original model.
 Mutations: truncate, flip a byte, splice a slice elsewhere, insert bytes, write huge numbers,
-and for pickles swap an opcode for another and insert deep nesting at an opcode boundary.
+and for pickles swap an opcode for another, insert deep nesting at an opcode boundary, and set
+an integer (a size, stride, offset or element count) to another value, small or huge.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hypothesis import strategies as st
 
 from slimllm.conformance.profiles import fuzzing
 from slimllm.weights.torch_bin import list_torch_bin, load_torch_bin
+from slimllm.weights.torch_bin_write import _p_int as p_int
 from slimllm.weights.torch_bin_write import write_torch_bin
 
 TENSORS = {
@@ -44,6 +46,7 @@ HUGE = [b"\xff" * 8, b"\x7f\xff\xff\xff", b"\x00\x00\x00\x80", struct.pack("<q",
 # opcodes that nest: a tuple, a list, marks, a memo round of t = (t, t)
 DEEP = [b")" + b"\x85" * 40, b"]" * 3, b"(" * 50, b")q\x00" + b"h\x00\x86q\x00" * 40]
 OPCODES = [op.code.encode("latin-1") for op in pickletools.opcodes]
+NUMBERS = [-1, 2**31 - 1, 2**31, 2**62, 2**64, 2**127, 2**200]
 TYPES = {
     "FloatStorage": np.float32,
     "HalfStorage": np.float16,
@@ -79,9 +82,12 @@ def original(tmp_path_factory) -> Original:
 def mutated(draw, data: bytes, pickle_ops: bool) -> bytes:
     """data after one to three mutations; `pickle_ops` adds opcode swaps and deep nesting."""
     data = bytearray(data)
-    boundaries = [pos for _, _, pos in pickletools.genops(bytes(data))] if pickle_ops else []
+    ops = list(pickletools.genops(bytes(data))) if pickle_ops else []
+    boundaries = [pos for _, _, pos in ops]
+    # (start, end) of each integer: sizes, strides, offsets and element counts
+    numbers = [(a[2], b[2]) for a, b in zip(ops, ops[1:]) if a[0].name.startswith("BININT")]
     kinds = ["truncate", "flip", "splice", "insert", "huge"]
-    kinds += ["opcode", "deep"] if pickle_ops else []
+    kinds += ["opcode", "deep", "number"] if pickle_ops else []
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(kinds))
         at = draw(st.integers(0, max(len(data) - 1, 0)))
@@ -103,6 +109,10 @@ def mutated(draw, data: bytes, pickle_ops: bool) -> bytes:
             data[at : at + 1] = draw(st.sampled_from(OPCODES))
         elif kind == "deep":
             data[at:at] = draw(st.sampled_from(DEEP))
+        elif kind == "number":
+            start, end = draw(st.sampled_from(numbers))
+            if end <= len(data):
+                data[start:end] = p_int(draw(st.sampled_from(NUMBERS) | st.integers(0, 40)))
     return bytes(data)
 
 
