@@ -8,13 +8,16 @@ read and ignored: slimllm recomputes the frequencies), and the classifier if uns
 llama2.c rotates interleaved pairs (x[2i], x[2i+1]) with theta 10000 and RMSNorm eps 1e-5, so
 the config says `rope_style="interleaved"` and the weights need no permutation.
 
-The sizes are checked against the file before any data is read; then each weight is read (a
-block of rows at a time, straight from the file) and encoded in the requested weight format by
-`weights.stream.encode_rows`, as for Hugging Face checkpoints.
+The header is checked (positive sizes, heads dividing the width and each other, an even head
+dimension) and the sizes it implies, in exact integer arithmetic, against the file's size before
+any data is read, so a header cannot make the loader read or allocate more than the file holds;
+then each weight is read (a block of rows at a time, straight from the file) and encoded in the
+requested weight format by `weights.stream.encode_rows`, as for Hugging Face checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -55,22 +58,33 @@ def llama2c_config(path: Path) -> ModelConfig:
         header = f.read(HEADER)
     if len(header) < HEADER:
         raise CheckpointError(f"{path}: too short for a llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = np.frombuffer(header, np.int32)
-    if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or dim % n_heads:
-        raise CheckpointError(f"{path}: implausible llama2.c header {header.hex()}")
-    return ModelConfig(
-        vocab=abs(int(vocab)),
-        width=int(dim),
-        n_layers=int(n_layers),
-        n_heads=int(n_heads),
-        n_kv_heads=int(n_kv),
-        head_dim=int(dim) // int(n_heads),
-        ffn_width=int(hidden),
-        max_len=int(seq_len),
-        norm_eps=1e-5,
-        rope_style="interleaved",
-        tied_head=bool(vocab > 0),
-    )
+    ints = [int(n) for n in np.frombuffer(header, "<i4")]
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = ints
+    names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    values = ", ".join(f"{name}={n}" for name, n in zip(names, ints, strict=True))
+    if min(dim, hidden, n_layers, n_heads, n_kv, seq_len, abs(vocab)) <= 0:
+        raise CheckpointError(f"{path}: implausible llama2.c header ({values}): a size is not > 0")
+    if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+        raise CheckpointError(
+            f"{path}: implausible llama2.c header ({values}): n_heads must divide dim into an "
+            "even head dimension, and n_kv_heads must divide n_heads"
+        )
+    try:
+        return ModelConfig(
+            vocab=abs(vocab),
+            width=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=dim // n_heads,
+            ffn_width=hidden,
+            max_len=seq_len,
+            norm_eps=1e-5,
+            rope_style="interleaved",
+            tied_head=vocab > 0,
+        )
+    except ValueError as e:  # a check of ModelConfig's that the header fails
+        raise CheckpointError(f"{path}: llama2.c header ({values}): {e}") from None
 
 
 def layout(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -86,7 +100,7 @@ def layout(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 def read_rows(path: Path, offset: int, shape: tuple[int, ...], a=None, b=None) -> np.ndarray:
     """Rows a:b (all by default) of the float32 tensor of `shape` at byte `offset` of a file."""
-    row = int(np.prod(shape[1:]))
+    row = math.prod(shape[1:])
     a, b = (0, shape[0]) if a is None else (a, min(b, shape[0]))
     w = np.fromfile(path, np.float32, count=(b - a) * row, offset=offset + 4 * a * row)
     return w.reshape(b - a, *shape[1:])
@@ -101,13 +115,16 @@ def read_llama2c(
     cfg = llama2c_config(path)
     tensors = layout(cfg)
     payload = path.stat().st_size - HEADER
-    expected = 4 * sum(int(np.prod(shape)) for _, shape in tensors)
+    expected = 4 * sum(math.prod(shape) for _, shape in tensors)  # exact: no int64 wrap
+    sizes = f"the header's model needs {expected} bytes of weights, the file holds {payload}"
     if payload % 4:
-        raise CheckpointError(f"{path}: payload is not a whole number of float32 values")
+        raise CheckpointError(f"{path}: payload is not a whole number of float32 values; {sizes}")
     if payload < expected:
-        raise CheckpointError(f"{path}: file ends early (truncated llama2.c checkpoint)")
+        raise CheckpointError(f"{path}: file ends early (truncated llama2.c checkpoint?); {sizes}")
     if payload > expected:
-        raise CheckpointError(f"{path}: {(payload - expected) // 4} unexpected trailing values")
+        raise CheckpointError(
+            f"{path}: {(payload - expected) // 4} unexpected trailing values; {sizes}"
+        )
 
     def weight(name, offset, shape, where):
         read = partial(read_rows, path, offset, shape)
@@ -117,12 +134,12 @@ def read_llama2c(
     top, layers, offset = {}, [{} for _ in range(cfg.n_layers)], HEADER
     for name, shape in tensors:
         if name in PER_LAYER:
-            size = 4 * int(np.prod(shape[1:]))
+            size = 4 * math.prod(shape[1:])
             for i, layer in enumerate(layers):
                 layer[NAMES[name]] = weight(name, offset + i * size, shape[1:], f"[{i}]")
         elif NAMES[name]:
             top[NAMES[name]] = weight(name, offset, shape, "")
-        offset += 4 * int(np.prod(shape))
+        offset += 4 * math.prod(shape)
     params = Params(layers=[LayerParams(**layer) for layer in layers], **top)
     check_params(params, cfg)
     return cfg, params

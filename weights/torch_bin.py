@@ -9,6 +9,13 @@ pickle, and reads the tensor bytes with NumPy into strided views, all at once (`
 or one tensor per call while the file stays open (`open_torch_bin`, for loading a model without
 holding the whole file in memory). `torch_bin_write` writes the zip layout without torch, so
 tests can make checkpoints that torch.load(weights_only=True) also accepts.
+
+Sizes come from the file, so each is checked against the file before memory is allocated: no
+read of the zip structure exceeds MAX_READ bytes at once (a central directory declaring 40 GB
+is refused, not read), a record must lie inside the archive, storage records must be stored
+uncompressed as torch.save writes them (a compressed one could inflate far beyond the file),
+the pickle record is at most MAX_PICKLE_BYTES, and a legacy file must end where its last
+storage does. So memory holds at most the file's pickle and the tensors returned.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import io
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,10 +35,13 @@ import numpy as np
 # The errors are defined beside the unpickler that raises most of them, and re-exported here as
 # the errors of this module's two public functions.
 from .torch_pickle import (
+    MAX_PICKLE_BYTES,
     StorageRef,
     TensorRef,
     TorchBinError,
     UnsafePickleError,
+    brief,
+    clip,
     state_dict,
     unpickle,
 )
@@ -49,8 +60,19 @@ __all__ = [
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _CHUNK = 1 << 24
-# what zipfile raises on damaged archives (bad offsets surface as ValueError or struct.error)
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error)
+MAX_READ = 1 << 26  # the largest single read of the zip structure (a chunk is 16 MiB)
+# what zipfile raises on damaged archives (bad offsets surface as ValueError or struct.error,
+# damaged deflate data as zlib.error, a version or method field it does not know as
+# NotImplementedError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    zlib.error,
+    NotImplementedError,
+)
 
 
 def _read_into(file: BinaryIO, out: np.ndarray, what: str) -> None:
@@ -64,17 +86,46 @@ def _read_into(file: BinaryIO, out: np.ndarray, what: str) -> None:
         pos += got
 
 
+class _CappedFile:
+    """A file whose reads are bounded: zipfile reads a whole central directory, whatever size
+    the archive declares, in one call."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self._file, self._size = file, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(self._size - self._file.tell(), 0)
+        n = left if n is None or n < 0 else min(n, left)
+        if n > MAX_READ:
+            raise TorchBinError(f"the zip structure asks to read {n} bytes at once")
+        return self._file.read(n)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+
 class _ZipCheckpoint:
     """The layout torch.save writes since 1.6: <folder>/data.pkl plus <folder>/data/<key>."""
 
     def __init__(self, file: BinaryIO):
+        self._size = file.seek(0, io.SEEK_END)
+        file.seek(0)
         try:
-            self._zip = zipfile.ZipFile(file)
+            self._zip = zipfile.ZipFile(_CappedFile(file, self._size))
         except _ZIP_ERRORS as exc:
             raise TorchBinError(
-                f"not a readable zip archive (truncated or corrupt?): {exc}"
+                f"not a readable zip archive (truncated or corrupt?): {clip(str(exc))}"
             ) from exc
-        pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        names = self._zip.namelist()
+        if len(set(names)) != len(names):
+            raise TorchBinError("the zip archive names a record twice")
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise TorchBinError(
                 f"zip archive has {len(pickles)} <folder>/data.pkl records, expected 1; "
@@ -82,41 +133,75 @@ class _ZipCheckpoint:
             )
         self._prefix = pickles[0].removesuffix("data.pkl")
         byteorder = b"little"  # files from before the record existed were little-endian
-        if self._prefix + "byteorder" in self._zip.namelist():
-            byteorder = self._read(self._prefix + "byteorder").strip()
+        if self._prefix + "byteorder" in names:
+            byteorder = self._read(self._prefix + "byteorder", 16).strip()
         if byteorder not in (b"little", b"big"):
-            raise TorchBinError(f"unknown byteorder record {byteorder!r}")
+            raise TorchBinError(f"unknown byteorder record {brief(byteorder)}")
         self._swap = (byteorder == b"little") != np.little_endian
-        root, _ = unpickle(io.BytesIO(self._read(pickles[0])), pickles[0])
+        root, _, _ = unpickle(self._read(pickles[0], MAX_PICKLE_BYTES), pickles[0])
         self.tensors = state_dict(root)
 
-    def _read(self, name: str) -> bytes:
+    def _info(self, name: str, most: int, limit: str) -> zipfile.ZipInfo:
+        """The record's entry, once its sizes fit the archive and `most` (named by `limit`)."""
+        info = self._zip.getinfo(name)
+        if info.header_offset + info.compress_size > self._size:
+            raise TorchBinError(
+                f"record {clip(name)} declares {info.compress_size} bytes at offset "
+                f"{info.header_offset}, past the end of the {self._size}-byte file"
+            )
+        if info.file_size > most:
+            raise TorchBinError(
+                f"record {clip(name)} declares {info.file_size} bytes, more than {limit} ({most})"
+            )
+        if info.flag_bits & 1:
+            raise TorchBinError(f"record {clip(name)} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise TorchBinError(
+                f"record {clip(name)} uses compression method {info.compress_type}; "
+                "torch.save stores records uncompressed"
+            )
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if stored and info.file_size != info.compress_size:
+            raise TorchBinError(
+                f"record {clip(name)} is stored uncompressed but declares {info.file_size} bytes "
+                f"and holds {info.compress_size}"
+            )
+        return info
+
+    def _read(self, name: str, most: int) -> bytes:
+        info = self._info(name, most, "a record of its kind may hold")
         try:
-            return self._zip.read(name)
+            return self._zip.read(info)
         except _ZIP_ERRORS as exc:
-            raise TorchBinError(f"record {name} is unreadable (corrupt file?): {exc}") from exc
+            raise TorchBinError(
+                f"record {clip(name)} is unreadable (corrupt file?): {clip(str(exc))}"
+            ) from exc
 
     def read_storage(self, ref: StorageRef) -> np.ndarray:
         name = f"{self._prefix}data/{ref.key}"
-        try:
-            info = self._zip.getinfo(name)
-        except KeyError:
-            raise TorchBinError(f"storage record {name} is missing") from None
+        shown = clip(name)  # the key comes from the file
         expected = ref.numel * ref.type.raw.itemsize
+        try:
+            info = self._info(name, self._size, "the file's size")
+        except KeyError:
+            raise TorchBinError(f"storage record {shown} is missing") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            # torch.save never compresses; a compressed record could inflate past the file
+            raise TorchBinError(f"storage record {shown} is compressed, not stored")
         if info.file_size != expected:
             raise TorchBinError(
-                f"storage record {name} holds {info.file_size} bytes, but the pickle declares "
-                f"{ref.numel} {ref.type.dtype} values ({expected} bytes)"
+                f"storage record {shown} holds {info.file_size} bytes, but the pickle "
+                f"declares {ref.numel} {ref.type.dtype} values ({expected} bytes)"
             )
         out = np.empty(ref.numel, ref.type.raw)
         try:
             with self._zip.open(info) as record:
-                _read_into(record, out, f"storage record {name}")
+                _read_into(record, out, f"storage record {shown}")
         except TorchBinError:
             raise
         except _ZIP_ERRORS as exc:
             raise TorchBinError(
-                f"storage record {name} is unreadable (corrupt file?): {exc}"
+                f"storage record {shown} is unreadable (corrupt file?): {clip(str(exc))}"
             ) from exc
         return out.byteswap(inplace=True) if self._swap else out
 
@@ -128,41 +213,57 @@ class _LegacyCheckpoint:
         self._file = file
         size = file.seek(0, io.SEEK_END)
         file.seek(0)
-        if unpickle(file, "the legacy magic number")[0] != _LEGACY_MAGIC:
+        # the five pickles come first; at most MAX_PICKLE_BYTES of the file is read to find them
+        head = file.read(min(size, MAX_PICKLE_BYTES))
+        at = 0
+
+        def next_pickle(what: str):
+            nonlocal at
+            value, storages, at = unpickle(head, what, at)
+            return value, storages
+
+        if next_pickle("the legacy magic number")[0] != _LEGACY_MAGIC:
             raise TorchBinError("not a PyTorch checkpoint: a pickle without torch's magic number")
-        protocol = unpickle(file, "the legacy protocol version")[0]
+        protocol = next_pickle("the legacy protocol version")[0]
         if protocol != _LEGACY_PROTOCOL:
-            raise TorchBinError(f"unsupported legacy protocol version {protocol!r}")
-        sys_info = unpickle(file, "the legacy system info")[0]
+            raise TorchBinError(f"unsupported legacy protocol version {brief(protocol)}")
+        sys_info = next_pickle("the legacy system info")[0]
         if not isinstance(sys_info, dict):
             raise TorchBinError(f"legacy system info is a {type(sys_info).__name__}, not a dict")
         little = bool(sys_info.get("little_endian", True))
         self._swap = little != np.little_endian
-        root, storages = unpickle(file, "the legacy object pickle")
+        root, storages = next_pickle("the legacy object pickle")
         self.tensors = state_dict(root)
-        keys = unpickle(file, "the legacy storage key list")[0]
+        keys = next_pickle("the legacy storage key list")[0]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise TorchBinError(f"the legacy storage key list is not a list of strings: {keys!r}")
-        if set(keys) != set(storages):
+            raise TorchBinError(
+                f"the legacy storage key list is not a list of strings: {brief(keys)}"
+            )
+        if set(keys) != set(storages) or len(keys) != len(storages):
             raise TorchBinError("the legacy storage key list does not match the storages used")
         # Each storage follows in key order as an int64 element count and then its bytes.
         self._offsets: dict[str, int] = {}
+        file.seek(at)
         for key in keys:
             ref = storages[key]
             header = file.read(8)
             if len(header) != 8:
-                raise TorchBinError(f"storage {key!r} is missing (truncated file?)")
+                raise TorchBinError(f"storage {brief(key)} is missing (truncated file?)")
             (numel,) = struct.unpack("<q" if little else ">q", header)
             end = file.tell() + ref.numel * ref.type.raw.itemsize
             if numel != ref.numel or end > size:
-                raise TorchBinError(f"storage {key!r} is truncated or its size does not match")
+                raise TorchBinError(f"storage {brief(key)} is truncated or its size does not match")
             self._offsets[key] = file.tell()
             file.seek(end)
+        if file.tell() != size:
+            raise TorchBinError(
+                f"{size - file.tell()} bytes follow the last storage, where torch.save's file ends"
+            )
 
     def read_storage(self, ref: StorageRef) -> np.ndarray:
         out = np.empty(ref.numel, ref.type.raw)
         self._file.seek(self._offsets[ref.key])
-        _read_into(self._file, out, f"storage {ref.key!r}")
+        _read_into(self._file, out, f"storage {brief(ref.key)}")
         return out.byteswap(inplace=True) if self._swap else out
 
 
