@@ -106,8 +106,8 @@ def test_implausible_headers_are_checkpoint_errors_naming_the_values(tmp_path, h
 
 
 def test_sizes_are_exact_where_int64_would_wrap(tmp_path):
-    # 2**30 layers of [2**30, 2**30] weights: np.prod of the shape wraps int64, math.prod not
-    header = (2**30, 2**30, 2**30, 2**10, 2**10, 16, 4)
+    # 2**12 layers of [2**30, 2**30] weights: np.prod of the shape wraps int64, math.prod not
+    header = (2**30, 2**30, 2**12, 2**10, 2**10, 16, 4)
     path = tmp_path / "m.bin"
     write(path, header, np.zeros(16, np.float32))
     message, _ = outcome(read_llama2c, path)
