@@ -44,6 +44,55 @@ def stand_in(t: Lazy) -> np.ndarray:
     return np.broadcast_to(np.zeros((), t.dtype), t.shape)
 
 
+# The stored dtypes a weight may have: integer or boolean data is not a weight in any family.
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def stand_in_of(t: Lazy, target: str) -> np.ndarray:
+    """The stand-in of a tensor the model uses, once its dtype is known to be floating point."""
+    if t.dtype.name not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{t.file}: tensor {t.name} is stored as {t.dtype.name}, but {target} needs "
+            f"floating-point values ({', '.join(FLOAT_DTYPES)})"
+        )
+    return stand_in(t)
+
+
+def split_stand_in(pieces: Callable, t: Lazy, name: str) -> dict[str, np.ndarray]:
+    """The pieces a fused tensor's splitter gives for its stand-in; a tensor the splitter cannot
+    take (wrong rank or size) is an error naming it, whatever the splitter raised."""
+    try:
+        return pieces(stand_in_of(t, name))
+    except CheckpointError as e:
+        raise CheckpointError(f"{t.file}: tensor {name} of shape {t.shape}: {e}") from None
+    except (ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(
+            f"{t.file}: tensor {name} of shape {t.shape} cannot be split as this config needs ({e})"
+        ) from None
+
+
+def expected_shape(cfg: ModelConfig, target: str) -> tuple[int, ...] | None:
+    """The reference-layout shape the config wants for a canonical name (None: unused)."""
+    layer = re.match(r"layers\.\d+\.(.+)", target)
+    return layer_shapes(cfg).get(layer[1]) if layer else model_shapes(cfg).get(target)
+
+
+def check_shape(cfg: ModelConfig, target: str, piece: np.ndarray, t: Lazy, fused: bool) -> None:
+    """A weight of the shape its config wants, else an error naming the checkpoint tensor."""
+    want = expected_shape(cfg, target)
+    if want is None or tuple(piece.shape) == want:
+        return
+    if fused:
+        got = f"gives {target} of shape {tuple(piece.shape)}"
+        want_torch = want
+    else:
+        got = f"has shape {t.shape}"
+        want_torch = tuple(torch_to_ours(target, np.empty(want, np.bool_)).shape)
+    raise CheckpointError(
+        f"{t.file}: tensor {t.name} {got}, expected {want_torch} for {target} by the config"
+    )
+
+
 def split_targets(split: Callable, cfg: ModelConfig, i: int | None) -> Callable:
     """A fused tensor's splitter, with the layer index put into the canonical names it gives."""
 
@@ -64,8 +113,9 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
         for i, name in expand(source, cfg.n_layers):
             if name in tensors:
                 plans[name] = split_targets(split, cfg, i)
-                for target, piece in plans[name](stand_in(tensors[name])).items():
+                for target, piece in split_stand_in(plans[name], tensors[name], name).items():
                     found[target] = torch_to_ours(target, piece)
+                    check_shape(cfg, target, found[target], tensors[name], fused=True)
 
     direct: dict[str, list[str]] = {}  # checkpoint name -> the canonical names it is
     for canonical, source in family.names.items():
@@ -78,7 +128,8 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
             if name not in tensors:
                 raise CheckpointError(f"missing tensor {name} (needed for {target})")
             direct.setdefault(name, []).append(target)
-            found[target] = torch_to_ours(target, stand_in(tensors[name]))
+            found[target] = torch_to_ours(target, stand_in_of(tensors[name], target))
+            check_shape(cfg, target, found[target], tensors[name], fused=False)
     plans |= {name: partial(dict.fromkeys, targets) for name, targets in direct.items()}
 
     ignored = {n for pattern in family.ignored for _, n in expand(pattern, cfg.n_layers)}

@@ -55,8 +55,66 @@ def test_wrong_shape(ckpt):
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
     rewrite(d, tensors=tensors)
     with pytest.raises(
-        CheckpointError, match=r"layers\.0\.wk: shape \(64, 16\), expected \(64, 32\)"
+        CheckpointError,
+        match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj\.weight has "
+        r"shape \(16, 64\), expected \(32, 64\) for layers\.0\.wk",
     ):
+        slimllm.load(d)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "name", "shape", "message"),
+    [  # "cannot reshape array of size 0" and tracebacks from the splitters before
+        (
+            "chatglm6b",
+            "transformer.layers.0.attention.query_key_value.weight",
+            (0, 64),
+            r"of shape \(0, 64\) cannot be split as this config needs \(cannot reshape",
+        ),
+        (
+            "chatglm6b",
+            "transformer.layers.0.attention.query_key_value.bias",
+            (),
+            r"of shape \(\) cannot be split as this config needs",
+        ),
+        (
+            "qwen1",
+            "transformer.h.0.attn.c_attn.weight",
+            (),
+            r"of shape \(\) cannot be split as this config needs \(tuple index out of range",
+        ),
+        (
+            "qwen1",
+            "transformer.h.0.attn.c_attn.weight",
+            (1, 192, 64),
+            r"of shape \(1, 192, 64\): fused tensor has 1 rows, expected 192",
+        ),
+        (
+            "qwen1",
+            "transformer.h.0.attn.c_attn.weight",
+            (192, 64, 1),
+            r"gives layers\.0\.wq of shape \(64, 64, 1\), expected \(64, 64\)",
+        ),
+        ("llama", "model.norm.weight", (64, 1), r"has shape \(64, 1\), expected \(64,\)"),
+        ("llama", "lm_head.weight", (), r"has shape \(\), expected \(256, 64\) for lm_head"),
+    ],
+)
+def test_tensor_of_the_wrong_rank_is_named(tmp_path, fixture, name, shape, message):
+    """A tensor of the wrong rank or size, fused or not, is refused naming it and its shape."""
+    shutil.copy(FIXTURES / fixture / "config.json", tmp_path / "config.json")
+    tensors = load_file(FIXTURES / fixture / "model.safetensors")
+    tensors[name] = np.zeros(shape, np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {name} .*{message}"):
+        slimllm.load(tmp_path)
+
+
+def test_integer_tensor_where_a_weight_is_needed(ckpt):
+    d, _, tensors = ckpt
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].view(np.int32)
+    rewrite(d, tensors=tensors)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is stored as int32, but layers"):
         slimllm.load(d)
 
 
