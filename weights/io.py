@@ -13,7 +13,17 @@ the file stays mapped, so every read opens the file, copies out the rows asked f
 it: what is resident is the copy, never the file (the header is parsed again for each read).
 Keeping each file mapped for the whole load would add the checkpoint's size to the peak
 (measured: 621 MiB instead of 314 MiB to load a 305 MiB bfloat16 model). The library's errors
-come back as `CheckpointError` naming the file. PyTorch `.bin` files cannot be mapped:
+come back as `CheckpointError` naming the file.
+
+Before the library sees a file, `read_header` checks its header here, reading only the header
+(at most MAX_HEADER bytes, and never past the file's end): the JSON parsed with duplicate names
+refused (JSON's last-one-wins would hide one silently), every entry a known dtype, a shape of
+non-negative integers and two offsets whose range is exactly shape x dtype size, and the ranges
+tiling the data section from its first byte to the file's end (nothing negative, overlapping,
+missing or left over). Each error names the file and the tensor. A shard index is checked
+likewise (`read_index`): a weight map of names to files that stay inside the checkpoint
+directory, checked before any shard is opened, and each tensor in the shard the index names.
+PyTorch `.bin` files cannot be mapped:
 `torch_bin` reads one tensor's storage at a time through its restricted unpickler, which never
 runs code in the file.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,8 +59,89 @@ SAFETENSORS_DTYPES = {
 }
 
 
+# The largest header read (the safetensors library's own limit): a bigger one is refused unread.
+MAX_HEADER = 100_000_000
+
+
 class CheckpointError(SlimllmError):
     """A checkpoint file or directory that cannot be read as a model."""
+
+
+def unique_keys(where: str):
+    """A json.loads object_pairs_hook building dicts that refuses a key given twice."""
+
+    def build(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{where}: {key!r} appears twice in one JSON object")
+            out[key] = value
+        return out
+
+    return build
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a safetensors file, from its header only, every entry checked
+    against the file's size (see the module docstring) before any data is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(
+                f"{path}: not a safetensors file: its header length {n} does not fit in "
+                f"{size} bytes (at most {MAX_HEADER}; truncated or corrupt?)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys(f"{path} header"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object"
+        )
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+    tensors, ranges = {}, []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is {entry!r}, expected an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{where}: dtype {dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+            )
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not two integers")
+        a, b = offsets
+        nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        if not 0 <= a <= b or b - a != nbytes:
+            raise CheckpointError(
+                f"{where}: data_offsets [{a}, {b}] do not hold {dtype} {shape} ({nbytes} bytes)"
+            )
+        tensors[name] = (dtype, tuple(shape))
+        ranges.append((a, b, name))
+    data, end, last = size - 8 - n, 0, None
+    for a, b, name in sorted(ranges):
+        if a != end:
+            what = f"overlaps {last}" if a < end else f"leaves bytes [{end}, {a}) unused"
+            raise CheckpointError(f"{path}: tensor {name} at [{a}, {b}) {what}")
+        end, last = b, name
+    if end != data:
+        raise CheckpointError(
+            f"{path}: the header describes {end} bytes of data, the file holds {data} "
+            f"({'truncated' if end > data else 'trailing bytes'}?)"
+        )
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -84,19 +176,22 @@ def read_safetensors_rows(path: Path, name: str, a: int | None = None, b: int | 
 
 
 def lazy_safetensors(path: Path) -> dict[str, Lazy]:
-    """Every tensor of one .safetensors file, from its header only."""
-    tensors = {}
-    with library_errors(path), safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-            info = f.get_slice(name)
-            dtype = SAFETENSORS_DTYPES.get(info.get_dtype())
-            if dtype is None:
-                raise CheckpointError(
-                    f"{path}: tensor {name} has unsupported dtype {info.get_dtype()}"
-                )
-            read = partial(read_safetensors_rows, path, name)
-            tensors[name] = Lazy(path, name, np.dtype(dtype), tuple(info.get_shape()), read, True)
-    return tensors
+    """Every tensor of one .safetensors file, from its header only (checked by `read_header`,
+    then by the library)."""
+    header = read_header(path)
+    with library_errors(path), safe_open(path, framework="numpy"):
+        pass
+    return {
+        name: Lazy(
+            path,
+            name,
+            np.dtype(SAFETENSORS_DTYPES[dtype]),
+            shape,
+            partial(read_safetensors_rows, path, name),
+            by_rows=True,
+        )
+        for name, (dtype, shape) in sorted(header.items())
+    }
 
 
 @contextlib.contextmanager
@@ -115,31 +210,71 @@ def lazy_torch_bin(path: Path) -> Iterator[dict[str, Lazy]]:
         }
 
 
-def read_index(directory: Path, index_name: str) -> list[Path]:
-    """Shard files listed by a `*.index.json` weight map, each once, in order of appearance."""
-    index = json.loads((directory / index_name).read_text())
-    files = list(dict.fromkeys(index.get("weight_map", {}).values()))
-    missing = [f for f in files if not (directory / f).exists()]
+def read_index(directory: Path, index_name: str, suffix: str) -> dict[str, Path]:
+    """tensor name -> shard file, from a `*.index.json` weight map; every shard a `suffix` file
+    inside `directory` (no absolute path, no `..`, no link out), checked before any is opened."""
+    path = directory / index_name
+    try:
+        index = json.loads(path.read_text(), object_pairs_hook=unique_keys(str(path)))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: expected an object with a weight_map of names to files")
+    root, shards = directory.resolve(), {}
+    for name, file in weight_map.items():
+        if file in shards:
+            continue
+        if not isinstance(file, str):
+            raise CheckpointError(f"{path}: tensor {name} maps to {file!r}, expected a file name")
+        parts = Path(file).parts
+        inside = (root / file).resolve()
+        if Path(file).is_absolute() or ".." in parts or not inside.is_relative_to(root):
+            raise CheckpointError(
+                f"{path}: shard {file!r} (for {name}) is not a file inside {directory}"
+            )
+        if not file.endswith(suffix):
+            raise CheckpointError(f"{path}: shard {file!r} (for {name}) is not a {suffix} file")
+        shards[file] = directory / file
+    missing = [f for f, p in shards.items() if not p.is_file()]
     if missing:
         raise CheckpointError(f"{directory}: {index_name} lists missing shard(s) {missing}")
-    return [directory / f for f in files]
+    return {name: shards[file] for name, file in weight_map.items()}
 
 
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The weight files of a checkpoint directory: safetensors preferred, else PyTorch .bin."""
+def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weight files of a checkpoint directory (safetensors preferred, else PyTorch .bin)
+    and, when sharded by an index, where the index says each tensor is."""
     directory = Path(directory)
     for index, single, pattern in (
         ("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"),
     ):
         if (directory / index).exists():
-            return read_index(directory, index)
+            where = read_index(directory, index, Path(single).suffix)
+            return list(dict.fromkeys(where.values())), where
         if (directory / single).exists():
-            return [directory / single]
+            return [directory / single], None
         found = sorted(directory.glob(pattern))
         if found:
-            return found
+            return found, None
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model*.bin found")
+
+
+def check_index(tensors: dict[str, Lazy], where: dict[str, Path]) -> None:
+    """Each tensor of the index in the shard it names (one the index leaves out is still
+    checked by `weights.convert`: used or ignored)."""
+    for name, t in tensors.items():
+        if name in where and where[name] != t.file:
+            raise CheckpointError(
+                f"{t.file}: tensor {name} is here, the shard index says {where[name].name}"
+            )
+    absent = sorted(set(where) - set(tensors))
+    if absent:
+        raise CheckpointError(
+            f"the shard index lists tensor(s) found in no shard: {absent[:5]} "
+            f"(first expected in {where[absent[0]]})"
+        )
 
 
 @contextlib.contextmanager
@@ -148,7 +283,8 @@ def read_tensors(directory: Path) -> Iterator[dict[str, Lazy]]:
     in two shards is an error."""
     with contextlib.ExitStack() as files:
         tensors: dict[str, Lazy] = {}
-        for f in checkpoint_files(directory):
+        paths, where = checkpoint_files(directory)
+        for f in paths:
             if f.suffix == ".safetensors":
                 part = lazy_safetensors(f)
             else:
@@ -160,4 +296,6 @@ def read_tensors(directory: Path) -> Iterator[dict[str, Lazy]]:
                         f"(also in {tensors[name].file.name})"
                     )
             tensors.update(part)
+        if where is not None:
+            check_index(tensors, where)
         yield tensors
