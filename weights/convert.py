@@ -30,7 +30,7 @@ from slimllm.reference.weight_format import WeightFormat, widen
 
 from .families.common import Family
 from .io import CheckpointError, Lazy
-from .stream import encode_rows, field, torch_to_ours, whole
+from .stream import check_finite, encode_rows, field, non_finite, torch_to_ours, whole
 
 
 def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
@@ -169,11 +169,13 @@ def convert_tensor(family, cfg, source: Lazy, pieces, fused: bool, fmt, group) -
     tensor is read whole to be split, any other is passed on unread (`encode_rows` reads it)."""
     out = {}
     for target, piece in pieces(source.read() if fused else source).items():
+        where = f"{source.file}: tensor {source.name}" + (f" ({target})" if fused else "")
         transform = family.transforms.get(re.sub(r"^layers\.\d+\.", "layers.{i}.", target))
         if transform:  # the maths runs in float32, in the reference layout
-            ours = transform(torch_to_ours(target, widen(whole(piece))), cfg)
-            piece = torch_to_ours(target, ours)
-        out[target] = encode_rows(field(target), piece, fmt, group)
+            wide = widen(whole(piece))
+            check_finite(non_finite(wide), wide.size, where)  # before the maths spreads it
+            piece = torch_to_ours(target, transform(torch_to_ours(target, wide), cfg))
+        out[target] = encode_rows(field(target), piece, fmt, group, where)
     return out
 
 
