@@ -233,3 +233,66 @@ def test_pickle_calling_another_global_is_rejected(ckpt):
         z.writestr("archive/version", "3\n")
     with pytest.raises(UnsafePickleError, match="os.system"):
         slimllm.load(d)
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "message"),
+    [
+        ("generation_config.json", "eos_token_id", 256, r"eos_token_id 256 is not a token id"),
+        ("generation_config.json", "eos_token_id", [2, -1], r"eos_token_id \[2, -1\] is not a"),
+        ("generation_config.json", "eos_token_id", "2", r"eos_token_id '2' is not a token id"),
+        ("generation_config.json", "eos_token_id", 2.0, r"eos_token_id 2.0 is not a token id"),
+        ("generation_config.json", "eos_token_id", [True], r"eos_token_id \[True\] is not a"),
+        ("generation_config.json", "bos_token_id", 9038, r"bos_token_id 9038 is not a token id"),
+        ("generation_config.json", "bos_token_id", [1, 2], r"bos_token_id \[1, 2\] must be one"),
+        ("config.json", "eos_token_id", 300, r"eos_token_id 300 is not a token id"),
+    ],
+)
+def test_special_ids_outside_the_vocabulary_or_of_the_wrong_type(ckpt, file, key, value, message):
+    """EOS/BOS ids are integers inside the model's vocabulary of 256, whichever file has them."""
+    d, config, _ = ckpt
+    gen = json.loads((d / "generation_config.json").read_text())
+    if file == "config.json":
+        gen.pop(key)
+        rewrite(d, config={**config, key: value})
+    else:
+        gen[key] = value
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckpointError, match=rf"{file}: {message}") as e:
+        slimllm.load(d)
+    assert "an integer in [0, 256)" in str(e.value) or "must be one id" in str(e.value)
+
+
+def test_special_ids_in_range_load(ckpt):
+    d, _, _ = ckpt
+    (d / "generation_config.json").write_text('{"eos_token_id": [2, 255], "bos_token_id": 0}')
+    model = slimllm.load(d)
+    assert (model.eos_ids, model.bos_id) == ((2, 255), 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("config.json", "a JSON file"),
+        ("generation_config.json", "a JSON file"),
+        ("model.safetensors", "one weight file of a Hugging Face checkpoint"),
+    ],
+)
+def test_a_file_of_a_checkpoint_is_not_taken_for_a_llama2c_file(ckpt, name, what):
+    """`--model config.json` said "implausible llama2.c header 7b0a2020..."."""
+    d, _, _ = ckpt
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{name}: {what}, not a model: pass a checkpoint directory \(here {d}\) or a "
+        r"llama2\.c \.bin file",
+    ):
+        slimllm.load(d / name)
+
+
+def test_pytorch_bin_file_is_not_taken_for_a_llama2c_file(ckpt):
+    from slimllm.weights.torch_bin_write import write_torch_bin
+
+    d, _, tensors = ckpt
+    write_torch_bin(d / "pytorch_model.bin", tensors)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: one weight file of a Hugging"):
+        slimllm.load(d / "pytorch_model.bin")
