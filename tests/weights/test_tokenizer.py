@@ -480,3 +480,10 @@ def test_tokenizer_json_vocab_size_counts_ids_past_a_gap(tmp_path):
     with pytest.raises(CheckpointError, match=r"1001 ids \(largest 1000\) .* has 256"):
         load_checkpoint(d)
 
+
+def test_merge_of_tokens_the_vocabulary_lacks_is_an_error(tmp_path):
+    """tokenizers' BPE panicked (PyO3 PanicException, not an Exception) on such a merge."""
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerError, match=r"merges.txt: line 2 merges 'a b' but .* \['ab'\]"):
+        load_tokenizer(tmp_path)
