@@ -26,7 +26,7 @@ from slimllm.reference.weight_format import weight_format
 
 from .convert import convert
 from .families import detect
-from .io import CheckpointError, Lazy, read_tensors
+from .io import CheckpointError, Lazy, read_tensors, shown
 from .llama2c import llama2c_config, read_llama2c
 from .tokenizer import load_tokenizer
 
@@ -60,7 +60,7 @@ def token_ids(value, key: str, path: Path, vocab: int) -> tuple[int, ...]:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
             raise CheckpointError(
-                f"{path}: {key} {value!r} is not a token id (an integer in [0, {vocab}), "
+                f"{path}: {key} {shown(value)} is not a token id (an integer in [0, {vocab}), "
                 "the model's vocabulary)"
             )
     return tuple(values)
@@ -77,7 +77,7 @@ def special_ids(directory: Path, hf: dict, vocab: int) -> tuple[tuple[int, ...],
             (gen[key], gen_path) if key in gen else (hf.get(key), directory / "config.json")
         )
         if key == "bos_token_id" and isinstance(value, list):
-            raise CheckpointError(f"{path}: {key} {value!r} must be one id, not a list")
+            raise CheckpointError(f"{path}: {key} {shown(value)} must be one id, not a list")
         return token_ids(value, key, path, vocab)
 
     bos = ids("bos_token_id")

@@ -29,7 +29,7 @@ from slimllm.reference.params import LayerParams, Params, check_params, layer_sh
 from slimllm.reference.weight_format import WeightFormat, widen
 
 from .families.common import Family
-from .io import CheckpointError, Lazy
+from .io import CheckpointError, Lazy, shown
 from .stream import check_finite, encode_rows, field, non_finite, torch_to_ours, whole
 
 
@@ -136,7 +136,8 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
     unknown = sorted(set(tensors) - set(plans) - ignored)
     if unknown:
         raise CheckpointError(
-            f"unexpected tensor(s) for a {family.name} model with this config: {unknown[:5]}"
+            f"unexpected tensor(s) for a {family.name} model with this config: "
+            f"{shown(unknown[:5], 400)}"
         )
     missing = sorted(
         target

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,6 +66,20 @@ class CheckpointError(SlimllmError):
     """A checkpoint file or directory that cannot be read as a model."""
 
 
+def shown(value, limit: int = 80) -> str:
+    """A value read from a file as a message shows it: its repr, on one line, cut to `limit`."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def named(name) -> str:
+    """A tensor name read from a file as a message shows it: as it is when it is printable and
+    not too long, else as `shown`."""
+    return (
+        name if isinstance(name, str) and name.isprintable() and len(name) <= 200 else shown(name)
+    )
+
+
 def unique_keys(where: str):
     """A json.loads object_pairs_hook building dicts that refuses a key given twice."""
 
@@ -74,15 +87,39 @@ def unique_keys(where: str):
         out = {}
         for key, value in pairs:
             if key in out:
-                raise CheckpointError(f"{where}: {key!r} appears twice in one JSON object")
+                raise CheckpointError(f"{where}: {shown(key)} appears twice in one JSON object")
             out[key] = value
         return out
 
     return build
 
 
+def parse_json(text: bytes, where: str):
+    """The JSON in a file's bytes (UTF-8), each object's keys unique; bad UTF-8, nesting too
+    deep and numbers too long to convert are errors naming `where` too."""
+    try:
+        return json.loads(text.decode("utf-8"), object_pairs_hook=unique_keys(where))
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise CheckpointError(f"{where}: not valid JSON ({shown(str(e), 200)})") from None
+
+
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def tensor_bytes(shape: list[int], dtype, limit: int) -> int:
+    """Bytes of a tensor of `shape`, or any number above `limit` once it is known to be (so
+    that a shape of many huge sizes is never multiplied out)."""
+    if 0 in shape:
+        return 0
+    count = np.dtype(dtype).itemsize
+    for d in shape:
+        count *= d
+        if count > limit:
+            break
+    return count
 
 
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -97,10 +134,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 f"{size} bytes (at most {MAX_HEADER}; truncated or corrupt?)"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys(f"{path} header"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    header = parse_json(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(
             f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object"
@@ -110,31 +144,34 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise CheckpointError(f"{path}: __metadata__ must map names to strings")
     tensors, ranges = {}, []
     for name, entry in header.items():
-        where = f"{path}: tensor {name}"
+        where = f"{path}: tensor {named(name)}"
         if not isinstance(entry, dict):
-            raise CheckpointError(f"{where}: header entry is {entry!r}, expected an object")
+            raise CheckpointError(f"{where}: header entry is {shown(entry)}, expected an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
-                f"{where}: dtype {dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+                f"{where}: dtype {shown(dtype)} is not one of {', '.join(SAFETENSORS_DTYPES)}"
             )
-        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes >= 0")
+        if not isinstance(shape, list) or not all(is_int(d) and 0 <= d < 2**64 for d in shape):
+            raise CheckpointError(
+                f"{where}: shape {shown(shape)} is not a list of sizes in [0, 2**64)"
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
-            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not two integers")
+            raise CheckpointError(f"{where}: data_offsets {shown(offsets)} is not two integers")
         a, b = offsets
-        nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        nbytes = tensor_bytes(shape, SAFETENSORS_DTYPES[dtype], size)
         if not 0 <= a <= b or b - a != nbytes:
             raise CheckpointError(
-                f"{where}: data_offsets [{a}, {b}] do not hold {dtype} {shape} ({nbytes} bytes)"
+                f"{where}: data_offsets {shown(offsets)} do not hold {dtype} {shown(shape)} "
+                f"({nbytes if nbytes <= size else 'more than the file'} bytes)"
             )
         tensors[name] = (dtype, tuple(shape))
         ranges.append((a, b, name))
     data, end, last = size - 8 - n, 0, None
     for a, b, name in sorted(ranges):
         if a != end:
-            what = f"overlaps {last}" if a < end else f"leaves bytes [{end}, {a}) unused"
-            raise CheckpointError(f"{path}: tensor {name} at [{a}, {b}) {what}")
+            what = f"overlaps {named(last)}" if a < end else f"leaves bytes [{end}, {a}) unused"
+            raise CheckpointError(f"{path}: tensor {named(name)} at [{a}, {b}) {what}")
         end, last = b, name
     if end != data:
         raise CheckpointError(
@@ -165,7 +202,7 @@ def library_errors(path: Path) -> Iterator[None]:
         yield
     except SafetensorError as e:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {shown(str(e), 300)}"
         ) from None
 
 
@@ -214,31 +251,32 @@ def read_index(directory: Path, index_name: str, suffix: str) -> dict[str, Path]
     """tensor name -> shard file, from a `*.index.json` weight map; every shard a `suffix` file
     inside `directory` (no absolute path, no `..`, no link out), checked before any is opened."""
     path = directory / index_name
-    try:
-        index = json.loads(path.read_text(), object_pairs_hook=unique_keys(str(path)))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    index = parse_json(path.read_bytes(), str(path))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path}: expected an object with a weight_map of names to files")
     root, shards = directory.resolve(), {}
     for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(
+                f"{path}: tensor {named(name)} maps to {shown(file)}, expected a file name"
+            )
         if file in shards:
             continue
-        if not isinstance(file, str):
-            raise CheckpointError(f"{path}: tensor {name} maps to {file!r}, expected a file name")
         parts = Path(file).parts
         inside = (root / file).resolve()
         if Path(file).is_absolute() or ".." in parts or not inside.is_relative_to(root):
             raise CheckpointError(
-                f"{path}: shard {file!r} (for {name}) is not a file inside {directory}"
+                f"{path}: shard {shown(file)} (for {named(name)}) is not a file inside {directory}"
             )
         if not file.endswith(suffix):
-            raise CheckpointError(f"{path}: shard {file!r} (for {name}) is not a {suffix} file")
+            raise CheckpointError(
+                f"{path}: shard {shown(file)} (for {named(name)}) is not a {suffix} file"
+            )
         shards[file] = directory / file
     missing = [f for f, p in shards.items() if not p.is_file()]
     if missing:
-        raise CheckpointError(f"{directory}: {index_name} lists missing shard(s) {missing}")
+        raise CheckpointError(f"{directory}: {index_name} lists missing shard(s) {shown(missing)}")
     return {name: shards[file] for name, file in weight_map.items()}
 
 
@@ -267,12 +305,12 @@ def check_index(tensors: dict[str, Lazy], where: dict[str, Path]) -> None:
     for name, t in tensors.items():
         if name in where and where[name] != t.file:
             raise CheckpointError(
-                f"{t.file}: tensor {name} is here, the shard index says {where[name].name}"
+                f"{t.file}: tensor {named(name)} is here, the shard index says {where[name].name}"
             )
     absent = sorted(set(where) - set(tensors))
     if absent:
         raise CheckpointError(
-            f"the shard index lists tensor(s) found in no shard: {absent[:5]} "
+            f"the shard index lists tensor(s) found in no shard: {shown(absent[:5])} "
             f"(first expected in {where[absent[0]]})"
         )
 
@@ -292,7 +330,7 @@ def read_tensors(directory: Path) -> Iterator[dict[str, Lazy]]:
             for name in part:
                 if name in tensors:
                     raise CheckpointError(
-                        f"{f}: tensor {name} appears in more than one shard "
+                        f"{f}: tensor {named(name)} appears in more than one shard "
                         f"(also in {tensors[name].file.name})"
                     )
             tensors.update(part)
