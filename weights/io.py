@@ -23,9 +23,10 @@ tiling the data section from its first byte to the file's end (nothing negative,
 missing or left over). Each error names the file and the tensor. A shard index is checked
 likewise (`read_index`): a weight map of names to files that stay inside the checkpoint
 directory, checked before any shard is opened, and each tensor in the shard the index names.
-PyTorch `.bin` files cannot be mapped:
-`torch_bin` reads one tensor's storage at a time through its restricted unpickler, which never
-runs code in the file.
+Names and values from a file appear in messages on one line and cut short (`shown`, `named`).
+
+PyTorch `.bin` files cannot be mapped: `torch_bin` reads one tensor's storage at a time through
+its restricted unpickler, which never runs code in the file.
 """
 
 from __future__ import annotations
@@ -247,6 +248,23 @@ def lazy_torch_bin(path: Path) -> Iterator[dict[str, Lazy]]:
         }
 
 
+def inside(root: Path, file: str) -> bool:
+    """Whether `file` names a path inside directory `root` (resolved: no link leads out)."""
+    if "\0" in file or Path(file).is_absolute() or ".." in Path(file).parts:
+        return False
+    try:
+        return (root / file).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a name too long, a link loop
+        return False
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long
+        return False
+
+
 def read_index(directory: Path, index_name: str, suffix: str) -> dict[str, Path]:
     """tensor name -> shard file, from a `*.index.json` weight map; every shard a `suffix` file
     inside `directory` (no absolute path, no `..`, no link out), checked before any is opened."""
@@ -263,9 +281,7 @@ def read_index(directory: Path, index_name: str, suffix: str) -> dict[str, Path]
             )
         if file in shards:
             continue
-        parts = Path(file).parts
-        inside = (root / file).resolve()
-        if Path(file).is_absolute() or ".." in parts or not inside.is_relative_to(root):
+        if not inside(root, file):
             raise CheckpointError(
                 f"{path}: shard {shown(file)} (for {named(name)}) is not a file inside {directory}"
             )
@@ -274,9 +290,9 @@ def read_index(directory: Path, index_name: str, suffix: str) -> dict[str, Path]
                 f"{path}: shard {shown(file)} (for {named(name)}) is not a {suffix} file"
             )
         shards[file] = directory / file
-    missing = [f for f, p in shards.items() if not p.is_file()]
+    missing = [f for f, p in shards.items() if not is_file(p)]
     if missing:
-        raise CheckpointError(f"{directory}: {index_name} lists missing shard(s) {shown(missing)}")
+        raise CheckpointError(f"{path}: lists missing shard(s) {shown(missing)}")
     return {name: shards[file] for name, file in weight_map.items()}
 
 

@@ -227,6 +227,9 @@ def test_sharded_fixture_loads(ckpt):
         ("weight_map_empty", {"weight_map": {}}, "expected an object with a weight_map"),
         ("file_is_a_number", {"weight_map": {"x": 3}}, "tensor x maps to 3, expected a file name"),
         ("wrong_kind_of_file", {"weight_map": {"x": "a.bin"}}, "'a.bin' .* not a .safetensors"),
+        ("nul_in_file_name", {"weight_map": {"x": "a\0.safetensors"}}, "is not a file inside"),
+        ("file_name_too_long", {"weight_map": {"x": "a" * 300 + ".safetensors"}}, "missing shard"),
+        ("path_too_long", {"weight_map": {"x": "a/" * 3000 + ".safetensors"}}, "missing shard"),
     ],
 )
 def test_malformed_index_is_refused(ckpt, case, value, message):
