@@ -296,3 +296,14 @@ def test_pytorch_bin_file_is_not_taken_for_a_llama2c_file(ckpt):
     write_torch_bin(d / "pytorch_model.bin", tensors)
     with pytest.raises(CheckpointError, match="pytorch_model.bin: one weight file of a Hugging"):
         slimllm.load(d / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+@pytest.mark.parametrize("text", ["[1, 2]", "7", '"x"', "{nope"])
+def test_config_files_that_are_not_json_objects(ckpt, name, text):
+    d, _, _ = ckpt
+    (d / name).write_text(text)
+    with pytest.raises(
+        CheckpointError, match=rf"{name}: (a JSON \w+, expected an object|not valid)"
+    ):
+        slimllm.load(d)
