@@ -98,14 +98,15 @@ def check_tokenizer(tok, cfg: ModelConfig) -> None:
 
 
 def not_llama2c(path: Path) -> None:
-    """A file given where a llama2.c .bin was expected but which is plainly something else."""
+    """A file given where a llama2.c .bin was expected but which is plainly something else: JSON
+    (text starting with { or [: a llama2.c header's small int32s hold zero bytes), safetensors,
+    or a PyTorch file (a zip, or a legacy pickle: both would be a header of absurd sizes)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.suffix == ".json" or head.lstrip()[:1] in (b"{", b"["):
+    text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+    if path.suffix == ".json" or (text and head.strip()[:1] in (b"{", b"[")):
         what = "a JSON file"
-    elif path.suffix in (".safetensors", ".bin") and (
-        path.suffix == ".safetensors" or head[:2] == b"PK" or head[:1] == b"\x80"
-    ):
+    elif path.suffix == ".safetensors" or head[:4] == b"PK\x03\x04" or head[:3] == b"\x80\x02\x8a":
         what = "one weight file of a Hugging Face checkpoint"
     else:
         return

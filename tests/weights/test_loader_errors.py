@@ -307,3 +307,14 @@ def test_config_files_that_are_not_json_objects(ckpt, name, text):
         CheckpointError, match=rf"{name}: (a JSON \w+, expected an object|not valid)"
     ):
         slimllm.load(d)
+
+
+def test_llama2c_files_whose_first_bytes_look_like_other_formats_still_load(tmp_path):
+    """dim 128 starts with 0x80 (a pickle's first byte), dim 640 with 0x80 0x02 (a pickle of
+    protocol 2): still llama2.c headers."""
+    from slimllm.weights import load_config
+
+    for dim in (128, 640):
+        header = np.array([dim, 64, 1, 4, 1, 8, 16], np.int32)
+        (tmp_path / "m.bin").write_bytes(header.tobytes())
+        assert load_config(tmp_path / "m.bin").width == dim
