@@ -111,7 +111,8 @@ def json_mutation(draw, pairs: list[tuple[str, object]]):
         values = list(entry[key]) if isinstance(entry.get(key), list) else [0]
         if values:
             j = draw(st.integers(0, len(values) - 1))
-            values[j] = draw(SIZES | st.integers(-2, 2).map(lambda d, v=values[j]: v + d))
+            base = values[j] if isinstance(values[j], int) else 0
+            values[j] = draw(SIZES | st.integers(-2, 2).map(lambda d: base + d))
         entry[key] = values
     elif kind == "splice":  # one key's value taken from another tensor
         key = draw(st.sampled_from(KEYS))
