@@ -106,6 +106,8 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
     """What each checkpoint tensor used gives: name -> function from the tensor (torch layout)
     to {canonical name: piece}. Names and shapes are checked here, on stand-ins."""
     needed = {f"layers.{{i}}.{n}" for n in layer_shapes(cfg)} | set(model_shapes(cfg))
+    files = sorted({t.file for t in tensors.values()})
+    where = files[0].parent if files else "checkpoint"  # what messages name
     plans: dict[str, Callable] = {}
     found: dict[str, np.ndarray] = {}  # canonical name -> stand-in in the reference layout
 
@@ -126,7 +128,7 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
             if target in found:
                 continue
             if name not in tensors:
-                raise CheckpointError(f"missing tensor {name} (needed for {target})")
+                raise CheckpointError(f"{where}: missing tensor {name} (needed for {target})")
             direct.setdefault(name, []).append(target)
             found[target] = torch_to_ours(target, stand_in_of(tensors[name], target))
             check_shape(cfg, target, found[target], tensors[name], fused=False)
@@ -136,7 +138,7 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
     unknown = sorted(set(tensors) - set(plans) - ignored)
     if unknown:
         raise CheckpointError(
-            f"unexpected tensor(s) for a {family.name} model with this config: "
+            f"{where}: unexpected tensor(s) for a {family.name} model with this config: "
             f"{shown(unknown[:5], 400)}"
         )
     missing = sorted(
@@ -146,7 +148,7 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
         if target not in found
     )
     if missing:
-        raise CheckpointError(f"missing weights for {family.name}: {missing[:5]}")
+        raise CheckpointError(f"{where}: missing weights for {family.name}: {missing[:5]}")
     assemble(family, cfg, found)
     return plans
 

@@ -37,7 +37,7 @@ def test_missing_tensor(ckpt):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     rewrite(d, tensors=tensors)
     with pytest.raises(
-        CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"
+        CheckpointError, match=rf"{d}: missing tensor model\.layers\.1\.mlp\.up_proj\.weight"
     ):
         slimllm.load(d)
 
@@ -46,7 +46,7 @@ def test_unexpected_tensor(ckpt):
     d, _, tensors = ckpt
     tensors["model.layers.0.self_attn.mystery.weight"] = np.zeros(3, np.float32)
     rewrite(d, tensors=tensors)
-    with pytest.raises(CheckpointError, match="unexpected tensor.*mystery"):
+    with pytest.raises(CheckpointError, match=rf"{d}: unexpected tensor.*mystery"):
         slimllm.load(d)
 
 
