@@ -11,6 +11,7 @@ harness's (tests/fuzz/harness.py); `fuzzing()` draws a few dozen cases per targe
 and thousands under the `fuzz` profile.
 """
 
+import atexit
 import functools
 import json
 import shutil
@@ -59,9 +60,11 @@ def original():
     return load_checkpoint(SOURCE, tokenizer=False)
 
 
+@functools.cache
 def checkpoint_dir(name: str) -> Path:
-    """A fresh directory holding the fixture's configs (the weights are each case's)."""
+    """A directory per target holding the fixture's configs; each case writes its weights."""
     directory = Path(tempfile.mkdtemp(prefix=f"slimllm-fuzz-{name}-"))
+    atexit.register(shutil.rmtree, directory, True)  # whatever the case's outcome
     for file in ("config.json", "generation_config.json"):
         shutil.copy(SOURCE / file, directory / file)
     return directory
@@ -139,7 +142,6 @@ def test_header_json_mutations_fail_cleanly_or_change_nothing(data):
     directory = checkpoint_dir("header")
     (directory / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + DATA)
     assert_clean_or_identical(directory)
-    shutil.rmtree(directory)
 
 
 @given(data=st.data())
@@ -173,7 +175,6 @@ def test_header_byte_mutations_fail_cleanly_or_change_nothing(data):
     directory = checkpoint_dir("bytes")
     (directory / "model.safetensors").write_bytes(bytes(head) + tail)
     assert_clean_or_identical(directory)
-    shutil.rmtree(directory)
 
 
 # Shard indexes: the fixture split into a.safetensors and b.safetensors once.
@@ -181,7 +182,7 @@ def test_header_byte_mutations_fail_cleanly_or_change_nothing(data):
 
 @functools.cache
 def sharded() -> tuple[Path, dict[str, str]]:
-    directory = checkpoint_dir("shards")
+    directory = checkpoint_dir("shards")  # the index is each case's
     tensors = load_file(SOURCE / "model.safetensors")
     for shard, names in (("a.safetensors", NAMES[::2]), ("b.safetensors", NAMES[1::2])):
         save_file({n: tensors[n] for n in names}, str(directory / shard))
