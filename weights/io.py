@@ -326,7 +326,8 @@ def check_index(tensors: dict[str, Lazy], where: dict[str, Path]) -> None:
     absent = sorted(set(where) - set(tensors))
     if absent:
         raise CheckpointError(
-            f"the shard index lists tensor(s) found in no shard: {shown(absent[:5])} "
+            f"{where[absent[0]].parent}: the shard index lists tensor(s) found in no shard: "
+            f"{shown(absent[:5])} "
             f"(first expected in {where[absent[0]]})"
         )
 
