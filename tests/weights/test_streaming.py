@@ -4,8 +4,8 @@ Every format a checkpoint loads in must equal what the float32 load gives re-enc
 (`encode_params`), bit for bit; bfloat16 and float16 checkpoints load in their own dtype by
 default; every strictness check runs before tensor data is read; bad safetensors files fail
 with a `CheckpointError` naming the file; and a NaN/Inf weight (or one the format would store
-as Inf) is refused while it is read, naming the tensor and counting the bad values. The memory a load takes is measured (not timed) in
-`test_loading_memory_is_the_result_plus_a_fixed_amount`.
+as Inf) is refused while it is read, naming the tensor and counting the bad values. The memory
+a load takes is measured (not timed) in `test_loading_memory_is_the_result_plus_a_fixed_amount`.
 """
 
 import json
