@@ -6,6 +6,12 @@ the model config, the weights (slimllm layout, in a weight format: by default th
 own dtype), the tokenizer found beside them, and the special ids generation needs. Tensors are
 read and encoded one at a time (`weights.convert`), so a load holds its result and a small
 transient, never the whole model in float32 unless that is its format.
+
+Model and tokenizer must agree, and this is checked before any weight is read: the EOS/BOS ids
+of generation_config.json / config.json are integers inside the model's vocabulary, and so is
+every id the tokenizer can produce, its specials included (a model may have more embedding rows
+than its tokenizer has ids, padding, never fewer). A file of a checkpoint given where its
+directory belongs (config.json, one weight file) is refused as such, not read as llama2.c.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ from slimllm.reference.weight_format import weight_format
 
 from .convert import convert
 from .families import detect
-from .families.common import eos_ids
-from .io import CheckpointError, Lazy, read_tensors
+from .io import CheckpointError, Lazy, read_tensors, shown
 from .llama2c import llama2c_config, read_llama2c
 from .tokenizer import load_tokenizer
 
@@ -41,21 +46,74 @@ class Checkpoint:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON {type(data).__name__}, expected an object")
+    return data
 
 
-def special_ids(directory: Path, hf: dict) -> tuple[tuple[int, ...], int | None]:
-    """EOS ids and BOS id: generation_config.json first, then config.json."""
-    gen = (
-        read_json(directory / "generation_config.json")
-        if (directory / "generation_config.json").exists()
-        else {}
+def token_ids(value, key: str, path: Path, vocab: int) -> tuple[int, ...]:
+    """A config's token id or list of ids, each an integer inside the model's vocabulary."""
+    values = () if value is None else value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+            raise CheckpointError(
+                f"{path}: {key} {shown(value)} is not a token id (an integer in [0, {vocab}), "
+                "the model's vocabulary)"
+            )
+    return tuple(values)
+
+
+def special_ids(directory: Path, hf: dict, vocab: int) -> tuple[tuple[int, ...], int | None]:
+    """EOS ids and BOS id: generation_config.json first, then config.json; each checked to be
+    a token id of the model's `vocab`."""
+    gen_path = directory / "generation_config.json"
+    gen = read_json(gen_path) if gen_path.exists() else {}
+
+    def ids(key: str) -> tuple[int, ...]:
+        value, path = (
+            (gen[key], gen_path) if key in gen else (hf.get(key), directory / "config.json")
+        )
+        if key == "bos_token_id" and isinstance(value, list):
+            raise CheckpointError(f"{path}: {key} {shown(value)} must be one id, not a list")
+        return token_ids(value, key, path, vocab)
+
+    bos = ids("bos_token_id")
+    return ids("eos_token_id"), (bos[0] if bos else None)
+
+
+def check_tokenizer(tok, cfg: ModelConfig) -> None:
+    """Every id the tokenizer can produce, its specials included, is a row of the model's
+    vocabulary (a model may have more rows than the tokenizer has ids: padding)."""
+    ids = [tok.vocab_size - 1, tok.bos_id, *tok.eos_ids, *tok.prefix_ids, *tok.suffix_ids]
+    largest = max((i for i in ids if i is not None), default=-1)
+    if largest >= cfg.vocab:
+        raise CheckpointError(
+            f"{tok.path}: the tokenizer has {tok.vocab_size} ids (largest {largest}) but the "
+            f"model's vocabulary has {cfg.vocab} (config.json vocab_size): they do not belong "
+            "together"
+        )
+
+
+def not_llama2c(path: Path) -> None:
+    """A file given where a llama2.c .bin was expected but which is plainly something else: JSON
+    (text starting with { or [: a llama2.c header's small int32s hold zero bytes), safetensors,
+    or a PyTorch file (a zip, or a legacy pickle: both would be a header of absurd sizes)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+    if path.suffix == ".json" or (text and head.strip()[:1] in (b"{", b"[")):
+        what = "a JSON file"
+    elif path.suffix == ".safetensors" or head[:4] == b"PK\x03\x04" or head[:3] == b"\x80\x02\x8a":
+        what = "one weight file of a Hugging Face checkpoint"
+    else:
+        return
+    raise CheckpointError(
+        f"{path}: {what}, not a model: pass a checkpoint directory (here {path.parent}) "
+        "or a llama2.c .bin file"
     )
-    eos = eos_ids(gen.get("eos_token_id", hf.get("eos_token_id")))
-    bos = gen.get("bos_token_id", hf.get("bos_token_id"))
-    return eos, bos
 
 
 # Formats a checkpoint's own dtype can name (float64 loads as float32).
@@ -81,6 +139,7 @@ def load_config(path) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix != ".json":
+        not_llama2c(path)
         return llama2c_config(path)
     hf = read_json(path if path.is_file() else path / "config.json")
     return detect(hf).config_from_hf(hf)
@@ -98,6 +157,7 @@ def load_checkpoint(
     if weights is not None:
         weight_format(weights)  # an unknown name fails before anything is read
     if path.is_file():
+        not_llama2c(path)
         fmt = weights or "float32"
         cfg, params = read_llama2c(path, weight_format(fmt), group)
         return Checkpoint(cfg, params, "llama2c", source=str(path), weights=fmt)
@@ -107,13 +167,12 @@ def load_checkpoint(
     hf = read_json(config_path)
     family = detect(hf)
     cfg = family.config_from_hf(hf)
-    with read_tensors(path) as tensors:
+    eos, bos = special_ids(path, hf, cfg.vocab)
+    tok = load_tokenizer(path, hf) if tokenizer else None
+    if tok is not None:
+        check_tokenizer(tok, cfg)
+        eos = eos or tuple(tok.eos_ids)
+    with read_tensors(path) as tensors:  # the weights last: every check above reads no data
         fmt = weights or native_format(hf, tensors)
         params = convert(family, cfg, tensors, weight_format(fmt), group, progress)
-    eos, bos = special_ids(path, hf)
-    tok = None
-    if tokenizer:
-        tok = load_tokenizer(path, hf)
-        if tok is not None and not eos:
-            eos = tuple(tok.eos_ids)
     return Checkpoint(cfg, params, family.name, tok, eos, bos, str(path), hf, fmt)

@@ -29,8 +29,8 @@ from slimllm.reference.params import LayerParams, Params, check_params, layer_sh
 from slimllm.reference.weight_format import WeightFormat, widen
 
 from .families.common import Family
-from .io import CheckpointError, Lazy
-from .stream import encode_rows, field, torch_to_ours, whole
+from .io import CheckpointError, Lazy, shown
+from .stream import check_finite, encode_rows, field, non_finite, torch_to_ours, whole
 
 
 def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
@@ -42,6 +42,55 @@ def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
 def stand_in(t: Lazy) -> np.ndarray:
     """An array with t's shape and dtype and no data (every stride 0)."""
     return np.broadcast_to(np.zeros((), t.dtype), t.shape)
+
+
+# The stored dtypes a weight may have: integer or boolean data is not a weight in any family.
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def stand_in_of(t: Lazy, target: str) -> np.ndarray:
+    """The stand-in of a tensor the model uses, once its dtype is known to be floating point."""
+    if t.dtype.name not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{t.file}: tensor {t.name} is stored as {t.dtype.name}, but {target} needs "
+            f"floating-point values ({', '.join(FLOAT_DTYPES)})"
+        )
+    return stand_in(t)
+
+
+def split_stand_in(pieces: Callable, t: Lazy, name: str) -> dict[str, np.ndarray]:
+    """The pieces a fused tensor's splitter gives for its stand-in; a tensor the splitter cannot
+    take (wrong rank or size) is an error naming it, whatever the splitter raised."""
+    try:
+        return pieces(stand_in_of(t, name))
+    except CheckpointError as e:
+        raise CheckpointError(f"{t.file}: tensor {name} of shape {t.shape}: {e}") from None
+    except (ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(
+            f"{t.file}: tensor {name} of shape {t.shape} cannot be split as this config needs ({e})"
+        ) from None
+
+
+def expected_shape(cfg: ModelConfig, target: str) -> tuple[int, ...] | None:
+    """The reference-layout shape the config wants for a canonical name (None: unused)."""
+    layer = re.match(r"layers\.\d+\.(.+)", target)
+    return layer_shapes(cfg).get(layer[1]) if layer else model_shapes(cfg).get(target)
+
+
+def check_shape(cfg: ModelConfig, target: str, piece: np.ndarray, t: Lazy, fused: bool) -> None:
+    """A weight of the shape its config wants, else an error naming the checkpoint tensor."""
+    want = expected_shape(cfg, target)
+    if want is None or tuple(piece.shape) == want:
+        return
+    if fused:
+        got = f"gives {target} of shape {tuple(piece.shape)}"
+        want_torch = want
+    else:
+        got = f"has shape {t.shape}"
+        want_torch = tuple(torch_to_ours(target, np.empty(want, np.bool_)).shape)
+    raise CheckpointError(
+        f"{t.file}: tensor {t.name} {got}, expected {want_torch} for {target} by the config"
+    )
 
 
 def split_targets(split: Callable, cfg: ModelConfig, i: int | None) -> Callable:
@@ -57,6 +106,8 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
     """What each checkpoint tensor used gives: name -> function from the tensor (torch layout)
     to {canonical name: piece}. Names and shapes are checked here, on stand-ins."""
     needed = {f"layers.{{i}}.{n}" for n in layer_shapes(cfg)} | set(model_shapes(cfg))
+    files = sorted({t.file for t in tensors.values()})
+    where = files[0].parent if files else "checkpoint"  # what messages name
     plans: dict[str, Callable] = {}
     found: dict[str, np.ndarray] = {}  # canonical name -> stand-in in the reference layout
 
@@ -64,8 +115,9 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
         for i, name in expand(source, cfg.n_layers):
             if name in tensors:
                 plans[name] = split_targets(split, cfg, i)
-                for target, piece in plans[name](stand_in(tensors[name])).items():
+                for target, piece in split_stand_in(plans[name], tensors[name], name).items():
                     found[target] = torch_to_ours(target, piece)
+                    check_shape(cfg, target, found[target], tensors[name], fused=True)
 
     direct: dict[str, list[str]] = {}  # checkpoint name -> the canonical names it is
     for canonical, source in family.names.items():
@@ -76,16 +128,18 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
             if target in found:
                 continue
             if name not in tensors:
-                raise CheckpointError(f"missing tensor {name} (needed for {target})")
+                raise CheckpointError(f"{where}: missing tensor {name} (needed for {target})")
             direct.setdefault(name, []).append(target)
-            found[target] = torch_to_ours(target, stand_in(tensors[name]))
+            found[target] = torch_to_ours(target, stand_in_of(tensors[name], target))
+            check_shape(cfg, target, found[target], tensors[name], fused=False)
     plans |= {name: partial(dict.fromkeys, targets) for name, targets in direct.items()}
 
     ignored = {n for pattern in family.ignored for _, n in expand(pattern, cfg.n_layers)}
     unknown = sorted(set(tensors) - set(plans) - ignored)
     if unknown:
         raise CheckpointError(
-            f"unexpected tensor(s) for a {family.name} model with this config: {unknown[:5]}"
+            f"{where}: unexpected tensor(s) for a {family.name} model with this config: "
+            f"{shown(unknown[:5], 400)}"
         )
     missing = sorted(
         target
@@ -94,7 +148,7 @@ def plan(family: Family, cfg: ModelConfig, tensors: dict[str, Lazy]) -> dict[str
         if target not in found
     )
     if missing:
-        raise CheckpointError(f"missing weights for {family.name}: {missing[:5]}")
+        raise CheckpointError(f"{where}: missing weights for {family.name}: {missing[:5]}")
     assemble(family, cfg, found)
     return plans
 
@@ -118,11 +172,13 @@ def convert_tensor(family, cfg, source: Lazy, pieces, fused: bool, fmt, group) -
     tensor is read whole to be split, any other is passed on unread (`encode_rows` reads it)."""
     out = {}
     for target, piece in pieces(source.read() if fused else source).items():
+        where = f"{source.file}: tensor {source.name}" + (f" ({target})" if fused else "")
         transform = family.transforms.get(re.sub(r"^layers\.\d+\.", "layers.{i}.", target))
         if transform:  # the maths runs in float32, in the reference layout
-            ours = transform(torch_to_ours(target, widen(whole(piece))), cfg)
-            piece = torch_to_ours(target, ours)
-        out[target] = encode_rows(field(target), piece, fmt, group)
+            wide = widen(whole(piece))
+            check_finite(non_finite(wide), wide.size, where)  # before the maths spreads it
+            piece = torch_to_ours(target, transform(torch_to_ours(target, wide), cfg))
+        out[target] = encode_rows(field(target), piece, fmt, group, where)
     return out
 
 

@@ -11,6 +11,13 @@ stored dtype. bfloat16 to bfloat16 copies bits and never makes float32.
 Rows are the checkpoint's: torch's layout, [out, in] for Linear weights, which is the stored
 layout of a `Compact` (one scale per output row), so a block of rows encodes as it is; a
 float32 weight is written into the reference's [in, out] layout, a block of columns at a time.
+
+A weight must be finite: NaN or Inf in a checkpoint loads without complaint otherwise and makes
+every logit NaN (greedy decoding then emits token 0 forever). So each block is checked while it
+is in memory, before it is encoded (no second pass over the file), and a tensor holding any
+non-finite value is a `CheckpointError` naming it and how many values are NaN or Inf, and so
+is a finite value the format cannot hold (float32 1e5 as float16 would be Inf). Both
+Hugging Face checkpoints (`weights.convert`) and llama2.c files (`weights.llama2c`) come here.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy as np
 
 from slimllm.reference.weight_format import TRANSPOSED, Compact, WeightFormat, encode
 
-from .io import Lazy
+from .io import CheckpointError, Lazy
 
 BLOCK = 4 << 20  # bytes of float32 encoded at once
 
@@ -70,17 +77,53 @@ def put(name: str, out, part, a: int, b: int) -> None:
         torch_to_ours(name, out)[a:b] = torch_to_ours(name, part)
 
 
-def encode_rows(name: str, source, fmt: WeightFormat, group: int | None):
+def non_finite(w) -> int:
+    """How many values of a block (or of an encoded block's arrays) are NaN or Inf."""
+    if isinstance(w, Compact):
+        return sum(non_finite(a) for a in (w.values, w.scale) if a is not None)
+    return int(w.size - np.count_nonzero(np.isfinite(w)))
+
+
+def check_finite(bad: int, size: int, where: str) -> None:
+    """Refuse a tensor of `size` values of which `bad` are NaN or Inf."""
+    if bad:
+        raise CheckpointError(
+            f"{where}: {bad} of {size} values are NaN or Inf (a weight must be finite)"
+        )
+
+
+def encode_rows(name: str, source, fmt: WeightFormat, group: int | None, where: str = ""):
     """Params field `name` in format `fmt` from its checkpoint tensor in torch layout (an array
-    or a `Lazy`), encoded BLOCK bytes of float32 rows at a time into the result's arrays."""
-    if len(source.shape) != 2:
-        return np.array(encode(name, whole(source), fmt, group))  # a copy: never a view
-    rows, cols = source.shape
-    step = max(1, BLOCK // (4 * max(cols, 1)))
-    read, out = rows_of(source), None
-    for a in range(0, rows, step) or [0]:
-        b = min(rows, a + step)
-        part = encode(name, torch_to_ours(name, read(a, b)), fmt, group)
-        out = empty(name, part, rows, cols) if out is None else out
-        put(name, out, part, a, b)
+    or a `Lazy`), encoded BLOCK bytes of float32 rows at a time into the result's arrays; any
+    NaN or Inf is an error naming `where` (default: the `Lazy`'s file and name, else `name`)."""
+    if not where:
+        where = f"{source.file}: tensor {source.name}" if isinstance(source, Lazy) else name
+    size = int(np.prod(source.shape))
+    bad = overflow = 0
+    with np.errstate(over="ignore"):  # a value the format cannot hold is counted, not warned
+        if len(source.shape) != 2:
+            w = whole(source)
+            check_finite(non_finite(w), size, where)
+            out = np.array(encode(name, w, fmt, group))  # a copy: never a view
+            overflow = non_finite(out)
+        else:
+            rows, cols = source.shape
+            step = max(1, BLOCK // (4 * max(cols, 1)))
+            read, out = rows_of(source), None
+            for a in range(0, rows, step) or [0]:
+                b = min(rows, a + step)
+                block = read(a, b)
+                bad += non_finite(block)
+                if bad:  # the rest is only read, to count
+                    continue
+                part = encode(name, torch_to_ours(name, block), fmt, group)
+                overflow += non_finite(part)
+                out = empty(name, part, rows, cols) if out is None else out
+                put(name, out, part, a, b)
+    check_finite(bad, size, where)
+    if overflow:
+        raise CheckpointError(
+            f"{where}: {overflow} values are too large for weight format {fmt.name} "
+            "(they would be stored as Inf)"
+        )
     return out

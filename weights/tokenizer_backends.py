@@ -30,7 +30,7 @@ class Backend(Protocol):
 
     kind: str
     path: Path
-    vocab_size: int
+    vocab_size: int  # one past the largest id it can produce, specials included
     special: dict[str, int]
 
     def encode(self, text: str) -> list[int]: ...
@@ -220,7 +220,9 @@ class TokenizersBackend:
         self.path = path
         self.kind = kind
         self._tok = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # One past the largest id: get_vocab_size counts entries, and added tokens may have ids
+        # past a gap (a vocabulary 0..3 plus "<x>": 1000 has 5 entries and produces id 1000).
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         added = tokenizer.get_added_tokens_decoder()
         self.special = {t.content: i for i, t in sorted(added.items()) if t.special}
 

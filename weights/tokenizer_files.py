@@ -179,6 +179,12 @@ def load_vocab_merges(
         pair = line.split(" ")
         if len(pair) != 2:
             raise TokenizerError(f"{merges_path}: line {number} is not a merge pair: {line!r}")
+        unknown = [t for t in (*pair, "".join(pair)) if t not in vocab]
+        if unknown:  # tokenizers' BPE panics on these (a BaseException, past any except)
+            raise TokenizerError(
+                f"{merges_path}: line {number} merges {line!r} but {vocab_path.name} lacks "
+                f"{unknown}"
+            )
         merges.append((pair[0], pair[1]))
     # Added tokens go into the vocabulary first so they keep the ids the config gives them.
     vocab = {**vocab, **{t: i for t, i in added.items() if t not in vocab}}

@@ -37,7 +37,7 @@ def test_missing_tensor(ckpt):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     rewrite(d, tensors=tensors)
     with pytest.raises(
-        CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"
+        CheckpointError, match=rf"{d}: missing tensor model\.layers\.1\.mlp\.up_proj\.weight"
     ):
         slimllm.load(d)
 
@@ -46,7 +46,7 @@ def test_unexpected_tensor(ckpt):
     d, _, tensors = ckpt
     tensors["model.layers.0.self_attn.mystery.weight"] = np.zeros(3, np.float32)
     rewrite(d, tensors=tensors)
-    with pytest.raises(CheckpointError, match="unexpected tensor.*mystery"):
+    with pytest.raises(CheckpointError, match=rf"{d}: unexpected tensor.*mystery"):
         slimllm.load(d)
 
 
@@ -55,8 +55,66 @@ def test_wrong_shape(ckpt):
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
     rewrite(d, tensors=tensors)
     with pytest.raises(
-        CheckpointError, match=r"layers\.0\.wk: shape \(64, 16\), expected \(64, 32\)"
+        CheckpointError,
+        match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj\.weight has "
+        r"shape \(16, 64\), expected \(32, 64\) for layers\.0\.wk",
     ):
+        slimllm.load(d)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "name", "shape", "message"),
+    [  # "cannot reshape array of size 0" and tracebacks from the splitters before
+        (
+            "chatglm6b",
+            "transformer.layers.0.attention.query_key_value.weight",
+            (0, 64),
+            r"of shape \(0, 64\) cannot be split as this config needs \(cannot reshape",
+        ),
+        (
+            "chatglm6b",
+            "transformer.layers.0.attention.query_key_value.bias",
+            (),
+            r"of shape \(\) cannot be split as this config needs",
+        ),
+        (
+            "qwen1",
+            "transformer.h.0.attn.c_attn.weight",
+            (),
+            r"of shape \(\) cannot be split as this config needs \(tuple index out of range",
+        ),
+        (
+            "qwen1",
+            "transformer.h.0.attn.c_attn.weight",
+            (1, 192, 64),
+            r"of shape \(1, 192, 64\): fused tensor has 1 rows, expected 192",
+        ),
+        (
+            "qwen1",
+            "transformer.h.0.attn.c_attn.weight",
+            (192, 64, 1),
+            r"gives layers\.0\.wq of shape \(64, 64, 1\), expected \(64, 64\)",
+        ),
+        ("llama", "model.norm.weight", (64, 1), r"has shape \(64, 1\), expected \(64,\)"),
+        ("llama", "lm_head.weight", (), r"has shape \(\), expected \(256, 64\) for lm_head"),
+    ],
+)
+def test_tensor_of_the_wrong_rank_is_named(tmp_path, fixture, name, shape, message):
+    """A tensor of the wrong rank or size, fused or not, is refused naming it and its shape."""
+    shutil.copy(FIXTURES / fixture / "config.json", tmp_path / "config.json")
+    tensors = load_file(FIXTURES / fixture / "model.safetensors")
+    tensors[name] = np.zeros(shape, np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {name} .*{message}"):
+        slimllm.load(tmp_path)
+
+
+def test_integer_tensor_where_a_weight_is_needed(ckpt):
+    d, _, tensors = ckpt
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].view(np.int32)
+    rewrite(d, tensors=tensors)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is stored as int32, but layers"):
         slimllm.load(d)
 
 
@@ -175,3 +233,88 @@ def test_pickle_calling_another_global_is_rejected(ckpt):
         z.writestr("archive/version", "3\n")
     with pytest.raises(UnsafePickleError, match="os.system"):
         slimllm.load(d)
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "message"),
+    [
+        ("generation_config.json", "eos_token_id", 256, r"eos_token_id 256 is not a token id"),
+        ("generation_config.json", "eos_token_id", [2, -1], r"eos_token_id \[2, -1\] is not a"),
+        ("generation_config.json", "eos_token_id", "2", r"eos_token_id '2' is not a token id"),
+        ("generation_config.json", "eos_token_id", 2.0, r"eos_token_id 2.0 is not a token id"),
+        ("generation_config.json", "eos_token_id", [True], r"eos_token_id \[True\] is not a"),
+        ("generation_config.json", "bos_token_id", 9038, r"bos_token_id 9038 is not a token id"),
+        ("generation_config.json", "bos_token_id", [1, 2], r"bos_token_id \[1, 2\] must be one"),
+        ("config.json", "eos_token_id", 300, r"eos_token_id 300 is not a token id"),
+    ],
+)
+def test_special_ids_outside_the_vocabulary_or_of_the_wrong_type(ckpt, file, key, value, message):
+    """EOS/BOS ids are integers inside the model's vocabulary of 256, whichever file has them."""
+    d, config, _ = ckpt
+    gen = json.loads((d / "generation_config.json").read_text())
+    if file == "config.json":
+        gen.pop(key)
+        rewrite(d, config={**config, key: value})
+    else:
+        gen[key] = value
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckpointError, match=rf"{file}: {message}") as e:
+        slimllm.load(d)
+    assert "an integer in [0, 256)" in str(e.value) or "must be one id" in str(e.value)
+
+
+def test_special_ids_in_range_load(ckpt):
+    d, _, _ = ckpt
+    (d / "generation_config.json").write_text('{"eos_token_id": [2, 255], "bos_token_id": 0}')
+    model = slimllm.load(d)
+    assert (model.eos_ids, model.bos_id) == ((2, 255), 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("config.json", "a JSON file"),
+        ("generation_config.json", "a JSON file"),
+        ("model.safetensors", "one weight file of a Hugging Face checkpoint"),
+    ],
+)
+def test_a_file_of_a_checkpoint_is_not_taken_for_a_llama2c_file(ckpt, name, what):
+    """`--model config.json` said "implausible llama2.c header 7b0a2020..."."""
+    d, _, _ = ckpt
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{name}: {what}, not a model: pass a checkpoint directory \(here {d}\) or a "
+        r"llama2\.c \.bin file",
+    ):
+        slimllm.load(d / name)
+
+
+def test_pytorch_bin_file_is_not_taken_for_a_llama2c_file(ckpt):
+    from slimllm.weights.torch_bin_write import write_torch_bin
+
+    d, _, tensors = ckpt
+    write_torch_bin(d / "pytorch_model.bin", tensors)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: one weight file of a Hugging"):
+        slimllm.load(d / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+@pytest.mark.parametrize("text", ["[1, 2]", "7", '"x"', "{nope"])
+def test_config_files_that_are_not_json_objects(ckpt, name, text):
+    d, _, _ = ckpt
+    (d / name).write_text(text)
+    with pytest.raises(
+        CheckpointError, match=rf"{name}: (a JSON \w+, expected an object|not valid)"
+    ):
+        slimllm.load(d)
+
+
+def test_llama2c_files_whose_first_bytes_look_like_other_formats_still_load(tmp_path):
+    """dim 128 starts with 0x80 (a pickle's first byte), dim 640 with 0x80 0x02 (a pickle of
+    protocol 2): still llama2.c headers."""
+    from slimllm.weights import load_config
+
+    for dim in (128, 640):
+        header = np.array([dim, 64, 1, 4, 1, 8, 16], np.int32)
+        (tmp_path / "m.bin").write_bytes(header.tobytes())
+        assert load_config(tmp_path / "m.bin").width == dim

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKENIZERS, need
+from conftest import FIXTURES, TOKENIZERS, need
 from slimllm.weights.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 NAMES = ["llama2", "qwen2", "chatglm3", "baichuan2", "qwen1", "chatglm6b"]
@@ -420,4 +420,70 @@ def test_corrupt_config_names_the_file(tmp_path):
     _write_ranks(tmp_path / "qwen.tiktoken", TINY_RANKS)
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(TokenizerError, match="tokenizer_config.json: expected a JSON object"):
+        load_tokenizer(tmp_path)
+
+
+# Model and tokenizer agree (issue 14): a tokenizer whose ids the model has no rows for was
+# accepted at load, and a prompt failed later ("token id 9038 is outside the vocabulary").
+
+
+def _llama_checkpoint(directory: Path) -> Path:
+    """A copy of the llama fixture (vocabulary of 256 ids), no tokenizer yet."""
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(FIXTURES / "llama" / name, directory / name)
+    return directory
+
+
+def test_tokenizer_with_more_ids_than_the_model_is_refused_at_load(tmp_path):
+    from slimllm.weights import load_checkpoint
+    from slimllm.weights.io import CheckpointError
+
+    _gpt2_files(_llama_checkpoint(tmp_path))  # 4 specials + 256 bytes + 9 merges = 269 ids
+    with pytest.raises(
+        CheckpointError,
+        match=r"vocab.json: the tokenizer has 269 ids \(largest 268\) but the model's "
+        r"vocabulary has 256 \(config.json vocab_size\)",
+    ):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, tokenizer=False).cfg.vocab == 256  # weights alone load
+
+
+def test_model_with_padding_rows_past_the_tokenizer_loads(tmp_path):
+    """A model may have more embedding rows than the tokenizer has ids (padding)."""
+    from slimllm.weights import load_checkpoint
+
+    d = _llama_checkpoint(tmp_path)
+    vocab = {c: i for i, c in enumerate([*"abcdefg", "ab"])}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\na b\n")
+    ck = load_checkpoint(d)
+    assert ck.tokenizer is not None and (ck.tokenizer.vocab_size, ck.cfg.vocab) == (8, 256)
+
+
+def test_tokenizer_json_vocab_size_counts_ids_past_a_gap(tmp_path):
+    """An added token numbered past a gap: `tokenizers` counts 5 entries, the tokenizer produces
+    id 1000, so vocab_size is 1001 (and the model of 256 rows refuses it)."""
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from slimllm.weights import load_checkpoint
+    from slimllm.weights.io import CheckpointError
+
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "<x>": 1000}, merges=[("a", "b")]))
+    hf.add_special_tokens([AddedToken("<x>", special=True)])
+    d = _llama_checkpoint(tmp_path)
+    hf.save(str(d / "tokenizer.json"))
+    tok = load_tokenizer(d)
+    assert tok is not None and tok.vocab_size == 1001
+    assert tok.encode("ab<x>") == [2, 1000]
+    assert tok.decode([1000], skip_special=False) == "<x>"  # was dropped as unknown
+    with pytest.raises(CheckpointError, match=r"1001 ids \(largest 1000\) .* has 256"):
+        load_checkpoint(d)
+
+
+def test_merge_of_tokens_the_vocabulary_lacks_is_an_error(tmp_path):
+    """tokenizers' BPE panicked (PyO3 PanicException, not an Exception) on such a merge."""
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerError, match=r"merges.txt: line 2 merges 'a b' but .* \['ab'\]"):
         load_tokenizer(tmp_path)
