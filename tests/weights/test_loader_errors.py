@@ -64,36 +64,43 @@ def test_wrong_shape(ckpt):
 
 @pytest.mark.parametrize(
     ("fixture", "name", "shape", "message"),
-    [  # "cannot reshape array of size 0" and tracebacks from the splitters before
+    [  # "cannot reshape array of size 0" and tracebacks from the splitters before (the first
+        # name is the checkpoint's, the layer number included)
         (
             "chatglm6b",
             "transformer.layers.0.attention.query_key_value.weight",
             (0, 64),
-            r"of shape \(0, 64\) cannot be split as this config needs \(cannot reshape",
+            r"fused tensor of shape \(0, 64\), expected 192 rows",
         ),
         (
             "chatglm6b",
             "transformer.layers.0.attention.query_key_value.bias",
             (),
-            r"of shape \(\) cannot be split as this config needs",
+            r"fused tensor of shape \(\), expected 192 rows",
         ),
         (
             "qwen1",
             "transformer.h.0.attn.c_attn.weight",
             (),
-            r"of shape \(\) cannot be split as this config needs \(tuple index out of range",
+            r"fused tensor of shape \(\), expected 192 rows \(layers\.\{i\}\.wq=64",
         ),
         (
             "qwen1",
             "transformer.h.0.attn.c_attn.weight",
             (1, 192, 64),
-            r"of shape \(1, 192, 64\): fused tensor has 1 rows, expected 192",
+            r"fused tensor of shape \(1, 192, 64\), expected 192 rows",
         ),
         (
             "qwen1",
             "transformer.h.0.attn.c_attn.weight",
             (192, 64, 1),
-            r"gives layers\.0\.wq of shape \(64, 64, 1\), expected \(64, 64\)",
+            r"fused tensor of shape \(192, 64, 1\), .* at most 2 dims",
+        ),
+        (
+            "glm",
+            "model.layers.0.mlp.gate_up_proj.weight",
+            (256, 64, 1),
+            r"fused tensor of shape \(256, 64, 1\), expected 256 rows",
         ),
         ("llama", "model.norm.weight", (64, 1), r"has shape \(64, 1\), expected \(64,\)"),
         ("llama", "lm_head.weight", (), r"has shape \(\), expected \(256, 64\) for lm_head"),

@@ -77,24 +77,6 @@ class Family:
     rename: Callable[[str], str] | None = None  # normalise checkpoint names (e.g. drop a prefix)
     tokenizer: TokenizerRule = TokenizerRule()
 
-    def __post_init__(self):
-        # A splitter's error names the checkpoint tensor it was given ({i}: the layer).
-        named = {source: name_errors(source, split) for source, split in self.fused.items()}
-        object.__setattr__(self, "fused", named)
-
-
-def name_errors(source: str, split: Callable) -> Callable:
-    """`split` whose CheckpointError starts with the name of the tensor it splits."""
-
-    @functools.wraps(split)
-    def named(w, cfg):
-        try:
-            return split(w, cfg)
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e}") from None
-
-    return named
-
 
 class HubConfigError(ConfigError, CheckpointError):
     """A config.json value slimllm cannot run: a config error, raised where the checkpoint's
@@ -275,9 +257,3 @@ def rope_object(hf: dict, key: str) -> dict:
     if not isinstance(v, dict):
         raise HubConfigError(f"config.json {key}={config.shown(v)}: expected an object or null")
     return v
-
-
-def eos_ids(value) -> tuple[int, ...]:
-    """An eos_token_id (a token id or a list of them) as a tuple."""
-    ids = value if isinstance(value, list) else [] if value is None else [value]
-    return tuple(config.integer("eos_token_id", i, low=0) for i in ids)
