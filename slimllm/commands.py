@@ -16,7 +16,7 @@ from slimllm.reference.errors import SlimllmError
 from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config, native_format, read_json
 
-from .api import check_text, demo_model, generate, load
+from .api import check_format, check_text, demo_model, generate, load
 from .diff import diff, format_report, load_dump, parse_side
 from .evaluate import compare, format_memory, memory_report, sample_sequence
 
@@ -182,6 +182,7 @@ def cmd_memory(args) -> dict:
     cfg = load_config(args.model)
     weights = args.weights or own_format(args.model)
     Runtime(weights=weights, weight_group=args.weight_group)  # validates the pair
+    check_format(cfg, weights, args.weight_group)  # and that it can store this model
     report = memory_report(cfg, args.context, args.batch, weights, args.weight_group, args.memory)
     if not args.json:
         print(format_memory(report))
