@@ -135,7 +135,7 @@ def check_mode(mode: str | None, stopping: Stopping, on_token, return_logits: bo
     host_needed = bool(on_token or stopping.stop_strings or return_logits)
     if mode is None:
         return "stream" if host_needed else "loop"
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise OptionError(f"unknown generation mode {mode!r}: expected one of {MODES}")
     if mode == "loop" and host_needed:
         raise OptionError("callbacks, stop strings and logits need mode='stream'")
@@ -161,6 +161,8 @@ def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} exceeds the model's "
             f"context {cfg.max_len}"
         )
+    if cache_len is not None and cache_len > cfg.max_len:  # slots no position could fill
+        raise OptionError(f"cache_len {cache_len} exceeds the model's context {cfg.max_len}")
     if cache_len is not None and need > cache_len:
         raise OptionError(
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} "

@@ -24,7 +24,7 @@ from .errors import OptionError
 from .flash_attention import flash_attention
 from .kv_cache import KV_FORMATS
 from .slim_attention import slim_attention
-from .weight_format import WEIGHT_FORMATS
+from .weight_format import WEIGHT_DTYPES, WEIGHT_FORMATS
 
 ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
 BACKENDS = ("jax", "numpy")  # jax: the compiled fast path; numpy: the reference
@@ -50,7 +50,7 @@ class Runtime:
             ("kv cache dtype", self.kv_dtype, tuple(KV_FORMATS)),
             ("transport", self.transport, TRANSPORTS),
         ):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise OptionError(f"unknown {what} {value!r}: expected one of {allowed}")
         if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
             raise OptionError(f"tp must be an integer >= 1, got {self.tp!r}")
@@ -59,7 +59,8 @@ class Runtime:
         n = self.cache_len
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise OptionError(f"cache_len must be a positive integer, got {self.cache_len!r}")
-        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+        known = isinstance(self.weights, str) and self.weights in WEIGHT_DTYPES
+        if self.weights is not None and not known:
             raise OptionError(
                 f"unknown weight format {self.weights!r}: expected one of {tuple(WEIGHT_FORMATS)}"
             )
