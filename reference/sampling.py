@@ -31,6 +31,7 @@ from .errors import OptionError
 from .ops import softmax
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (argmax), in both backends
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def is_integer(value) -> bool:
@@ -49,6 +50,10 @@ def number(name: str, value, low: float, high: float = math.inf, low_open=False)
         else:
             span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
         raise OptionError(f"{name} must be a finite number {span}, got {value!r}")
+    if abs(value) > FLOAT32_MAX or (low_open and np.float32(value) <= low):  # inf or 0 there
+        raise OptionError(
+            f"{name} must be a finite float32 number (<= 3.4e38, > 0 if positive), got {value!r}"
+        )
     return float(value)
 
 
