@@ -6,6 +6,7 @@ or combination), the API's `OptionError` for the rest (status 2, one line on std
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -177,8 +178,8 @@ def cmd_memory(args) -> dict:
     """Weights + KV cache from the config alone (`slimllm memory`, formerly `kv-size`)."""
     if args.context < 1 or args.batch < 1:
         raise UserError("--context and --batch must be positive")
-    if args.memory is not None and args.memory <= 0:
-        raise UserError("--memory must be positive (GiB)")
+    if args.memory is not None and not 0 < args.memory < math.inf:  # NaN fails both
+        raise UserError(f"--memory must be a positive number of GiB, got {args.memory}")
     cfg = load_config(args.model)
     weights = args.weights or own_format(args.model)
     Runtime(weights=weights, weight_group=args.weight_group)  # validates the pair

@@ -35,6 +35,7 @@ from slimllm.reference.errors import OptionError
 from slimllm.reference.generate import check_prompts, token_ids
 from slimllm.reference.model import TRACE_KEYS, forward, tracing
 from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
+from slimllm.reference.sampling import number
 from slimllm.reference.weight_format import WEIGHT_FORMATS
 
 from .api import Model
@@ -159,6 +160,7 @@ def split_key(key: str) -> tuple[int | None, str]:
 
 def compare(a: dict, b: dict, tol: float = 1e-4) -> dict:
     """Per-key errors of b against a, in a's (computation) order."""
+    tol = number("tol", tol, 0.0, low_open=True)  # a NaN tolerance would pass everything
     rows, first = [], None
     for key, ref in a.items():
         if key not in b:
@@ -203,6 +205,7 @@ def diff(
     model: Model, tokens, prompt_len: int, side_a: Side, side_b: Side, tol: float = 1e-4
 ) -> dict:
     """Run both sides and compare them (the JSON report of the module docstring)."""
+    number("tol", tol, 0.0, low_open=True)  # before the runs, not after
     if side_b.kind == "dump":
         dump_tokens, trace_b = load_dump(side_b.path)
         if tokens is not None and list(tokens) != dump_tokens:
