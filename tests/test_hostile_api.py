@@ -4,14 +4,22 @@ with one line on stderr; the values that were accepted with a wrong result are r
 temperatures are greedy in both backends, and `eval` never calls non-finite logits agreement.
 """
 
+import contextlib
+import functools
+import io
 import json
 
 import numpy as np
 import pytest
+from fuzz.harness import outcome
+from hypothesis import given
+from hypothesis import strategies as st
 
 import slimllm
 from conftest import STORIES
 from slimllm.cli import dumps, main
+from slimllm.conformance.profiles import fuzzing
+from slimllm.diff import compare as diff_compare
 from slimllm.evaluate import compare
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError, SlimllmError
@@ -57,6 +65,7 @@ BAD_ARGUMENTS = [
     (dict(tp=-1), "tp must be an integer >= 1, got -1"),
     (dict(tp=1.0), "tp must be an integer >= 1"),
     (dict(attention="paged"), "unknown attention 'paged'"),
+    (dict(cache_len=2**31), "cache_len 2147483648 exceeds the model's context 512"),  # 37 GB
     (dict(weights="int4"), "weights int4: weight group 32 does not divide rows of 172 values"),
 ]
 
@@ -164,6 +173,8 @@ BAD_COMMAND_LINES = [
     (["eval", "--model", "STORIES", "--greedy-tokens", "0"], "--greedy-tokens >= 1"),
     (["diff", "--model", "STORIES", "--ids", "9999"], "outside the vocabulary [0, 512)"),
     (["diff", "--model", "STORIES", "--ids", "1,2", "--b", "jax:tp0"], "tp must be an integer"),
+    (["diff", "--model", "STORIES", "--ids", "1,2", "--tol", "nan"], "tol must be a finite number"),
+    (["memory", "--model", "STORIES", "--memory", "nan"], "--memory must be a positive number"),
 ]
 
 
@@ -249,3 +260,109 @@ def test_eval_counts_a_settings_non_finite_logits_as_disagreement(capsys, monkey
     result = strict_json(out)
     assert result["nonfinite_positions"] > 0 and result["kl"]["max"] is None
     assert result["top1_agreement"] < 1
+
+
+# ---------------------------------------------------------------- fuzz targets
+
+HOSTILE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+    st.lists(st.integers(-3, 80), max_size=3),
+    st.lists(st.one_of(st.floats(), st.text(max_size=2), st.booleans()), min_size=1, max_size=2),
+    st.sampled_from([np.int64(2), np.uint64(2**63), np.float32("nan"), np.array([1, 2]), [[1]]]),
+    st.sampled_from(["loop", "stream", "slim", "flash", "int8", "int4", "bfloat16", "float16"]),
+)
+OPTIONS = (
+    "ids",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "eos_ids",
+    "stop",
+    "mode",
+    "attention",
+    "kv_dtype",
+    "weights",
+    "weight_group",
+    "cache_len",
+)
+
+
+@fuzzing()
+@given(st.dictionaries(st.sampled_from(OPTIONS), HOSTILE, min_size=1, max_size=3))
+def test_fuzz_generate_arguments(kwargs):
+    """Any values of generate's arguments: a result within its bounds, or a one-line
+    SlimllmError, the same one in both backends (the error path compiles nothing)."""
+    model = fuzz_model()
+    kwargs = {"ids": [1], "max_new_tokens": 2, **kwargs}
+    message, out = outcome(slimllm.generate, model, backend="numpy", **kwargs)
+    if message is None:
+        for row in out.ids:
+            assert 1 <= len(row) <= int(kwargs["max_new_tokens"])
+            assert all(0 <= t < TINY.vocab for t in row)
+        return
+    assert outcome(slimllm.generate, model, backend="jax", **kwargs)[0] == message
+
+
+@functools.cache
+def fuzz_model() -> slimllm.Model:
+    return slimllm.demo_model(TINY, seed=2)
+
+
+OPTION_TEXT = st.one_of(
+    st.sampled_from(
+        ["nan", "inf", "-inf", "1e-30", "0", "-1", "1e400", "2.5", "", "1,a", ",", str(2**64)]
+    ),
+    st.text(max_size=4),
+)
+CLI_OPTIONS = (
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "--repetition-penalty",
+    "--seed",
+    "--ids",
+    "--stop-ids",
+    "--stop",
+    "--prompt",
+)
+
+
+@fuzzing()
+@given(st.dictionaries(st.sampled_from(CLI_OPTIONS), OPTION_TEXT, min_size=1, max_size=3))
+def test_fuzz_generate_options_on_the_command_line(options):
+    """Any text for generate's options: exit 0, or exit 2 with one `slimllm: error:` line."""
+    argv = ["generate", "--model", MODEL, "--backend", "numpy", "--max-new-tokens", "2"]
+    argv += ["--json", *(f"{name}={value}" for name, value in options.items())]
+    if "--prompt" not in options and "--ids" not in options:
+        argv.append("--ids=1")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code == 0:
+        assert len(json.loads(out.getvalue())["ids"]) <= 2
+    else:
+        text = err.getvalue()
+        assert code == 2 and text.startswith("slimllm: error: ") and text.count("\n") == 1, text
+
+
+def test_diff_never_calls_non_finite_intermediates_agreement():
+    """NaN on both sides compared as 'no intermediate exceeds the tolerance' (NaN > tol is
+    False): now the row exceeds from the first position that holds one, errors infinite."""
+    a = {"embed": np.array([[1.0, 2.0], [np.nan, 1.0], [1.0, 1.0]])}
+    for b in (a, {"embed": np.array([[1.0, 2.0], [1.0, np.inf], [1.0, 1.0]])}):
+        report = diff_compare(a, b, 1e-4)
+        row = report["first"]
+        assert row is not None and row["exceeds"] and row["first_position"] == 1
+        assert json.loads(dumps(report))["rows"][0]["rel"] is None
+    with pytest.raises(OptionError, match="tol must be a finite number > 0"):
+        diff_compare(a, a, float("nan"))
