@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from fuzz.harness import outcome
+from fuzz.harness import bounded, outcome
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -366,3 +366,23 @@ def test_diff_never_calls_non_finite_intermediates_agreement():
         assert json.loads(dumps(report))["rows"][0]["rel"] is None
     with pytest.raises(OptionError, match="tol must be a finite number > 0"):
         diff_compare(a, a, float("nan"))
+
+
+def test_a_huge_cache_len_is_refused_before_any_allocation():
+    """cache_len=2**40 asked NumPy for a 256 TiB cache (MemoryError, or swapping where memory is
+    overcommitted); it is refused from the numbers alone, fast and small."""
+    code = (
+        "import slimllm\n"
+        "from slimllm.reference.config import ModelConfig\n"
+        "cfg = ModelConfig(vocab=64, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,"
+        " ffn_width=48, max_len=64)\n"
+        "try:\n"
+        "    slimllm.generate(slimllm.demo_model(cfg), ids=[1], max_new_tokens=2, cache_len=2**40,"
+        " backend='numpy')\n"
+        "except slimllm.SlimllmError as e:\n"
+        "    print(e)\n"
+    )
+    run = bounded(code, seconds=2.0, address_gb=4.0)
+    assert run.returncode == 0, run.stderr
+    assert "cache_len 1099511627776 exceeds the model's context 64" in run.stdout
+    assert run.seconds < 2.0 and run.peak_mb < 200, (run.seconds, run.peak_mb)
