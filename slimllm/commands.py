@@ -191,10 +191,9 @@ def cmd_memory(args) -> dict:
 
 
 def read_ids_file(path) -> list[int]:
-    text = Path(path).read_text().replace(",", " ")
     try:
-        return [int(t) for t in text.split()]
-    except ValueError:
+        return [int(t) for t in Path(path).read_text().replace(",", " ").split()]
+    except ValueError:  # not integers, or not text (UnicodeDecodeError)
         raise UserError(f"{path}: expected whitespace or comma separated token ids") from None
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 import zipfile
 from dataclasses import asdict, dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,12 @@ def load_dump(path, tokens=None) -> tuple[list[int], dict]:
 def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     """Named intermediates [t, ...] of one side on these tokens."""
     if side.kind == "hf":
+        missing = [name for name in ("torch", "transformers") if find_spec(name) is None]
+        if missing:  # before hf_trace imports them: a setup mistake, not a bug
+            raise OptionError(
+                f"--against hf needs torch and transformers (the oracle extra): "
+                f"{' and '.join(missing)} not installed"
+            )
         return hf_trace(model, tokens)
     if side.kind == "dump":
         return load_dump(side.path)[1]

@@ -188,6 +188,20 @@ def test_each_bad_command_line_exits_2_with_one_line(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+def test_missing_oracle_extra_and_unreadable_ids_file_are_one_line(capsys, monkeypatch, tmp_path):
+    """Two mistakes whose ValueError the CLI no longer catches as such: `--against hf` without
+    torch/transformers, and an --ids-file that is not text (UnicodeDecodeError)."""
+    monkeypatch.setattr("slimllm.diff.find_spec", lambda name: None)
+    code, _, err = run(capsys, "diff", "--model", MODEL, "--ids", "1,2", "--against", "hf")
+    assert code == 2 and err.count("\n") == 1
+    assert "--against hf needs torch and transformers (the oracle extra)" in err
+    ids = tmp_path / "ids.bin"
+    ids.write_bytes(b"\xff\xfe1 2")
+    code, _, err = run(capsys, "eval", "--model", MODEL, "--ids-file", str(ids))
+    assert code == 2 and err.count("\n") == 1
+    assert "expected whitespace or comma separated token ids" in err
+
+
 def test_no_arguments_print_the_help_and_exit_2(capsys):
     """It printed one line ("the following arguments are required") and no usage."""
     code, out, err = run(capsys)
