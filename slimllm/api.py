@@ -90,18 +90,19 @@ class Model:
         if key not in self._engines:
             # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
             from slimllm.jaxbackend.engine import Engine
-            from slimllm.jaxbackend.sharding import check_tp
+            from slimllm.jaxbackend.sharding import check_groups, check_tp
 
-            try:
+            params = self.params_for(rt)
+            try:  # heads, widths or weight groups that tp ranks cannot split: the user's tp
                 check_tp(self.cfg, rt.tp)
-            except ValueError as err:  # the model cannot be split over this many ranks
+                check_groups(params, rt.tp)
+            except ValueError as err:
                 raise OptionError(str(err)) from None
-
             own = fmt == (self.weights, self.weight_group)
             # weights that can be made again are given up as they are placed (Engine consume):
             # placing an 8B model in bf16 never holds 2 x 16 GB
             consume = not own or self._rereadable
-            self._engines[key] = Engine(self.params_for(rt), self.cfg, rt, consume=consume)
+            self._engines[key] = Engine(params, self.cfg, rt, consume=consume)
             if not own:
                 self._formats.pop(fmt, None)
             elif self._rereadable:

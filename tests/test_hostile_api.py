@@ -167,6 +167,10 @@ BAD_COMMAND_LINES = [
     ([*G, "--ids", "1", "--tp", "-1", "--backend", "numpy"], "tp must be an integer >= 1"),
     ([*G, "--ids", "1", "--tp", "0"], "tp must be an integer >= 1, got 0"),
     ([*G, "--ids", "1", "--tp", "3"], "tp=3 does not divide the 8 query heads"),
+    (
+        [*G, "--ids", "1", "--tp", "2", "--weights", "int4", "--weight-group", "4"],
+        "tp=2 splits the 172 input columns of w_down inside a weight group of 4",
+    ),
     (["eval", "--model", "STORIES", "--ids", "9999", "--length", "20"], "outside the vocabulary"),
     (["eval", "--model", "STORIES", "--seed", str(2**64), "--length", "8"], "seed must be"),
     (["eval", "--model", "STORIES", "--text", "\udcff"], "no tokenizer"),
