@@ -27,7 +27,8 @@ from slimllm.reference.generate import (
     GenerateResult,
     Generation,
     Stopping,
-    check_prompts,
+    check_mode,
+    check_request,
     pad,
     record,
 )
@@ -187,17 +188,10 @@ def generate(
     """Generate for each prompt, as the reference's `generate` (mode: "loop" or "stream";
     default: stream when the host must see each token, else loop)."""
     cfg = engine.cfg
-    prompts = [[int(t) for t in p] for p in prompts]
-    check_prompts(cfg, prompts, stopping.max_new_tokens, rt.cache_len)
-    if mode is None:
-        host_needed = on_token or stopping.stop_strings or return_logits
-        mode = "stream" if host_needed else "loop"
-    if mode not in ("loop", "stream"):
-        raise ValueError(f"unknown generation mode {mode!r}: expected 'loop' or 'stream'")
-    if mode == "loop" and (on_token or stopping.stop_strings or return_logits):
-        raise ValueError("callbacks, stop strings and logits need mode='stream'")
+    prompts, seeds, _ = check_request(cfg, prompts, stopping, seeds, rt.cache_len)
+    mode = check_mode(mode, stopping, on_token, return_logits)
     b = len(prompts)
-    seeds = jnp.asarray(seed_words(np.broadcast_to(np.asarray(seeds, np.int64), (b,))))
+    seeds = jnp.asarray(seed_words(seeds))
     seen = np.zeros((b, cfg.vocab), bool)
     for r, p in enumerate(prompts):
         seen[r, p] = True

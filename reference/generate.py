@@ -5,11 +5,15 @@ slots 0..L_r-1 (pad tokens after them are written too but are never visible to a
 being in its future) and reads its first logits at L_r - 1. Each decode step writes row r's new
 token at slot `lengths[r]`, overwriting padding, so every row computes exactly what it would
 alone. Stopping: max new tokens, EOS ids, stop token sequences, stop strings (HF semantics: the
-stop token is part of the output). The JAX backend's `generate` has the same contract.
+stop token is part of the output). The JAX backend's `generate` has the same contract, and
+both check a request with the same functions (`Stopping`, `SamplingConfig`, `check_request`):
+ids are integers (Python or NumPy, never bools, floats or strings), options numbers in range,
+each failure an `OptionError` naming the option.
 """
 
 from __future__ import annotations
 
+import reprlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +22,11 @@ import numpy as np
 
 from . import kv_cache, positions
 from .config import ModelConfig
+from .errors import OptionError, SlimllmError
 from .model import forward
 from .params import Params
 from .runtime import Runtime
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, is_integer, sample
 
 
 @dataclass
@@ -49,10 +54,17 @@ class Stopping:
     decode: Callable[[list[int]], str] | None = None  # needed for stop strings
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        n = self.max_new_tokens
+        if not is_integer(n) or n < 1:
+            raise OptionError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        self.max_new_tokens = int(n)
+        self.eos_ids = tuple(token_ids(self.eos_ids, "eos_ids"))
+        self.stop_sequences = tuple(tuple(token_ids(s, "stop")) for s in self.stop_sequences)
+        for text in self.stop_strings:
+            if not isinstance(text, str):
+                raise OptionError(f"stop strings must be str, got {reprlib.repr(text)}")
         if self.stop_strings and self.decode is None:
-            raise ValueError("stop strings need a tokenizer to decode the output")
+            raise OptionError("stop strings need a tokenizer to decode the output")
 
     def reason(self, ids: list[int]) -> str | None:
         """Why generation of a row stops after its latest id, or None to continue."""
@@ -70,30 +82,98 @@ class Stopping:
         return None
 
 
+def token_ids(values, name: str) -> list[int]:
+    """`values` as a list of Python ints, each an integer >= 0 (a Python or NumPy integer: a
+    float, string or bool is refused, never truncated), else an OptionError naming `name`."""
+    if isinstance(values, str | bytes):
+        raise OptionError(f"{name} must be a sequence of token ids, got {reprlib.repr(values)}")
+    try:
+        values = list(values)
+    except TypeError:
+        raise OptionError(
+            f"{name} must be a sequence of token ids, got {reprlib.repr(values)}"
+        ) from None
+    bad = [t for t in values if not is_integer(t) or t < 0]
+    if bad:
+        raise OptionError(f"{name} must be token ids (integers >= 0), got {reprlib.repr(bad[0])}")
+    return [int(t) for t in values]
+
+
+SEED_RANGE = (-(2**63), 2**64)  # a 64-bit Threefry key; a negative seed is the key seed + 2**64
+
+
+def seed_array(seeds, b: int) -> np.ndarray:
+    """One seed per row [b] as int64 (the key's two 32-bit words in two's complement): `seeds`
+    is one integer for every row or one per row, each in SEED_RANGE."""
+    low, high = SEED_RANGE
+    what = "seed must be an integer in [-2**63, 2**64)"
+    rows = [seeds] * b if is_integer(seeds) else seeds
+    if isinstance(rows, str | bytes) or not hasattr(rows, "__len__") or len(rows) != b:
+        raise OptionError(f"{what} or a list of {b}, one per row, got {reprlib.repr(seeds)}")
+    bad = [s for s in rows if not is_integer(s) or not low <= s < high]
+    if bad:
+        raise OptionError(f"{what}, got {reprlib.repr(bad[0])}")
+    return np.array([int(s) - 2**64 if s >= 2**63 else int(s) for s in rows], np.int64)
+
+
+def check_request(cfg: ModelConfig, prompts, stopping: Stopping, seeds, cache_len: int | None):
+    """The one check of a generation request, in both backends -> (prompts as lists of ids
+    inside the vocabulary, seeds [b] int64, the cache length to allocate)."""
+    if isinstance(prompts, str | bytes) or not hasattr(prompts, "__iter__"):
+        raise OptionError(f"prompts must be a list of token-id lists, got {reprlib.repr(prompts)}")
+    prompts = [token_ids(p, "ids") for p in prompts]
+    length = check_prompts(cfg, prompts, stopping.max_new_tokens, cache_len)
+    return prompts, seed_array(seeds, len(prompts)), length
+
+
+MODES = ("loop", "stream")  # the JAX backend's two forms (its module docstring)
+
+
+def check_mode(mode: str | None, stopping: Stopping, on_token, return_logits: bool) -> str:
+    """The generation form (None: stream when the host must see each token, else loop), checked
+    alike for both backends, though the reference has only its one loop."""
+    host_needed = bool(on_token or stopping.stop_strings or return_logits)
+    if mode is None:
+        return "stream" if host_needed else "loop"
+    if not isinstance(mode, str) or mode not in MODES:
+        raise OptionError(f"unknown generation mode {mode!r}: expected one of {MODES}")
+    if mode == "loop" and host_needed:
+        raise OptionError("callbacks, stop strings and logits need mode='stream'")
+    return mode
+
+
 def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int | None) -> int:
-    """Validate prompts and return the cache length to allocate."""
+    """Validate prompts (lists of ints) and return the cache length to allocate."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise OptionError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     for p in prompts:
         bad = [token for token in p if not 0 <= int(token) < cfg.vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab})")
+            raise OptionError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab})")
     need = longest + max_new_tokens
     if longest > cfg.max_len:
-        raise ValueError(
+        raise OptionError(
             f"prompt of {longest} tokens is longer than the model's context {cfg.max_len}"
         )
     if need > cfg.max_len:
-        raise ValueError(
+        raise OptionError(
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} exceeds the model's "
             f"context {cfg.max_len}"
         )
+    if cache_len is not None and cache_len > cfg.max_len:  # slots no position could fill
+        raise OptionError(f"cache_len {cache_len} exceeds the model's context {cfg.max_len}")
     if cache_len is not None and need > cache_len:
-        raise ValueError(
+        raise OptionError(
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} "
             f"is longer than the cache ({cache_len})"
         )
+    try:  # a prefix-LM prompt needs its block start token (positions says which)
+        positions.start_state(cfg, prompts)
+    except SlimllmError:
+        raise
+    except ValueError as err:  # positions' own prompt checks, which predate OptionError
+        raise OptionError(str(err)) from None
     return cache_len or need
 
 
@@ -168,10 +248,8 @@ def generate(
     return_logits: bool = False,
 ) -> GenerateResult:
     """Generate for each prompt; `on_token(row, id)` is called as each id is chosen."""
-    prompts = [[int(t) for t in p] for p in prompts]
+    prompts, seeds, length = check_request(cfg, prompts, stopping, seeds, rt.cache_len)
     b = len(prompts)
-    length = check_prompts(cfg, prompts, stopping.max_new_tokens, rt.cache_len)
-    seeds = np.broadcast_to(np.asarray(seeds, np.int64), (b,)).copy()
     seen = np.zeros((b, cfg.vocab), bool)
     for r, p in enumerate(prompts):
         seen[r, p] = True

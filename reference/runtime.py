@@ -4,8 +4,9 @@
 which attention kind (all tested equal to the naive definition), how the KV cache is stored (an
 entry of `kv_cache.KV_FORMATS`), over how many tensor-parallel ranks and which transport, how
 long a cache to allocate, and how the weights are stored (an entry of
-`weight_format.WEIGHT_FORMATS`, with the quantisation group size). It is frozen and
-hashable, validated here and nowhere else, and passed as one static argument under jit.
+`weight_format.WEIGHT_FORMATS`, with the quantisation group size). It is frozen and hashable,
+validated here and nowhere else (a bad value is an `OptionError` that names it), and passed as
+one static argument under jit.
 
 The attention kinds are a table per backend (`ATTENTION` here and in `jaxbackend/runtime.py`),
 with the same names; `attention_fn(rt)` is the one lookup.
@@ -19,10 +20,11 @@ import inspect
 from dataclasses import dataclass
 
 from .attention import naive_attention
+from .errors import OptionError
 from .flash_attention import flash_attention
 from .kv_cache import KV_FORMATS
 from .slim_attention import slim_attention
-from .weight_format import WEIGHT_FORMATS
+from .weight_format import WEIGHT_DTYPES, WEIGHT_FORMATS
 
 ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
 BACKENDS = ("jax", "numpy")  # jax: the compiled fast path; numpy: the reference
@@ -48,25 +50,26 @@ class Runtime:
             ("kv cache dtype", self.kv_dtype, tuple(KV_FORMATS)),
             ("transport", self.transport, TRANSPORTS),
         ):
-            if value not in allowed:
-                raise ValueError(f"unknown {what} {value!r}: expected one of {allowed}")
+            if not isinstance(value, str) or value not in allowed:
+                raise OptionError(f"unknown {what} {value!r}: expected one of {allowed}")
         if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
-            raise ValueError(f"tp must be an integer >= 1, got {self.tp!r}")
+            raise OptionError(f"tp must be an integer >= 1, got {self.tp!r}")
         if self.tp > 1 and self.backend != "jax":
-            raise ValueError("tensor parallelism (tp > 1) needs the jax backend")
+            raise OptionError("tensor parallelism (tp > 1) needs the jax backend")
         n = self.cache_len
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"cache_len must be a positive integer, got {self.cache_len!r}")
-        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
-            raise ValueError(
+            raise OptionError(f"cache_len must be a positive integer, got {self.cache_len!r}")
+        known = isinstance(self.weights, str) and self.weights in WEIGHT_DTYPES
+        if self.weights is not None and not known:
+            raise OptionError(
                 f"unknown weight format {self.weights!r}: expected one of {tuple(WEIGHT_FORMATS)}"
             )
         g = self.weight_group
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
-            raise ValueError(f"weight_group must be a positive integer, got {g!r}")
+            raise OptionError(f"weight_group must be a positive integer, got {g!r}")
         if g is not None and not (self.weights and WEIGHT_FORMATS[self.weights].scaled):
             scaled = tuple(name for name, fmt in WEIGHT_FORMATS.items() if fmt.scaled)
-            raise ValueError(
+            raise OptionError(
                 f"a weight group needs a quantised weight format (one of {scaled}): it would "
                 "be ignored"
             )

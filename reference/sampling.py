@@ -10,40 +10,80 @@ Randomness is counter-based: the uniform number of row r at step n is a pure fun
 (seed_r, n), from the Threefry-2x32 block cipher (20 rounds, uint32 add/rotate/xor only). The
 JAX backend computes the same bits with the same formula, so the same seed gives the same
 tokens in both backends, and a row gives the same tokens alone or in a batch.
+
+Temperatures below `GREEDY_BELOW` are greedy in both backends: logits divided by a vanishing
+temperature reach the edge of float32 (1e-30 gives scores near 1e31, and inf soon after), where
+XLA's and NumPy's softmax round differently and the two backends drew different tokens. The
+limit of sampling as the temperature falls is argmax; at 1e-5 a logit gap of 1e-4 (float32
+rounding of logits near 1000) already makes the runner-up e^-10 times less likely than the best.
+Options are checked here by name (numbers, finite, in range), for both backends.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import OptionError
 from .ops import softmax
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (argmax), in both backends
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_integer(value) -> bool:
+    """An int or NumPy integer; bools are not counted (True is not a token id or a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def number(name: str, value, low: float, high: float = math.inf, low_open=False) -> float:
+    """`value` as a float if it is a finite real number from `low` (excluded if `low_open`) to
+    `high`, else an OptionError naming the option."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    above = real and (low < value if low_open else low <= value)
+    if not (above and value <= high and math.isfinite(value)):
+        if high == math.inf:
+            span = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise OptionError(f"{name} must be a finite number {span}, got {value!r}")
+    if abs(value) > FLOAT32_MAX or (low_open and np.float32(value) <= low):  # inf or 0 there
+        raise OptionError(
+            f"{name} must be a finite float32 number (<= 3.4e38, > 0 if positive), got {value!r}"
+        )
+    return float(value)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # below GREEDY_BELOW (0 included): greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0  # 1: off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # stored as Python numbers, so equal settings hash equal (a static argument under jit)
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise OptionError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        checked = {
+            "temperature": number("temperature", self.temperature, 0.0),
+            "top_k": int(self.top_k),
+            "top_p": number("top_p", self.top_p, 0.0, 1.0, low_open=True),
+            "min_p": number("min_p", self.min_p, 0.0, 1.0),
+            "repetition_penalty": number(
+                "repetition_penalty", self.repetition_penalty, 0.0, low_open=True
+            ),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 # ---------------------------------------------------------------- counter-based RNG

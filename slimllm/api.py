@@ -2,12 +2,15 @@
 
 This layer only resolves user input (text or ids, one prompt or many, option names as in HF
 generate()) and picks a backend; the maths lives in `slimllm.reference` (NumPy, the definition)
-and `slimllm.jaxbackend` (jit-compiled).
+and `slimllm.jaxbackend` (jit-compiled). Every bad argument raises a `SlimllmError` naming it,
+the same in both backends: the request is checked by the reference's functions (`Stopping`,
+`SamplingConfig`, `check_mode`, `check_request`), whichever backend then runs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -15,13 +18,14 @@ import numpy as np
 
 from slimllm.jaxbackend import mpi
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.generate import Stopping
+from slimllm.reference.errors import OptionError, SlimllmError
+from slimllm.reference.generate import Stopping, check_mode
 from slimllm.reference.generate import generate as run_reference
 from slimllm.reference.params import Params, init_params
 from slimllm.reference.runtime import BACKENDS, Runtime
 from slimllm.reference.sampling import SamplingConfig
 from slimllm.reference.weight_format import encode_params, weight_format
-from slimllm.weights import load_checkpoint
+from slimllm.weights import load_checkpoint, load_config
 
 from .progress import shards
 
@@ -63,6 +67,7 @@ class Model:
         if key == (self.weights, self.weight_group):
             return self.params
         if key not in self._formats:
+            check_format(self.cfg, *key)
             self._formats[key] = encode_params(self.params, weight_format(key[0]), key[1])
         return self._formats[key]
 
@@ -71,7 +76,7 @@ class Model:
         model (tp = the job's size), else tp XLA devices of this process."""
         ranks = mpi.launched_size()
         if ranks > 1 and rt.tp not in (1, ranks):
-            raise ValueError(f"--tp {rt.tp} but mpiexec started {ranks} ranks: they must match")
+            raise OptionError(f"--tp {rt.tp} but mpiexec started {ranks} ranks: they must match")
         return rt.replace(tp=ranks, transport="mpi") if ranks > 1 else rt
 
     def engine(self, rt: Runtime = Runtime()):
@@ -85,12 +90,19 @@ class Model:
         if key not in self._engines:
             # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
             from slimllm.jaxbackend.engine import Engine
+            from slimllm.jaxbackend.sharding import check_groups, check_tp
 
+            params = self.params_for(rt)
+            try:  # heads, widths or weight groups that tp ranks cannot split: the user's tp
+                check_tp(self.cfg, rt.tp)
+                check_groups(params, rt.tp)
+            except ValueError as err:
+                raise OptionError(str(err)) from None
             own = fmt == (self.weights, self.weight_group)
             # weights that can be made again are given up as they are placed (Engine consume):
             # placing an 8B model in bf16 never holds 2 x 16 GB
             consume = not own or self._rereadable
-            self._engines[key] = Engine(self.params_for(rt), self.cfg, rt, consume=consume)
+            self._engines[key] = Engine(params, self.cfg, rt, consume=consume)
             if not own:
                 self._formats.pop(fmt, None)
             elif self._rereadable:
@@ -144,6 +156,8 @@ def load(path, progress=None, weights: str | None = None, group: int | None = No
     format `weights` (a WEIGHT_FORMATS name; None: the checkpoint's own dtype) with `group`
     input columns per scale (None: the format's default)."""
     progress = progress or shards
+    if weights is not None:  # a format that cannot store this model fails before the weights load
+        check_format(load_config(path), weights, group)
     ck = load_checkpoint(path, progress=progress, weights=weights, group=group)
     model = Model(
         ck.cfg,
@@ -180,16 +194,49 @@ def demo_model(cfg: ModelConfig = DEMO_CONFIG, seed: int = 0) -> Model:
     return Model(cfg, init_params(cfg, seed), family="demo", source=f"random(seed={seed})")
 
 
-def resolve_prompts(model: Model, prompt, ids) -> list[list[int]]:
+def check_format(cfg: ModelConfig, weights: str, group: int | None) -> None:
+    """An OptionError when format `weights` in groups of `group` input columns cannot store the
+    matrices of `cfg` (a group that does not divide a row), found from the config alone."""
+    from .evaluate import weight_bytes_for  # evaluate imports this module
+
+    try:
+        weight_bytes_for(cfg, weight_format(weights), group)
+    except SlimllmError:
+        raise
+    except ValueError as err:  # check_group's message: which group and which row width
+        raise OptionError(f"weights {weights}: {err}") from None
+
+
+def check_text(text, name: str = "prompt") -> str:
+    """`text` if it is a str that is valid Unicode: text from a command line with bytes that are
+    not UTF-8 arrives holding surrogate escapes, which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise OptionError(f"{name} must be text (str), got {reprlib.repr(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise OptionError(
+            f"{name} is not valid UTF-8 text (an undecodable byte at character {err.start})"
+        ) from None
+    return text
+
+
+def resolve_prompts(model: Model, prompt, ids) -> list:
+    """The prompt rows as given (ids, checked by the backend's `check_request`) or tokenized."""
     if (prompt is None) == (ids is None):
-        raise ValueError("give exactly one of prompt (text) or ids")
+        raise OptionError("give exactly one of prompt (text) or ids")
     if ids is not None:
+        if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+            raise OptionError(f"ids must be a list of token ids, got {reprlib.repr(ids)}")
         ids = list(ids)
-        rows = ids if ids and isinstance(ids[0], (list, tuple, np.ndarray)) else [ids]
-        return [[int(t) for t in row] for row in rows]
+        nested = ids and all(isinstance(row, list | tuple | np.ndarray) for row in ids)
+        return ids if nested else [ids]
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(texts, list | tuple):
+        raise OptionError(f"prompt must be a str or a list of str, got {reprlib.repr(prompt)}")
+    texts = [check_text(t) for t in texts]
     if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer: pass token ids instead of text")
-    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        raise OptionError("this model has no tokenizer: pass token ids instead of text")
     return [model.tokenizer.encode(t) for t in texts]
 
 
@@ -233,14 +280,18 @@ def generate(
     )
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer
+    stop = [stop] if isinstance(stop, str) else stop
+    if not hasattr(stop, "__iter__"):
+        raise OptionError(f"stop must be a list of strings or token-id lists, got {stop!r}")
     stopping = Stopping(
         max_new_tokens=max_new_tokens,
-        eos_ids=tuple(model.eos_ids if eos_ids is None else eos_ids),
-        stop_sequences=tuple(tuple(int(t) for t in s) for s in stop if not isinstance(s, str)),
-        stop_strings=tuple(s for s in stop if isinstance(s, str)),
+        eos_ids=model.eos_ids if eos_ids is None else eos_ids,
+        stop_sequences=tuple(s for s in stop if not isinstance(s, str)),
+        stop_strings=tuple(check_text(s, "stop") for s in stop if isinstance(s, str)),
         decode=tok.decode if tok is not None else None,
     )
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    check_mode(mode, stopping, on_token, return_logits)  # the reference runs one loop, any mode
     options = dict(seeds=seed, on_token=on_token, return_logits=return_logits)
     if rt.backend == "jax":
         from slimllm.jaxbackend.generate import generate as run_jax  # jax: as in Model.engine

@@ -5,14 +5,18 @@
     slimllm generate --model F.bin --ids 1 --json  one JSON object: ids, text, timings
 
 User mistakes (missing file, bad option, prompt longer than the context) exit with status 2 and
-one line on stderr, never a traceback. This module holds the options and the entry points;
-commands.py runs each subcommand (`slimllm bench` runs the `slimllm.bench` package in bench/).
+one line on stderr, never a traceback: each raises a `SlimllmError` (or an OSError reading a
+file), the one type caught here; anything else is a bug and shows its traceback. `--json`
+output is strict JSON: a non-finite number is written as null. This module holds the options
+and the entry points; commands.py runs each subcommand (`slimllm bench` runs the
+`slimllm.bench` package in bench/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -21,7 +25,6 @@ from slimllm.reference.errors import SlimllmError
 from slimllm.reference.kv_cache import KV_DTYPES
 from slimllm.reference.runtime import ATTENTION, BACKENDS
 from slimllm.reference.weight_format import WEIGHT_DTYPES
-from slimllm.weights.io import CheckpointError
 
 from .bench.common import add_arguments as add_bench_arguments
 from .commands import COMMANDS, UserError, prepare_devices
@@ -153,18 +156,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def strict(value):
+    """`value` with every non-finite float replaced by None (JSON null): JSON has no NaN or
+    Infinity, and a bare NaN makes the whole output unreadable to a strict parser."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
+
+
+def dumps(result) -> str:
+    """The --json output of a command: strict JSON (json.dumps refuses any NaN left over)."""
+    return json.dumps(strict(result), allow_nan=False)
+
+
 def main(argv=None) -> int:
     if mpi.launched_size() > 1:
         return main_mpi(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:  # no command: say what there is, not only that one is missing
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         prepare_devices(args)
         result = COMMANDS[args.command](args)
-    except (UserError, CheckpointError, ValueError, OSError) as e:
-        print(f"slimllm: error: {e}", file=sys.stderr)
+    except (SlimllmError, OSError) as e:
+        print(f"slimllm: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     if getattr(args, "json", False):
-        print(json.dumps(result))
+        print(dumps(result))
     return 0
 
 

@@ -1,10 +1,12 @@
 """What each `slimllm` subcommand does with its parsed options (cli.py parses them): the
 commands return their JSON result and print the human form unless --json. User mistakes raise
-`UserError` (status 2, one line on stderr).
+a `SlimllmError`: `UserError` for what only the command line can get wrong (an option's syntax
+or combination), the API's `OptionError` for the rest (status 2, one line on stderr).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -15,7 +17,7 @@ from slimllm.reference.errors import SlimllmError
 from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config, native_format, read_json
 
-from .api import demo_model, generate, load
+from .api import check_format, check_text, demo_model, generate, load
 from .diff import diff, format_report, load_dump, parse_side
 from .evaluate import compare, format_memory, memory_report, sample_sequence
 
@@ -24,14 +26,21 @@ class UserError(SlimllmError):
     """A command-line mistake (an option's value or combination)."""
 
 
-def parse_ids(text: str) -> list[int]:
+def parse_ids(text: str, option: str = "--ids") -> list[int]:
+    """Comma-separated token ids of `option` (named in the error)."""
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise UserError(f"--ids expects comma-separated integers, got {text!r}") from None
+        raise UserError(f"{option} expects comma-separated integers, got {text!r}") from None
     if not ids:
-        raise UserError("--ids is empty")
+        raise UserError(f"{option} is empty: expected comma-separated integers, e.g. 13,13")
     return ids
+
+
+def text_option(text: str | None, option: str) -> str | None:
+    """The text of `option` (--prompt, --text, --stop), refused by name when it holds bytes that
+    are not UTF-8 (the shell passed them; Python keeps them as surrogate escapes)."""
+    return None if text is None else check_text(text, option)
 
 
 def runtime_from(args) -> Runtime:
@@ -59,12 +68,14 @@ def run_generation(model, args, default_ids=None) -> dict:
     ids = parse_ids(args.ids) if args.ids else None
     if args.prompt is None and ids is None:
         ids = default_ids
-    stop = list(args.stop) + [parse_ids(s) for s in args.stop_ids]
+    prompt = text_option(args.prompt, "--prompt")
+    stop = [text_option(s, "--stop") for s in args.stop]
+    stop += [parse_ids(s, "--stop-ids") for s in args.stop_ids]
     inject_fault()
     printer = None if args.json else StreamPrinter(model.tokenizer)
     out = generate(
         model,
-        args.prompt,
+        prompt,
         ids=ids,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -168,11 +179,12 @@ def cmd_memory(args) -> dict:
     """Weights + KV cache from the config alone (`slimllm memory`, formerly `kv-size`)."""
     if args.context < 1 or args.batch < 1:
         raise UserError("--context and --batch must be positive")
-    if args.memory is not None and args.memory <= 0:
-        raise UserError("--memory must be positive (GiB)")
+    if args.memory is not None and not 0 < args.memory < math.inf:  # NaN fails both
+        raise UserError(f"--memory must be a positive number of GiB, got {args.memory}")
     cfg = load_config(args.model)
     weights = args.weights or own_format(args.model)
     Runtime(weights=weights, weight_group=args.weight_group)  # validates the pair
+    check_format(cfg, weights, args.weight_group)  # and that it can store this model
     report = memory_report(cfg, args.context, args.batch, weights, args.weight_group, args.memory)
     if not args.json:
         print(format_memory(report))
@@ -180,14 +192,15 @@ def cmd_memory(args) -> dict:
 
 
 def read_ids_file(path) -> list[int]:
-    text = Path(path).read_text().replace(",", " ")
     try:
-        return [int(t) for t in text.split()]
-    except ValueError:
+        return [int(t) for t in Path(path).read_text().replace(",", " ").split()]
+    except ValueError:  # not integers, or not text (UnicodeDecodeError)
         raise UserError(f"{path}: expected whitespace or comma separated token ids") from None
 
 
 def cmd_eval(args) -> dict:
+    if args.length < 2 or args.greedy_tokens < 1:
+        raise UserError("--length must be >= 2 and --greedy-tokens >= 1")
     setting = runtime_from(args)
     # Loaded without --weights: the checkpoint's own values are the float32 baseline, and the
     # setting's weight format is encoded from them once (Model.params_for).
@@ -198,7 +211,7 @@ def cmd_eval(args) -> dict:
     elif args.text:
         if model.tokenizer is None:
             raise UserError("this model has no tokenizer: use --ids-file")
-        tokens = model.tokenizer.encode(args.text)
+        tokens = model.tokenizer.encode(text_option(args.text, "--text"))
     else:
         prompt = prompt or [model.bos_id if model.bos_id is not None else 1]
         tokens = sample_sequence(model, prompt, min(args.length, model.cfg.max_len), args.seed)
@@ -225,7 +238,12 @@ def cmd_bench(args) -> dict:
     # Imports jax: only here, after prepare_devices has set the XLA device count for --tp.
     from .bench.cli import run, summary
 
-    report = run(args)
+    try:
+        report = run(args)
+    except SlimllmError:
+        raise
+    except ValueError as err:  # bench/ checks its options with ValueError (see its modules)
+        raise UserError(str(err)) from None
     if not args.json:
         print(summary(report))
     return report
@@ -244,7 +262,7 @@ def cmd_diff(args) -> dict:
     elif args.text:
         if model.tokenizer is None:
             raise UserError("this model has no tokenizer: use --ids")
-        tokens = model.tokenizer.encode(args.text)
+        tokens = model.tokenizer.encode(text_option(args.text, "--text"))
     elif side_b.kind == "dump":
         tokens = load_dump(side_b.path)[0]
     else:

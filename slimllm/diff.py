@@ -15,20 +15,28 @@ skipped.
 
 JSON report (schema "slimllm.diff/1"): {schema, model, a, b, tokens, tolerance, rows, first,
 missing, max_rel}; each row {key, layer (int or null), name, shape, max_abs, rel, exceeds,
-first_position (int or null)}; `first` is the first exceeding row (or null) in computation order.
+first_position (int or null)}; `first` is the first exceeding row (or null) in computation
+order. A NaN or infinity on either side is never agreement: its row exceeds the tolerance from
+the first position that holds one, with infinite errors (null in --json output). A bad side,
+dump or token list is an `OptionError` naming it.
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import asdict, dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
 from slimllm.reference import kv_cache, positions
+from slimllm.reference.errors import OptionError
+from slimllm.reference.generate import check_prompts, token_ids
 from slimllm.reference.model import TRACE_KEYS, forward, tracing
 from slimllm.reference.runtime import ATTENTION, BACKENDS, Runtime
+from slimllm.reference.sampling import number
 from slimllm.reference.weight_format import WEIGHT_FORMATS
 
 from .api import Model
@@ -87,8 +95,8 @@ def parse_side(text: str) -> Side:
             fields["kv_dtype"] = part  # anything else names a KV format (validated below)
     try:
         return Side(rt=Runtime(**fields))
-    except ValueError as err:
-        raise ValueError(f"{text!r}: {err}") from None
+    except OptionError as err:
+        raise OptionError(f"{text!r}: {err}") from None
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
@@ -104,15 +112,26 @@ def load_dump(path, tokens=None) -> tuple[list[int], dict]:
     """A user's dump: (its tokens, name -> [t, ...] arrays); unknown keys are an error."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such dump file")
-    data = dict(np.load(path))
+        raise OptionError(f"{path}: no such dump file")
+    try:
+        with np.load(path) as npz:  # no pickles: allow_pickle stays False
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as err:
+        raise OptionError(f"{path}: not a readable .npz dump ({err})") from None
     if "tokens" not in data:
-        raise ValueError(f"{path}: a dump needs a 'tokens' array (the ids it was computed on)")
-    ids = [int(t) for t in np.asarray(data.pop("tokens")).reshape(-1)]
+        raise OptionError(f"{path}: a dump needs a 'tokens' array (the ids it was computed on)")
+    tokens = np.asarray(data.pop("tokens"))
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise OptionError(f"{path}: 'tokens' must hold integer ids, got dtype {tokens.dtype}")
+    ids = [int(t) for t in tokens.reshape(-1)]
+    numeric = (np.integer, np.floating)
+    odd = [k for k, v in data.items() if not any(np.issubdtype(v.dtype, t) for t in numeric)]
+    if odd:
+        raise OptionError(f"{path}: {odd[0]!r} is not a numeric array ({data[odd[0]].dtype})")
     patterns = [re.compile("^" + re.escape(k).replace(r"\{i\}", r"\d+") + "$") for k in TRACE_KEYS]
     unknown = [k for k in data if not any(p.match(k) for p in patterns)]
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"{path}: unknown key(s) {unknown[:5]}; expected names like "
             "embed, layers.0.attn_out, logits (see slimllm diff --help)"
         )
@@ -125,6 +144,12 @@ def load_dump(path, tokens=None) -> tuple[list[int], dict]:
 def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
     """Named intermediates [t, ...] of one side on these tokens."""
     if side.kind == "hf":
+        missing = [name for name in ("torch", "transformers") if find_spec(name) is None]
+        if missing:  # before hf_trace imports them: a setup mistake, not a bug
+            raise OptionError(
+                f"--against hf needs torch and transformers (the oracle extra): "
+                f"{' and '.join(missing)} not installed"
+            )
         return hf_trace(model, tokens)
     if side.kind == "dump":
         return load_dump(side.path)[1]
@@ -142,6 +167,7 @@ def split_key(key: str) -> tuple[int | None, str]:
 
 def compare(a: dict, b: dict, tol: float = 1e-4) -> dict:
     """Per-key errors of b against a, in a's (computation) order."""
+    tol = number("tol", tol, 0.0, low_open=True)  # a NaN tolerance would pass everything
     rows, first = [], None
     for key, ref in a.items():
         if key not in b:
@@ -149,9 +175,10 @@ def compare(a: dict, b: dict, tol: float = 1e-4) -> dict:
         got = np.asarray(b[key], np.float64)
         ref = np.asarray(ref, np.float64)
         if got.shape != ref.shape:
-            raise ValueError(f"{key}: shapes differ, {ref.shape} vs {got.shape}")
-        diff = np.abs(got - ref)
-        scale = max(float(np.abs(ref).max()), 1e-30)
+            raise OptionError(f"{key}: shapes differ, {ref.shape} vs {got.shape}")
+        bad = ~(np.isfinite(got) & np.isfinite(ref))  # NaN/inf on either side: never agreement
+        diff = np.where(bad, np.inf, np.abs(got - ref))
+        scale = max(float(np.abs(np.where(bad, 0, ref)).max(initial=0)), 1e-30)
         rel = float(diff.max() / scale) if diff.size else 0.0
         exceeds = rel > tol
         position = None
@@ -185,14 +212,16 @@ def diff(
     model: Model, tokens, prompt_len: int, side_a: Side, side_b: Side, tol: float = 1e-4
 ) -> dict:
     """Run both sides and compare them (the JSON report of the module docstring)."""
+    number("tol", tol, 0.0, low_open=True)  # before the runs, not after
     if side_b.kind == "dump":
         dump_tokens, trace_b = load_dump(side_b.path)
         if tokens is not None and list(tokens) != dump_tokens:
-            raise ValueError("the dump was computed on other tokens than the ones given")
+            raise OptionError("the dump was computed on other tokens than the ones given")
         tokens = dump_tokens
     else:
         trace_b = None
-    tokens = [int(t) for t in tokens]
+    tokens = token_ids(tokens, "tokens")
+    check_prompts(model.cfg, [tokens], 0, None)  # ids inside the vocabulary and the context
     trace_a = trace(model, tokens, prompt_len, side_a)
     if trace_b is None:
         trace_b = trace(model, tokens, prompt_len, side_b)

@@ -11,6 +11,9 @@ in chunks (equal to token-by-token decode, since attention always reads the cach
 A weight format is part of the setting: the baseline runs the loaded weights in float32 (widened
 exactly when the checkpoint stores a narrower float), the setting encodes them once in its format
 (`Model.params_for`).
+Non-finite logits are never agreement: a baseline that gives NaN/inf anywhere is an error (there
+is nothing to measure against), and a setting's NaN/inf positions count as disagreeing, with an
+infinite KL (null in --json) and their number in `nonfinite_positions`.
 
 The memory report counts bytes exactly as they would be stored: every matrix of
 `params.model_shapes`/`layer_shapes` in its format's encoding (`tables` for the embedding, head
@@ -26,6 +29,8 @@ from dataclasses import asdict
 import numpy as np
 
 from slimllm.reference import kv_cache, positions
+from slimllm.reference.errors import SlimllmError
+from slimllm.reference.generate import check_prompts, token_ids
 from slimllm.reference.model import forward
 from slimllm.reference.ops import log_softmax
 from slimllm.reference.params import layer_shapes, model_shapes
@@ -36,6 +41,10 @@ from .api import Model, generate
 from .progress import bar
 
 BASELINE = Runtime(backend="numpy", weights="float32")  # the float32 naive NumPy reference
+
+
+class NonFiniteLogits(SlimllmError):
+    """The baseline's logits hold NaN or inf: there is no reference to measure a setting by."""
 
 
 def chunk_bounds(n: int, prompt_len: int, chunk: int) -> list[int]:
@@ -85,12 +94,25 @@ def compare(
     greedy_tokens: int = 200,
 ) -> dict:
     """All harness figures for `setting` against `baseline` on one sequence."""
+    tokens = token_ids(tokens, "tokens")
+    check_prompts(model.cfg, [tokens], 0, None)  # ids inside the vocabulary and the context
     steps = iter(bar(range(4), f"eval {setting.describe()}"))
     next(steps)
-    base = log_softmax(sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64))
+    base = sequence_logits(model, tokens, prompt_len, baseline).astype(np.float64)
+    broken = ~np.isfinite(base).all(axis=-1)  # [n]
+    if broken.any():
+        raise NonFiniteLogits(
+            f"the baseline ({baseline.describe()}) gives non-finite logits at "
+            f"{int(broken.sum())} of {len(broken)} positions (first: {int(np.argmax(broken))}): "
+            "the model's weights hold NaN/inf or its activations overflow; nothing to compare"
+        )
+    base = log_softmax(base)
     next(steps)
-    test = log_softmax(sequence_logits(model, tokens, prompt_len, setting).astype(np.float64))
+    test = sequence_logits(model, tokens, prompt_len, setting).astype(np.float64)
+    nonfinite = ~np.isfinite(test).all(axis=-1)  # [n] positions the setting got wrong outright
+    test = log_softmax(test)
     kl = np.sum(np.exp(base) * (base - test), axis=-1)  # [n]
+    kl[nonfinite] = np.inf
     targets = np.asarray(tokens[1:])
     rows = np.arange(len(targets))
 
@@ -124,7 +146,8 @@ def compare(
             "p99": float(np.quantile(kl, 0.99)),
             "max": float(kl.max()),
         },
-        "top1_agreement": float((base.argmax(-1) == test.argmax(-1)).mean()),
+        "top1_agreement": float(((base.argmax(-1) == test.argmax(-1)) & ~nonfinite).mean()),
+        "nonfinite_positions": int(nonfinite.sum()),
         "perplexity": {"baseline": perplexity(base), "setting": perplexity(test)},
         "greedy": {
             "tokens": greedy_tokens,

@@ -87,7 +87,10 @@ def test_demo_runs_on_the_embedded_model(capsys):
             ["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "600"],
             "exceeds the model's context 512",
         ),
-        (["generate", "--model", "STORIES", "--ids", "1", "--top-p", "2"], "top_p must be in"),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--top-p", "2"],
+            "top_p must be a finite number in (0, 1]",
+        ),
         (
             ["generate", "--model", "STORIES", "--ids", "1", "--max-new-tokens", "abc"],
             "invalid int value",

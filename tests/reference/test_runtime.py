@@ -8,6 +8,7 @@ from slimllm.jaxbackend import kv_cache as jax_kv
 from slimllm.jaxbackend import runtime as jax_runtime
 from slimllm.reference import kv_cache
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.runtime import ATTENTION, Runtime, attention_fn
 from slimllm.reference.slim_attention import slim_attention
 
@@ -32,6 +33,8 @@ def test_runtime_is_a_hashable_value_with_defaults():
         ({"transport": "tcp"}, "unknown transport 'tcp'"),
         ({"tp": 0}, "tp must be an integer >= 1"),
         ({"tp": 2.0}, "tp must be an integer >= 1"),
+        ({"tp": -1}, "tp must be an integer >= 1"),
+        ({"tp": True}, "tp must be an integer >= 1"),
         ({"tp": 2, "backend": "numpy"}, "needs the jax backend"),
         ({"cache_len": 0}, "cache_len must be a positive integer"),
         ({"cache_len": 2.5}, "cache_len must be a positive integer"),
@@ -44,7 +47,7 @@ def test_runtime_is_a_hashable_value_with_defaults():
     ],
 )
 def test_runtime_rejects_each_bad_setting_by_name(changes, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OptionError, match=message):
         Runtime(**changes)
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from slimllm.reference import sampling
-from slimllm.reference.sampling import SamplingConfig
+from slimllm.reference.errors import OptionError
+from slimllm.reference.sampling import GREEDY_BELOW, SamplingConfig
 
 NEG = -np.inf
 
@@ -79,14 +80,52 @@ def test_choose_follows_the_distribution_and_never_picks_excluded():
     np.testing.assert_allclose(counts / counts.sum(), [0.5, 0.25, 0.25, 0], atol=0.03)
 
 
-def test_bad_settings_are_rejected():
-    for bad in (
-        dict(temperature=-1),
-        dict(top_p=0.0),
-        dict(top_p=1.5),
-        dict(min_p=2.0),
-        dict(top_k=-1),
-        dict(repetition_penalty=0),
-    ):
-        with pytest.raises(ValueError):
-            SamplingConfig(**bad)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(temperature=-1), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+        (dict(temperature="1"), "temperature must be a finite number"),
+        (dict(temperature=1e300), "temperature must be a finite float32 number"),
+        (dict(repetition_penalty=1e39), "repetition_penalty must be a finite float32 number"),
+        (dict(repetition_penalty=1e-300), "repetition_penalty must be a finite float32 number"),
+        (dict(top_p=1e-300), "top_p must be a finite float32 number"),
+        (dict(temperature=True), "temperature must be a finite number"),
+        (dict(top_p=0.0), r"top_p must be a finite number in \(0, 1\]"),
+        (dict(top_p=1.5), "top_p must be"),
+        (dict(top_p=float("nan")), "top_p must be"),
+        (dict(min_p=2.0), r"min_p must be a finite number in \[0, 1\]"),
+        (dict(min_p=float("nan")), "min_p must be"),
+        (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
+        (dict(top_k=True), "top_k must be an integer"),
+        (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be"),
+        (dict(repetition_penalty=float("-inf")), "repetition_penalty must be"),
+    ],
+)
+def test_bad_settings_are_rejected_by_name(bad, message):
+    with pytest.raises(OptionError, match=message):
+        SamplingConfig(**bad)
+
+
+def test_numpy_numbers_are_settings_equal_to_python_ones():
+    """A setting is a static jit argument: NumPy scalars are stored as the Python numbers."""
+    a = SamplingConfig(np.float32(0.5), np.int64(3), np.float64(0.9))
+    b = SamplingConfig(0.5, 3, 0.9)
+    assert a == b and hash(a) == hash(b) and type(a.top_k) is int
+
+
+def test_tiny_temperatures_are_greedy():
+    """Below GREEDY_BELOW sampling is argmax, whatever the seed: the one limit both backends
+    (which read `greedy`) share, instead of scores at the edge of float32."""
+    logits = np.array([[1.0, 3.0, 2.999, -5.0]], np.float32)
+    seen = np.zeros((1, 4), bool)
+    for temperature in (0.0, 1e-30, GREEDY_BELOW / 2):
+        sc = SamplingConfig(temperature=temperature)
+        assert sc.greedy
+        assert [sampling.sample(logits, sc, seen, [s], 0)[0] for s in range(20)] == [1] * 20
+    assert not SamplingConfig(temperature=GREEDY_BELOW).greedy
+    drawn = {int(sampling.sample(logits, SamplingConfig(1.0), seen, [s], 0)[0]) for s in range(40)}
+    assert {1, 2} <= drawn  # at temperature 1 the near-tie is drawn too
