@@ -69,39 +69,54 @@ def startup_seconds() -> float:
     return bounded(STARTUP, seconds=60.0, subtract=0.0).seconds
 
 
+# Run first in the child: the address-space cap (set here, not in a preexec_fn, so the parent
+# need not fork a copy of itself), and a report of the child's own peak RSS at exit. VmHWM is
+# the high-water mark of the process image since exec; the rusage ru_maxrss would also count
+# the forked parent's pages (hundreds of MB inside a pytest process that has imported JAX).
+PRELUDE = """\
+import atexit, resource
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+def _report_peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open({path!r}, "w").write(line.split()[1])
+atexit.register(_report_peak)
+"""
+
+
 def bounded(
     code: str, seconds: float = 2.0, address_gb: float = 4.0, subtract: float | None = None
 ) -> Bounded:
     """Run `python -c code` in a child with at most `address_gb` of address space (so a memory
     bomb fails instead of swapping the machine), killed once it has run `seconds` past the
     interpreter's start-up (`startup_seconds`). Returns how it ended, its time less start-up,
-    and its peak RSS (from wait4, so only this child's), for the test to assert both bounds."""
+    and its peak RSS (its own VmHWM, reported at exit; from rusage, an overestimate, when it
+    died without exiting), for the test to assert both bounds."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    limit = int(address_gb * 2**30)
     startup = startup_seconds() if subtract is None else subtract
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        peak_file = os.path.join(scratch, "peak_kb")
+        prelude = PRELUDE.format(limit=int(address_gb * 2**30), path=peak_file)
         start = time.perf_counter()
         child = subprocess.Popen(
-            [sys.executable, "-c", code], stdout=out, stderr=err, env=env, preexec_fn=cap
+            [sys.executable, "-c", prelude + code], stdout=out, stderr=err, env=env
         )
-        deadline = start + seconds + startup
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                code_ = os.waitstatus_to_exitcode(status)
-                break
-            if time.perf_counter() > deadline:
-                child.kill()
-                _, status, usage = os.wait4(child.pid, 0)
-                code_ = None
-                break
-            time.sleep(0.01)
+        try:
+            returncode = child.wait(timeout=seconds + startup)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            returncode = None
         elapsed = time.perf_counter() - start - startup
-        child.returncode = code_ if code_ is not None else -9  # already reaped
+        if os.path.exists(peak_file):
+            with open(peak_file) as f:
+                peak_mb = int(f.read()) / 1024
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         out.seek(0)
         err.seek(0)
-        return Bounded(code_, elapsed, usage.ru_maxrss / 1024, out.read(), err.read())
+        return Bounded(returncode, elapsed, peak_mb, out.read(), err.read())
