@@ -9,7 +9,6 @@ wraps a benchmark's report with what every report carries: schema, machine, peak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -18,6 +17,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from slimllm.reference.errors import OptionError
+from slimllm.strict_json import dumps
 
 from . import attention, bandwidth, decode, kv_decode, products, realsize, targets
 from .common import add_arguments, fill_defaults, peak_rss_bytes, r3
@@ -49,7 +51,7 @@ def run(args) -> dict:
     """Run the benchmark `args.kind` and return its JSON report."""
     fill_defaults(args)
     if args.iterations < 1 or args.warmup < 0 or args.runs < 1:
-        raise ValueError("need --iterations >= 1, --warmup >= 0 and --runs >= 1")
+        raise OptionError("need --iterations >= 1, --warmup >= 0 and --runs >= 1")
     t0 = time.perf_counter()
     report = BENCHMARKS[args.kind].run(args)
     report = {
@@ -60,7 +62,7 @@ def run(args) -> dict:
         "seconds": r3(time.perf_counter() - t0),
     }
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.out).write_text(dumps(report, indent=1) + "\n")
     return report
 
 
@@ -83,5 +85,5 @@ def main(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     report = run(args)
-    print(summary(report) if table else json.dumps(report, indent=1))
+    print(summary(report) if table else dumps(report, indent=1))
     return 0

@@ -15,8 +15,6 @@ and the entry points; commands.py runs each subcommand (`slimllm bench` runs the
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 
@@ -29,6 +27,7 @@ from slimllm.reference.weight_format import WEIGHT_DTYPES
 from .bench.common import add_arguments as add_bench_arguments
 from .commands import COMMANDS, UserError, prepare_devices
 from .diff import SIDE_SYNTAX
+from .strict_json import dumps
 
 
 class Parser(argparse.ArgumentParser):
@@ -156,21 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def strict(value):
-    """`value` with every non-finite float replaced by None (JSON null): JSON has no NaN or
-    Infinity, and a bare NaN makes the whole output unreadable to a strict parser."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v) for v in value]
-    return value
-
-
-def dumps(result) -> str:
-    """The --json output of a command: strict JSON (json.dumps refuses any NaN left over)."""
-    return json.dumps(strict(result), allow_nan=False)
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def main(argv=None) -> int:
@@ -186,7 +172,7 @@ def main(argv=None) -> int:
         prepare_devices(args)
         result = COMMANDS[args.command](args)
     except (SlimllmError, OSError) as e:
-        print(f"slimllm: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        print(f"slimllm: error: {one_line(e)}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(dumps(result))
@@ -202,13 +188,20 @@ def main_mpi(argv=None) -> int:
         rank = mpi.rank()
     except SlimllmError as e:  # the job's setup (e.g. $SLIMLLM_MPI_TIMEOUT): said by rank 0
         if os.environ.get("PMI_RANK", "0") == "0":
-            print(f"slimllm: error: {e}", file=sys.stderr, flush=True)
+            print(f"slimllm: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     if rank:  # before parsing, so that --help and usage print once
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
-            args = build_parser().parse_args(argv)
+            parser = build_parser()
+            if not argv:
+                if rank == 0:
+                    parser.print_help(sys.stderr)
+                mpi.barrier()
+                return 2
+            args = parser.parse_args(argv)
             if getattr(args, "backend", "jax") != "jax":
                 raise UserError(
                     f"--backend {args.backend} runs the whole model in one process; under "
@@ -216,19 +209,23 @@ def main_mpi(argv=None) -> int:
                 )
         except UserError as e:  # the same mistake on every rank: say it once, end together
             if rank == 0:
-                print(f"slimllm: error: {e}", file=sys.stderr, flush=True)
+                print(f"slimllm: error: {one_line(e)}", file=sys.stderr, flush=True)
             mpi.barrier()
             return 2
         result = COMMANDS[args.command](args)
         mpi.barrier()  # every rank succeeded: only now is there a result to print
         if getattr(args, "json", False):
-            print(json.dumps(result))
+            print(dumps(result))
         sys.stdout.flush()
         return 0
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - any failure must end every rank
-        print(f"slimllm: error (rank {rank} of {mpi.size()}): {e}", file=sys.stderr, flush=True)
+        print(
+            f"slimllm: error (rank {rank} of {mpi.size()}): {one_line(e)}",
+            file=sys.stderr,
+            flush=True,
+        )
         mpi.abort(2)
         return 2
 
