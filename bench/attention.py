@@ -23,6 +23,7 @@ from slimllm.jaxbackend import kv_cache
 from slimllm.jaxbackend.runtime import ATTENTION
 from slimllm.reference.attention import attention_bias
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.positions import Positions
 
 from .common import interleaved, log, r3, timing
@@ -73,7 +74,7 @@ def run(args) -> dict:
     (rounded up to whole key blocks as in generation; the causal mask hides the extra ones)."""
     b, t, h, kh, d = args.batch, args.tokens, args.heads, args.kv_heads, args.head_dim
     if h % kh:
-        raise ValueError(f"--heads {h} is not a multiple of --kv-heads {kh}")
+        raise OptionError(f"--heads {h} is not a multiple of --kv-heads {kh}")
     shape = dict(n_heads=h, n_kv_heads=kh, head_dim=d, max_len=t)
     cfg = ModelConfig(vocab=1, width=h * d, n_layers=1, ffn_width=1, **shape)
     q = jnp.asarray(np.random.default_rng(1).standard_normal((b, t, h, d), np.float32))

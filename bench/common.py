@@ -19,6 +19,7 @@ import numpy as np
 
 from slimllm.api import Model, load
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.kv_cache import KV_DTYPES, nbytes_per_token
 from slimllm.reference.params import init_params
 from slimllm.reference.runtime import ATTENTION
@@ -83,14 +84,14 @@ def resolve_config(preset: str | None, config: str | None, layers: int | None):
     elif preset in REAL_PRESETS:
         path = shared_dir() / "configs" / preset / "config.json"
         if not path.exists():
-            raise ValueError(f"preset {preset!r} reads {path}: not found (set SLIMLLM_SHARED)")
+            raise OptionError(f"preset {preset!r} reads {path}: not found (set SLIMLLM_SHARED)")
         cfg, source = load_config(path), f"preset:{preset}"
     else:
-        raise ValueError(f"unknown preset {preset!r}: expected one of {(*PRESETS, *REAL_PRESETS)}")
+        raise OptionError(f"unknown preset {preset!r}: expected one of {(*PRESETS, *REAL_PRESETS)}")
     info = {"source": source, "layers": cfg.n_layers, "layers_overridden_from": None}
     if layers is not None and layers != cfg.n_layers:
         if layers < 1:
-            raise ValueError(f"--layers must be positive, got {layers}")
+            raise OptionError(f"--layers must be positive, got {layers}")
         info |= {"layers": layers, "layers_overridden_from": cfg.n_layers}
         cfg = cfg.replace(n_layers=layers)
     return cfg, info
@@ -213,7 +214,7 @@ def fill_defaults(args) -> None:
             setattr(args, name, value)
     if args.kind not in BATCH_LISTS and isinstance(args.batch, tuple):
         if len(args.batch) != 1:
-            raise ValueError(f"--batch takes one size for {args.kind}, got {args.batch}")
+            raise OptionError(f"--batch takes one size for {args.kind}, got {args.batch}")
         args.batch = args.batch[0]
 
 

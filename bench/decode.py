@@ -28,6 +28,7 @@ import numpy as np
 
 from slimllm.api import Model, generate
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.runtime import Runtime
 from slimllm.reference.weight_format import encode_params, weight_bytes, weight_format
 
@@ -198,9 +199,9 @@ def run(args, bandwidth: dict | None = None) -> dict:
     model, info = build_model(args)
     cfg = model.cfg
     if args.batch < 1 or args.prompt_len < 1 or args.new_tokens < 2:
-        raise ValueError("need --batch >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+        raise OptionError("need --batch >= 1, --prompt-len >= 1 and --new-tokens >= 2")
     if args.prompt_len + args.new_tokens > cfg.max_len:
-        raise ValueError(f"--prompt-len + --new-tokens exceeds the model's context {cfg.max_len}")
+        raise OptionError(f"--prompt-len + --new-tokens exceeds the model's context {cfg.max_len}")
     backends = ["jax", "numpy"] if args.compare else [args.backend]
     names = list(args.weights or (model.weights,))  # the first is the base of the ratios
     groups = {name: format_group(name, args.weight_group) for name in names}

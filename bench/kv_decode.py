@@ -26,6 +26,7 @@ from slimllm.jaxbackend.generate import decode_fn
 from slimllm.jaxbackend.kv_cache import padded_len
 from slimllm.jaxbackend.positions import SeqState
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.runtime import Runtime
 
 from .attention import causal_bias, compiled_attention, filled_cache, layer_kv
@@ -64,9 +65,9 @@ def run(args, bandwidth: dict | None = None) -> dict:
     cfg = model.cfg
     b, ctx = args.kv_batch, args.context
     if ctx > cfg.max_len:
-        raise ValueError(f"--context {ctx} exceeds the model's context {cfg.max_len}")
+        raise OptionError(f"--context {ctx} exceeds the model's context {cfg.max_len}")
     if padded_len(ctx) != ctx:  # the step reads exactly `context` keys
-        raise ValueError(f"--context {ctx} must be a multiple of 64 (256 above 256)")
+        raise OptionError(f"--context {ctx} must be a multiple of 64 (256 above 256)")
     engine = model.engine()
     weight_bytes = bytes_read_per_token(model.params, cfg, b)
     model.params = None

@@ -34,6 +34,7 @@ import numpy as np
 from slimllm.jaxbackend import ops, weight_format
 from slimllm.jaxbackend.params import device_array
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.weight_format import encode
 from slimllm.reference.weight_format import weight_format as format_named
 
@@ -114,9 +115,9 @@ def run(args) -> dict:
     """Every (format, batch) program compiled, then their runs interleaved."""
     names, batches = args.weights, args.batch
     if args.tile_rows is not None and args.tile_rows < 1:
-        raise ValueError(f"--tile-rows must be positive, got {args.tile_rows}")
+        raise OptionError(f"--tile-rows must be positive, got {args.tile_rows}")
     if args.transposed_cols is not None and args.transposed_cols < 0:
-        raise ValueError(f"--transposed-cols must be >= 0, got {args.transposed_cols}")
+        raise OptionError(f"--transposed-cols must be >= 0, got {args.transposed_cols}")
     shapes = shape_set(args.shapes)
     log(f"products: {args.shapes}, {len(shapes)} matrices in {', '.join(names)}")
     weights, stored = device_weights(shapes, names, args.weight_group)

@@ -36,6 +36,7 @@ import numpy as np
 
 from slimllm.api import generate, load
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.params import layer_shapes, model_shapes
 from slimllm.reference.runtime import Runtime
 from slimllm.reference.weight_format import TRANSPOSED, weight_bytes
@@ -75,7 +76,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tied_head,
     }
     if FAMILY.config_from_hf(hf) != cfg:
-        raise ValueError(
+        raise OptionError(
             "realsize writes Llama-layout checkpoints (RMSNorm, rotate-half RoPE without "
             "scaling, SwiGLU, q/k/v/o biases all or none): this shape is not one"
         )
@@ -156,7 +157,7 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, shard_bytes: int, seed: 
     total = sum(2 * int(np.prod(shape)) for _, _, shape in tensors)
     free = shutil.disk_usage(directory).free
     if free < total + 2**30:
-        raise ValueError(f"{directory}: {total / 1e9:.1f} GB to write, {free / 1e9:.1f} GB free")
+        raise OptionError(f"{directory}: {total / 1e9:.1f} GB to write, {free / 1e9:.1f} GB free")
     t0 = time.perf_counter()
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     seeds = {hub: [seed, i] for i, (_, hub, _) in enumerate(tensors)}
@@ -263,11 +264,11 @@ def run_child(spec: dict) -> dict:
 def run(args) -> dict:
     """Write the checkpoint (unless --model), then measure each format on each backend."""
     if args.tp != 1 or args.mode != "stream":
-        raise ValueError("realsize runs one process per measurement: no --tp, no --mode loop")
+        raise OptionError("realsize runs one process per measurement: no --tp, no --mode loop")
     if args.model and args.layers is not None:
-        raise ValueError("--layers cuts the checkpoint realsize writes; not with --model")
+        raise OptionError("--layers cuts the checkpoint realsize writes; not with --model")
     if args.prompt_len < 1 or args.new_tokens < 2:
-        raise ValueError("need --prompt-len >= 1 and --new-tokens >= 2")
+        raise OptionError("need --prompt-len >= 1 and --new-tokens >= 2")
     backends = ["numpy", "jax"] if args.compare else [args.backend]
     names = list(args.weights or FORMATS)
     if args.model:
@@ -277,7 +278,7 @@ def run(args) -> dict:
     else:
         cfg, info = resolve_config(args.preset, args.config, args.layers)
     if args.prompt_len + args.new_tokens > cfg.max_len:
-        raise ValueError(f"--prompt-len + --new-tokens exceeds the model's context {cfg.max_len}")
+        raise OptionError(f"--prompt-len + --new-tokens exceeds the model's context {cfg.max_len}")
     info |= {"params": cfg.n_params(), "config": dataclasses.asdict(cfg)}
     if args.model:
         path, written = Path(args.model), {"written": False}

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.model import TRACE_KEYS
 from slimllm.reference.params import Params
 
@@ -73,12 +74,12 @@ class Engine:
             self.comm = TRANSPORTS[rt.transport](rt.tp)
             if self.comm.per_process:
                 if mpi.size() != rt.tp:
-                    raise ValueError(f"tp={rt.tp} but the MPI job has {mpi.size()} ranks")
+                    raise OptionError(f"tp={rt.tp} but the MPI job has {mpi.size()} ranks")
                 self.params = to_device(sharding.local_slice(prepared, mpi.rank(), rt.tp))
             else:
                 devices = jax.devices()
                 if len(devices) < rt.tp:
-                    raise ValueError(
+                    raise OptionError(
                         f"tp={rt.tp} needs {rt.tp} XLA devices but this process has "
                         f"{len(devices)} (set XLA_FLAGS=--xla_force_host_platform_device_count="
                         f"{rt.tp} before jax is imported, or run under mpiexec)"

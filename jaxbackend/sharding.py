@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import OptionError
 from slimllm.reference.params import Params
 from slimllm.reference.weight_format import Compact
 
@@ -113,17 +114,17 @@ class ShardPlan:
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise a clear error when the model cannot be split evenly over tp ranks."""
     if tp < 1:
-        raise ValueError(f"tp must be >= 1, got {tp}")
+        raise OptionError(f"tp must be >= 1, got {tp}")
     for what, n in (
         ("query heads", cfg.n_heads),
         ("FFN width", cfg.ffn_width),
         ("vocabulary", cfg.vocab),
     ):
         if n % tp:
-            raise ValueError(f"tp={tp} does not divide the {n} {what}")
+            raise OptionError(f"tp={tp} does not divide the {n} {what}")
     k = cfg.n_kv_heads
     if k % tp and tp % k:
-        raise ValueError(f"tp={tp} neither divides nor is a multiple of the {k} kv heads")
+        raise OptionError(f"tp={tp} neither divides nor is a multiple of the {k} kv heads")
 
 
 def prepare(params: Params, cfg: ModelConfig, plan: ShardPlan) -> Params:
@@ -185,7 +186,7 @@ def check_groups(params: Params, tp: int) -> None:
             rows, cols = w.stored_shape
             groups = 1 if w.scale is None else w.scale.shape[1]
             if (cols // w.enc.pack) % tp or (groups > 1 and groups % tp):
-                raise ValueError(
+                raise OptionError(
                     f"tp={tp} splits the {cols} input columns of {f.name} inside a weight group "
                     f"of {cols // groups} ({w.encoding}): choose a group dividing {cols // tp}"
                 )

@@ -24,6 +24,7 @@ import numpy as np
 from . import kv_cache
 from .attention import attention_bias
 from .config import ModelConfig
+from .errors import OptionError
 from .ops import MLPS, NORMS, linear, rms_norm
 from .params import LayerParams, Params
 from .positions import (
@@ -170,7 +171,7 @@ def block(
 def embed(params: Params, cfg: ModelConfig, tokens, pos: Positions):
     """Token (and learned position) embeddings: [b,t] -> [b,t,e]."""
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab):
-        raise ValueError(f"token id out of range [0, {cfg.vocab}): {tokens.min()}..{tokens.max()}")
+        raise OptionError(f"token id out of range [0, {cfg.vocab}): {tokens.min()}..{tokens.max()}")
     x = take_rows(params.embed, tokens)  # [b,t] -> [b,t,e'] (float32)
     if params.proj_in is not None:
         x = linear(x, params.proj_in)  # [b,t,e'] -> [b,t,e]

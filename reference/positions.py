@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DynamicNTK, ModelConfig, WavelengthScaling
+from .errors import OptionError
 from .weight_format import take_rows
 
 
@@ -59,14 +60,14 @@ def start_state(cfg: ModelConfig, prompts: list) -> SeqState:
         prompt = [int(t) for t in prompt]
         if cfg.prefix_lm:
             if cfg.block_start_id not in prompt:
-                raise ValueError(
+                raise OptionError(
                     f"prompt row {r} lacks the block start token {cfg.block_start_id}: "
                     "this model needs its tokenizer's special suffix (e.g. [gMASK] <sop>)"
                 )
             prefix[r] = prompt.index(cfg.block_start_id)
             anchors = [a for a in cfg.block_anchor_ids if a in prompt]
             if cfg.pos == "rope2d" and not anchors:
-                raise ValueError(
+                raise OptionError(
                     f"prompt row {r} has none of the mask tokens {cfg.block_anchor_ids}"
                 )
             anchor[r] = prompt.index(anchors[0]) if anchors else 0
@@ -193,7 +194,9 @@ def alibi_slopes(n_heads: int) -> np.ndarray:
 def learned_positions(table, cfg: ModelConfig, pos: Positions):
     """Rows of the learned position table [max_len + offset, e] for position ids [b,t]."""
     if pos.ids.max(initial=0) + cfg.pos_offset >= table.shape[0]:
-        raise ValueError(f"position {int(pos.ids.max())} is past the learned table ({cfg.max_len})")
+        raise OptionError(
+            f"position {int(pos.ids.max())} is past the learned table ({cfg.max_len})"
+        )
     return take_rows(table, pos.ids + cfg.pos_offset)  # [b,t,e]
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import OptionError
 from .quant import from_bf16_bits, to_bf16_bits
 
 
@@ -66,9 +67,9 @@ def check_group(cols: int, group: int | None, pack: int = 1) -> int:
     not divide the row or splits a packed byte."""
     g = cols if group is None else group
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-        raise ValueError(f"weight group must be a positive integer, got {group!r}")
+        raise OptionError(f"weight group must be a positive integer, got {group!r}")
     if cols % g or g % pack:
-        raise ValueError(
+        raise OptionError(
             f"weight group {g} does not divide rows of {cols} values"
             + (f" into whole bytes of {pack} values" if pack > 1 and not cols % g else "")
         )
@@ -210,7 +211,7 @@ TRANSPOSED = frozenset(
 
 def weight_format(name: str) -> WeightFormat:
     if name not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {name!r}: expected one of {WEIGHT_DTYPES}")
+        raise OptionError(f"unknown weight format {name!r}: expected one of {WEIGHT_DTYPES}")
     return WEIGHT_FORMATS[name]
 
 
@@ -305,7 +306,9 @@ def encode_params(params, fmt: WeightFormat, group: int | None = None):
     model would quantise its quantisation error)."""
     for w in iter_weights(params):
         if isinstance(w, Compact) and w.enc.scaled:
-            raise ValueError(f"weights are already {w.encoding}: load the checkpoint as {fmt.name}")
+            raise OptionError(
+                f"weights are already {w.encoding}: load the checkpoint as {fmt.name}"
+            )
 
     def convert(obj):
         changes = {}

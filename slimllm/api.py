@@ -18,7 +18,7 @@ import numpy as np
 
 from slimllm.jaxbackend import mpi
 from slimllm.reference.config import ModelConfig
-from slimllm.reference.errors import OptionError, SlimllmError
+from slimllm.reference.errors import OptionError
 from slimllm.reference.generate import Stopping, check_mode
 from slimllm.reference.generate import generate as run_reference
 from slimllm.reference.params import Params, init_params
@@ -93,11 +93,9 @@ class Model:
             from slimllm.jaxbackend.sharding import check_groups, check_tp
 
             params = self.params_for(rt)
-            try:  # heads, widths or weight groups that tp ranks cannot split: the user's tp
-                check_tp(self.cfg, rt.tp)
-                check_groups(params, rt.tp)
-            except ValueError as err:
-                raise OptionError(str(err)) from None
+            # heads, widths or weight groups that tp ranks cannot split: before placing anything
+            check_tp(self.cfg, rt.tp)
+            check_groups(params, rt.tp)
             own = fmt == (self.weights, self.weight_group)
             # weights that can be made again are given up as they are placed (Engine consume):
             # placing an 8B model in bf16 never holds 2 x 16 GB
@@ -201,9 +199,7 @@ def check_format(cfg: ModelConfig, weights: str, group: int | None) -> None:
 
     try:
         weight_bytes_for(cfg, weight_format(weights), group)
-    except SlimllmError:
-        raise
-    except ValueError as err:  # check_group's message: which group and which row width
+    except OptionError as err:  # check_group's message: which group and which row width
         raise OptionError(f"weights {weights}: {err}") from None
 
 
@@ -293,6 +289,11 @@ def generate(
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     check_mode(mode, stopping, on_token, return_logits)  # the reference runs one loop, any mode
     options = dict(seeds=seed, on_token=on_token, return_logits=return_logits)
+    if rt.backend != "jax" and mpi.launched_size() > 1:
+        raise OptionError(
+            f"backend {rt.backend!r} runs the whole model in one process; under mpiexec "
+            f"({mpi.launched_size()} ranks) use backend 'jax', or run without mpiexec"
+        )
     if rt.backend == "jax":
         from slimllm.jaxbackend.generate import generate as run_jax  # jax: as in Model.engine
 

@@ -238,12 +238,7 @@ def cmd_bench(args) -> dict:
     # Imports jax: only here, after prepare_devices has set the XLA device count for --tp.
     from .bench.cli import run, summary
 
-    try:
-        report = run(args)
-    except SlimllmError:
-        raise
-    except ValueError as err:  # bench/ checks its options with ValueError (see its modules)
-        raise UserError(str(err)) from None
+    report = run(args)  # bench/ checks its options with OptionError
     if not args.json:
         print(summary(report))
     return report

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimllm.reference.errors import OptionError
+
 
 def hf_trace(model, tokens) -> dict:
     try:  # optional: the oracle extra, never installed in CI
         import torch
         import transformers
     except ImportError as e:
-        raise ValueError(
+        raise OptionError(
             f"--against hf needs torch and transformers (the oracle extra): {e}"
         ) from None
     hf_config = getattr(model, "hf_config", None) or {}
     if not model.source or hf_config.get("auto_map"):
-        raise ValueError(
+        raise OptionError(
             "--against hf needs a Hugging Face checkpoint of a transformers-native "
             "model type (remote-code models such as ChatGLM, Baichuan, Qwen v1 are not)"
         )
