@@ -2,10 +2,11 @@
 
 A mutated file must end in one of two ways: a clean `SlimllmError` (any other exception fails
 the test: it would reach a user as a traceback), or a model identical to the original (a
-mutation that changed nothing that matters). `outcome` runs a load and says which; `same`
-compares two loaded results exactly. Cases that could take the process down (deep pickles,
-hash bombs, huge declared sizes) run in a child process under `bounded`, which enforces a wall
-time and an address-space cap and reports the child's peak resident memory.
+mutation that changed nothing that matters). `outcome` runs a load and says which, within a
+time and memory bound per case; `same` compares two loaded results exactly. Cases that could
+take the process down (deep pickles, hash bombs, huge declared sizes) run in a child process
+under `bounded`, which enforces a wall time and an address-space cap and reports the child's
+peak resident memory.
 """
 
 from __future__ import annotations
@@ -23,16 +24,37 @@ import numpy as np
 
 from slimllm.reference.errors import SlimllmError
 
+CASE_SECONDS = 10.0  # every case `outcome` runs ends within this (a tiny model: ~0.1 s)
+CASE_MB = 200  # and holds at most this much more resident memory at its peak
+
 
 def outcome(load, *args, **kwargs):
     """(None, result) when load succeeds, (error message, None) when it raises SlimllmError;
-    anything else propagates and fails the calling test."""
+    anything else propagates and fails the calling test, and so does a case that takes longer
+    than CASE_SECONDS or peaks more than CASE_MB above the memory resident when it began."""
+    reset_peak()
+    start, resident = time.perf_counter(), status_kb("VmRSS")
     try:
-        return None, load(*args, **kwargs)
+        message, result = None, load(*args, **kwargs)
     except SlimllmError as e:
-        message = str(e)
+        message, result = str(e), None
         assert message and "\n" not in message.strip(), f"not a one-line message: {message!r}"
-        return message, None
+    seconds, extra_mb = time.perf_counter() - start, (status_kb("VmHWM") - resident) / 1024
+    assert seconds < CASE_SECONDS, f"the case took {seconds:.1f} s ({message})"
+    assert extra_mb < CASE_MB, f"the case peaked {extra_mb:.0f} MB above its start ({message})"
+    return message, result
+
+
+def status_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in kB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak() -> None:
+    """Start VmHWM (peak resident memory) again from the current resident size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def same(a, b) -> bool:
