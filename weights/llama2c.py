@@ -63,7 +63,10 @@ def llama2c_config(path: Path) -> ModelConfig:
     names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
     values = ", ".join(f"{name}={n}" for name, n in zip(names, ints, strict=True))
     if min(dim, hidden, n_layers, n_heads, n_kv, seq_len, abs(vocab)) <= 0:
-        raise CheckpointError(f"{path}: implausible llama2.c header ({values}): a size is not > 0")
+        raise CheckpointError(
+            f"{path}: implausible llama2.c header ({values}): a size is not > 0 (expected a "
+            "llama2.c .bin file or a Hugging Face checkpoint directory)"
+        )
     if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
         raise CheckpointError(
             f"{path}: implausible llama2.c header ({values}): n_heads must divide dim into an "
