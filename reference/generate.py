@@ -22,7 +22,7 @@ import numpy as np
 
 from . import kv_cache, positions
 from .config import ModelConfig
-from .errors import OptionError, SlimllmError
+from .errors import OptionError
 from .model import forward
 from .params import Params
 from .runtime import Runtime
@@ -168,12 +168,7 @@ def check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, cache_len: int
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} "
             f"is longer than the cache ({cache_len})"
         )
-    try:  # a prefix-LM prompt needs its block start token (positions says which)
-        positions.start_state(cfg, prompts)
-    except SlimllmError:
-        raise
-    except ValueError as err:  # positions' own prompt checks, which predate OptionError
-        raise OptionError(str(err)) from None
+    positions.start_state(cfg, prompts)  # a prefix-LM prompt needs its block start token
     return cache_len or need
 
 
