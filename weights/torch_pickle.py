@@ -30,6 +30,7 @@ import math
 import pickle
 import pickletools
 import reprlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -273,20 +274,23 @@ def scan(data: bytes, what: str, start: int = 0) -> int:
     state = _Scan(what)
     stream = io.BytesIO(data)
     stream.seek(start)
-    try:
-        for count, (op, arg, pos) in enumerate(pickletools.genops(stream)):
-            if pos - start >= MAX_PICKLE_BYTES or count >= MAX_OPCODES:
-                limit = f"{MAX_PICKLE_BYTES} bytes or {MAX_OPCODES} opcodes"
-                raise TorchBinError(f"{what} is refused: longer than {limit}")
-            state.step(op.name, arg, pos, len(data))
-            if op.name == "STOP":
-                return pos + 1
-    except TorchBinError:
-        raise
-    except (ValueError, IndexError, TypeError) as exc:  # what genops and the stack model raise
-        raise TorchBinError(
-            f"{what} is not a valid pickle (corrupt or truncated file?): {clip(str(exc))}"
-        ) from None
+    # genops decodes protocol-0 STRING arguments, warning of escapes Python will one day refuse
+    # (a hostile file may hold any): a scan prints nothing
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
+        try:
+            for count, (op, arg, pos) in enumerate(pickletools.genops(stream)):
+                if pos - start >= MAX_PICKLE_BYTES or count >= MAX_OPCODES:
+                    limit = f"{MAX_PICKLE_BYTES} bytes or {MAX_OPCODES} opcodes"
+                    raise TorchBinError(f"{what} is refused: longer than {limit}")
+                state.step(op.name, arg, pos, len(data))
+                if op.name == "STOP":
+                    return pos + 1
+        except TorchBinError:
+            raise
+        except (ValueError, IndexError, TypeError) as exc:  # what genops and the stack model raise
+            raise TorchBinError(
+                f"{what} is not a valid pickle (corrupt or truncated file?): {clip(str(exc))}"
+            ) from None
     raise TorchBinError(f"{what} is not a valid pickle: it has no STOP")  # genops raises first
 
 
