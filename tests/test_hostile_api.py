@@ -393,8 +393,7 @@ def test_diff_never_calls_non_finite_intermediates_agreement():
 
 def test_a_huge_cache_len_is_refused_before_any_allocation():
     """cache_len=2**40 asked NumPy for a 256 TiB cache (MemoryError, or swapping where memory is
-    overcommitted); it is refused from the numbers alone, fast and small. The child reports its
-    own peak (VmHWM): `peak_mb` from wait4 also counts the forking parent's (pytest's) pages."""
+    overcommitted); it is refused from the numbers alone, fast and small."""
     code = (
         "import slimllm\n"
         "from slimllm.reference.config import ModelConfig\n"
@@ -405,10 +404,8 @@ def test_a_huge_cache_len_is_refused_before_any_allocation():
         " backend='numpy')\n"
         "except slimllm.SlimllmError as e:\n"
         "    print(e)\n"
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
     )
     run = bounded(code, seconds=2.0, address_gb=4.0)
     assert run.returncode == 0, run.stderr
-    message, peak_kb = run.stdout.splitlines()
-    assert message == "cache_len 1099511627776 exceeds the model's context 64"
-    assert run.seconds < 2.0 and int(peak_kb) < 200 * 1024, (run.seconds, peak_kb)
+    assert run.stdout.strip() == "cache_len 1099511627776 exceeds the model's context 64"
+    assert run.seconds < 2.0 and run.peak_mb < 200, (run.seconds, run.peak_mb)
