@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import reprlib
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu", "relu")
@@ -34,12 +33,6 @@ MAX_SIZE = 2**31 - 1
 MAX_LAYERS = 4096
 MAX_FLOAT = 1e30
 FLAGS = ("rope_f16_freqs", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "final_norm", "tied_head")
-
-
-def shown(value) -> str:
-    """A value as an error message shows it: its repr, cut short (a hostile config's value may
-    be huge or deeply nested)."""
-    return reprlib.repr(value)
 
 
 def integer(name: str, value, low: int = 1, high: int = MAX_SIZE) -> int:

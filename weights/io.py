@@ -42,7 +42,7 @@ import ml_dtypes  # registers bfloat16 with NumPy, which safetensors needs to re
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from slimllm.reference.errors import SlimllmError
+from slimllm.reference.errors import SlimllmError, clip, shown
 
 # The safetensors dtypes a checkpoint tensor may have (floating point and integer buffers).
 SAFETENSORS_DTYPES = {
@@ -65,12 +65,6 @@ MAX_HEADER = 100_000_000
 
 class CheckpointError(SlimllmError):
     """A checkpoint file or directory that cannot be read as a model."""
-
-
-def shown(value, limit: int = 80) -> str:
-    """A value read from a file as a message shows it: its repr, on one line, cut to `limit`."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def named(name) -> str:
@@ -103,7 +97,7 @@ def parse_json(text: bytes, where: str):
     except CheckpointError:
         raise
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
-        raise CheckpointError(f"{where}: not valid JSON ({shown(str(e), 200)})") from None
+        raise CheckpointError(f"{where}: not valid JSON ({clip(str(e))})") from None
 
 
 def is_int(x) -> bool:
@@ -203,7 +197,7 @@ def library_errors(path: Path) -> Iterator[None]:
         yield
     except SafetensorError as e:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {shown(str(e), 300)}"
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {clip(str(e), 300)}"
         ) from None
 
 

@@ -34,14 +34,14 @@ import numpy as np
 
 # The errors are defined beside the unpickler that raises most of them, and re-exported here as
 # the errors of this module's two public functions.
+from slimllm.reference.errors import clip, shown
+
 from .torch_pickle import (
     MAX_PICKLE_BYTES,
     StorageRef,
     TensorRef,
     TorchBinError,
     UnsafePickleError,
-    brief,
-    clip,
     state_dict,
     unpickle,
 )
@@ -136,7 +136,7 @@ class _ZipCheckpoint:
         if self._prefix + "byteorder" in names:
             byteorder = self._read(self._prefix + "byteorder", 16).strip()
         if byteorder not in (b"little", b"big"):
-            raise TorchBinError(f"unknown byteorder record {brief(byteorder)}")
+            raise TorchBinError(f"unknown byteorder record {shown(byteorder)}")
         self._swap = (byteorder == b"little") != np.little_endian
         root, _, _ = unpickle(self._read(pickles[0], MAX_PICKLE_BYTES), pickles[0])
         self.tensors = state_dict(root)
@@ -226,7 +226,7 @@ class _LegacyCheckpoint:
             raise TorchBinError("not a PyTorch checkpoint: a pickle without torch's magic number")
         protocol = next_pickle("the legacy protocol version")[0]
         if protocol != _LEGACY_PROTOCOL:
-            raise TorchBinError(f"unsupported legacy protocol version {brief(protocol)}")
+            raise TorchBinError(f"unsupported legacy protocol version {shown(protocol)}")
         sys_info = next_pickle("the legacy system info")[0]
         if not isinstance(sys_info, dict):
             raise TorchBinError(f"legacy system info is a {type(sys_info).__name__}, not a dict")
@@ -237,7 +237,7 @@ class _LegacyCheckpoint:
         keys = next_pickle("the legacy storage key list")[0]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise TorchBinError(
-                f"the legacy storage key list is not a list of strings: {brief(keys)}"
+                f"the legacy storage key list is not a list of strings: {shown(keys)}"
             )
         if set(keys) != set(storages) or len(keys) != len(storages):
             raise TorchBinError("the legacy storage key list does not match the storages used")
@@ -248,11 +248,11 @@ class _LegacyCheckpoint:
             ref = storages[key]
             header = file.read(8)
             if len(header) != 8:
-                raise TorchBinError(f"storage {brief(key)} is missing (truncated file?)")
+                raise TorchBinError(f"storage {shown(key)} is missing (truncated file?)")
             (numel,) = struct.unpack("<q" if little else ">q", header)
             end = file.tell() + ref.numel * ref.type.raw.itemsize
             if numel != ref.numel or end > size:
-                raise TorchBinError(f"storage {brief(key)} is truncated or its size does not match")
+                raise TorchBinError(f"storage {shown(key)} is truncated or its size does not match")
             self._offsets[key] = file.tell()
             file.seek(end)
         if file.tell() != size:
@@ -263,7 +263,7 @@ class _LegacyCheckpoint:
     def read_storage(self, ref: StorageRef) -> np.ndarray:
         out = np.empty(ref.numel, ref.type.raw)
         self._file.seek(self._offsets[ref.key])
-        _read_into(self._file, out, f"storage {brief(ref.key)}")
+        _read_into(self._file, out, f"storage {shown(ref.key)}")
         return out.byteswap(inplace=True) if self._swap else out
 
 

@@ -17,7 +17,7 @@ the memo takes 2**80 steps) or that repeat in one dict (the last would silently 
 integers wider than MAX_INT_BITS, memo indices beyond the memo (the unpickler sizes its memo
 by the index) and objects changed after being nested (which would let depth grow unseen). So
 the unpickler's work is linear in the pickle's size, and no attacker-built structure is
-hashed, compared or repr'd unbounded: messages show values through `brief`. A tensor may hold
+hashed, compared or repr'd unbounded: messages show values through `shown`. A tensor may hold
 no more elements than its storage, so a stride-0 view cannot expand a small file into a huge
 array.
 """
@@ -29,13 +29,14 @@ import io
 import math
 import pickle
 import pickletools
-import reprlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from slimllm.reference.errors import clip, shown
 
 from .io import CheckpointError
 
@@ -45,8 +46,6 @@ __all__ = [
     "TensorRef",
     "TorchBinError",
     "UnsafePickleError",
-    "brief",
-    "clip",
     "scan",
     "state_dict",
     "unpickle",
@@ -65,26 +64,6 @@ class TorchBinError(CheckpointError):
 
 class UnsafePickleError(TorchBinError):
     """The checkpoint's pickle names a global outside the tensor-rebuilding allowlist."""
-
-
-_BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 2, 60, 60, 40
-
-
-def brief(value: Any) -> str:
-    """repr of a value from the file, bounded in depth and length (the file chose its size)."""
-    try:
-        return _BRIEF.repr(value)
-    except Exception:  # e.g. an int past the str conversion limit
-        return f"<{type(value).__name__}>"
-
-
-def clip(text: str, most: int = 200) -> str:
-    """text on one line (control characters escaped), cut to `most` characters: for messages
-    that quote what the file said."""
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= most else text[:most] + "..."
 
 
 # --- the pre-scan: what the unpickler may build -----------------------------------------------
@@ -177,7 +156,7 @@ class _Scan:
         target.keys = target.keys or set()
         for k in items[::2]:
             if k.value in target.keys:
-                raise self.refuse(f"the key {brief(k.value)} is set twice in one dict", pos)
+                raise self.refuse(f"the key {shown(k.value)} is set twice in one dict", pos)
             target.keys.add(k.value)
 
     def call(self, func: _Built, args: list[_Built], pos: int) -> None:
@@ -363,7 +342,7 @@ class _StandIn(_Sealed):
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(_is_int(v) and v >= 0 for v in value):
-        raise TorchBinError(f"tensor {what} {brief(value)} is not a tuple of non-negative integers")
+        raise TorchBinError(f"tensor {what} {shown(value)} is not a tuple of non-negative integers")
     return tuple(value)
 
 
@@ -385,7 +364,7 @@ def _rebuild_tensor(
         raise TorchBinError(f"tensor storage is {type(storage).__name__}, not a storage reference")
     if not _is_int(storage_offset) or storage_offset < 0:
         raise TorchBinError(
-            f"tensor storage offset {brief(storage_offset)} is not a non-negative int"
+            f"tensor storage offset {shown(storage_offset)} is not a non-negative int"
         )
     shape = _int_tuple(size, "size")
     strides = _int_tuple(stride, "stride")
@@ -394,19 +373,19 @@ def _rebuild_tensor(
     negate = False
     if metadata:
         if not isinstance(metadata, dict) or not set(metadata) <= {"neg", "conj"}:
-            raise TorchBinError(f"unsupported tensor metadata {brief(metadata)}")
+            raise TorchBinError(f"unsupported tensor metadata {shown(metadata)}")
         if metadata.get("conj"):
             raise TorchBinError("tensor has the conjugate bit set; complex tensors are unsupported")
         negate = bool(metadata.get("neg"))
         if negate and storage.type.dtype == "bool":
             raise TorchBinError("a bool tensor cannot have the negation bit set")
-    view = f"tensor view (offset {storage_offset}, size {brief(shape)}, stride {brief(strides)})"
+    view = f"tensor view (offset {storage_offset}, size {shown(shape)}, stride {shown(strides)})"
     # as_strided trusts its arguments, so an out-of-range view must be refused here
     if 0 not in shape:
         last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
         if last >= storage.numel:
             raise TorchBinError(
-                f"{view} reaches element {last} of storage {brief(storage.key)}, "
+                f"{view} reaches element {last} of storage {shown(storage.key)}, "
                 f"which holds {storage.numel}"
             )
     # A view may repeat elements (stride 0, overlapping rows), but copying it must not make
@@ -416,7 +395,7 @@ def _rebuild_tensor(
     if math.prod(shape) > storage.numel:
         raise TorchBinError(
             f"{view} has {math.prod(shape)} elements, more than the {storage.numel} of its "
-            f"storage {brief(storage.key)} (a stride-0 or overlapping view)"
+            f"storage {shown(storage.key)} (a stride-0 or overlapping view)"
         )
     # a size-1 dimension's stride moves nowhere; 0 keeps NumPy's byte strides small
     strides = tuple(0 if n == 1 else s for n, s in zip(shape, strides, strict=True))
@@ -465,23 +444,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> StorageRef:
         # zip layout: ('storage', type, key, location, numel); legacy appends view metadata
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
-            raise TorchBinError(f"unsupported persistent id {brief(pid)}")
+            raise TorchBinError(f"unsupported persistent id {shown(pid)}")
         _, storage_type, key, location, numel = pid[:5]
         if len(pid) == 6 and pid[5] is not None:
             raise TorchBinError("storage views (torch < 1.0 checkpoints) are not supported")
         if not isinstance(storage_type, _StorageType):
-            raise TorchBinError(f"persistent id names {brief(storage_type)}, not a storage type")
+            raise TorchBinError(f"persistent id names {shown(storage_type)}, not a storage type")
         if not isinstance(key, str) or not isinstance(location, str):
             raise TorchBinError(
-                f"storage key {brief(key)} or location {brief(location)} is not a string"
+                f"storage key {shown(key)} or location {shown(location)} is not a string"
             )
         if not _is_int(numel) or numel < 0:
-            raise TorchBinError(f"storage {brief(key)} has invalid element count {brief(numel)}")
+            raise TorchBinError(f"storage {shown(key)} has invalid element count {shown(numel)}")
         ref = StorageRef(key, storage_type, numel)
         known = self.storages.setdefault(key, ref)
         if known != ref:
             raise TorchBinError(
-                f"storage {brief(key)} is declared twice with different types or sizes"
+                f"storage {shown(key)} is declared twice with different types or sizes"
             )
         return known
 
@@ -517,12 +496,12 @@ def state_dict(root: Any) -> dict[str, TensorRef]:
         )
     for name, value in root.items():
         if not isinstance(name, str):
-            raise TorchBinError(f"the checkpoint has a non-string key {brief(name)}")
+            raise TorchBinError(f"the checkpoint has a non-string key {shown(name)}")
         if not isinstance(value, TensorRef):
             hint = ""
             if isinstance(value, dict):
                 hint = " (a nested checkpoint? save model.state_dict() itself)"
             raise TorchBinError(
-                f"entry {brief(name)} is of type {type(value).__name__}, not a tensor{hint}"
+                f"entry {shown(name)} is of type {type(value).__name__}, not a tensor{hint}"
             )
     return dict(root)
