@@ -246,10 +246,15 @@ class Compact:
         return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
 
+def encoding_of(name: str, fmt: WeightFormat) -> Encoding:
+    """The encoding of matrix `name` in format `fmt` (tables and projections may differ)."""
+    return fmt.tables if name in TABLES else fmt.matrices
+
+
 def storage(name: str, shape, fmt: WeightFormat, group: int | None = None):
     """How matrix `name` of logical `shape` is stored in format `fmt`: (its encoding, stored
     [rows = outputs, cols], its group: None unless scaled, checked against the row)."""
-    enc = fmt.tables if name in TABLES else fmt.matrices
+    enc = encoding_of(name, fmt)
     rows, cols = shape[::-1] if name in TRANSPOSED else shape  # [in, out] -> stored [out, in]
     if not enc.scaled:
         return enc, rows, cols, None

@@ -30,7 +30,7 @@ from slimllm.reference.weight_format import WeightFormat, widen
 
 from .families.common import Family
 from .io import CheckpointError, Lazy, shown
-from .stream import check_finite, encode_rows, field, non_finite, torch_to_ours, whole
+from .stream import check_finite, encode_rows, field, scan, torch_to_ours, whole
 
 
 def expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
@@ -176,7 +176,7 @@ def convert_tensor(family, cfg, source: Lazy, pieces, fused: bool, fmt, group) -
         transform = family.transforms.get(re.sub(r"^layers\.\d+\.", "layers.{i}.", target))
         if transform:  # the maths runs in float32, in the reference layout
             wide = widen(whole(piece))
-            check_finite(non_finite(wide), wide.size, where)  # before the maths spreads it
+            check_finite(scan(wide)[0], wide.size, where)  # before the maths spreads it
             piece = torch_to_ours(target, transform(torch_to_ours(target, wide), cfg))
         out[target] = encode_rows(field(target), piece, fmt, group, where)
     return out

@@ -22,9 +22,16 @@ Hugging Face checkpoints (`weights.convert`) and llama2.c files (`weights.llama2
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
-from slimllm.reference.weight_format import TRANSPOSED, Compact, WeightFormat, encode
+from slimllm.reference.weight_format import (
+    TRANSPOSED,
+    Compact,
+    WeightFormat,
+    encode,
+    encoding_of,
+)
 
 from .io import CheckpointError, Lazy
 
@@ -77,11 +84,40 @@ def put(name: str, out, part, a: int, b: int) -> None:
         torch_to_ours(name, out)[a:b] = torch_to_ours(name, part)
 
 
-def non_finite(w) -> int:
-    """How many values of a block (or of an encoded block's arrays) are NaN or Inf."""
-    if isinstance(w, Compact):
-        return sum(non_finite(a) for a in (w.values, w.scale) if a is not None)
-    return int(w.size - np.count_nonzero(np.isfinite(w)))
+# The largest magnitude a weight may have in each storage: beyond it a float16 or bfloat16
+# matrix would hold Inf, and so would a float32 one (or a quantised one's float32 scales) read
+# from float64.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+LARGEST = {
+    "float16": float(np.finfo(np.float16).max),
+    "bfloat16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max),
+}
+
+
+def largest(name: str, ndim: int, fmt: WeightFormat) -> float:
+    """The largest magnitude weight `name` (of `ndim` dims) can be stored with in `fmt`."""
+    return LARGEST.get(encoding_of(name, fmt).name, FLOAT32_MAX) if ndim == 2 else FLOAT32_MAX
+
+
+def peak(w) -> float:
+    """The largest magnitude in a float array, NaN or Inf when it holds one: the maximum of its
+    bit patterns without the sign bit, which IEEE formats order as their magnitudes (integer
+    arithmetic, so bfloat16, whose NumPy ufuncs are slow, is as fast as the rest)."""
+    if w.size == 0:
+        return 0.0
+    bits = np.dtype(f"u{w.dtype.itemsize}")
+    top = (w.view(bits) & bits.type(np.iinfo(bits).max >> 1)).max()
+    return float(np.array(top, bits).view(w.dtype))
+
+
+def scan(w, limit: float = FLOAT32_MAX) -> tuple[int, int]:
+    """(values that are NaN or Inf, finite values beyond `limit`) of a block: one pass over it
+    (its peak magnitude) when it holds neither, which is the rule."""
+    if peak(w) <= limit:  # False for NaN
+        return 0, 0
+    finite = np.isfinite(w)
+    over = np.count_nonzero(finite & (np.abs(w.astype(np.float64)) > limit))  # rare: no hurry
+    return int(w.size - np.count_nonzero(finite)), int(over)
 
 
 def check_finite(bad: int, size: int, where: str) -> None:
@@ -99,31 +135,30 @@ def encode_rows(name: str, source, fmt: WeightFormat, group: int | None, where: 
     if not where:
         where = f"{source.file}: tensor {source.name}" if isinstance(source, Lazy) else name
     size = int(np.prod(source.shape))
-    bad = overflow = 0
-    with np.errstate(over="ignore"):  # a value the format cannot hold is counted, not warned
-        if len(source.shape) != 2:
-            w = whole(source)
-            check_finite(non_finite(w), size, where)
-            out = np.array(encode(name, w, fmt, group))  # a copy: never a view
-            overflow = non_finite(out)
-        else:
-            rows, cols = source.shape
-            step = max(1, BLOCK // (4 * max(cols, 1)))
-            read, out = rows_of(source), None
-            for a in range(0, rows, step) or [0]:
-                b = min(rows, a + step)
-                block = read(a, b)
-                bad += non_finite(block)
-                if bad:  # the rest is only read, to count
-                    continue
-                part = encode(name, torch_to_ours(name, block), fmt, group)
-                overflow += non_finite(part)
-                out = empty(name, part, rows, cols) if out is None else out
-                put(name, out, part, a, b)
+    limit = largest(name, len(source.shape), fmt)
+    bad = over = 0
+    if len(source.shape) != 2:
+        w = whole(source)
+        bad, over = scan(w, limit)
+        out = None if bad or over else np.array(encode(name, w, fmt, group))  # never a view
+    else:
+        rows, cols = source.shape
+        step = max(1, BLOCK // (4 * max(cols, 1)))
+        read, out = rows_of(source), None
+        for a in range(0, rows, step) or [0]:
+            b = min(rows, a + step)
+            block = read(a, b)
+            counts = scan(block, limit)
+            bad, over = bad + counts[0], over + counts[1]
+            if bad or over:  # the rest is only read, to count
+                continue
+            part = encode(name, torch_to_ours(name, block), fmt, group)
+            out = empty(name, part, rows, cols) if out is None else out
+            put(name, out, part, a, b)
     check_finite(bad, size, where)
-    if overflow:
+    if over:
         raise CheckpointError(
-            f"{where}: {overflow} values are too large for weight format {fmt.name} "
+            f"{where}: {over} values are too large for weight format {fmt.name} "
             "(they would be stored as Inf)"
         )
     return out

@@ -461,3 +461,14 @@ def test_loading_memory_is_the_result_plus_a_fixed_amount(tmp_path):
         assert int8["grown"] <= 0.6 * file_bytes + OVERHEAD, (int8, file_bytes)
     finally:
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+def test_scan_counts_non_finite_and_too_large_values_in_every_float_dtype(dtype):
+    """The block check reads magnitudes from bit patterns: NaN, ±Inf and the largest value must
+    come out right for each stored dtype, strided views and empty blocks included."""
+    w = np.array([1.5, -3.25, 0.0, 2.0], dtype)
+    assert stream.peak(w) == 3.25 and stream.peak(w[::2]) == 1.5 and stream.peak(w[:0]) == 0
+    assert stream.scan(w) == (0, 0) and stream.scan(w, 2.0) == (0, 1)
+    w[1], w[2] = np.nan, -np.inf
+    assert stream.scan(w) == (2, 0) and stream.scan(w, 1.0) == (2, 2)
