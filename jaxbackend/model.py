@@ -23,6 +23,7 @@ import functools
 
 import jax.numpy as jnp
 
+from slimllm import kernels
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.model import observe
 from slimllm.reference.params import Params
@@ -194,6 +195,12 @@ def forward(
     """tokens [b,t], written after each row's `state.lengths` tokens -> (logits [b,t,v] or
     [b,1,v] with `select`, cache). With a multi-rank `comm`, logits are this rank's vocabulary
     slice [b,t,v/R]."""
+    with kernels.choose(rt.kernels):  # while tracing: compiled kernels or pure XLA
+        return decoder(params, cfg, tokens, cache, state, rt, select, comm)
+
+
+def decoder(params, cfg, tokens, cache, state, rt, select, comm):
+    """`forward`'s body (traced under its choice of kernels)."""
     pos = positions_for(cfg, state, tokens.shape[1])  # where these t tokens go
     x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
     bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))  # [b,h|1,t,s]

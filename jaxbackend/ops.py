@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from slimllm.kernels import linear as kernel
 from slimllm.reference.weight_format import Compact
 
 from .weight_format import compact_linear
@@ -49,7 +50,12 @@ def bias_add(y, bias=None):
 
 def linear(x, w, bias=None):
     """x @ w.T (+ bias); w is [out, in] (the device layout, see `params.py`) in any weight
-    format (a compact one is widened tile by tile inside the product, `weight_format.py`)."""
+    format. The few rows of decoding go to the compiled kernel where it is active
+    (`slimllm.kernels.linear`); otherwise XLA multiplies, and a compact weight is widened tile by
+    tile inside the product (`weight_format.py`)."""
+    y = kernel.linear(x, w)
+    if y is not None:
+        return bias_add(y, bias)
     if isinstance(w, Compact):
         return bias_add(compact_linear(x, w), bias)
     y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))  # [...,in] -> [...,out]

@@ -3,10 +3,11 @@
 `ModelConfig` says what a model is; `Runtime` says how this run computes it: which backend,
 which attention kind (all tested equal to the naive definition), how the KV cache is stored (an
 entry of `kv_cache.KV_FORMATS`), over how many tensor-parallel ranks and which transport, how
-long a cache to allocate, and how the weights are stored (an entry of
-`weight_format.WEIGHT_FORMATS`, with the quantisation group size). It is frozen and hashable,
-validated here and nowhere else (a bad value is an `OptionError` that names it), and passed as
-one static argument under jit.
+long a cache to allocate, how the weights are stored (an entry of
+`weight_format.WEIGHT_FORMATS`, with the quantisation group size), and whether the JAX backend
+calls slimllm's compiled kernels (`slimllm.kernels`) or stays in pure XLA. It is frozen and
+hashable, validated here and nowhere else (a bad value is an `OptionError` that names it), and
+passed as one static argument under jit.
 
 The attention kinds are a table per backend (`ATTENTION` here and in `jaxbackend/runtime.py`),
 with the same names; `attention_fn(rt)` is the one lookup.
@@ -29,6 +30,8 @@ from .weight_format import WEIGHT_DTYPES, WEIGHT_FORMATS
 ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
 BACKENDS = ("jax", "numpy")  # jax: the compiled fast path; numpy: the reference
 TRANSPORTS = ("devices", "mpi")  # tensor parallelism over XLA devices or MPI processes
+# jax backend: "auto" calls the compiled kernels where the library loaded, "xla" never does
+KERNELS = ("auto", "xla")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Runtime:
     cache_len: int | None = None  # KV slots to allocate (None: prompt + new tokens)
     weights: str | None = None  # a WEIGHT_FORMATS name (None: the checkpoint's own dtype)
     weight_group: int | None = None  # input columns per scale (None: the format's default)
+    kernels: str = "auto"  # a KERNELS choice (the NumPy reference has none)
 
     def __post_init__(self):
         for what, value, allowed in (
@@ -49,6 +53,7 @@ class Runtime:
             ("attention", self.attention, tuple(ATTENTION)),
             ("kv cache dtype", self.kv_dtype, tuple(KV_FORMATS)),
             ("transport", self.transport, TRANSPORTS),
+            ("kernels choice", self.kernels, KERNELS),
         ):
             if not isinstance(value, str) or value not in allowed:
                 raise OptionError(f"unknown {what} {value!r}: expected one of {allowed}")

@@ -260,11 +260,14 @@ def generate(
     tp: int = 1,
     weights: str | None = None,
     weight_group: int | None = None,
+    kernels: str = "auto",
     runtime: Runtime | None = None,
 ) -> Output:
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
     run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp/
-    weights (a weight format other than the loaded one re-encodes the weights once)."""
+    weights (a weight format other than the loaded one re-encodes the weights once)/kernels
+    ("auto": the JAX backend calls slimllm's compiled kernels where they are built; "xla": it
+    never does)."""
     rt = runtime or Runtime(
         backend=backend,
         attention=attention,
@@ -273,6 +276,7 @@ def generate(
         cache_len=cache_len,
         weights=weights,
         weight_group=weight_group,
+        kernels=kernels,
     )
     prompts = resolve_prompts(model, prompt, ids)
     tok = model.tokenizer

@@ -1,0 +1,92 @@
+"""slimllm's compiled CPU kernels, called from XLA programs through `jax.ffi`.
+
+The C++ sources are `kernels/src/*.cc`, built by the package's own build (`setup.py`) into one
+library, `slimllm.kernels._native`, which exports XLA FFI handlers (`slimllm_linear`, ...) and
+picks its instruction set at run time (`isa()`: "avx512" or "portable"). The build is optional:
+where it failed, or with `SLIMLLM_KERNELS=off` in the environment, `available()` is False and
+every program takes the pure-XLA path, with the same results up to float32 rounding.
+
+A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, "xla":
+never). `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
+kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
+its compiled programs by the Runtime, so both paths can live in one process.
+
+`python setup.py build_ext --inplace` builds the library into this folder of a source checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import os
+
+import jax
+
+from slimllm.reference.runtime import KERNELS
+
+__all__ = ["KERNELS", "active", "available", "choose", "isa", "target", "why_unavailable"]
+
+OFF = ("0", "off", "false", "no", "xla")
+_choice = ["auto"]  # the choice of the program being traced (a stack, see `choose`)
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library, or None and why not."""
+    if os.environ.get("SLIMLLM_KERNELS", "").strip().lower() in OFF:
+        return None, "turned off by SLIMLLM_KERNELS"
+    try:
+        spec = importlib.util.find_spec(f"{__name__}._native")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return None, "the compiled library was not built (see DEVELOPERS.md: kernels)"
+    try:
+        return ctypes.CDLL(spec.origin), ""
+    except OSError as e:
+        return None, f"the compiled library does not load: {e}"
+
+
+def available() -> bool:
+    """Did the compiled library load (and is it not turned off)?"""
+    return _library()[0] is not None
+
+
+def why_unavailable() -> str:
+    return _library()[1]
+
+
+def isa() -> str:
+    """The instruction set the kernels run on this CPU ("avx512", "portable"), or "xla"."""
+    lib = _library()[0]
+    if lib is None:
+        return "xla"
+    lib.slimllm_kernels_isa.restype = ctypes.c_char_p
+    return lib.slimllm_kernels_isa().decode()
+
+
+@functools.cache
+def target(symbol: str) -> str:
+    """Register the library's FFI handler `symbol` with XLA (once) and return its target name."""
+    lib = _library()[0]
+    if lib is None:
+        raise RuntimeError(f"slimllm kernels unavailable: {why_unavailable()}")
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return symbol
+
+
+@contextlib.contextmanager
+def choose(kernels: str):
+    """Trace the enclosed code with this choice ("auto" or "xla")."""
+    _choice.append(kernels)
+    try:
+        yield
+    finally:
+        _choice.pop()
+
+
+def active() -> bool:
+    """Should the code being traced call the compiled kernels?"""
+    return _choice[-1] == "auto" and available()

@@ -1,0 +1,59 @@
+// Shared pieces of slimllm's CPU kernels: the XLA FFI headers, which instruction set this CPU
+// offers, and a parallel loop on XLA's own intra-op thread pool.
+//
+// Every kernel has a portable path (plain C++, compiled for the baseline x86-64 or whatever the
+// compiler targets) and, where it pays, an AVX-512 path compiled with a `target` attribute and
+// chosen at run time by `has_avx512()`: one library serves every CPU of the architecture.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace slimllm {
+
+namespace ffi = xla::ffi;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SLIMLLM_X86 1
+#define SLIMLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#else
+#define SLIMLLM_X86 0
+#endif
+
+// The AVX-512 subset the kernels use (F, BW, VL, DQ): Skylake-SP and later, Zen 4 and later.
+// SLIMLLM_KERNELS_ISA=portable (read once) forces the portable path, for tests.
+bool has_avx512();
+
+// Run body(i) for i in [0, n) on the calling thread and up to the pool's other threads. Items
+// are claimed from a shared counter, so no thread waits for a task that never started: a helper
+// that starts late finds no work left. Returns when every item has finished.
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+  };
+  auto state = std::make_shared<State>();
+  // A helper may start after this call returned: it holds the state, and touches the body only
+  // when it claims an item (and then this call is still waiting for that item).
+  auto work = [state, n, body = &body]() {
+    for (int64_t i; (i = state->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      (*body)(i);
+      state->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));  // a copy each
+  work();
+  while (state->finished.load(std::memory_order_acquire) < n) {
+#if SLIMLLM_X86
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+}  // namespace slimllm

@@ -1,0 +1,251 @@
+// y[m, n] = x[m, k] @ W[n, k]^T for a weight W in any of slimllm's formats (the reference's
+// weight_format.py): float32, float16, bfloat16 (bit patterns), int8 and int4 (two codes per byte,
+// low nibble first, code - 8) with one float32 scale per row per group of columns.
+//
+// The arithmetic is the reference's: each weight is widened to float32 (times its scale, the
+// reference's `dequantize`) and multiplied in float32; only the order of the sums differs. It
+// is memory-bound at the batch sizes of decoding, so the kernel reads each weight row once per
+// call whatever m is: a tile of 4 rows is widened 16 columns at a time in registers and meets
+// up to 4 rows of x per pass (all passes of a tile hit the L1 cache). Threads split the rows.
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "kernels.h"
+
+namespace slimllm {
+namespace {
+
+// The reference's encodings, numbered as kernels/__init__.py numbers them.
+enum Encoding : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kInt4 = 4 };
+
+constexpr bool scaled(int e) { return e == kInt8 || e == kInt4; }
+
+struct Problem {
+  const float* x;  // [m, k]
+  const uint8_t* w;  // [n, row_bytes]
+  const float* scale;  // [n, groups] (scaled encodings)
+  float* y;  // [m, n]
+  int64_t m, n, k, row_bytes, groups, group;
+};
+
+constexpr int64_t kTileRows = 4;  // weight rows per register tile
+constexpr int64_t kTileX = 4;  // rows of x per pass over a tile
+constexpr int64_t kChunkRows = 64;  // weight rows per parallel work item
+
+// ---------------------------------------------------------------- portable path
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 31, mant = h & 1023, bits;
+  if (exp == 31) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int shift = 0;
+    while (!(mant & 1024)) mant <<= 1, ++shift;
+    bits = sign | (uint32_t(113 - shift) << 23) | ((mant & 1023) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int E>
+float widen_one(const uint8_t* row, int64_t j) {
+  if constexpr (E == kFloat32) {
+    float f;
+    std::memcpy(&f, row + 4 * j, 4);
+    return f;
+  } else if constexpr (E == kFloat16) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * j, 2);
+    return half_to_float(h);
+  } else if constexpr (E == kBFloat16) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * j, 2);
+    uint32_t bits = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  } else if constexpr (E == kInt8) {
+    return float(int8_t(row[j]));
+  } else {
+    uint8_t b = row[j / 2];
+    return float(int((j & 1) ? b >> 4 : b & 15) - 8);
+  }
+}
+
+template <int E>
+void rows_portable(const Problem& p, int64_t r0, int64_t r1) {
+  std::vector<float> w(p.k);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.w + r * p.row_bytes;
+    for (int64_t j = 0; j < p.k; ++j) {
+      w[j] = widen_one<E>(row, j);
+      if constexpr (scaled(E)) w[j] *= p.scale[r * p.groups + j / p.group];
+    }
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float* x = p.x + i * p.k;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t j = 0;
+      for (; j + 8 <= p.k; j += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += w[j + l] * x[j + l];
+      for (; j < p.k; ++j) acc[0] += w[j] * x[j];
+      p.y[i * p.n + r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                         ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 path
+
+#if SLIMLLM_X86
+
+// 16 weights of one row from column j (a multiple of 16), as float32 (unscaled).
+template <int E>
+SLIMLLM_AVX512 inline __m512 widen16(const uint8_t* row, int64_t j) {
+  if constexpr (E == kFloat32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + j);
+  } else if constexpr (E == kFloat16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * j)));
+  } else if constexpr (E == kBFloat16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * j));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else if constexpr (E == kInt8) {
+    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  } else {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j / 2));  // 8 bytes
+    __m128i nibble = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+    __m128i codes = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));  // column order
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+  }
+}
+
+// y[i0 : i0+MX, r0 : r0+RB] for RB weight rows and MX rows of x, one pass over k.
+template <int E, int RB, int MX>
+SLIMLLM_AVX512 void tile_avx512(const Problem& p, int64_t r0, int64_t i0) {
+  __m512 acc[RB][MX];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < MX; ++i) acc[r][i] = _mm512_setzero_ps();
+  const uint8_t* rows[RB];
+  for (int r = 0; r < RB; ++r) rows[r] = p.w + (r0 + r) * p.row_bytes;
+  const float* xs[MX];
+  for (int i = 0; i < MX; ++i) xs[i] = p.x + (i0 + i) * p.k;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 s[RB];
+    if constexpr (scaled(E))
+      for (int r = 0; r < RB; ++r) s[r] = _mm512_set1_ps(p.scale[(r0 + r) * p.groups + g]);
+    for (int64_t j = g * p.group; j < (g + 1) * p.group; j += 16) {
+      __m512 w[RB];
+      for (int r = 0; r < RB; ++r) {
+        w[r] = widen16<E>(rows[r], j);
+        if constexpr (scaled(E)) w[r] = _mm512_mul_ps(w[r], s[r]);
+      }
+      for (int i = 0; i < MX; ++i) {
+        __m512 xv = _mm512_loadu_ps(xs[i] + j);
+        for (int r = 0; r < RB; ++r) acc[r][i] = _mm512_fmadd_ps(w[r], xv, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < MX; ++i) p.y[(i0 + i) * p.n + r0 + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+template <int E, int RB>
+SLIMLLM_AVX512 void tile_all_x(const Problem& p, int64_t r0) {
+  int64_t i = 0;
+  for (; i + 4 <= p.m; i += 4) tile_avx512<E, RB, 4>(p, r0, i);
+  switch (p.m - i) {
+    case 3: tile_avx512<E, RB, 3>(p, r0, i); break;
+    case 2: tile_avx512<E, RB, 2>(p, r0, i); break;
+    case 1: tile_avx512<E, RB, 1>(p, r0, i); break;
+    default: break;
+  }
+}
+
+template <int E>
+SLIMLLM_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + kTileRows <= r1; r += kTileRows) tile_all_x<E, kTileRows>(p, r);
+  for (; r < r1; ++r) tile_all_x<E, 1>(p, r);
+}
+
+#endif  // SLIMLLM_X86
+
+template <int E>
+void run(ffi::ThreadPool& pool, const Problem& p) {
+  bool fast = SLIMLLM_X86 && has_avx512() && p.k % 16 == 0 && p.group % 16 == 0;
+  int64_t chunks = (p.n + kChunkRows - 1) / kChunkRows;
+  parallel_for(pool, chunks, [&](int64_t c) {
+    int64_t r0 = c * kChunkRows, r1 = std::min(p.n, r0 + kChunkRows);
+#if SLIMLLM_X86
+    if (fast) return rows_avx512<E>(p, r0, r1);
+#endif
+    rows_portable<E>(p, r0, r1);
+  });
+}
+
+const ffi::DataType kStorage[] = {ffi::F32, ffi::F16, ffi::U16, ffi::S8, ffi::U8};
+const int64_t kPerByte[] = {0, 0, 0, 1, 2};  // values per byte (0: bytes per value follow dtype)
+
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
+
+ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale, MatrixResult y,
+                  int32_t encoding) {
+  if (encoding < kFloat32 || encoding > kInt4)
+    return ffi::Error::InvalidArgument("slimllm_linear: unknown encoding");
+  if (w.element_type() != kStorage[encoding] || w.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("slimllm_linear: weight dtype or rank does not match");
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  int64_t m = xd[0], k = xd[1], n = wd[0];
+  int64_t stored = kPerByte[encoding] ? k / kPerByte[encoding] : k;
+  if (wd[1] != stored || yd[0] != m || yd[1] != n)
+    return ffi::Error::InvalidArgument("slimllm_linear: shapes do not match");
+  int64_t groups = scaled(encoding) ? sd[1] : 1;
+  if (scaled(encoding) && (sd[0] != n || groups < 1 || k % groups))
+    return ffi::Error::InvalidArgument("slimllm_linear: scale shape does not match");
+  Problem p{x.typed_data(),
+            static_cast<const uint8_t*>(w.untyped_data()),
+            scale.typed_data(),
+            y->typed_data(),
+            m,
+            n,
+            k,
+            static_cast<int64_t>(w.size_bytes() / std::max<int64_t>(n, 1)),
+            groups,
+            k / groups};
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(p.y, 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  switch (encoding) {
+    case kFloat32: run<kFloat32>(pool, p); break;
+    case kFloat16: run<kFloat16>(pool, p); break;
+    case kBFloat16: run<kBFloat16>(pool, p); break;
+    case kInt8: run<kInt8>(pool, p); break;
+    default: run<kInt4>(pool, p); break;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace slimllm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(slimllm_linear, slimllm::linear,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<slimllm::Matrix>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<slimllm::Matrix>()
+                                  .Ret<slimllm::Matrix>()
+                                  .Attr<int32_t>("encoding"));

@@ -1,0 +1,162 @@
+"""The compiled weight product (`slimllm.kernels.linear`) against the reference's widening, on
+both of its instruction-set paths, and the pure-XLA fallback when the library is missing.
+
+Conformance: for every encoding and group, y = x @ widen(w).T within float32 summation error,
+with row counts that leave partial tiles and chunks. The decode program of a real model calls
+the kernel (its compiled HLO holds the custom call) unless the runtime says "xla", and both give
+the oracle's greedy ids.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import slimllm
+from conftest import ROOT, STORIES
+from slimllm import kernels
+from slimllm.kernels import linear as kernel
+from slimllm.reference.weight_format import ENCODINGS, Compact
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}"
+)
+
+CASES = [  # (encoding, group): every encoding, per channel and grouped
+    ("float32", None),
+    ("float16", None),
+    ("bfloat16", None),
+    ("int8", None),
+    ("int8", 32),
+    ("int4", 32),
+    ("int4", None),
+]
+
+
+def compact(w: np.ndarray, encoding: str, group):
+    if encoding == "float32":
+        return jnp.asarray(w)
+    values, scale = ENCODINGS[encoding].encode(w, group)
+    scale = None if scale is None else jnp.asarray(scale)
+    return Compact(jnp.asarray(values), scale, encoding, False)
+
+
+def widened(w, encoding: str) -> np.ndarray:
+    """The reference's float32 matrix for a stored weight."""
+    if encoding == "float32":
+        return np.asarray(w)
+    scale = None if w.scale is None else np.asarray(w.scale)
+    return ENCODINGS[encoding].widen(np.asarray(w.values), scale)
+
+
+def check_products(rows_list=(1, 5, 67), cols_list=(16, 96, 1024), ms=(1, 2, 3, 4, 5, 16)):
+    rng = np.random.default_rng(0)
+    product = jax.jit(kernel.linear)
+    for encoding, group in CASES:
+        for rows in rows_list:
+            for cols in cols_list:
+                if group and cols % group:
+                    continue
+                w = compact(rng.standard_normal((rows, cols)).astype(np.float32), encoding, group)
+                wide = widened(w, encoding).astype(np.float64)
+                for m in ms:
+                    x = rng.standard_normal((m, cols)).astype(np.float32)
+                    y = np.asarray(product(jnp.asarray(x), w))
+                    want = x.astype(np.float64) @ wide.T
+                    bound = 1e-6 * cols * (np.abs(x) @ np.abs(wide).T) / np.sqrt(cols)
+                    err = np.abs(y - want)
+                    assert (err <= bound + 1e-30).all(), (encoding, group, rows, cols, m)
+
+
+def test_products_match_the_reference_widening():
+    check_products()
+
+
+def test_the_portable_path_matches_too():
+    """The same checks with the AVX-512 path turned off (a process of its own: the path is
+    chosen once per process)."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/kernels');"
+        "from slimllm import kernels; assert kernels.isa() == 'portable', kernels.isa();"
+        "import test_linear_kernel as t; t.check_products(ms=(1, 3, 16)); print('ok')"
+    )
+    env = dict(os.environ, SLIMLLM_KERNELS_ISA="portable")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert done.returncode == 0 and done.stdout.decode().strip() == "ok", done.stderr.decode()
+
+
+def test_widths_the_kernel_does_not_tile_go_to_xla():
+    w = jnp.ones((8, 24), jnp.float32)
+    assert kernel.linear(jnp.ones((1, 24), jnp.float32), w) is None  # 24 columns: not 16-wide
+    assert kernel.linear(jnp.ones((17, 32), jnp.float32), jnp.ones((8, 32))) is None  # 17 rows
+    with kernels.choose("xla"):
+        assert kernel.linear(jnp.ones((1, 32), jnp.float32), jnp.ones((8, 32))) is None
+
+
+def decode_hlo(model, rt_kernels: str) -> str:
+    """The compiled text of the model's stream decode step under this kernels choice."""
+    out = slimllm.generate(
+        model, ids=[[1, 2, 3]], max_new_tokens=2, mode="stream", kernels=rt_kernels
+    )
+    assert len(out.ids[0]) == 2
+    engine = model.engine()
+    texts = [
+        c.program.lower(*args).as_text()
+        for key, (c, args) in engine_programs(engine).items()
+        if key[0] == "decode_fn" and dict(key[1])["rt"].kernels == rt_kernels
+    ]
+    assert texts
+    return "\n".join(texts)
+
+
+def engine_programs(engine):
+    """Compiled decode programs with arguments of their shapes (re-lowered for their text)."""
+    found = {}
+    for key, compiled in engine.programs.items():
+        if key[0] != "decode_fn":
+            continue
+        shapes = key[3]
+        args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+        tree = key[2]
+        found[key] = (compiled, (engine.params, *jax.tree_util.tree_unflatten(tree, args)))
+    return found
+
+
+def test_decode_calls_the_kernel_unless_told_not_to(stories):
+    model, oracle = stories
+    assert "slimllm_linear" in decode_hlo(model, "auto")
+    assert "slimllm_linear" not in decode_hlo(model, "xla")
+
+
+@pytest.mark.parametrize("choice", ["auto", "xla"])
+def test_greedy_ids_are_the_oracles_on_both_paths(stories, choice):
+    model, oracle = stories
+    prompt = oracle["prompt_a"].tolist()
+    n = len(oracle["greedy_a"])
+    got = slimllm.generate(model, ids=[prompt], max_new_tokens=n, eos_ids=(), kernels=choice)
+    assert got.ids[0] == oracle["greedy_a"].tolist()
+
+
+def test_without_the_library_every_program_is_pure_xla():
+    """SLIMLLM_KERNELS=off stands for a build without the library: nothing loads, the programs
+    hold no custom call, and generation still gives the oracle's ids."""
+    code = f"""
+import json, numpy as np, slimllm
+from slimllm import kernels
+model = slimllm.load({str(STORIES / "stories260K.bin")!r})
+oracle = np.load({str(STORIES / "oracle.npz")!r})
+out = slimllm.generate(model, ids=[oracle["prompt_a"].tolist()],
+                       max_new_tokens=len(oracle["greedy_a"]), eos_ids=())
+print(json.dumps({{"available": kernels.available(), "isa": kernels.isa(),
+                   "same": out.ids[0] == oracle["greedy_a"].tolist()}}))
+"""
+    env = dict(os.environ, SLIMLLM_KERNELS="off")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert report == {"available": False, "isa": "xla", "same": True}
