@@ -2,9 +2,10 @@
 
 The C++ sources are `kernels/src/*.cc`, built by the package's own build (`setup.py`) into one
 library, `slimllm.kernels._native`, which exports XLA FFI handlers (`slimllm_linear`, ...) and
-picks its instruction set at run time (`isa()`: "avx512" or "portable"). The build is optional:
-where it failed, or with `SLIMLLM_KERNELS=off` in the environment, `available()` is False and
-every program takes the pure-XLA path, with the same results up to float32 rounding.
+picks its instruction set at run time (`isa()`: "avx512-vnni", "avx512" or "portable"). The
+build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in the environment,
+`available()` is False and every program takes the pure-XLA path, with the same results up to
+rounding (float32 sums; int8/int4 codes on AVX-512 meet x rounded to 16 bits, `src/linear.cc`).
 
 A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, "xla":
 never). `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
@@ -59,7 +60,8 @@ def why_unavailable() -> str:
 
 
 def isa() -> str:
-    """The instruction set the kernels run on this CPU ("avx512", "portable"), or "xla"."""
+    """The instruction set the kernels run on this CPU ("avx512-vnni", "avx512", "portable"), or
+    "xla" (no library)."""
     lib = _library()[0]
     if lib is None:
         return "xla"

@@ -24,9 +24,19 @@ bool has_avx512() {
   return yes;
 }
 
+bool has_avx512_vnni() {
+#if SLIMLLM_X86
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 }  // namespace slimllm
 
 // For Python (ctypes): the instruction set the kernels dispatch to.
 extern "C" __attribute__((visibility("default"))) const char* slimllm_kernels_isa() {
-  return slimllm::has_avx512() ? "avx512" : "portable";
+  if (!slimllm::has_avx512()) return "portable";
+  return slimllm::has_avx512_vnni() ? "avx512-vnni" : "avx512";
 }

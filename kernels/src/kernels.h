@@ -20,6 +20,8 @@ namespace ffi = xla::ffi;
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SLIMLLM_X86 1
 #define SLIMLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define SLIMLLM_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512vnni")))
 #else
 #define SLIMLLM_X86 0
 #endif
@@ -27,6 +29,8 @@ namespace ffi = xla::ffi;
 // The AVX-512 subset the kernels use (F, BW, VL, DQ): Skylake-SP and later, Zen 4 and later.
 // SLIMLLM_KERNELS_ISA=portable (read once) forces the portable path, for tests.
 bool has_avx512();
+// and AVX512-VNNI (Cascade Lake and later, Zen 4): integer dot products
+bool has_avx512_vnni();
 
 // Run body(i) for i in [0, n) on the calling thread and up to the pool's other threads. Items
 // are claimed from a shared counter, so no thread waits for a task that never started: a helper

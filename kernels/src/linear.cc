@@ -7,6 +7,15 @@
 // is memory-bound at the batch sizes of decoding, so the kernel reads each weight row once per
 // call whatever m is: a tile of 4 rows is widened 16 columns at a time in registers and meets
 // up to 4 rows of x per pass (all passes of a tile hit the L1 cache). Threads split the rows.
+//
+// int8 and int4 codes on AVX-512 take another road, because widening each code to float32 and
+// scaling it costs more instructions than the memory it saves: x is rounded once per call to
+// 16-bit integers (one scale per row of x, max|x| / 32767) and multiplied with the codes in
+// integer pairs (AVX512-VNNI vpdpwssd: 32 products per instruction, summed exactly in int32), and each
+// group's (or 2048 columns') integer sum is scaled in float32. The only departure from the
+// float32 product is x's rounding: |error| <= max|x| / 65534 * sum |w| per output, about 1e-5
+// of the result's scale, and the same for every batch size (each row of x has its own scale).
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -30,7 +39,11 @@ struct Problem {
   const float* scale;  // [n, groups] (scaled encodings)
   float* y;  // [m, n]
   int64_t m, n, k, row_bytes, groups, group;
+  const int16_t* xq = nullptr;  // [m, k] x rounded to 16 bits (the integer path)
+  const float* xs = nullptr;  // [m] their scales
 };
+
+constexpr int64_t kIntBlock = 2048;  // columns summed in int32 before a float conversion
 
 constexpr int64_t kTileRows = 4;  // weight rows per register tile
 constexpr int64_t kTileX = 4;  // rows of x per pass over a tile
@@ -159,9 +172,70 @@ SLIMLLM_AVX512 void tile_avx512(const Problem& p, int64_t r0, int64_t i0) {
     for (int i = 0; i < MX; ++i) p.y[(i0 + i) * p.n + r0 + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+
+// 32 codes of one row from column j (a multiple of 32) as int16, in column order.
+template <int E>
+SLIMLLM_AVX512_VNNI inline __m512i codes32(const uint8_t* row, int64_t j) {
+  if constexpr (E == kInt8) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)));
+  } else {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j / 2));  // 32 codes
+    __m128i nibble = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+    __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+    return _mm512_cvtepi8_epi16(_mm256_sub_epi8(codes, _mm256_set1_epi8(8)));
+  }
+}
+
+// The integer road (header comment) for RB weight rows and MX rows of x.
+template <int E, int RB, int MX>
+SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0) {
+  bool grouped = p.groups > 1;
+  int64_t block = grouped ? p.group : kIntBlock;
+  __m512 acc[RB][MX];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < MX; ++i) acc[r][i] = _mm512_setzero_ps();
+  const uint8_t* rows[RB];
+  for (int r = 0; r < RB; ++r) rows[r] = p.w + (r0 + r) * p.row_bytes;
+  const int16_t* xs[MX];
+  for (int i = 0; i < MX; ++i) xs[i] = p.xq + (i0 + i) * p.k;
+  for (int64_t b0 = 0; b0 < p.k; b0 += block) {
+    int64_t b1 = std::min(p.k, b0 + block);
+    __m512i sum[RB][MX];
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < MX; ++i) sum[r][i] = _mm512_setzero_si512();
+    for (int64_t j = b0; j < b1; j += 32) {
+      __m512i w[RB];
+      for (int r = 0; r < RB; ++r) w[r] = codes32<E>(rows[r], j);
+      for (int i = 0; i < MX; ++i) {
+        __m512i xv = _mm512_loadu_si512(xs[i] + j);
+        for (int r = 0; r < RB; ++r)
+          sum[r][i] = _mm512_dpwssd_epi32(sum[r][i], w[r], xv);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m512 s = _mm512_set1_ps(grouped ? p.scale[(r0 + r) * p.groups + b0 / p.group] : 1.0f);
+      for (int i = 0; i < MX; ++i)
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][i]), s, acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    float row_scale = grouped ? 1.0f : p.scale[r0 + r];
+    for (int i = 0; i < MX; ++i)
+      p.y[(i0 + i) * p.n + r0 + r] = _mm512_reduce_add_ps(acc[r][i]) * p.xs[i0 + i] * row_scale;
+  }
+}
+
 template <int E, int RB>
 SLIMLLM_AVX512 void tile_all_x(const Problem& p, int64_t r0) {
   int64_t i = 0;
+  if (p.xq != nullptr) {  // the integer road: 2 rows of x per pass (registers)
+    if constexpr (scaled(E)) {
+      for (; i + 2 <= p.m; i += 2) tile_int16<E, RB, 2>(p, r0, i);
+      if (i < p.m) tile_int16<E, RB, 1>(p, r0, i);
+    }
+    return;
+  }
   for (; i + 4 <= p.m; i += 4) tile_avx512<E, RB, 4>(p, r0, i);
   switch (p.m - i) {
     case 3: tile_avx512<E, RB, 3>(p, r0, i); break;
@@ -180,9 +254,30 @@ SLIMLLM_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
 
 #endif  // SLIMLLM_X86
 
+// x rounded to 16-bit integers, one scale per row (max|x| / 32767; 0 for a zero row).
+void round_x(const float* x, int64_t m, int64_t k, int16_t* xq, float* xs) {
+  for (int64_t i = 0; i < m; ++i) {
+    float top = 0.0f;
+    for (int64_t j = 0; j < k; ++j) top = std::max(top, std::fabs(x[i * k + j]));
+    xs[i] = top / 32767.0f;
+    float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+    for (int64_t j = 0; j < k; ++j) xq[i * k + j] = int16_t(std::nearbyint(x[i * k + j] * inv));
+  }
+}
+
 template <int E>
-void run(ffi::ThreadPool& pool, const Problem& p) {
+void run(ffi::ThreadPool& pool, Problem p) {
   bool fast = SLIMLLM_X86 && has_avx512() && p.k % 16 == 0 && p.group % 16 == 0;
+  // the integer road needs whole 32-column steps and groups that fit an int32 sum
+  bool integer = fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&
+                 (p.groups == 1 || p.group <= 4 * kIntBlock);
+  std::vector<int16_t> xq(integer ? p.m * p.k : 0);
+  std::vector<float> xs(integer ? p.m : 0);
+  if (integer) {
+    round_x(p.x, p.m, p.k, xq.data(), xs.data());
+    p.xq = xq.data();
+    p.xs = xs.data();
+  }
   int64_t chunks = (p.n + kChunkRows - 1) / kChunkRows;
   parallel_for(pool, chunks, [&](int64_t c) {
     int64_t r0 = c * kChunkRows, r1 = std::min(p.n, r0 + kChunkRows);
