@@ -8,6 +8,8 @@ Prefill's many rows stay with XLA's matrix products, which block for the caches.
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from . import active, target
 ENCODING = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
 MAX_ROWS = 16  # rows of x (tokens of a decode batch) above which XLA's products are faster
 LANES = 16  # the kernel's column step: widths and groups are multiples of it
+traced = collections.Counter()  # custom calls emitted while tracing, per encoding (for tests)
 
 
 def applies(m: int, cols: int, w) -> bool:
@@ -45,6 +48,7 @@ def linear(x, w):
     if scale is None:
         scale = jnp.zeros((1, 1), jnp.float32)  # unread: the encoding has no scales
     rows = values.shape[0]
+    traced[encoding] += 1
     call = jax.ffi.ffi_call(
         target("slimllm_linear"),
         jax.ShapeDtypeStruct((m, rows), jnp.float32),

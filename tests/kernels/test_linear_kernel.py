@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import slimllm
-from conftest import ROOT, STORIES
+from conftest import FIXTURES, ROOT, STORIES
 from slimllm import kernels
 from slimllm.kernels import linear as kernel
 from slimllm.reference.weight_format import ENCODINGS, Compact
@@ -103,7 +103,7 @@ def test_widths_the_kernel_does_not_tile_go_to_xla():
 
 
 def decode_hlo(model, rt_kernels: str) -> str:
-    """The compiled text of the model's stream decode step under this kernels choice."""
+    """The lowered text of the model's stream decode step under this kernels choice."""
     out = slimllm.generate(
         model, ids=[[1, 2, 3]], max_new_tokens=2, mode="stream", kernels=rt_kernels
     )
@@ -135,6 +135,18 @@ def test_decode_calls_the_kernel_unless_told_not_to(stories):
     model, oracle = stories
     assert "slimllm_linear" in decode_hlo(model, "auto")
     assert "slimllm_linear" not in decode_hlo(model, "xla")
+
+
+def test_tensor_parallel_ranks_call_the_kernel_on_their_slices():
+    """tp=2 over two XLA devices (shard_map): each rank multiplies its slice in the kernel, and
+    the ids are those of tp=1 (the MPI path runs the same program per rank: tests/distributed)."""
+    model = slimllm.load(FIXTURES / "llama")
+    prompt = [[1, 5, 9, 2]]
+    one = slimllm.generate(model, ids=prompt, max_new_tokens=8, eos_ids=())
+    before = kernel.traced["float32"]
+    two = slimllm.generate(model, ids=prompt, max_new_tokens=8, eos_ids=(), tp=2)
+    assert kernel.traced["float32"] > before  # the tp=2 programs were traced with the kernel
+    assert one.ids == two.ids
 
 
 @pytest.mark.parametrize("choice", ["auto", "xla"])
