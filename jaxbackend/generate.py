@@ -8,8 +8,8 @@ Two forms:
   host sees every id as it is chosen (callbacks, stop strings, streamed text).
 
 jit discipline: the cache is preallocated to a static length and donated to every program;
-prompts are right-padded to a bucket (16, 32, 64, ... tokens), the cache length is a power of
-two (at least 256, `cache_length`) and the loop's output buffer too, while max_new_tokens and
+prompts are right-padded to a bucket (16, 32, 64, ... tokens), the cache length is bucketed too
+(`cache_length`), the loop's output buffer is a power of two, while max_new_tokens and
 the sampling values (`sampling.Sampling`) are traced: a new prompt length, token budget,
 temperature or top-p rarely compiles anything. Under tensor parallelism sampling reads
 vocabulary slices (`tp.sample_ranked`).
@@ -175,15 +175,17 @@ MIN_CACHE = 256
 
 
 def cache_length(prompts, max_new_tokens: int, rt: Runtime, max_len: int) -> int:
-    """Slots to allocate: rt.cache_len, else room for the bucketed prompt and every new token
-    rounded up to a power of two >= MIN_CACHE (no further than the model's context `max_len`),
-    so that most prompt lengths and token budgets share one cache shape and its programs."""
+    """Slots to allocate: rt.cache_len, else room for the bucketed prompt and every new token,
+    rounded up to MIN_CACHE or to a quarter of the power of two below (256, 320, 384, 448,
+    512, 640, ...: at most 25% unused), no further than the model's context `max_len`: most
+    prompt lengths and token budgets share one cache shape, and so its programs."""
     longest = max(len(p) for p in prompts)
     if rt.cache_len:
         return max(bucket(longest), rt.cache_len)
     need = longest + max_new_tokens
-    rounded = min(max(MIN_CACHE, 1 << (need - 1).bit_length()), max_len)
-    return max(bucket(longest), need, rounded)
+    step = max(MIN_CACHE, 1 << (need - 1).bit_length() - 1) // 4
+    rounded = max(MIN_CACHE, -(-need // step) * step)
+    return max(bucket(longest), need, min(rounded, max_len))
 
 
 def generate(

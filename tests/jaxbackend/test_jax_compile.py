@@ -52,12 +52,12 @@ def test_new_values_in_their_buckets_compile_nothing(stories):
             assert len(engine.programs) == programs, (mode, settings)
 
 
-def test_cache_length_is_a_power_of_two_inside_the_context():
-    rows = [[1] * 20]
-    assert cache_length(rows, 10, Runtime(), 4096) == MIN_CACHE
-    assert cache_length(rows, 300, Runtime(), 4096) == 512
-    assert cache_length(rows, 300, Runtime(), 400) == 400  # never past the model's context
-    assert cache_length(rows, 10, Runtime(cache_len=40), 4096) == 40  # as the caller asked
+def test_cache_length_buckets_waste_at_most_a_quarter():
+    lengths = [cache_length([[1] * 20], n - 20, Runtime(), 4096) for n in range(21, 4097)]
+    assert sorted(set(lengths))[:9] == [256, 320, 384, 448, 512, 640, 768, 896, 1024]
+    assert all(n <= got <= max(MIN_CACHE, 1.25 * n) for n, got in zip(range(21, 4097), lengths))
+    assert cache_length([[1] * 20], 10, Runtime(), 100) == 100  # never past the model's context
+    assert cache_length([[1] * 20], 10, Runtime(cache_len=40), 4096) == 40  # as asked
     assert cache_length([[1] * 40], 1, Runtime(cache_len=41), 4096) == 64  # the prompt bucket
 
 
