@@ -120,13 +120,13 @@ def notice(what: str) -> threading.Timer | None:
 
 
 def describe(fn, args, kinds) -> str:
-    """ "decode for batch 1, cache 256": the program and the shapes that made it new."""
+    """The program and the shapes that made it new, e.g. "decode for batch 1, cache 256"."""
     name = fn.__name__.removesuffix("_fn")
     arrays = [a for a, k in zip(args, kinds) if k != "params" and hasattr(a, "shape")]
     caches = [a for a, k in zip(args, kinds) if k == "cache"]
     if caches:
-        b, _, s, _ = jax.tree_util.tree_leaves(caches[0])[0].shape  # [b,k,s,d]
-        return f"{name} for batch {b}, cache {s}"
+        shape = jax.tree_util.tree_leaves(caches[0])[0].shape  # [b,k,s,d] (kv_cache.init_cache)
+        return f"{name} for batch {shape[0]}, cache {shape[2]}"
     return f"{name} for batch {arrays[0].shape[0]}" if arrays and arrays[0].ndim else name
 
 
