@@ -59,6 +59,7 @@ def seed_words(seeds) -> np.ndarray:
 
 
 def static(flag: bool):
+    """A field jit keys programs by (tree metadata), not an array it traces."""
     return field(default=flag, metadata={"static": True})
 
 
