@@ -28,6 +28,7 @@ from slimllm.weights import load_config
 
 # One module each (cli.BENCHMARKS).
 KINDS = ("decode", "attention", "kv-decode", "products", "bandwidth", "targets", "realsize")
+KINDS += ("compile",)
 
 # A ~150M-parameter Llama shape (the decode target) and a tiny one for smoke tests.
 PRESETS = {
@@ -251,7 +252,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=KINDS,
         default="decode",
         help="decode (default), attention / kv-decode / products micro-benchmarks, bandwidth, "
-        "targets (all of the issue's measurements in one run) or realsize",
+        "targets (all of the issue's measurements in one run), realsize or compile (a second "
+        "process's first token with the compile cache the first one filled)",
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(

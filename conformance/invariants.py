@@ -125,7 +125,7 @@ def prefill_logits(
         tokens[r, : len(p)] = p
     state = device_state(positions.start_state(engine.cfg, prompts))
     static = {"cfg": engine.cfg, "rt": program_runtime(rt)}
-    length = cache_length(prompts, max_new_tokens, rt)
+    length = cache_length(prompts, max_new_tokens, rt, engine.cfg.max_len)
     out = [[] for _ in prompts]
     for i in range(longest):
         select = jnp.asarray([min(i, len(p) - 1) for p in prompts], jnp.int32)

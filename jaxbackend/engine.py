@@ -8,18 +8,27 @@ a program in `shard_map` over the device mesh when the ranks are this process's 
 donates what it is told to (the KV cache). Generation (`generate.py`) and teacher forcing or
 tracing (`sequence.py`) are functions of an Engine.
 
-`enable_compilation_cache(dir)` turns on JAX's persistent cache across processes.
+Compiled programs are also kept on disk across processes (JAX's persistent compilation cache),
+so a second process on the same model and shapes loads them instead of compiling: in
+$SLIMLLM_COMPILE_CACHE ("off" or "0": nowhere), else ${XDG_CACHE_HOME:-~/.cache}/slimllm/xla,
+unless `compile_cache(directory)` chose first; the first Engine turns it on. A compile that runs
+longer than `NOTICE_AFTER` seconds says so in one line on stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError
@@ -40,16 +49,92 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """Persist compiled programs across processes (JAX's compilation cache)."""
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+CACHE_ENV = "SLIMLLM_COMPILE_CACHE"
+NOTICE_AFTER = 1.0  # seconds a compile runs before stderr says what is compiling (None: never)
+DISK = {"directory": None, "chosen": False, "hits": 0, "misses": 0}  # this process's disk cache
+
+
+def cache_dir_of(value: str) -> Path | None:
+    """A directory named by $SLIMLLM_COMPILE_CACHE or --compile-cache ("off", "0": none)."""
+    return None if value.strip().lower() in ("off", "0", "") else Path(value).expanduser()
+
+
+def default_cache_dir() -> Path | None:
+    """$SLIMLLM_COMPILE_CACHE, else ${XDG_CACHE_HOME:-~/.cache}/slimllm/xla."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return cache_dir_of(value)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimllm" / "xla"
+
+
+def compile_cache(directory: str | os.PathLike | None) -> Path | None:
+    """Keep compiled programs in `directory` for later processes (None: nowhere), instead of
+    the default place, from the next compile on. Returns the directory."""
+    path = None if directory is None else Path(directory).expanduser()
+    if path is not None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OptionError(
+                f"compile cache {str(path)!r} cannot be made: {err.strerror}"
+            ) from None
+    if not DISK["chosen"]:
+        jax.monitoring.register_event_listener(count_disk_event)
+    # every program is worth keeping: a second process should compile nothing, not only the
+    # programs that took over JAX's default second
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
+    compilation_cache.reset_cache()  # JAX reads the directory once, at its next compile
+    DISK.update(directory=path, chosen=True)
+    return path
+
+
+def default_compile_cache() -> None:
+    """The default cache, unless `compile_cache` chose already (the first Engine calls this);
+    a default directory that cannot be made means no cache, not a failure."""
+    if not DISK["chosen"]:
+        try:
+            compile_cache(default_cache_dir())
+        except OptionError:
+            compile_cache(None)
+
+
+def count_disk_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        DISK["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        DISK["misses"] += 1
+
+
+def notice(what: str) -> threading.Timer | None:
+    """One line on stderr if the compile of `what` is still running after NOTICE_AFTER seconds
+    (cancel the timer when it ends). SLIMLLM_PROGRESS=0 keeps it quiet, as the progress bars."""
+    if NOTICE_AFTER is None or os.environ.get("SLIMLLM_PROGRESS") == "0":
+        return None
+    kept = "; cached for next time" if DISK["directory"] is not None else ""
+    line = f"slimllm: compiling {what} (first use of these shapes{kept})"
+    timer = threading.Timer(NOTICE_AFTER, lambda: print(line, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def describe(fn, args, kinds) -> str:
+    """The program and the shapes that made it new, e.g. "decode for batch 1, cache 256"."""
+    name = fn.__name__.removesuffix("_fn")
+    arrays = [a for a, k in zip(args, kinds) if k != "params" and hasattr(a, "shape")]
+    caches = [a for a, k in zip(args, kinds) if k == "cache"]
+    if caches:
+        shape = jax.tree_util.tree_leaves(caches[0])[0].shape  # [b,k,s,d] (kv_cache.init_cache)
+        return f"{name} for batch {shape[0]}, cache {shape[2]}"
+    return f"{name} for batch {arrays[0].shape[0]}" if arrays and arrays[0].ndim else name
 
 
 @dataclass
 class Compiled:
     program: Callable
     seconds: float
+    loaded: bool = False  # read from the disk cache, not compiled by this process
 
 
 class Engine:
@@ -64,6 +149,7 @@ class Engine:
     def __init__(
         self, params: Params, cfg: ModelConfig, rt: Runtime = Runtime(), consume: bool = False
     ):
+        default_compile_cache()
         self.cfg = cfg  # the model's own config, never edited for a shard
         self.plan = ShardPlan.of(cfg, rt.tp)
         self.mesh = None
@@ -88,6 +174,12 @@ class Engine:
                 self.params = sharding.shard_params(prepared, self.mesh)
         self.programs: dict = {}
         self.compile_seconds = 0.0
+        self.loud = not self.comm.per_process or mpi.rank() == 0  # one notice per MPI job
+
+    @property
+    def compiled(self) -> int:
+        """Programs this process compiled (not read from the disk cache)."""
+        return sum(not c.loaded for c in self.programs.values())
 
     @property
     def kv_heads(self) -> int:
@@ -167,8 +259,16 @@ class Engine:
             # that executable and, unlike a bare AOT executable, threads the runtime tokens of
             # ordered effects (mpi4jax collectives) from one call to the next.
             program = jax.jit(body, donate_argnums=donate)
-            program.lower(*args).compile()
-            self.programs[key] = Compiled(program, time.perf_counter() - t0)
+            lowered = program.lower(*args)
+            timer = notice(describe(fn, args, ins)) if self.loud else None
+            hits = DISK["hits"]
+            try:
+                lowered.compile()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            loaded = DISK["hits"] > hits
+            self.programs[key] = Compiled(program, time.perf_counter() - t0, loaded)
             self.compile_seconds += self.programs[key].seconds
         return self.programs[key].program(*args)
 

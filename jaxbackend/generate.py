@@ -8,9 +8,11 @@ Two forms:
   host sees every id as it is chosen (callbacks, stop strings, streamed text).
 
 jit discipline: the cache is preallocated to a static length and donated to every program;
-prompts are right-padded to a bucket (16, 32, 64, ... tokens) and the cache length is rounded up
-to whole key blocks, so a new prompt length rarely compiles anything. Under tensor parallelism
-sampling reads vocabulary slices (`tp.sample_ranked`).
+prompts are right-padded to a bucket (16, 32, 64, ... tokens), the cache length is bucketed too
+(`cache_length`), the loop's output buffer is a power of two, while max_new_tokens and
+the sampling values (`sampling.Sampling`) are traced: a new prompt length, token budget,
+temperature or top-p rarely compiles anything. Under tensor parallelism sampling reads
+vocabulary slices (`tp.sample_ranked`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from . import positions
 from .engine import Engine, bucket, program_runtime
 from .model import forward
 from .runtime import Runtime
-from .sampling import seed_words
+from .sampling import Sampling, seed_words
 from .tp import SINGLE, sample_ranked
 
 REASONS = {1: "length", 2: "eos", 3: "stop"}
@@ -63,7 +65,7 @@ def decode_fn(params, ids, cache, state, *, cfg, rt, comm=SINGLE):
     return logits[:, 0], cache
 
 
-def sample_fn(logits, seen, seeds, step, *, sampling, comm=SINGLE):
+def sample_fn(logits, seen, seeds, step, sampling, *, comm=SINGLE):
     """Choose ids [b] and mark them as seen (for the repetition penalty)."""
     return sample_ranked(logits, sampling, seen, seeds, step, comm)
 
@@ -92,21 +94,22 @@ def loop_fn(
     eos,
     stops,
     stop_lens,
+    sampling,
+    max_new,
     *,
     cfg,
     rt,
-    sampling,
-    max_new,
+    width,
     comm=SINGLE,
 ):
-    """The whole decode loop in one program: -> ids [b, max_new] (-1 after a row stops),
-    count [b], reason [b] (1 length, 2 eos, 3 stop)."""
+    """The whole decode loop in one program: -> ids [b, width] (-1 after a row stops or past
+    max_new, a traced count <= width), steps, reason [b] (1 length, 2 eos, 3 stop)."""
     b = logits.shape[0]
-    out = jnp.full((b, max_new), -1, jnp.int32)
+    out = jnp.full((b, width), -1, jnp.int32)
 
     def body(carry):
         n, logits, cache, state, seen, out, done, reason = carry
-        ids, seen = sample_fn(logits, seen, seeds, n, sampling=sampling, comm=comm)
+        ids, seen = sample_fn(logits, seen, seeds, n, sampling, comm=comm)
         out = out.at[:, n].set(jnp.where(done, -1, ids))
         new = jnp.where(jnp.isin(ids, eos), 2, 0)
         new = jnp.where((new == 0) & stop_match(out, n, stops, stop_lens), 3, new)
@@ -168,10 +171,21 @@ def decode(engine: Engine, ids, cache, state, rt: Runtime):
     return logits, cache, positions.advance(state, 1)
 
 
-def cache_length(prompts, max_new_tokens: int, rt: Runtime) -> int:
-    """Slots to allocate: room for the bucketed prompt and every new token (or rt.cache_len)."""
+MIN_CACHE = 256
+
+
+def cache_length(prompts, max_new_tokens: int, rt: Runtime, max_len: int) -> int:
+    """Slots to allocate: rt.cache_len, else room for the bucketed prompt and every new token,
+    rounded up to MIN_CACHE or to a quarter of the power of two below (256, 320, 384, 448,
+    512, 640, ...: at most 25% unused), no further than the model's context `max_len`: most
+    prompt lengths and token budgets share one cache shape, and so its programs."""
     longest = max(len(p) for p in prompts)
-    return max(bucket(longest), rt.cache_len or longest + max_new_tokens)
+    if rt.cache_len:
+        return max(bucket(longest), rt.cache_len)
+    need = longest + max_new_tokens
+    step = max(MIN_CACHE, 1 << (need - 1).bit_length() - 1) // 4
+    rounded = max(MIN_CACHE, -(-need // step) * step)
+    return max(bucket(longest), need, min(rounded, max_len))
 
 
 def generate(
@@ -196,10 +210,11 @@ def generate(
     for r, p in enumerate(prompts):
         seen[r, p] = True
     seen = jnp.asarray(engine.vocab_slice(seen))
+    sampling = Sampling.of(sampling, engine.plan.tp)
 
     # Programs compile on first use; their compile time is subtracted from the phase it fell in.
     compile0 = engine.compile_seconds
-    length = cache_length(prompts, stopping.max_new_tokens, rt)
+    length = cache_length(prompts, stopping.max_new_tokens, rt, cfg.max_len)
     cache = engine.new_cache(b, length, rt.kv_dtype)
     t0 = time.perf_counter()
     logits, cache, state = prefill(engine, prompts, cache, rt)
@@ -230,11 +245,11 @@ def loop(
     static = {
         "cfg": engine.cfg,
         "rt": program_runtime(rt),
-        "sampling": sampling,
-        "max_new": stopping.max_new_tokens,
+        "width": bucket(stopping.max_new_tokens),
     }
-    args = (engine.params, logits, cache, state, seen, seeds, eos, stops, stop_lens)
-    out, reason, n, _ = engine.run(loop_fn, static, (2,), *args)
+    max_new = jnp.int32(stopping.max_new_tokens)
+    args = (engine.params, logits, cache, state, seen, seeds, eos, stops, stop_lens, sampling)
+    out, reason, n, _ = engine.run(loop_fn, static, (2,), *args, max_new)
     out, reason = np.asarray(out), np.asarray(reason)
     rows = []
     for r in range(out.shape[0]):
@@ -251,9 +266,7 @@ def stream(
     done = np.zeros(b, bool)
     steps = 0
     for step in range(stopping.max_new_tokens):
-        ids, seen = engine.run(
-            sample_fn, {"sampling": sampling}, (), logits, seen, seeds, jnp.int32(step)
-        )
+        ids, seen = engine.run(sample_fn, {}, (), logits, seen, seeds, jnp.int32(step), sampling)
         host_logits = engine.full_logits(logits) if return_logits else None
         record(rows, done, np.asarray(ids), host_logits, stopping, on_token)
         if done.all():

@@ -86,9 +86,9 @@ LAYOUTS = {
     "chunk_fn": (("params", "rep", "cache", "rep"), ("vocab3", "cache")),
     "trace_fn": (("params", "rep", "cache", "rep"), ("trace", "cache")),
     "gather_fn": (("vocab",), "rep"),
-    "sample_fn": (("vocab", "vocab", "rep", "rep"), ("rep", "vocab")),
+    "sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab")),
     "loop_fn": (
-        ("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep"),
+        ("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep", "rep", "rep"),
         ("rep", "rep", "rep", "cache"),
     ),
 }

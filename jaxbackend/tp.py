@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import mpi
-from .sampling import choose, process, repetition_penalty, sample, uniform
+from .sampling import Sampling, choose, process, repetition_penalty, sample, uniform
 
 AXIS = "tp"
 
@@ -150,29 +150,35 @@ def top_k_candidates(local_scores, k: int, comm: Comm):
 
 def choose_sharded(logits, sampling, seen, seeds, step, comm: Comm):
     """The single-rank sampler's choice, from vocabulary slices: greedy by a (value, id)
-    reduction, top-k sampling from the gathered local top-k, else from gathered logits."""
-    scores = repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
-    if sampling.greedy:
+    reduction, top-k sampling from the gathered local top candidates, else from gathered
+    logits. Each rank offers `top_k_slots` candidates (a static size >= the traced top_k)."""
+    s = Sampling.of(sampling, comm.size)
+    scores = logits.astype(jnp.float32)
+    if s.penalised:
+        scores = repetition_penalty(scores, seen, s.repetition_penalty)
+    if s.greedy:
         return greedy(scores, comm)
     u = uniform(seeds, step)
 
     def from_full(scores):
         full = gather_vocab(scores, comm)
-        return choose(process(full, sampling, None, penalty=False), u)
+        return choose(process(full, s, None, penalty=False), u)
 
-    if sampling.top_k <= 0:
+    if not s.top_k_slots:
         return from_full(scores)
-    k = min(sampling.top_k, scores.shape[-1])
-    cand, ids = top_k_candidates(scores, k, comm)
+    slots = min(s.top_k_slots, scores.shape[-1])
+    cand, ids = top_k_candidates(scores, slots, comm)
 
     def from_candidates(scores):
-        picked = choose(process(cand, sampling, None, penalty=False), u)
+        picked = choose(process(cand, s, None, penalty=False), u)
         return jnp.take_along_axis(ids, picked[:, None], -1)[:, 0]
 
     # Top-k keeps every token tied with the k-th value. The candidates hold the exact global
-    # k-th value, but a rank may hold more ties than the k it offered: then (rarely) gather all.
-    kth = -jnp.sort(-cand, axis=-1)[:, k - 1]  # [b]
-    more_ties = jnp.any(jnp.sum(scores >= kth[:, None], axis=-1) > k)
+    # k-th value, but a rank may hold more ties than the slots it offered: then (rarely) gather
+    # all.
+    index = jnp.clip(s.top_k - 1, 0, cand.shape[-1] - 1)
+    kth = jnp.take(-jnp.sort(-cand, axis=-1), index, axis=-1)  # [b]
+    more_ties = jnp.any(jnp.sum(scores >= kth[:, None], axis=-1) > slots)
     return lax.cond(comm.max(more_ties.astype(jnp.int32)) > 0, from_full, from_candidates, scores)
 
 

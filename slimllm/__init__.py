@@ -4,6 +4,8 @@ import slimllm
 model = slimllm.load("path/to/checkpoint")        # HF directory or llama2.c .bin
 out = slimllm.generate(model, "Once upon a time", max_new_tokens=32)
 print(out.text)
+
+Compiled programs are kept in ~/.cache/slimllm/xla for the next process (`compile_cache`).
 """
 
 import os as _os
@@ -17,7 +19,24 @@ if not _os.path.isdir(_os.path.join(__path__[0], "reference")) and _os.path.isfi
 ):
     __path__.append(_root)
 
-from .api import Model, Output, Runtime, demo_model, generate, load  # noqa: E402 (after the path)
+from .api import (  # noqa: E402 (after the path)
+    Model,
+    Output,
+    Runtime,
+    compile_cache,
+    demo_model,
+    generate,
+    load,
+)
 from .reference.errors import SlimllmError  # noqa: E402
 
-__all__ = ["Model", "Output", "Runtime", "SlimllmError", "demo_model", "generate", "load"]
+__all__ = [
+    "Model",
+    "Output",
+    "Runtime",
+    "SlimllmError",
+    "compile_cache",
+    "demo_model",
+    "generate",
+    "load",
+]

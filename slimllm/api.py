@@ -10,9 +10,11 @@ the same in both backends: the request is checked by the reference's functions (
 from __future__ import annotations
 
 import dataclasses
+import os
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -29,7 +31,16 @@ from slimllm.weights import load_checkpoint, load_config
 
 from .progress import shards
 
-__all__ = ["BACKENDS", "Model", "Output", "Runtime", "demo_model", "generate", "load"]
+__all__ = [
+    "BACKENDS",
+    "Model",
+    "Output",
+    "Runtime",
+    "compile_cache",
+    "demo_model",
+    "generate",
+    "load",
+]
 
 
 @dataclass
@@ -185,6 +196,15 @@ DEMO_CONFIG = ModelConfig(
     norm_eps=1e-5,
     rope_theta=10000.0,
 )
+
+
+def compile_cache(directory: str | os.PathLike | None) -> Path | None:
+    """Keep the JAX backend's compiled programs in `directory` (None: nowhere) instead of
+    $SLIMLLM_COMPILE_CACHE or ${XDG_CACHE_HOME:-~/.cache}/slimllm/xla: a later process on the
+    same model and shapes reads them instead of compiling. Applies from the next compile on."""
+    from slimllm.jaxbackend.engine import compile_cache as use  # jax: as in Model.engine
+
+    return use(directory)
 
 
 def demo_model(cfg: ModelConfig = DEMO_CONFIG, seed: int = 0) -> Model:

@@ -25,7 +25,7 @@ from slimllm.reference.runtime import ATTENTION, BACKENDS
 from slimllm.reference.weight_format import WEIGHT_DTYPES
 
 from .bench.common import add_arguments as add_bench_arguments
-from .commands import COMMANDS, UserError, prepare_devices
+from .commands import COMMANDS, UserError, prepare_compile_cache, prepare_devices
 from .diff import SIDE_SYNTAX
 from .strict_json import dumps
 
@@ -75,6 +75,16 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
     add_weight_options(p)
+    add_compile_cache_option(p)
+
+
+def add_compile_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="keep compiled programs in DIR for later runs, or nowhere (default: "
+        "$SLIMLLM_COMPILE_CACHE, else ~/.cache/slimllm/xla)",
+    )
 
 
 def add_weight_options(p: argparse.ArgumentParser, default: str = "the checkpoint's own") -> None:
@@ -131,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode latency, weight-product, attention and KV-cache benchmarks, a real-size check",
     )
     add_bench_arguments(b)
+    add_compile_cache_option(b)
     f = sub.add_parser(
         "diff",
         help="per-layer divergence of two implementations (slimllm settings, hf, a dump)",
@@ -151,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--against", choices=["hf"], help="shorthand for --b hf")
     f.add_argument("--dump", help="shorthand for --b dump:FILE")
     f.add_argument("--tol", type=float, default=1e-4, help="relative tolerance")
+    add_compile_cache_option(f)
     f.add_argument("--json", action="store_true")
     return parser
 
@@ -170,6 +182,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         prepare_devices(args)
+        prepare_compile_cache(args)
         result = COMMANDS[args.command](args)
     except (SlimllmError, OSError) as e:
         print(f"slimllm: error: {one_line(e)}", file=sys.stderr)
@@ -212,6 +225,7 @@ def main_mpi(argv=None) -> int:
                 print(f"slimllm: error: {one_line(e)}", file=sys.stderr, flush=True)
             mpi.barrier()
             return 2
+        prepare_compile_cache(args)
         result = COMMANDS[args.command](args)
         mpi.barrier()  # every rank succeeded: only now is there a result to print
         if getattr(args, "json", False):

@@ -17,7 +17,7 @@ from slimllm.reference.errors import SlimllmError
 from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config, native_format, read_json
 
-from .api import check_format, check_text, demo_model, generate, load
+from .api import check_format, check_text, compile_cache, demo_model, generate, load
 from .diff import diff, format_report, load_dump, parse_side
 from .evaluate import compare, format_memory, memory_report, sample_sequence
 
@@ -288,3 +288,13 @@ def prepare_devices(args) -> None:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={tp}".strip()
+
+
+def prepare_compile_cache(args) -> None:
+    """--compile-cache DIR|off: where this process keeps compiled programs (unset: the default,
+    $SLIMLLM_COMPILE_CACHE or ~/.cache/slimllm/xla, chosen by the first engine)."""
+    value = getattr(args, "compile_cache", None)
+    if value is not None:
+        from slimllm.jaxbackend.engine import cache_dir_of  # jax: after prepare_devices
+
+        compile_cache(cache_dir_of(value))

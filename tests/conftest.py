@@ -15,6 +15,10 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 ).strip()
+# No compiled program is kept on disk, here or in the processes tests start: the tests never
+# write into the user's cache (~/.cache/slimllm/xla), and every run compiles what it tests.
+# test_compile_cache.py turns a cache on where it checks one.
+os.environ["SLIMLLM_COMPILE_CACHE"] = "off"
 
 import numpy as np
 import pytest

@@ -152,3 +152,13 @@ def test_realsize_writes_a_sharded_bf16_checkpoint_and_runs_it(capsys, tmp_path)
     assert positive(x, "cold_first_token_ms", "compile_seconds", "device_put_seconds")
     assert x["compile_seconds_while_timed"] == 0
     assert not r["checkpoint"]["kept"] and not Path(r["checkpoint"]["path"]).exists()
+
+
+def test_compile_report_counts_what_the_warm_process_read(capsys):
+    r = bench(capsys, "compile")
+    cold, warm = r["cold"], r["warm"]
+    assert r["kind"] == "compile" and r["settings"]["prompt_len"] == 8 and r["cache_entries"] > 0
+    assert cold["compiled"] == cold["programs"] > 0 and cold["read_from_cache"] == 0
+    assert warm["compiled"] == 0 and warm["read_from_cache"] == cold["programs"]
+    assert warm["disk_cache"]["misses"] == 0
+    assert positive(cold, "first_token_seconds", "again_first_token_seconds", "compile_seconds")

@@ -111,7 +111,7 @@ def test_top_k_keeps_ties_with_the_kth_value():
     from slimllm.api import demo_model
     from slimllm.jaxbackend.engine import Engine
     from slimllm.jaxbackend.generate import sample_fn
-    from slimllm.jaxbackend.sampling import seed_words
+    from slimllm.jaxbackend.sampling import Sampling, seed_words
     from slimllm.reference.config import ModelConfig
     from slimllm.reference.runtime import Runtime
     from slimllm.reference.sampling import SamplingConfig
@@ -123,10 +123,10 @@ def test_top_k_keeps_ties_with_the_kth_value():
     rows = 16  # one seed each
     logits = jnp.tile(jnp.asarray([5.0, 3.0, 3.0, 0.0, 1.0, 0.0, 0.0, 0.0]), (rows, 1))
     seeds, seen = jnp.asarray(seed_words(range(rows))), jnp.zeros((rows, 8), bool)
-    static = {"sampling": SamplingConfig(temperature=1.0, top_k=2)}
+    sampling = SamplingConfig(temperature=1.0, top_k=2)
     ids = [
         Engine(model.params, cfg, Runtime(tp=tp))
-        .run(sample_fn, static, (), logits, seen, seeds, jnp.int32(0))[0]
+        .run(sample_fn, {}, (), logits, seen, seeds, jnp.int32(0), Sampling.of(sampling, tp))[0]
         .tolist()
         for tp in (1, 2)
     ]
