@@ -21,7 +21,7 @@ import sys
 from slimllm.jaxbackend import mpi
 from slimllm.reference.errors import SlimllmError
 from slimllm.reference.kv_cache import KV_DTYPES
-from slimllm.reference.runtime import ATTENTION, BACKENDS
+from slimllm.reference.runtime import ATTENTION, BACKENDS, KERNELS
 from slimllm.reference.weight_format import WEIGHT_DTYPES
 
 from .bench.common import add_arguments as add_bench_arguments
@@ -74,6 +74,12 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         help="naive (the definition), slim (SlimAttention), flash (the 2-D baseline)",
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32", help="KV cache storage")
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="auto",
+        help="auto: slimllm's compiled kernels where they are built (default); xla: pure XLA",
+    )
     add_weight_options(p)
     add_compile_cache_option(p)
 

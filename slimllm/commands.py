@@ -52,6 +52,7 @@ def runtime_from(args) -> Runtime:
         tp=args.tp,
         weights=args.weights,
         weight_group=args.weight_group,
+        kernels=args.kernels,
     )
 
 
