@@ -66,10 +66,9 @@ struct Problem {
   }
 };
 
-// Row j of kv head (bi, kvh) of K or V as float32 (the stored value times its scale).
-void widen_row(const Problem& p, const uint8_t* base, const float* scales, int64_t bi,
-               int64_t kvh, int64_t j, float* dst) {
-  int64_t row = (bi * p.kh + kvh) * p.s + j;
+// Stored row `row` ((bi kh + kvh) s + j) of K or V as float32 (the stored value times its scale).
+void widen_row_portable(const Problem& p, const uint8_t* base, const float* scales, int64_t row,
+                        float* dst) {
   if (p.storage == kFloat32) {
     std::memcpy(dst, base + row * p.d * 4, p.d * 4);
   } else if (p.storage == kBFloat16) {
@@ -202,6 +201,27 @@ SLIMLLM_AVX512 float softmax_row_avx512(float* x, const float* bias, int64_t lo,
   return _mm512_reduce_add_ps(sum);
 }
 
+SLIMLLM_AVX512 void widen_row_avx512(const Problem& p, const uint8_t* base, const float* scales,
+                                     int64_t row, float* dst) {
+  if (p.storage == kFloat32) {
+    std::memcpy(dst, base + row * p.d * 4, p.d * 4);
+  } else if (p.storage == kBFloat16) {
+    const uint8_t* src = base + row * p.d * 2;
+    for (int64_t c = 0; c < p.d; c += 16) {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * c));
+      __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);  // bf16: high half
+      _mm512_storeu_ps(dst + c, _mm512_castsi512_ps(bits));
+    }
+  } else {
+    const uint8_t* src = base + row * p.d;
+    __m512 scale = _mm512_set1_ps(scales[row]);
+    for (int64_t c = 0; c < p.d; c += 16) {
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
+      _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scale));
+    }
+  }
+}
+
 SLIMLLM_AVX512 float dot_avx512(const float* a, const float* b, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t c = 0; c < d; c += 16)
@@ -279,6 +299,16 @@ float softmax_row(const Problem& p, float* x, const float* bias, int64_t lo, int
   if (p.fast) return softmax_row_avx512(x, bias, lo, hi, p.scale, top);
 #endif
   return softmax_row_portable(x, bias, lo, hi, p.scale, top);
+}
+
+// Row j of kv head (bi, kvh) of K or V as float32 (the stored value times its scale).
+void widen_row(const Problem& p, const uint8_t* base, const float* scales, int64_t bi,
+               int64_t kvh, int64_t j, float* dst) {
+  int64_t row = (bi * p.kh + kvh) * p.s + j;
+#if SLIMLLM_X86
+  if (p.fast) return widen_row_avx512(p, base, scales, row, dst);
+#endif
+  widen_row_portable(p, base, scales, row, dst);
 }
 
 float dot(const Problem& p, const float* a, const float* b) {
