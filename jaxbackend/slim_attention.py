@@ -12,8 +12,10 @@ and merges their (max, sum, output) exactly.
 
 Where the compiled kernels are active (`slimllm.kernels.active()`), the same blocking runs as one
 custom call instead (`slimllm.kernels.attention`: threads over (batch, head, query block), each
-row multiplied only against the keys it sees): XLA:CPU's batched dots are neither fast nor
-parallel over heads. The code below is then the fallback (kernels off or missing, a float16 cache).
+row multiplied only against the keys it sees), since XLA:CPU's batched dots are neither fast
+nor parallel over heads. The kernel takes `mb` and `budget` and picks its own decode chunks
+(`key_splits` and `key_block` shape the XLA path only). The code below is the fallback (kernels
+off or missing, a float16 cache).
 """
 
 from __future__ import annotations
