@@ -39,18 +39,19 @@ def slim_attention(q, kv, bias, scale, mb: int | None = None, budget: int = L2_B
     b, t, h, d = q.shape
     s = kv.length
     hb = bias.shape[1]  # 1 or h
-    scales = (kv.k_scale, kv.v_scale) if kv.fmt.scaled else (jnp.zeros((1, 1, 1), jnp.float32),) * 2
+    unread = jnp.zeros((1, 1, 1), jnp.float32)  # the format has no scales
+    scales = (kv.k_scale, kv.v_scale) if kv.fmt.scaled else (unread, unread)  # [b,k,s]
     call = jax.ffi.ffi_call(
         target("slimllm_attention"),
         jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
         vmap_method="sequential",
     )
     return call(
-        q.astype(jnp.float32),
-        kv.k,
+        q.astype(jnp.float32),  # [b,t,h,d]
+        kv.k,  # [b,k,s,d] as stored
         kv.v,
         *(x.astype(jnp.float32) for x in scales),
-        jnp.broadcast_to(bias, (b, hb, t, s)).astype(jnp.float32),
+        jnp.broadcast_to(bias, (b, hb, t, s)).astype(jnp.float32),  # [b,h|1,t,s]
         scale=np.float32(scale),
         block=np.int64(mb or block(t, d, s, budget)),
         storage=np.int32(STORAGE[kv.fmt.name]),
