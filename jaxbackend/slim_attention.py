@@ -9,6 +9,13 @@ against key slots [0, W), an exact softmax per row and `P @ V` (`key_blocks.exac
 large float32 dot each way. At most `MAX_WIDTHS` widths are compiled per block: a block runs the
 smallest one that covers what it can see. The few-heads decode path splits the keys into chunks
 and merges their (max, sum, output) exactly.
+
+Where the compiled kernels are active (`slimllm.kernels.active()`), the same blocking runs as one
+custom call instead (`slimllm.kernels.attention`: threads over (batch, head, query block), each
+row multiplied only against the keys it sees), since XLA:CPU's batched dots are neither fast
+nor parallel over heads. The kernel takes `mb` and `budget` and picks its own decode chunks
+(`key_splits` and `key_block` shape the XLA path only). The code below is the fallback (kernels
+off or missing, a float16 cache).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
+from slimllm.kernels import attention as kernel
 from slimllm.reference.slim_attention import L2_BUDGET, block_rows
 
 from .attention import group_bias, group_queries, ungroup
@@ -100,6 +108,9 @@ def slim_attention(
     key_block: int = KEY_BLOCK,
 ):
     """SlimAttention: q [b,t,h,d] -> [b,t,h,d], query-row blocks of `mb` (default: xFT rule)."""
+    out = kernel.slim_attention(q, kv, bias, scale, mb, budget)  # None: not the kernel's case
+    if out is not None:
+        return out
     b, t, h, d = q.shape
     kh = kv.k.shape[1]
     qg = group_queries(q, kh)  # [b,t,h,d] -> [b,k,g,t,d]

@@ -118,7 +118,8 @@ def f32_shapes(hlo: str):
 def test_int8_decode_never_materialises_a_float_copy_of_the_cache(attention):
     """Compiled HLO of one decode step over a 4096-slot int8 cache (1 layer, [1,2,4096,64]):
     the int8 cache is there, key blocks are widened ([1,2,n,64] f32, n <= 256), and no float32
-    value anywhere (fusions included) has an eighth of the cache's elements."""
+    value anywhere (fusions included) has an eighth of the cache's elements. The XLA path: the
+    compiled kernels (tests/kernels) read the int8 cache themselves, no float value in sight."""
     s, cfg = LONG.max_len, LONG
     cache = jax_kv.init_cache(cfg, 1, s, "int8")
     state = device_state(
@@ -126,7 +127,8 @@ def test_int8_decode_never_materialises_a_float_copy_of_the_cache(attention):
     )
     args = (to_device(init_params(cfg)), jnp.zeros(1, jnp.int32), cache, state)
     jitted = jax.jit(decode_fn, static_argnames=("cfg", "rt"), donate_argnums=2)
-    compiled = jitted.lower(*args, cfg=cfg, rt=Runtime(attention=attention)).compile()
+    rt = Runtime(attention=attention, kernels="xla")
+    compiled = jitted.lower(*args, cfg=cfg, rt=rt).compile()
     hlo = compiled.as_text()
     elements = 1 * cfg.n_kv_heads * s * cfg.head_dim
     assert f"s8[1,2,{s},64]" in hlo, "the int8 cache is not in the program"
