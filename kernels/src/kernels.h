@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -53,10 +54,16 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, Body body) {
   int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));  // a copy each
   work();
-  while (state->finished.load(std::memory_order_acquire) < n) {
+  // Items still running on other threads: spin briefly (they finish within microseconds on an
+  // idle machine), then yield, so a helper descheduled by other load gets the core back.
+  for (int spins = 0; state->finished.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 4096) {
 #if SLIMLLM_X86
-    __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
