@@ -1,11 +1,13 @@
-"""The JAX product of compact weights across several tiles (the conformance pairs draw matrices
-of one tile), and compact weights through the engine's device layout."""
+"""The XLA product of compact weights across several tiles (the conformance pairs draw matrices
+of one tile; the compiled kernel has its own tests in tests/kernels), and compact weights
+through the engine's device layout."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from slimllm import kernels
 from slimllm.jaxbackend.ops import linear
 from slimllm.jaxbackend.params import device_array
 from slimllm.reference import weight_format as wf
@@ -18,7 +20,8 @@ def test_tiled_product_equals_the_widened_matmul(name, rows):
     w = rng.standard_normal((64, rows)).astype(np.float32)  # reference layout [in, out]
     stored = wf.encode("w_up", w, wf.weight_format(name), 32 if name == "int4" else None)
     x = rng.standard_normal((2, 3, 64)).astype(np.float32)
-    got = np.asarray(jax.jit(linear)(jnp.asarray(x), device_array("w_up", stored)))
+    with kernels.choose("xla"):  # traced inside: the tiled XLA product
+        got = np.asarray(jax.jit(linear)(jnp.asarray(x), device_array("w_up", stored)))
     want = x @ wf.widen(stored)
     assert got.shape == (2, 3, rows)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
