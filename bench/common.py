@@ -22,7 +22,7 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError
 from slimllm.reference.kv_cache import KV_DTYPES, nbytes_per_token
 from slimllm.reference.params import init_params
-from slimllm.reference.runtime import ATTENTION
+from slimllm.reference.runtime import ATTENTION, KERNELS
 from slimllm.reference.weight_format import WEIGHT_FORMATS, weight_bytes
 from slimllm.weights import load_config
 
@@ -198,24 +198,33 @@ def timing(compile_s: float, ms: list[float]) -> dict:
 # Options whose default depends on the benchmark: None in the parser, filled in by `fill_defaults`
 # (realsize runs a full-size model, so its defaults are a real shape and a short generation;
 # products times every weight format at several batch sizes).
-DEFAULTS = {"preset": "150m", "prompt_len": 128, "new_tokens": 32, "batch": (1,)}
+DEFAULTS = {
+    "preset": "150m",
+    "prompt_len": 128,
+    "new_tokens": 32,
+    "batch": (1,),
+    "kernels": ("auto",),
+}
 KIND_DEFAULTS = {
     "realsize": {"preset": "llama-3-8b", "prompt_len": 16, "new_tokens": 8},
     "products": {"batch": (1, 4, 16), "weights": tuple(WEIGHT_FORMATS)},
 }
-BATCH_LISTS = frozenset({"products"})  # the kinds that take several --batch sizes
+# Options that take a comma list for some kinds and one value for the others: option -> kinds.
+LISTS = {"batch": frozenset({"products"}), "kernels": frozenset()}
 
 
 def fill_defaults(args) -> None:
-    """Set the options left unset to the defaults of the benchmark `args.kind`; `--batch` is a
-    tuple of sizes for the kinds of BATCH_LISTS, one int for the others."""
+    """Set the options left unset to the defaults of the benchmark `args.kind`; an option of
+    LISTS is a tuple for its kinds, one value for the others."""
     for name, value in (DEFAULTS | KIND_DEFAULTS.get(args.kind, {})).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.kind not in BATCH_LISTS and isinstance(args.batch, tuple):
-        if len(args.batch) != 1:
-            raise OptionError(f"--batch takes one size for {args.kind}, got {args.batch}")
-        args.batch = args.batch[0]
+    for name, kinds in LISTS.items():
+        value = getattr(args, name)
+        if args.kind not in kinds and isinstance(value, tuple):
+            if len(value) != 1:
+                raise OptionError(f"--{name} takes one value for {args.kind}, got {value}")
+            setattr(args, name, value[0])
 
 
 def weight_formats(text: str) -> tuple[str, ...]:
@@ -232,15 +241,29 @@ def weight_formats(text: str) -> tuple[str, ...]:
 
 def batch_sizes(text: str) -> tuple[int, ...]:
     """`--batch 1,4,16` -> (1, 4, 16): positive sizes, each once (one size for most kinds)."""
+    return sizes(text, "batch sizes")
+
+
+def sizes(text: str, what: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(size) for size in text.split(","))
+        out = tuple(int(size) for size in text.split(","))
     except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        out = ()
+    if not out or min(out) < 1 or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(
-            f"expected distinct positive batch sizes, comma separated; got {text!r}"
+            f"expected distinct positive {what}, comma separated; got {text!r}"
         )
-    return sizes
+    return out
+
+
+def kernel_choices(text: str) -> tuple[str, ...]:
+    """`--kernels auto,xla` -> ("auto", "xla"): Runtime.kernels choices, each once."""
+    names = tuple(name.strip() for name in text.split(","))
+    if any(name not in KERNELS for name in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct choices from {KERNELS}, comma separated; got {text!r}"
+        )
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -290,6 +313,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch",
         type=batch_sizes,
         help="batch size (default 1); products: a comma list (default 1,4,16)",
+    )
+    p.add_argument(
+        "--kernels",
+        type=kernel_choices,
+        help="jax: the compiled kernels where built (auto, default) or pure XLA (xla)",
     )
     p.add_argument(
         "--tp",
