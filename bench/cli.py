@@ -21,7 +21,7 @@ import numpy as np
 from slimllm.reference.errors import OptionError
 from slimllm.strict_json import dumps
 
-from . import attention, bandwidth, decode, kv_decode, products, realsize, targets
+from . import attention, bandwidth, decode, grid, kv_decode, products, realsize, targets
 from .common import add_arguments, fill_defaults, peak_rss_bytes, r3
 
 SCHEMA = "slimllm.bench/1"
@@ -33,6 +33,7 @@ BENCHMARKS = {  # the kinds of common.KINDS
     "bandwidth": bandwidth,
     "targets": targets,
     "realsize": realsize,
+    "grid": grid,
 }
 
 
