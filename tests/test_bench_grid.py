@@ -3,6 +3,7 @@ verdicts computed from the numbers it reports (speed itself is never asserted)."
 
 import json
 
+from slimllm.bench.grid import summary
 from slimllm.cli import main
 
 TINY = "--preset tiny --layers 1 --prompt-len 8 --new-tokens 4 --iterations 1".split()
@@ -56,6 +57,8 @@ def test_grid_reports_every_variant_and_judges_its_own_numbers(capsys):
     assert c["formats"]["int8"]["next_token"]["2"] == round(step[1] / step[0], 3)
     prefill = [x["prefill"]["16"]["ms"]["p50"] for x in (auto, xla)]
     assert c["formats"]["int8"]["prefill"]["16"] == round(prefill[1] / prefill[0], 3)
+    table = summary(r)  # what `slimllm bench grid` prints without --json
+    assert "int8 step b2 within 1.5x of b1" in table and "xla over auto" in table
 
 
 def test_grid_and_kernels_options_are_checked(capsys):
