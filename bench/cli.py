@@ -21,7 +21,17 @@ import numpy as np
 from slimllm.reference.errors import OptionError
 from slimllm.strict_json import dumps
 
-from . import attention, bandwidth, compile_time, decode, kv_decode, products, realsize, targets
+from . import (
+    attention,
+    bandwidth,
+    compile_time,
+    decode,
+    grid,
+    kv_decode,
+    products,
+    realsize,
+    targets,
+)
 from .common import add_arguments, fill_defaults, peak_rss_bytes, r3
 
 SCHEMA = "slimllm.bench/1"
@@ -34,6 +44,7 @@ BENCHMARKS = {  # the kinds of common.KINDS
     "targets": targets,
     "realsize": realsize,
     "compile": compile_time,
+    "grid": grid,
 }
 
 

@@ -22,15 +22,17 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError
 from slimllm.reference.kv_cache import KV_DTYPES, nbytes_per_token
 from slimllm.reference.params import init_params
-from slimllm.reference.runtime import ATTENTION
+from slimllm.reference.runtime import ATTENTION, KERNELS
 from slimllm.reference.weight_format import WEIGHT_FORMATS, weight_bytes
 from slimllm.weights import load_config
 
 # One module each (cli.BENCHMARKS).
 KINDS = ("decode", "attention", "kv-decode", "products", "bandwidth", "targets", "realsize")
-KINDS += ("compile",)
+KINDS += ("compile", "grid")
 
-# A ~150M-parameter Llama shape (the issue's decode target) and a tiny one for smoke tests.
+# A ~150M-parameter Llama shape (the issue's decode target; the anchors kit's 156M model in
+# ../shared/anchors has the same shapes, with norm_eps 1e-6 and 2048 positions) and a tiny one
+# for smoke tests.
 PRESETS = {
     "150m": ModelConfig(
         vocab=32000,
@@ -198,25 +200,42 @@ def timing(compile_s: float, ms: list[float]) -> dict:
 
 # Options whose default depends on the benchmark: None in the parser, filled in by `fill_defaults`
 # (realsize runs a full-size model, so its defaults are a real shape and a short generation;
-# products times every weight format at several batch sizes).
-DEFAULTS = {"preset": "150m", "prompt_len": 128, "new_tokens": 32, "batch": (1,)}
+# products times every weight format at several batch sizes; grid runs every variant of the
+# anchor shape in each of few rounds, so that the default run takes minutes on two cores).
+DEFAULTS = {
+    "preset": "150m",
+    "prompt_len": 128,
+    "new_tokens": 32,
+    "batch": (1,),
+    "iterations": 10,
+    "kernels": ("auto",),
+}
 KIND_DEFAULTS = {
     "realsize": {"preset": "llama-3-8b", "prompt_len": 16, "new_tokens": 8},
     "products": {"batch": (1, 4, 16), "weights": tuple(WEIGHT_FORMATS)},
+    "grid": {
+        "batch": (1, 4, 16),
+        "weights": ("float32", "bfloat16", "int8", "int4"),
+        "iterations": 3,
+        "prefill_lens": (512, 2048),
+    },
 }
-BATCH_LISTS = frozenset({"products"})  # the kinds that take several --batch sizes
+# Options that take a comma list for some kinds and one value for the others: option -> kinds.
+LISTS = {"batch": frozenset({"products", "grid"}), "kernels": frozenset({"grid"})}
 
 
 def fill_defaults(args) -> None:
-    """Set the options left unset to the defaults of the benchmark `args.kind`; `--batch` is a
-    tuple of sizes for the kinds of BATCH_LISTS, one int for the others."""
+    """Set the options left unset to the defaults of the benchmark `args.kind`; an option of
+    LISTS is a tuple for its kinds, one value for the others."""
     for name, value in (DEFAULTS | KIND_DEFAULTS.get(args.kind, {})).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.kind not in BATCH_LISTS and isinstance(args.batch, tuple):
-        if len(args.batch) != 1:
-            raise OptionError(f"--batch takes one size for {args.kind}, got {args.batch}")
-        args.batch = args.batch[0]
+    for name, kinds in LISTS.items():
+        value = getattr(args, name)
+        if args.kind not in kinds and isinstance(value, tuple):
+            if len(value) != 1:
+                raise OptionError(f"--{name} takes one value for {args.kind}, got {value}")
+            setattr(args, name, value[0])
 
 
 def weight_formats(text: str) -> tuple[str, ...]:
@@ -233,15 +252,34 @@ def weight_formats(text: str) -> tuple[str, ...]:
 
 def batch_sizes(text: str) -> tuple[int, ...]:
     """`--batch 1,4,16` -> (1, 4, 16): positive sizes, each once (one size for most kinds)."""
+    return sizes(text, "batch sizes")
+
+
+def prompt_lengths(text: str) -> tuple[int, ...]:
+    """`--prefill-lens 512,2048` -> (512, 2048): positive lengths, each once."""
+    return sizes(text, "prompt lengths")
+
+
+def sizes(text: str, what: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(size) for size in text.split(","))
+        out = tuple(int(size) for size in text.split(","))
     except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        out = ()
+    if not out or min(out) < 1 or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(
-            f"expected distinct positive batch sizes, comma separated; got {text!r}"
+            f"expected distinct positive {what}, comma separated; got {text!r}"
         )
-    return sizes
+    return out
+
+
+def kernel_choices(text: str) -> tuple[str, ...]:
+    """`--kernels auto,xla` -> ("auto", "xla"): Runtime.kernels choices, each once."""
+    names = tuple(name.strip() for name in text.split(","))
+    if any(name not in KERNELS for name in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct choices from {KERNELS}, comma separated; got {text!r}"
+        )
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -252,8 +290,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=KINDS,
         default="decode",
         help="decode (default), attention / kv-decode / products micro-benchmarks, bandwidth, "
-        "targets (all of the issue's measurements in one run), realsize or compile (a second "
-        "process's first token with the compile cache the first one filled)",
+        "targets (all of the issue's measurements in one run), realsize, compile (a second "
+        "process's first token with the compile cache the first one filled) or grid (every "
+        "weight format and batch size of the anchor shape, judged)",
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(
@@ -275,7 +314,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=weight_formats,
         help="weight format(s), comma separated, e.g. float32,bfloat16,int8 (decode: each timed "
         "in turn, ratios to the first; default the model's own; realsize: bfloat16,int8; "
-        "products: all formats)",
+        "products: all formats; grid: float32,bfloat16,int8,int4)",
     )
     p.add_argument(
         "--weight-group",
@@ -291,7 +330,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch",
         type=batch_sizes,
-        help="batch size (default 1); products: a comma list (default 1,4,16)",
+        help="batch size (default 1); products, grid: a comma list (default 1,4,16)",
+    )
+    p.add_argument(
+        "--kernels",
+        type=kernel_choices,
+        help="jax: the compiled kernels where built (auto, default) or pure XLA (xla); grid: a "
+        "comma list, each a variant (auto,xla shows the kernels' gain)",
     )
     p.add_argument(
         "--tp",
@@ -303,7 +348,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, help="default 32 (realsize: 8)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
     p.add_argument("--attention", choices=tuple(ATTENTION), default="naive")
-    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--iterations", type=int, help="timed runs, default 10 (grid: 3 rounds)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
         "--bandwidth-mib",
@@ -360,6 +405,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=5000,
         help="realsize: largest safetensors shard in MB (default 5000, the hub's 5GB)",
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument(
+        "--prefill-lens",
+        type=prompt_lengths,
+        help="grid: prompt lengths of the prefill timings, comma separated (default 512,2048)",
     )
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--json", action="store_true", help="print the JSON report (else a table)")

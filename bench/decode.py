@@ -45,6 +45,7 @@ SETTINGS = (
     "iterations",
     "warmup",
     "mode",
+    "kernels",
 )
 
 
@@ -73,8 +74,8 @@ def in_format(model: Model, name: str, group: int | None) -> Model:
     )
 
 
-def runtime(args, backend: str, name: str, group: int | None) -> Runtime:
-    """The run settings of one timed variant (tp only on jax)."""
+def runtime(args, backend: str, name: str, group: int | None, kernels: str) -> Runtime:
+    """The run settings of one timed variant (tp only on jax; numpy has no kernels to choose)."""
     return Runtime(
         backend=backend,
         attention=args.attention,
@@ -82,6 +83,7 @@ def runtime(args, backend: str, name: str, group: int | None) -> Runtime:
         tp=args.tp if backend == "jax" else 1,
         weights=name,
         weight_group=group,
+        kernels=kernels,
     )
 
 
@@ -215,7 +217,7 @@ def run(args, bandwidth: dict | None = None) -> dict:
         models[name] = in_format(model, name, groups[name])
     step_bytes = {n: bytes_read_per_token(m.params, cfg, args.batch) for n, m in models.items()}
     stored = {n: weight_bytes(m.params) for n, m in models.items()}
-    rts = {(n, b): runtime(args, b, n, groups[n]) for n in names for b in backends}
+    rts = {(n, b): runtime(args, b, n, groups[n], args.kernels) for n in names for b in backends}
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab, args.prompt_len).tolist()
     prompts = [prompt] * args.batch  # xFT: the same fixed prompt in every row
@@ -339,7 +341,7 @@ def summary(r: dict) -> str:
     lines = [
         f"decode: {m['source']}, {m['params'] / 1e6:.0f}M params, {layers}; batch {s['batch']}, "
         f"prompt {s['prompt_len']}, {s['new_tokens']} new, {s['kv_dtype']} cache, "
-        f"{s['attention']}",
+        f"{s['attention']}, kernels {s['kernels']}",
         f"  {'weights':9s} {'MB/token':>8s} {'floor ms':>8s} {'backend':8s} {'first ms':>9s} "
         f"{'next ms':>8s} {'p90':>8s} {'tok/s':>8s} {'x floor':>8s} {'compile s':>9s} "
         f"{'peak MiB':>9s}",

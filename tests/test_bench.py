@@ -26,8 +26,10 @@ def positive(d, *keys):
 
 
 def test_decode_report_follows_xft_fields(capsys):
-    r = bench(capsys, "decode", "--compare", "--layers", "1", "--bandwidth-mib", "8")
-    assert r["kind"] == "decode"
+    r = bench(
+        capsys, "decode", "--compare", "--layers", "1", "--bandwidth-mib", "8", "--kernels", "xla"
+    )
+    assert r["kind"] == "decode" and r["settings"]["kernels"] == "xla"
     assert r["model"]["layers"] == 1 and r["model"]["layers_overridden_from"] == 2
     assert r["settings"]["batch"] == 1 and r["settings"]["prompt_len"] == 8
     bw = r["bandwidth"]
@@ -64,7 +66,7 @@ def test_bad_options_are_one_line_errors(capsys):
     assert main(["bench", "--preset", "tiny", "--prompt-len", "600"]) == 2
     assert "context" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--batch", "1,4"]) == 2  # a list: products only
-    assert "one size" in capsys.readouterr().err
+    assert "one value" in capsys.readouterr().err
 
 
 def test_products_times_every_weight_format_at_each_batch(capsys):
