@@ -6,7 +6,10 @@ itself, so int8 is quantised as generation quantises it), then (a) `model_step`:
 decode step of the whole model at slot `context - 1` (embedding, every layer's cache write and
 attention over `context` keys, LM head; the cache donated and reused), and (b)
 `attention_layer`: the attention call of one layer alone. Medians of interleaved runs; the
-floor adds the KV bytes to the weight bytes (decode.py) over the read bandwidth.
+floor adds the KV bytes to the weight bytes (decode.py) over the read bandwidth. Then (c)
+`prefill`: in a fresh process per dtype, a generation that fills the `context` slots of one row
+(a `context - 1` token prompt and one new token), twice: the second's prefill time and the
+process's peak resident memory (an int8 cache must never cost more than a float32 one).
 
 `python -m bench.kv_decode [options]` (or `slimllm bench kv-decode`); options and JSON fields:
 bench/README.md.
@@ -14,7 +17,10 @@ bench/README.md.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import subprocess
 import sys
 import time
 
@@ -32,6 +38,7 @@ from slimllm.reference.runtime import Runtime
 from .attention import causal_bias, compiled_attention, filled_cache, layer_kv
 from .bandwidth import combine_bandwidth, measure_bandwidth
 from .common import build_model, bytes_read_per_token, interleaved, kv_bytes_read, log, r3, timing
+from .realsize import own_peak_rss_bytes
 
 PARTS = ("model_step", "attention_layer")
 
@@ -55,6 +62,40 @@ def compiled_step(params, cfg: ModelConfig, b: int, context: int, rt: Runtime):
 
     step()  # one untimed run
     return compile_s, step
+
+
+def prefill_child(spec: dict) -> dict:
+    """In the child: generate twice from a `tokens`-long prompt with this KV dtype."""
+    from slimllm.api import generate  # here: the parent never generates
+
+    model, _ = build_model(argparse.Namespace(**spec["model_args"]))
+    built = own_peak_rss_bytes()
+    prompt = np.random.default_rng(0).integers(0, model.cfg.vocab, spec["tokens"]).tolist()
+    options = dict(ids=prompt, max_new_tokens=1, attention=spec["attention"], eos_ids=())
+    for _ in range(2):  # the first compiles
+        out = generate(model, kv_dtype=spec["kv_dtype"], **options)
+    return {
+        "tokens": spec["tokens"],
+        "prefill_ms": r3(out.prefill_seconds * 1e3),
+        "peak_rss_after_build_bytes": built,
+        "peak_rss_bytes": own_peak_rss_bytes(),
+    }
+
+
+def prefill_run(args, kv_dtype: str) -> dict:
+    """`prefill_child` in a fresh process, so that the peak memory is the prefill's own."""
+    names = ("model", "preset", "config", "layers")
+    spec = {
+        "model_args": {name: getattr(args, name) for name in names},
+        "tokens": args.context - 1,
+        "attention": args.attention,
+        "kv_dtype": kv_dtype,
+    }
+    cmd = [sys.executable, "-m", "slimllm.bench.kv_decode", "--child", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return {"error": done.stderr.strip()[-2000:], "returncode": done.returncode}
+    return json.loads(done.stdout)
 
 
 def run(args, bandwidth: dict | None = None) -> dict:
@@ -92,6 +133,8 @@ def run(args, bandwidth: dict | None = None) -> dict:
         if bandwidth:
             row["floor_ms"] = r3((weight_bytes + kv_bytes) / bandwidth["read_gbs"] / 1e6)
             row["model_step_vs_floor"] = r3(row["model_step"]["median_ms"] / row["floor_ms"])
+        log(f"prefill of {ctx - 1} tokens, {dtype} cache, in a child process")
+        row["prefill"] = prefill_run(args, dtype)
         dtypes[dtype] = row
     report = {
         "kind": "kv-decode",
@@ -112,6 +155,10 @@ def run(args, bandwidth: dict | None = None) -> dict:
         for part in PARTS:
             ratio = dtypes[name][part]["median_ms"] / dtypes[base][part]["median_ms"]
             report[f"{name}_over_{base}_{part}"] = r3(ratio)
+        mine, theirs = dtypes[name]["prefill"], dtypes[base]["prefill"]
+        for key in ("prefill_ms", "peak_rss_bytes"):
+            if key in mine and key in theirs:
+                report[f"{name}_over_{base}_{key}"] = r3(mine[key] / theirs[key])
     return report
 
 
@@ -128,15 +175,30 @@ def summary(r: dict) -> str:
             f"  {dtype:9s} {step:14.2f} {layer:13.3f} {d['kv_bytes_per_step'] / 1e6:8.1f} "
             f"{d.get('model_step_vs_floor')!s:>8}"
         )
+    lines.append(f"  {'dtype':9s} {'prefill ms':>14s} {'peak RSS MiB':>13s}  (prefill tokens)")
+    for dtype, d in r["dtypes"].items():
+        p = d["prefill"]
+        if "error" in p:
+            lines.append(f"  {dtype:9s} failed: {p['error'].splitlines()[-1][:80]}")
+            continue
+        lines.append(
+            f"  {dtype:9s} {p['prefill_ms']:14.1f} {p['peak_rss_bytes'] / 2**20:13,.0f}"
+            f"  ({p['tokens']})"
+        )
     if "int8_over_float32_model_step" in r:
         lines.append(
             f"  int8 / float32: model step {r['int8_over_float32_model_step']}, "
-            f"attention {r['int8_over_float32_attention_layer']}"
+            f"attention {r['int8_over_float32_attention_layer']}, "
+            f"prefill {r.get('int8_over_float32_prefill_ms')}, "
+            f"peak RSS {r.get('int8_over_float32_peak_rss_bytes')}"
         )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(prefill_child(json.loads(sys.argv[2]))))
+        sys.exit(0)
     from .cli import main  # here, not at the top: cli imports this module
 
     sys.exit(main(["kv-decode", *sys.argv[1:]]))

@@ -103,40 +103,31 @@ def loop_fn(
     comm=SINGLE,
 ):
     """The whole decode loop in one program: -> ids [b, width] (-1 after a row stops or past
-    max_new, a traced count <= width), steps, reason [b] (1 length, 2 eos, 3 stop)."""
+    max_new, a traced count <= width), steps, reason [b] (1 length, 2 eos, 3 stop). The first
+    token is chosen before the loop, so each iteration decodes then chooses, and the loop ends
+    before a decode nobody needs (without a `lax.cond` around the decode: XLA copied the whole
+    cache in and out of it)."""
     b = logits.shape[0]
-    out = jnp.full((b, width), -1, jnp.int32)
 
-    def body(carry):
-        n, logits, cache, state, seen, out, done, reason = carry
+    def choose(n, logits, seen, out, done, reason):
         ids, seen = sample_fn(logits, seen, seeds, n, sampling, comm=comm)
         out = out.at[:, n].set(jnp.where(done, -1, ids))
         new = jnp.where(jnp.isin(ids, eos), 2, 0)
         new = jnp.where((new == 0) & stop_match(out, n, stops, stop_lens), 3, new)
         new = jnp.where((new == 0) & (n + 1 >= max_new), 1, new)
         reason = jnp.where(done, reason, new)
-        done = done | (new > 0)
+        return ids, seen, out, done | (new > 0), reason
 
-        def step(args):
-            cache, state = args
-            logits, cache = decode_fn(params, ids, cache, state, cfg=cfg, rt=rt, comm=comm)
-            return logits, cache, positions.advance(state, 1)
+    def body(carry):
+        n, ids, cache, state, seen, out, done, reason = carry
+        logits, cache = decode_fn(params, ids, cache, state, cfg=cfg, rt=rt, comm=comm)
+        state = positions.advance(state, 1)
+        ids, seen, out, done, reason = choose(n, logits, seen, out, done, reason)
+        return n + 1, ids, cache, state, seen, out, done, reason
 
-        logits, cache, state = jax.lax.cond(
-            jnp.all(done), lambda args: (logits, *args), step, (cache, state)
-        )
-        return n + 1, logits, cache, state, seen, out, done, reason
-
-    start = (
-        jnp.int32(0),
-        logits,
-        cache,
-        state,
-        seen,
-        out,
-        jnp.zeros(b, bool),
-        jnp.zeros(b, jnp.int32),
-    )
+    out = jnp.full((b, width), -1, jnp.int32)
+    first = choose(0, logits, seen, out, jnp.zeros(b, bool), jnp.zeros(b, jnp.int32))
+    start = (jnp.int32(1), first[0], cache, state, *first[1:])
     n, _, cache, _, _, out, done, reason = jax.lax.while_loop(
         lambda c: (c[0] < max_new) & ~jnp.all(c[6]), body, start
     )

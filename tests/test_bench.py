@@ -60,6 +60,9 @@ def test_micro_benchmarks_report_each_kind_and_dtype(capsys):
     assert set(k["dtypes"]) == {"float32", "int8"} and k["context"] == 128
     assert k["dtypes"]["int8"]["kv_bytes_per_step"] < k["dtypes"]["float32"]["kv_bytes_per_step"]
     assert k["int8_over_float32_model_step"] > 0 and k["int8_over_float32_attention_layer"] > 0
+    prefill = k["dtypes"]["int8"]["prefill"]  # measured in a child process
+    assert prefill["tokens"] == 127 and prefill["peak_rss_bytes"] > 0 and prefill["prefill_ms"] > 0
+    assert k["int8_over_float32_peak_rss_bytes"] > 0
 
 
 def test_bad_options_are_one_line_errors(capsys):
