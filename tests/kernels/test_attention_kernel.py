@@ -11,9 +11,6 @@ stays tested equal to the reference too.
 """
 
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +20,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import slimllm
-from conftest import FIXTURES, ROOT, VARIANTS
+from conftest import FIXTURES, VARIANTS
+from kernel_paths import on_portable_path
 from slimllm import kernels
 from slimllm.conformance.strategies import AttentionCase
 from slimllm.conformance.tolerances import FUNCTION, MODEL, assert_close
@@ -111,14 +109,7 @@ def test_kernel_equals_naive_attention():
 def test_the_portable_path_equals_it_too():
     """The same checks with the AVX-512 path turned off (a process of its own: the path is
     chosen once per process)."""
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/kernels');"
-        "from slimllm import kernels; assert kernels.isa() == 'portable', kernels.isa();"
-        "import test_attention_kernel as t; t.check_cases(); print('ok')"
-    )
-    env = dict(os.environ, SLIMLLM_KERNELS_ISA="portable")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
-    assert done.returncode == 0 and done.stdout.decode().strip() == "ok", done.stderr.decode()
+    on_portable_path("test_attention_kernel", "check_cases()")
 
 
 def test_the_xla_path_equals_naive_attention():

@@ -20,6 +20,7 @@ import pytest
 
 import slimllm
 from conftest import FIXTURES, ROOT, STORIES
+from kernel_paths import on_portable_path
 from slimllm import kernels
 from slimllm.kernels import linear as kernel
 from slimllm.reference.weight_format import ENCODINGS, Compact
@@ -84,14 +85,7 @@ def test_products_match_the_reference_widening():
 def test_the_portable_path_matches_too():
     """The same checks with the AVX-512 path turned off (a process of its own: the path is
     chosen once per process)."""
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/kernels');"
-        "from slimllm import kernels; assert kernels.isa() == 'portable', kernels.isa();"
-        "import test_linear_kernel as t; t.check_products(ms=(1, 3, 16)); print('ok')"
-    )
-    env = dict(os.environ, SLIMLLM_KERNELS_ISA="portable")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
-    assert done.returncode == 0 and done.stdout.decode().strip() == "ok", done.stderr.decode()
+    on_portable_path("test_linear_kernel", "check_products(ms=(1, 3, 16))")
 
 
 def test_widths_the_kernel_does_not_tile_go_to_xla():

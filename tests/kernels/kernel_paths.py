@@ -1,0 +1,20 @@
+"""Run a kernel test module's checks again on the portable path, in a process of its own (the
+instruction-set path is chosen once per process, `SLIMLLM_KERNELS_ISA=portable` forces it)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def on_portable_path(module: str, call: str) -> None:
+    """Import tests/kernels/`module` in a child on the portable path and run `call` there."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/kernels');"
+        "from slimllm import kernels; assert kernels.isa() == 'portable', kernels.isa();"
+        f"import {module} as t; t.{call}; print('ok')"
+    )
+    env = dict(os.environ, SLIMLLM_KERNELS_ISA="portable")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert done.returncode == 0 and done.stdout.decode().strip() == "ok", done.stderr.decode()
