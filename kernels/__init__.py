@@ -5,10 +5,11 @@ library, `slimllm.kernels._native`, which exports XLA FFI handlers (`slimllm_lin
 picks its instruction set at run time (`isa()`: "avx512-vnni", "avx512" or "portable"). The
 build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in the environment,
 `available()` is False and every program takes the pure-XLA path, with the same results up to
-rounding (float32 sums; int8/int4 codes on AVX-512 meet x rounded to 16 bits, `src/linear.cc`).
+the order of float32 sums.
 
-A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, "xla":
-never). `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
+A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, in
+float32 arithmetic; "fast": also int8/int4 products on x rounded to 16 bits; "xla": never).
+`choose(...)` sets that choice while a program is traced (`model.forward` does), and a
 kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
 its compiled programs by the Runtime, so both paths can live in one process.
 
@@ -27,7 +28,7 @@ import jax
 
 from slimllm.reference.runtime import KERNELS
 
-__all__ = ["KERNELS", "active", "available", "choose", "isa", "target", "why_unavailable"]
+__all__ = ["KERNELS", "active", "available", "choice", "choose", "isa", "target", "why_unavailable"]
 
 OFF = ("0", "off", "false", "no", "xla")
 _choice = ["auto"]  # the choice of the program being traced (a stack, see `choose`)
@@ -81,7 +82,7 @@ def target(symbol: str) -> str:
 
 @contextlib.contextmanager
 def choose(kernels: str):
-    """Trace the enclosed code with this choice ("auto" or "xla")."""
+    """Trace the enclosed code with this choice (a Runtime.kernels value)."""
     _choice.append(kernels)
     try:
         yield
@@ -89,6 +90,11 @@ def choose(kernels: str):
         _choice.pop()
 
 
+def choice() -> str:
+    """The Runtime.kernels choice of the code being traced."""
+    return _choice[-1]
+
+
 def active() -> bool:
     """Should the code being traced call the compiled kernels?"""
-    return _choice[-1] == "auto" and available()
+    return _choice[-1] != "xla" and available()

@@ -17,7 +17,7 @@ import numpy as np
 from slimllm.jaxbackend import weight_format  # noqa: F401 (registers Compact as a pytree)
 from slimllm.reference.weight_format import Compact
 
-from . import active, target
+from . import active, choice, target
 
 # The kernel's numbering of the reference's encodings (src/linear.cc, enum Encoding).
 ENCODING = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
@@ -59,5 +59,6 @@ def linear(x, w):
         values,
         scale.astype(jnp.float32),
         encoding=np.int32(ENCODING[encoding]),
+        integer=np.int32(choice() == "fast"),  # int8/int4 on x rounded to 16 bits (src/linear.cc)
     )
     return y.reshape(*x.shape[:-1], rows)

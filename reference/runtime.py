@@ -30,8 +30,11 @@ from .weight_format import WEIGHT_DTYPES, WEIGHT_FORMATS
 ATTENTION = {"naive": naive_attention, "slim": slim_attention, "flash": flash_attention}
 BACKENDS = ("jax", "numpy")  # jax: the compiled fast path; numpy: the reference
 TRANSPORTS = ("devices", "mpi")  # tensor parallelism over XLA devices or MPI processes
-# jax backend: "auto" calls the compiled kernels where the library loaded, "xla" never does
-KERNELS = ("auto", "xla")
+# jax backend: "auto" calls the compiled kernels where the library loaded (float32 arithmetic,
+# the reference's up to the order of sums), "fast" also lets int8/int4 weight products round x
+# to 16-bit integers (error <= max|x| / 65534 * sum|w| per output; slimllm.kernels.linear),
+# "xla" never calls them
+KERNELS = ("auto", "fast", "xla")
 
 
 @dataclass(frozen=True)

@@ -286,8 +286,8 @@ def generate(
     """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
     run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp/
     weights (a weight format other than the loaded one re-encodes the weights once)/kernels
-    ("auto": the JAX backend calls slimllm's compiled kernels where they are built; "xla": it
-    never does)."""
+    ("auto": the JAX backend calls slimllm's compiled kernels where they are built; "fast":
+    int8/int4 weight products also round activations to 16 bits; "xla": never)."""
     rt = runtime or Runtime(
         backend=backend,
         attention=attention,

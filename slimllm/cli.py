@@ -78,7 +78,8 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         "--kernels",
         choices=KERNELS,
         default="auto",
-        help="auto: slimllm's compiled kernels where they are built (default); xla: pure XLA",
+        help="auto: slimllm's compiled kernels where they are built (default); fast: also "
+        "int8/int4 products on activations rounded to 16 bits; xla: pure XLA",
     )
     add_weight_options(p)
     add_compile_cache_option(p)

@@ -8,8 +8,9 @@
 // call whatever m is: a tile of 4 rows is widened 16 columns at a time in registers and meets
 // up to 4 rows of x per pass (all passes of a tile hit the L1 cache). Threads split the rows.
 //
-// int8 and int4 codes on AVX-512 take another road, because widening each code to float32 and
-// scaling it costs more instructions than the memory it saves: x is rounded once per call to
+// With `integer` set (Runtime.kernels "fast"), int8 and int4 codes on AVX-512 take another road,
+// because widening each code to float32 and scaling it costs more instructions than the memory
+// it saves: x is rounded once per call to
 // 16-bit integers (one scale per row of x, max|x| / 32767) and multiplied with the codes in
 // integer pairs (AVX512-VNNI vpdpwssd: 32 products per instruction, summed exactly in int32), and each
 // group's (or 2048 columns') integer sum is scaled in float32. The only departure from the
@@ -284,10 +285,10 @@ void round_x(const float* x, int64_t m, int64_t k, int16_t* xq, float* xs) {
 }
 
 template <int E>
-void run(ffi::ThreadPool& pool, Problem p) {
+void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   bool fast = SLIMLLM_X86 && has_avx512() && p.k % 16 == 0 && p.group % 16 == 0;
   // the integer road needs whole 32-column steps and groups that fit an int32 sum
-  bool integer = fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&
+  bool integer = allow_integer && fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&
                  (p.groups == 1 || p.group <= 4 * kIntBlock);
   std::vector<int16_t> xq(integer ? p.m * p.k : 0);
   std::vector<float> xs(integer ? p.m : 0);
@@ -313,7 +314,7 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
 ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale, MatrixResult y,
-                  int32_t encoding) {
+                  int32_t encoding, int32_t integer) {
   if (encoding < kFloat32 || encoding > kInt4)
     return ffi::Error::InvalidArgument("slimllm_linear: unknown encoding");
   if (w.element_type() != kStorage[encoding] || w.dimensions().size() != 2)
@@ -342,11 +343,11 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale
     return ffi::Error::Success();
   }
   switch (encoding) {
-    case kFloat32: run<kFloat32>(pool, p); break;
-    case kFloat16: run<kFloat16>(pool, p); break;
-    case kBFloat16: run<kBFloat16>(pool, p); break;
-    case kInt8: run<kInt8>(pool, p); break;
-    default: run<kInt4>(pool, p); break;
+    case kFloat32: run<kFloat32>(pool, p, false); break;
+    case kFloat16: run<kFloat16>(pool, p, false); break;
+    case kBFloat16: run<kBFloat16>(pool, p, false); break;
+    case kInt8: run<kInt8>(pool, p, integer != 0); break;
+    default: run<kInt4>(pool, p, integer != 0); break;
   }
   return ffi::Error::Success();
 }
@@ -361,4 +362,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(slimllm_linear, slimllm::linear,
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<slimllm::Matrix>()
                                   .Ret<slimllm::Matrix>()
-                                  .Attr<int32_t>("encoding"));
+                                  .Attr<int32_t>("encoding")
+                                  .Attr<int32_t>("integer"));

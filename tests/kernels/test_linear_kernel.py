@@ -2,7 +2,7 @@
 both of its instruction-set paths, and the pure-XLA fallback when the library is missing.
 
 Conformance: for every encoding and group, y = x @ widen(w).T within float32 summation error
-(plus, for int8/int4 codes on AVX-512, the rounding of x to 16 bits: `src/linear.cc`), with row
+(plus, with kernels "fast", int8/int4 codes meeting x rounded to 16 bits: `src/linear.cc`), with row
 counts that leave partial tiles and chunks. The decode program of a real model calls
 the kernel (its compiled HLO holds the custom call) unless the runtime says "xla", and both give
 the oracle's greedy ids.
@@ -56,9 +56,16 @@ def widened(w, encoding: str) -> np.ndarray:
     return ENCODINGS[encoding].widen(np.asarray(w.values), scale)
 
 
-def check_products(rows_list=(1, 5, 67), cols_list=(16, 96, 1024), ms=(1, 2, 3, 4, 5, 16)):
+def check_products(
+    rows_list=(1, 5, 67), cols_list=(16, 96, 1024), ms=(1, 2, 3, 4, 5, 16), choice="auto"
+):
     rng = np.random.default_rng(0)
-    product = jax.jit(kernel.linear)
+
+    @jax.jit
+    def product(x, w):
+        with kernels.choose(choice):
+            return kernel.linear(x, w)
+
     for encoding, group in CASES:
         for rows in rows_list:
             for cols in cols_list:
@@ -71,21 +78,23 @@ def check_products(rows_list=(1, 5, 67), cols_list=(16, 96, 1024), ms=(1, 2, 3, 
                     y = np.asarray(product(jnp.asarray(x), w))
                     want = x.astype(np.float64) @ wide.T
                     bound = 1e-6 * cols * (np.abs(x) @ np.abs(wide).T) / np.sqrt(cols)
-                    if ENCODINGS[encoding].qmax:  # the integer road rounds x to 16 bits
+                    if choice == "fast" and ENCODINGS[encoding].qmax:  # x rounded to 16 bits
                         top = np.abs(x).max(axis=1, keepdims=True)  # [m, 1]
                         bound = bound + top / 65534 * np.abs(wide).sum(axis=1)[None, :]
                     err = np.abs(y - want)
                     assert (err <= bound + 1e-30).all(), (encoding, group, rows, cols, m)
 
 
-def test_products_match_the_reference_widening():
-    check_products()
+@pytest.mark.parametrize("choice", ["auto", "fast"])
+def test_products_match_the_reference_widening(choice):
+    """auto: float32 arithmetic; fast: int8/int4 codes meet x rounded to 16 bits (AVX512-VNNI)."""
+    check_products(choice=choice)
 
 
 def test_the_portable_path_matches_too():
     """The same checks with the AVX-512 path turned off (a process of its own: the path is
     chosen once per process)."""
-    on_portable_path("test_linear_kernel", "check_products(ms=(1, 3, 16))")
+    on_portable_path("test_linear_kernel", "check_products(ms=(1, 3, 16), choice='fast')")
 
 
 def test_widths_the_kernel_does_not_tile_go_to_xla():
