@@ -31,6 +31,7 @@ from slimllm.reference.runtime import KERNELS
 __all__ = ["KERNELS", "active", "available", "choice", "choose", "isa", "target", "why_unavailable"]
 
 OFF = ("0", "off", "false", "no", "xla")
+TURNED_OFF = "turned off by SLIMLLM_KERNELS"
 _choice = ["auto"]  # the choice of the program being traced (a stack, see `choose`)
 
 
@@ -38,7 +39,7 @@ _choice = ["auto"]  # the choice of the program being traced (a stack, see `choo
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """The loaded library, or None and why not."""
     if os.environ.get("SLIMLLM_KERNELS", "").strip().lower() in OFF:
-        return None, "turned off by SLIMLLM_KERNELS"
+        return None, TURNED_OFF
     try:
         spec = importlib.util.find_spec(f"{__name__}._native")
     except (ImportError, ValueError):

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import slimllm
 from conftest import FIXTURES, VARIANTS
-from kernel_paths import on_portable_path
+from kernel_paths import needs_library, on_portable_path
 from slimllm import kernels
 from slimllm.conformance.strategies import AttentionCase
 from slimllm.conformance.tolerances import FUNCTION, MODEL, assert_close
@@ -32,9 +32,7 @@ from slimllm.reference import positions
 from slimllm.reference.attention import naive_attention
 from slimllm.reference.config import ModelConfig
 
-pytestmark = pytest.mark.skipif(
-    not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}"
-)
+pytestmark = needs_library
 
 # (b, t, kv heads, heads per kv head, d, mask, cache dtype, past tokens, spare slots, mb)
 CASES = [

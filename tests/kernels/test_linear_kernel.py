@@ -20,14 +20,18 @@ import pytest
 
 import slimllm
 from conftest import FIXTURES, ROOT, STORIES
-from kernel_paths import on_portable_path
+from kernel_paths import needs_library, on_portable_path
 from slimllm import kernels
 from slimllm.kernels import linear as kernel
 from slimllm.reference.weight_format import ENCODINGS, Compact
 
-pytestmark = pytest.mark.skipif(
-    not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}"
-)
+pytestmark = needs_library
+
+
+def test_the_library_loaded():
+    """The package's build produced a library that loads (else every kernel test here fails)."""
+    assert kernels.available(), kernels.why_unavailable()
+
 
 CASES = [  # (encoding, group): every encoding, per channel and grouped
     ("float32", None),
