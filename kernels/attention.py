@@ -34,6 +34,20 @@ def block(t: int, d: int, s: int, budget: int = L2_BUDGET) -> int:
 def slim_attention(q, kv, bias, scale, mb: int | None = None, budget: int = L2_BUDGET):
     """q [b,t,h,d] over a cache layer (LayerKV) -> [b,t,h,d] float32, or None where the kernel
     does not apply."""
+    t, d, s = q.shape[1], q.shape[3], kv.length
+    return attention(q, kv, bias, scale, block=mb or block(t, d, s, budget), chunks=0)
+
+
+def naive_attention(q, kv, bias, scale):
+    """The definition, softmax(q kᵀ · scale + bias) · v with every score row complete: the
+    kernel with one block of all t query rows and each kv head's keys in one chunk (no merge).
+    q [b,t,h,d] -> [b,t,h,d] float32, or None where the kernel does not apply."""
+    return attention(q, kv, bias, scale, block=q.shape[1], chunks=1)
+
+
+def attention(q, kv, bias, scale, block: int, chunks: int):
+    """The custom call: query rows in blocks of `block`, decode keys in at most `chunks` chunks
+    per (batch, kv head) (0: as many as keep the threads busy). None where it does not apply."""
     if not active() or kv.fmt.name not in STORAGE:
         return None
     b, t, h, d = q.shape
@@ -53,6 +67,7 @@ def slim_attention(q, kv, bias, scale, mb: int | None = None, budget: int = L2_B
         *(x.astype(jnp.float32) for x in scales),
         jnp.broadcast_to(bias, (b, hb, t, s)).astype(jnp.float32),  # [b,h|1,t,s]
         scale=np.float32(scale),
-        block=np.int64(mb or block(t, d, s, budget)),
+        block=np.int64(max(block, 1)),
+        chunks=np.int64(chunks),
         storage=np.int32(STORAGE[kv.fmt.name]),
     )

@@ -15,6 +15,9 @@
 // into chunks so that every thread has work at batch 1; a chunk keeps its row max m_c, sum l_c
 // and unnormalised output o_c, merged exactly: out = sum_c o_c e^(m_c - m) / sum_c l_c
 // e^(m_c - m), m = max_c m_c (the reference's split_keys_decode).
+//
+// Naive attention (the definition: every score row complete, one exact softmax) is the same
+// kernel with one block of all the query rows and one key chunk: `block` = t, `chunks` = 1.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -52,6 +55,7 @@ struct Problem {
   float scale;
   int32_t storage;
   int64_t block;  // query rows per block (prefill)
+  int64_t chunks;  // most key chunks per (batch, kv head) in decode; 0: as the threads need
   bool fast;  // the AVX-512 path
 
   int64_t group() const { return h / kh; }
@@ -567,6 +571,7 @@ void decode(ffi::ThreadPool& pool, const Problem& p) {
   // Enough chunks for four items per thread, none shorter than kMinChunk keys.
   int64_t want = (4 * std::max<int64_t>(pool.num_threads(), 1) + groups - 1) / groups;
   dec.chunks = std::max<int64_t>(1, std::min(want, widest / kMinChunk));
+  if (p.chunks > 0) dec.chunks = std::min(dec.chunks, p.chunks);
   dec.partials.resize(groups * dec.chunks * dec.rows * dec.stride);
   parallel_for(pool, groups * dec.chunks, [&](int64_t item) { decode_chunk(p, dec, item); });
   for (int64_t group = 0; group < groups; ++group) {
@@ -602,7 +607,7 @@ using Scales = ffi::Buffer<ffi::F32, 3>;
 
 ffi::Error attention(ffi::ThreadPool pool, Tensor q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                      Scales k_scale, Scales v_scale, Tensor bias, TensorResult out, float scale,
-                     int64_t block, int32_t storage) {
+                     int64_t block, int64_t chunks, int32_t storage) {
   if (storage < kFloat32 || storage > kInt8)
     return ffi::Error::InvalidArgument("slimllm_attention: unknown storage");
   auto qd = q.dimensions(), kd = k.dimensions(), bd = bias.dimensions();
@@ -614,7 +619,7 @@ ffi::Error attention(ffi::ThreadPool pool, Tensor q, ffi::AnyBuffer k, ffi::AnyB
     if (v.dimensions()[i] != kd[i] || out->dimensions()[i] != qd[i])
       return ffi::Error::InvalidArgument("slimllm_attention: shapes do not match");
   if (kd[0] != b || kd[3] != d || kh < 1 || h % kh || bd[0] != b || (bd[1] != 1 && bd[1] != h) ||
-      bd[2] != t || bd[3] != s || block < 1)
+      bd[2] != t || bd[3] != s || block < 1 || chunks < 0)
     return ffi::Error::InvalidArgument("slimllm_attention: shapes do not match");
   if (storage == kInt8) {
     for (auto sd : {k_scale.dimensions(), v_scale.dimensions()})
@@ -632,6 +637,7 @@ ffi::Error attention(ffi::ThreadPool pool, Tensor q, ffi::AnyBuffer k, ffi::AnyB
             scale,
             storage,
             std::min(block, std::max<int64_t>(t, 1)),
+            chunks,
             SLIMLLM_X86 && has_avx512() && d % 16 == 0};
   if (b * t * h * d == 0) return ffi::Error::Success();
   if (s == 0) {
@@ -661,4 +667,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(slimllm_attention, slimllm::attention,
                                   .Ret<slimllm::Tensor>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block")
+                                  .Attr<int64_t>("chunks")
                                   .Attr<int32_t>("storage"));

@@ -5,12 +5,15 @@ Conformance: every mask kind (causal, ALiBi, prefix-LM), grouped heads, rows tha
 decode (t = 1, keys split into chunks and merged) and prefill long enough for several query
 blocks and key panels, over float32, bfloat16 and int8 caches, within the float32 function
 tolerance. The kernel runs under jit and inside shard_map (heads split over 2 XLA devices);
-`attention="slim"` programs hold its custom call unless the runtime says "xla", and generate the
+The JAX backend's naive attention is the same kernel with one block of every row and one key
+chunk per kv head, checked the same way. `attention="slim"` and "naive" programs hold its custom
+call unless the runtime says "xla", and slim attention generates the
 oracle's ids either way (stories260K, tp 1 and 2, and every fixture family). The pure-XLA path
 stays tested equal to the reference too.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from slimllm import kernels
 from slimllm.conformance.strategies import AttentionCase
 from slimllm.conformance.tolerances import FUNCTION, MODEL, assert_close
 from slimllm.jaxbackend import kv_cache as jax_kv
+from slimllm.jaxbackend.attention import naive_attention as jax_naive_attention
 from slimllm.jaxbackend.slim_attention import slim_attention
 from slimllm.kernels import attention as kernel
 from slimllm.reference import positions
@@ -72,10 +76,13 @@ def case(b, t, kh, g, d, mask, kv_dtype, past, spare, seed=0) -> AttentionCase:
     return AttentionCase(cfg, q, k, v, state, n + spare, kv_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "choice", "mb"))
-def attend(q, cache, bias, *, scale, choice, mb=None):
-    """SlimAttention on layer 0, traced with this kernels choice (part of the jit key)."""
+@functools.partial(jax.jit, static_argnames=("scale", "choice", "mb", "kind"))
+def attend(q, cache, bias, *, scale, choice, mb=None, kind="slim"):
+    """SlimAttention (or the JAX backend's naive attention) on layer 0, traced with this kernels
+    choice (part of the jit key)."""
     with kernels.choose(choice):
+        if kind == "naive":
+            return jax_naive_attention(q, jax_kv.read(cache, 0), bias, scale)
         return slim_attention(q, jax_kv.read(cache, 0), bias, scale, mb=mb)
 
 
@@ -86,18 +93,20 @@ def hide_rows(bias, rows):
     return bias
 
 
-def check_cases(cases=CASES, choice="auto"):
+def check_cases(cases=CASES, choice="auto", kinds=("slim", "naive")):
+    """Both attentions the kernel computes: SlimAttention's blocks and naive attention's one
+    block of every row (decode: one key chunk per kv head, nothing merged)."""
     for args in cases:
         c = case(*args[:-1])
         q, kv, bias, scale = c.reference()
         jq, cache, jbias, _ = c.jax()
         t = q.shape[1]
-        for hidden in ([], [0, t - 1]):  # rows that see nothing come out as zeros
-            want = naive_attention(q, kv, hide_rows(bias, hidden), scale)
+        for hidden, kind in itertools.product(([], [0, t - 1]), kinds):
+            want = naive_attention(q, kv, hide_rows(bias, hidden), scale)  # rows seeing nothing: 0
             jb = jnp.asarray(hide_rows(jbias, hidden))
-            got = np.asarray(attend(jq, cache, jb, scale=scale, choice=choice, mb=args[-1]))
-            assert_close(got, want, FUNCTION[c.kv_dtype], str(args))
-            assert not got[:, hidden].any(), args
+            got = attend(jq, cache, jb, scale=scale, choice=choice, mb=args[-1], kind=kind)
+            assert_close(np.asarray(got), want, FUNCTION[c.kv_dtype], f"{kind} {args}")
+            assert not np.asarray(got)[:, hidden].any(), args
 
 
 def test_kernel_equals_naive_attention():
@@ -119,17 +128,19 @@ def test_the_programs_call_the_kernel_unless_told_not_to():
     c = case(*CASES[1][:-1])
     jq, cache, jbias, scale = c.jax()
 
-    def text(choice):
-        return attend.lower(jq, cache, jbias, scale=scale, choice=choice).as_text()
+    def text(choice, kind):
+        return attend.lower(jq, cache, jbias, scale=scale, choice=choice, kind=kind).as_text()
 
-    assert "slimllm_attention" in text("auto")
-    assert "slimllm_attention" not in text("xla")
+    for kind in ("slim", "naive"):
+        assert "slimllm_attention" in text("auto", kind)
+        assert "slimllm_attention" not in text("xla", kind)
 
 
 def test_a_float16_cache_stays_with_xla():
     c = case(1, 4, 1, 1, 16, "causal", "float16", 2, 0)
     q, cache, bias, scale = c.jax()
     assert kernel.slim_attention(q, jax_kv.read(cache, 0), bias, scale) is None
+    assert kernel.naive_attention(q, jax_kv.read(cache, 0), bias, scale) is None
 
 
 def test_heads_split_over_two_devices_with_shard_map():
