@@ -239,6 +239,137 @@ SLIMLLM_AVX512 void axpy_avx512(float a, const float* x, float* y, int64_t d) {
     _mm512_storeu_ps(y + c, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + c), _mm512_loadu_ps(y + c)));
 }
 
+// Lane i of the result: the sum of v[i]'s 16 lanes (pairs, then quads, then 128-bit lanes).
+SLIMLLM_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 w[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Decode's scores for the rows (head of the group, position) of kv head (bi, kvh) against keys
+// [j0, j1) (float32 rows of d = 16 C at `keys`): x[r * n + j - j0] = q_r . k_j, 0 where the bias
+// hides the key. Sixteen keys at a time: one partial vector per key, summed across in one pass.
+template <int C>
+SLIMLLM_AVX512 void decode_scores_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                         int64_t j0, int64_t j1, const float* keys, float* x) {
+  int64_t n = j1 - j0, g = p.group();
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t head = kvh * g + r / p.t, i = r % p.t;
+    const float* bias = p.bias_row(bi, i, head);
+    __m512 q[C];
+    for (int c = 0; c < C; ++c) q[c] = _mm512_loadu_ps(p.q_row(bi, i, head) + 16 * c);
+    for (int64_t j = j0; j < j1; j += 16) {
+      int64_t m = std::min<int64_t>(16, j1 - j);
+      __m512 acc[16];
+      for (int kk = 0; kk < 16; ++kk) {
+        const float* key = keys + (j + std::min<int64_t>(kk, m - 1) - j0) * 16 * C;
+        acc[kk] = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+        for (int c = 1; c < C; ++c) acc[kk] = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + 16 * c), acc[kk]);
+      }
+      __mmask16 live = lanes(m);
+      __m512 b = _mm512_maskz_loadu_ps(live, bias + j);
+      __mmask16 hidden = _mm512_cmp_ps_mask(b, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+      _mm512_mask_storeu_ps(x + r * n + j - j0, live, _mm512_maskz_mov_ps(~hidden, sum16(acc)));
+    }
+  }
+}
+
+// Keys [j0, j1) of kv head (bi, kvh) as float32 rows: the cache itself, or widened into buf.
+SLIMLLM_AVX512 const float* decode_keys(const Problem& p, int64_t bi, int64_t kvh, int64_t j0,
+                                        int64_t j1, const float* wide_k) {
+  if (wide_k) return wide_k + j0 * p.d;
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < (j1 - j0) * p.d) buf.resize((j1 - j0) * p.d);
+  float* out = buf.data();
+  for (int64_t j = j0; j < j1; ++j)
+    widen_row_avx512(p, p.k, p.k_scale, (bi * p.kh + kvh) * p.s + j, out + (j - j0) * p.d);
+  return out;
+}
+
+// Scores for any d that is a multiple of 16, up to 128 (else false: the caller's loop).
+SLIMLLM_AVX512 bool decode_scores_fast(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                       int64_t j0, int64_t j1, const float* wide_k, float* x) {
+  if (p.d % 16 || p.d > 128) return false;
+  const float* keys = decode_keys(p, bi, kvh, j0, j1, wide_k);
+  switch (p.d / 16) {
+#define SLIMLLM_SCORES(C) \
+  case C:                 \
+    decode_scores_avx512<C>(p, bi, kvh, rows, j0, j1, keys, x); \
+    return true;
+    SLIMLLM_SCORES(1)
+    SLIMLLM_SCORES(2)
+    SLIMLLM_SCORES(3)
+    SLIMLLM_SCORES(4)
+    SLIMLLM_SCORES(5)
+    SLIMLLM_SCORES(6)
+    SLIMLLM_SCORES(7)
+    SLIMLLM_SCORES(8)
+#undef SLIMLLM_SCORES
+    default:
+      return false;
+  }
+}
+
+// Decode's outputs: o_r = sum_j x[r][j] v_j over values [j0, j1) into part + r * stride + 2,
+// RB rows at a time with their d = 16 C columns in registers.
+template <int C, int RB>
+SLIMLLM_AVX512 void decode_values_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                         int64_t j0, int64_t j1, const float* wide_v,
+                                         float* buf, const float* x, float* part,
+                                         int64_t stride) {
+  int64_t n = j1 - j0;
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    __m512 o[RB][C];
+    for (int k = 0; k < RB; ++k)
+      for (int c = 0; c < C; ++c) o[k][c] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* value = wide_v ? wide_v + j * p.d : buf;
+      if (!wide_v) widen_row_avx512(p, p.v, p.v_scale, (bi * p.kh + kvh) * p.s + j, buf);
+      __m512 vv[C];
+      for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(value + 16 * c);
+      for (int k = 0; k < RB; ++k) {
+        __m512 w = _mm512_set1_ps(r0 + k < rows ? x[(r0 + k) * n + j - j0] : 0.0f);
+        for (int c = 0; c < C; ++c) o[k][c] = _mm512_fmadd_ps(w, vv[c], o[k][c]);
+      }
+    }
+    for (int k = 0; k < RB && r0 + k < rows; ++k)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(part + (r0 + k) * stride + 2 + 16 * c, o[k][c]);
+  }
+}
+
+// The same for any d that is a multiple of 16, up to 128: C chunks of 16 columns.
+SLIMLLM_AVX512 bool decode_values_fast(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                       int64_t j0, int64_t j1, const float* wide_v, float* buf,
+                                       const float* x, float* part, int64_t stride) {
+  switch (p.d / 16) {
+#define SLIMLLM_VALUES(C, RB) \
+  case C:                     \
+    decode_values_avx512<C, RB>(p, bi, kvh, rows, j0, j1, wide_v, buf, x, part, stride); \
+    return true;
+    SLIMLLM_VALUES(1, 4)
+    SLIMLLM_VALUES(2, 4)
+    SLIMLLM_VALUES(3, 4)
+    SLIMLLM_VALUES(4, 4)
+    SLIMLLM_VALUES(5, 2)
+    SLIMLLM_VALUES(6, 2)
+    SLIMLLM_VALUES(7, 2)
+    SLIMLLM_VALUES(8, 2)
+#undef SLIMLLM_VALUES
+    default:
+      return false;
+  }
+}
+
 #endif  // SLIMLLM_X86
 
 // ---------------------------------------------------------------- portable pieces
@@ -530,19 +661,30 @@ void decode_chunk(const Problem& p, Decode& dec, int64_t item) {
   const float* wide_v = p.storage == kFloat32 ? wide_rows(p, p.v, bi, kvh) : nullptr;
   // Rows are (head of the group, position): r = gi * t + i. Raw dot products first (0 where
   // the bias hides the key), then scale, bias and softmax per row.
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* key = wide_k ? wide_k + j * d : row;
-    if (!wide_k) widen_row(p, p.k, p.k_scale, bi, kvh, j, row);
-    for (int64_t r = 0; r < dec.rows; ++r) {
-      int64_t head = kvh * g + r / p.t, i = r % p.t;
-      float b = p.bias_row(bi, i, head)[j];
-      x[r * n + j - j0] = (std::isinf(b) && b < 0) ? 0.0f : dot(p, p.q_row(bi, i, head), key);
+#if SLIMLLM_X86
+  if (p.fast && decode_scores_fast(p, bi, kvh, dec.rows, j0, j1, wide_k, x)) {
+  } else
+#endif
+  {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* key = wide_k ? wide_k + j * d : row;
+      if (!wide_k) widen_row(p, p.k, p.k_scale, bi, kvh, j, row);
+      for (int64_t r = 0; r < dec.rows; ++r) {
+        int64_t head = kvh * g + r / p.t, i = r % p.t;
+        float b = p.bias_row(bi, i, head)[j];
+        x[r * n + j - j0] = (std::isinf(b) && b < 0) ? 0.0f : dot(p, p.q_row(bi, i, head), key);
+      }
     }
   }
   for (int64_t r = 0; r < dec.rows; ++r) {
     const float* bias = p.bias_row(bi, r % p.t, kvh * g + r / p.t) + j0;
     part[r * dec.stride + 1] = softmax_row(p, x + r * n, bias, 0, n, part + r * dec.stride);
   }
+#if SLIMLLM_X86
+  if (p.fast &&
+      decode_values_fast(p, bi, kvh, dec.rows, j0, j1, wide_v, row, x, part, dec.stride))
+    return;
+#endif
   for (int64_t j = j0; j < j1; ++j) {
     const float* value = wide_v ? wide_v + j * d : row;
     if (!wide_v) widen_row(p, p.v, p.v_scale, bi, kvh, j, row);
