@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slimllm import kernels
 from slimllm.jaxbackend import ops, weight_format
 from slimllm.jaxbackend.params import device_array
 from slimllm.reference.config import ModelConfig
@@ -93,9 +94,9 @@ def tiling(tile_rows: int | None, transposed_cols: int | None):
         weight_format.TILE_ROWS, weight_format.TRANSPOSED_TILE_COLS = saved
 
 
-def compiled_products(shapes, xs: dict, weights: list, warmup: int):
-    """The program summing every product x @ w.T, jitted ahead of time -> (compile seconds,
-    call). xs maps an input width to x [b, in]."""
+def compiled_products(shapes, xs: dict, weights: list, warmup: int, choice: str = "auto"):
+    """The program summing every product x @ w.T, jitted ahead of time with this kernels choice
+    -> (compile seconds, call). xs maps an input width to x [b, in]."""
 
     def products(xs, weights):
         total = jnp.float32(0)
@@ -104,7 +105,8 @@ def compiled_products(shapes, xs: dict, weights: list, warmup: int):
         return total
 
     t0 = time.perf_counter()
-    program = jax.jit(products).lower(xs, weights).compile()
+    with kernels.choose(choice):
+        program = jax.jit(products).lower(xs, weights).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         program(xs, weights).block_until_ready()
@@ -114,6 +116,7 @@ def compiled_products(shapes, xs: dict, weights: list, warmup: int):
 def run(args) -> dict:
     """Every (format, batch) program compiled, then their runs interleaved."""
     names, batches = args.weights, args.batch
+    choice = args.kernels  # one choice (only grid takes a list)
     if args.tile_rows is not None and args.tile_rows < 1:
         raise OptionError(f"--tile-rows must be positive, got {args.tile_rows}")
     if args.transposed_cols is not None and args.transposed_cols < 0:
@@ -130,7 +133,7 @@ def run(args) -> dict:
             for name in names:
                 log(f"products: compiling {name} at batch {b}")
                 compiled[name, b], calls[name, b] = compiled_products(
-                    shapes, xs, weights[name], args.warmup
+                    shapes, xs, weights[name], args.warmup, choice
                 )
     log(f"products: {args.runs} interleaved runs of {len(calls)} programs")
     ms = interleaved(calls, args.runs)
@@ -166,6 +169,8 @@ def run(args) -> dict:
             "overridden": args.tile_rows is not None or args.transposed_cols is not None,
         },
         "batch": list(batches),
+        "kernels": choice,
+        "kernels_isa": kernels.isa(),
         "runs": args.runs,
         "base": base,
         "formats": formats,

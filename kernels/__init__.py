@@ -2,13 +2,16 @@
 
 The C++ sources are `kernels/src/*.cc`, built by the package's own build (`setup.py`) into one
 library, `slimllm.kernels._native`, which exports XLA FFI handlers (`slimllm_linear`, ...) and
-picks its instruction set at run time (`isa()`: "avx512-vnni", "avx512" or "portable"). The
+picks its instruction set at run time (`isa()`: "avx512-amx", "avx512-vnni", "avx512" or
+"portable"). The
 build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in the environment,
 `available()` is False and every program takes the pure-XLA path, with the same results up to
 the order of float32 sums.
 
 A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, in
-float32 arithmetic; "fast": also int8/int4 products on x rounded to 16 bits; "xla": never).
+float32 arithmetic; "fast": also weight products on x rounded, to bfloat16 in AMX tiles for
+bfloat16/int8/int4 weights where the CPU has AMX, else to 16-bit integers for int8/int4; "xla":
+never).
 `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
 kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
 its compiled programs by the Runtime, so both paths can live in one process.
@@ -61,9 +64,11 @@ def why_unavailable() -> str:
     return _library()[1]
 
 
+@functools.cache
 def isa() -> str:
-    """The instruction set the kernels run on this CPU ("avx512-vnni", "avx512", "portable"), or
-    "xla" (no library)."""
+    """The instruction set the kernels run on this CPU ("avx512-amx", "avx512-vnni", "avx512",
+    "portable"), or "xla" (no library). Chosen once per process; SLIMLLM_KERNELS_ISA=portable
+    forces the portable path, =avx512 turns AMX off."""
     lib = _library()[0]
     if lib is None:
         return "xla"

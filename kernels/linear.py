@@ -3,7 +3,9 @@ any weight format (`src/linear.cc`), for the few rows of x that decoding multipl
 
 `linear(x, w)` returns None when the kernel does not apply (kernels off or missing, more than
 MAX_ROWS rows of x, widths the kernel does not tile), and the caller takes the XLA path.
-Prefill's many rows stay with XLA's matrix products, which block for the caches.
+Prefill's many rows stay with XLA's matrix products, which block for the caches, except on the
+AMX road (kernels "fast" on a CPU with AMX: bfloat16, int8 and int4 weights against x rounded to
+bfloat16 in tiles), which takes any number of rows.
 """
 
 from __future__ import annotations
@@ -17,23 +19,38 @@ import numpy as np
 from slimllm.jaxbackend import weight_format  # noqa: F401 (registers Compact as a pytree)
 from slimllm.reference.weight_format import Compact
 
-from . import active, choice, target
+from . import active, choice, isa, target
 
 # The kernel's numbering of the reference's encodings (src/linear.cc, enum Encoding).
 ENCODING = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
 MAX_ROWS = 16  # rows of x (tokens of a decode batch) above which XLA's products are faster
 LANES = 16  # the kernel's column step: widths and groups are multiples of it
+AMX_ENCODINGS = ("bfloat16", "int8", "int4")  # the AMX road's (exact in bfloat16)
+AMX_COLS, AMX_ROWS = 32, 16  # its tile step over columns, and its tiles' rows of w
 traced = collections.Counter()  # custom calls emitted while tracing, per encoding (for tests)
 
 
 def applies(m: int, cols: int, w) -> bool:
     """Can the kernel multiply m rows of `cols` columns by w?"""
-    if not active() or m < 1 or m > MAX_ROWS or cols % LANES:
+    if not active() or m < 1 or cols % LANES:
         return False
     if isinstance(w, Compact):
         groups = 1 if w.scale is None else w.scale.shape[1]
-        return w.encoding in ENCODING and not w.transposed and (cols // groups) % LANES == 0
-    return w.dtype == jnp.float32
+        fits = w.encoding in ENCODING and not w.transposed and (cols // groups) % LANES == 0
+        return fits and (m <= MAX_ROWS or amx_road(cols // groups, w))
+    return w.dtype == jnp.float32 and m <= MAX_ROWS
+
+
+def amx_road(group: int, w: Compact) -> bool:
+    """Does the kernel take the AMX road for w (then any number of rows of x)? The same test
+    as `src/linear.cc`'s `run`."""
+    return (
+        choice() == "fast"
+        and isa() == "avx512-amx"
+        and w.encoding in AMX_ENCODINGS
+        and group % AMX_COLS == 0
+        and w.values.shape[0] % AMX_ROWS == 0
+    )
 
 
 def linear(x, w):
@@ -59,6 +76,6 @@ def linear(x, w):
         values,
         scale.astype(jnp.float32),
         encoding=np.int32(ENCODING[encoding]),
-        integer=np.int32(choice() == "fast"),  # int8/int4 on x rounded to 16 bits (src/linear.cc)
+        integer=np.int32(choice() == "fast"),  # x rounded: to bfloat16 (AMX) or 16-bit integers
     )
     return y.reshape(*x.shape[:-1], rows)

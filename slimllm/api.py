@@ -287,7 +287,8 @@ def generate(
     run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp/
     weights (a weight format other than the loaded one re-encodes the weights once)/kernels
     ("auto": the JAX backend calls slimllm's compiled kernels where they are built; "fast":
-    int8/int4 weight products also round activations to 16 bits; "xla": never)."""
+    weight products also round activations, to bfloat16 or int8 in AMX tiles where the CPU has
+    AMX, else to 16 bits for int8/int4 weights; "xla": never)."""
     rt = runtime or Runtime(
         backend=backend,
         attention=attention,

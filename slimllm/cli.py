@@ -79,7 +79,8 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         choices=KERNELS,
         default="auto",
         help="auto: slimllm's compiled kernels where they are built (default); fast: also "
-        "int8/int4 products on activations rounded to 16 bits; xla: pure XLA",
+        "weight products on rounded activations (bfloat16/int8 in AMX tiles where the CPU has "
+        "AMX, else 16-bit integers for int8/int4 weights); xla: pure XLA",
     )
     add_weight_options(p)
     add_compile_cache_option(p)

@@ -2,6 +2,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "kernels.h"
 
 namespace slimllm {
@@ -33,10 +39,34 @@ bool has_avx512_vnni() {
 #endif
 }
 
+static bool detect_amx() {
+  const char* forced = std::getenv("SLIMLLM_KERNELS_ISA");
+  if (forced != nullptr && std::strcmp(forced, "avx512") == 0) return false;
+#if SLIMLLM_X86 && defined(__linux__)
+  if (!has_avx512()) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  bool tiles = (d >> 24) & 1, bf16_tiles = (d >> 22) & 1;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  bool avx512_bf16 = (a >> 5) & 1;
+  if (!tiles || !bf16_tiles || !avx512_bf16) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+bool has_amx() {
+  static const bool yes = detect_amx();
+  return yes;
+}
+
 }  // namespace slimllm
 
 // For Python (ctypes): the instruction set the kernels dispatch to.
 extern "C" __attribute__((visibility("default"))) const char* slimllm_kernels_isa() {
   if (!slimllm::has_avx512()) return "portable";
+  if (slimllm::has_amx()) return "avx512-amx";
   return slimllm::has_avx512_vnni() ? "avx512-vnni" : "avx512";
 }

@@ -23,6 +23,9 @@ namespace ffi = xla::ffi;
 #define SLIMLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #define SLIMLLM_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512vnni")))
+#define SLIMLLM_AMX                                                                    \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16,amx-tile," \
+                        "amx-bf16")))
 #else
 #define SLIMLLM_X86 0
 #endif
@@ -32,6 +35,10 @@ namespace ffi = xla::ffi;
 bool has_avx512();
 // and AVX512-VNNI (Cascade Lake and later, Zen 4): integer dot products
 bool has_avx512_vnni();
+// and AMX tiles with bfloat16 products (Sapphire Rapids and later), which the operating system
+// let this process use (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, asked for once here).
+// SLIMLLM_KERNELS_ISA=avx512 turns it off.
+bool has_amx();
 
 // Run body(i) for i in [0, n) on the calling thread and up to the pool's other threads. Items
 // are claimed from a shared counter, so no thread waits for a task that never started: a helper

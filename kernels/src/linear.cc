@@ -16,6 +16,10 @@
 // group's (or 2048 columns') integer sum is scaled in float32. The only departure from the
 // float32 product is x's rounding: |error| <= max|x| / 65534 * sum |w| per output, about 1e-5
 // of the result's scale, and the same for every batch size (each row of x has its own scale).
+//
+// On a CPU with AMX, "fast" products of more than 4 rows of x take a third road, AMX tiles
+// (section "AMX path" below): decoding a batch multiplies 16 rows of x per weight read, which
+// the float32 road can only do at the FMA units' peak (~300 GFLOP/s on 2 cores here).
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -271,6 +275,262 @@ SLIMLLM_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
   for (; r < r1; ++r) tile_all_x<E, 1>(p, r);
 }
 
+// ---------------------------------------------------------------- AMX path (kernels "fast")
+
+// With `integer` set on a CPU with AMX (`has_amx()`) and more than kTileX rows of x (batched
+// decoding, prefill), weights meet x in AMX tiles, read in place (int4 codes unpacked to bytes
+// per tile). One work item is 64 weight rows (4 tiles sharing each tile of x) against every
+// block of 16 rows of x, so the weights are read once at any batch up to 16.
+// - bfloat16 weights: x rounded to bfloat16, TDPBF16PS (16 weight rows x 32 columns times 32
+//   columns x 16 rows of x, float32 sums): |error| <= 2^-8 * sum_j |x_j w_j| per output.
+// - int8 and int4 codes: x rounded to int8 with one scale per row per `step` columns (64, or 32
+//   for groups of 32; max|x| / 127), TDPBSSD (exact int32 sums of a step), each step's sums
+//   scaled in float32 by x's and the weights' scales: |error| <= sum over steps of
+//   max|x_step| / 254 * sum_j |w_j|, llama.cpp's rounding for Q8_0 and Q4_0 (32 columns).
+constexpr int64_t kAmxRows = 16;  // rows of a tile: weight rows, or rows of x
+constexpr int64_t kAmxCols = 32;  // bfloat16 columns per tile step (64 bytes a row)
+constexpr int64_t kAmxTiles = 4;  // weight tiles per work item
+
+struct TileConfig {  // the LDTILECFG memory layout (palette 1)
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x as the tiles' second operand: per block of 16 rows of x, [k/2][16][2] bfloat16 (column
+// pairs of each row side by side; rows past m are zero).
+SLIMLLM_AMX void pack_x_block(const Problem& p, int64_t block, uint16_t* out) {
+  std::vector<uint32_t> pairs(p.k / 2);
+  for (int64_t i = 0; i < kAmxRows; ++i) {
+    int64_t row = block * kAmxRows + i;
+    if (row < p.m) {
+      const float* x = p.x + row * p.k;
+      for (int64_t j = 0; j < p.k; j += 16) {  // rounded to nearest even
+        __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + j));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs.data() + j / 2), (__m256i)h);
+      }
+    } else {
+      std::fill(pairs.begin(), pairs.end(), 0u);
+    }
+    uint32_t* o = reinterpret_cast<uint32_t*>(out);
+    for (int64_t c = 0; c < p.k / 2; ++c) o[c * kAmxRows + i] = pairs[c];
+  }
+}
+
+// A tile reads 16 rows side by side, 64 of them per work item: more streams than the hardware
+// prefetcher follows, so the item asks for each row's bytes kPrefetchCols ahead (first pass).
+constexpr int64_t kPrefetchCols = 256;
+
+SLIMLLM_AMX inline void prefetch_rows(const Problem& p, int64_t n0, int64_t tiles, int64_t at) {
+  if (at >= p.row_bytes) return;
+  for (int64_t r = 0; r < tiles * kAmxRows; ++r)
+    _mm_prefetch(reinterpret_cast<const char*>(p.w + (n0 + r) * p.row_bytes + at), _MM_HINT_T0);
+}
+
+// acc (per weight row n0 + r, its sums against the 16 rows of x of `block`) into y.
+SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t tiles,
+                            const __m512* acc) {
+  alignas(64) float out[kAmxTiles * kAmxRows * kAmxRows];  // [weight row][row of x]
+  for (int64_t r = 0; r < tiles * kAmxRows; ++r) _mm512_store_ps(out + r * kAmxRows, acc[r]);
+  for (int64_t i = 0; i < kAmxRows && block * kAmxRows + i < p.m; ++i) {
+    float* y = p.y + (block * kAmxRows + i) * p.n + n0;
+    for (int64_t r = 0; r < tiles * kAmxRows; ++r) y[r] = out[r * kAmxRows + i];
+  }
+}
+
+// The bfloat16 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x.
+SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0, int64_t tiles) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = kAmxRows, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(p.w + n0 * p.row_bytes);  // in place
+  const int64_t a_row = p.row_bytes / 2;  // bfloat16 values from one weight row to the next
+  alignas(64) float c[kAmxTiles][kAmxRows * kAmxRows];
+  __m512 acc[kAmxTiles * kAmxRows];  // per weight row, its sums against 16 rows of x
+  for (int64_t block = 0; block * kAmxRows < p.m; ++block) {
+    const uint16_t* b = xb + block * p.k * kAmxRows;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t j = 0; j < p.k; j += kAmxCols) {
+      if (block == 0) prefetch_rows(p, n0, tiles, 2 * (j + kPrefetchCols));
+      _tile_loadd(5, b + j * kAmxRows, 64);
+      _tile_loadd(4, a + j, p.row_bytes);
+      _tile_dpbf16ps(0, 4, 5);
+      if (tiles > 1) {
+        _tile_loadd(6, a + kAmxRows * a_row + j, p.row_bytes);
+        _tile_dpbf16ps(1, 6, 5);
+      }
+      if (tiles > 2) {
+        _tile_loadd(4, a + 2 * kAmxRows * a_row + j, p.row_bytes);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (tiles > 3) {
+        _tile_loadd(6, a + 3 * kAmxRows * a_row + j, p.row_bytes);
+        _tile_dpbf16ps(3, 6, 5);
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_load_ps(c[0] + r * kAmxRows);
+    write_rows(p, block, n0, tiles, acc);
+  }
+  _tile_release();
+}
+
+// x as int8 for TDPBSSD: per block of 16 rows, [k/4][16][4] codes (4 columns of a row side by
+// side; rows past m zero) and [k/step][16] scales (max|x| / 127 over the row's step columns).
+SLIMLLM_AMX void pack_x_int8(const Problem& p, int64_t block, int64_t step, int8_t* out,
+                             float* scales) {
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  for (int64_t i = 0; i < kAmxRows; ++i) {
+    int64_t row = block * kAmxRows + i;
+    for (int64_t j0 = 0; j0 < p.k; j0 += step) {
+      float top = 0.0f;
+      if (row < p.m)
+        for (int64_t j = j0; j < j0 + step; j += 16)
+          top = std::max(top, _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.x + row * p.k + j))));
+      scales[(j0 / step) * kAmxRows + i] = top / 127.0f;
+      __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      for (int64_t j = j0; j < j0 + step; j += 16) {
+        alignas(16) uint32_t q[4] = {0, 0, 0, 0};
+        if (row < p.m) {  // rounded to nearest even, within +-127
+          __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.x + row * p.k + j), inv));
+          _mm_store_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(v));
+        }
+        for (int64_t c = 0; c < 4; ++c) o[(j / 4 + c) * kAmxRows + i] = q[c];
+      }
+    }
+  }
+}
+
+// 64 int4 codes of one row from column j, as int8 (code - 8) in column order.
+SLIMLLM_AMX inline __m512i nibbles64(const uint8_t* row, int64_t j) {
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j / 2));
+  __m256i nibble = _mm256_set1_epi8(15);
+  __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+  // unpack works within 128-bit lanes: lanes 0/1 of (lo, hi) interleaved give columns 0-31 / 32-63
+  __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
+  __m512i codes = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
+      _mm256_permute2x128_si256(first, second, 0x31), 1);
+  return _mm512_sub_epi8(codes, _mm512_set1_epi8(8));
+}
+
+// acc[r] += c[r] (int32 sums) * x's scales of the step * the weight row's scale in group g.
+SLIMLLM_AMX inline void add_int_sums(const Problem& p, const int32_t* c, __m512 xs, int64_t n0,
+                                     int64_t g, __m512* acc) {
+  for (int64_t r = 0; r < kAmxRows; ++r) {
+    __m512 s = _mm512_mul_ps(xs, _mm512_set1_ps(p.scale[(n0 + r) * p.groups + g]));
+    __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + r * kAmxRows));
+    acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
+  }
+}
+
+// The int8/int4 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x.
+template <int E>
+SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* xs, int64_t step,
+                              int64_t n0, int64_t tiles) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = kAmxRows, cfg.colsb[t] = 64;  // C: int32 sums
+  cfg.rows[4] = cfg.rows[6] = kAmxRows, cfg.colsb[4] = cfg.colsb[6] = step;  // A: weights
+  cfg.rows[5] = step / 4, cfg.colsb[5] = 64;  // B: x
+  _tile_loadconfig(&cfg);
+  alignas(64) int8_t unpacked[kAmxTiles][kAmxRows * 64];  // int4: a tile's codes as bytes
+  alignas(64) int32_t c[kAmxRows * kAmxRows];
+  __m512 acc[kAmxTiles * kAmxRows];
+  auto weights = [&](int64_t t, int64_t j) -> std::pair<const void*, int64_t> {
+    if constexpr (E == kInt8) return {p.w + (n0 + t * kAmxRows) * p.row_bytes + j, p.row_bytes};
+    return {unpacked[t], step};
+  };
+  for (int64_t block = 0; block * kAmxRows < p.m; ++block) {
+    const int8_t* b = xq + block * p.k * kAmxRows;
+    const float* bs = xs + block * (p.k / step) * kAmxRows;
+    for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < p.k; j += step) {
+      if constexpr (E == kInt4) {
+        for (int64_t t = 0; t < tiles; ++t)
+          for (int64_t r = 0; r < kAmxRows; ++r) {
+            __m512i codes = nibbles64(p.w + (n0 + t * kAmxRows + r) * p.row_bytes, j);
+            _mm512_mask_storeu_epi8(unpacked[t] + r * step, step == 64 ? ~0ull : 0xffffffffull,
+                                    codes);
+          }
+      }
+      if (block == 0) prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
+      _tile_loadd(5, b + j * kAmxRows, 64);
+      _tile_zero(0);
+      _tile_loadd(4, weights(0, j).first, weights(0, j).second);
+      _tile_dpbssd(0, 4, 5);
+      if (tiles > 1) {
+        _tile_zero(1);
+        _tile_loadd(6, weights(1, j).first, weights(1, j).second);
+        _tile_dpbssd(1, 6, 5);
+      }
+      if (tiles > 2) {
+        _tile_zero(2);
+        _tile_loadd(4, weights(2, j).first, weights(2, j).second);
+        _tile_dpbssd(2, 4, 5);
+      }
+      if (tiles > 3) {
+        _tile_zero(3);
+        _tile_loadd(6, weights(3, j).first, weights(3, j).second);
+        _tile_dpbssd(3, 6, 5);
+      }
+      __m512 x_scales = _mm512_loadu_ps(bs + (j / step) * kAmxRows);
+      int64_t g = j / p.group;
+      _tile_stored(0, c, 64);
+      add_int_sums(p, c, x_scales, n0, g, acc);
+      if (tiles > 1) {
+        _tile_stored(1, c, 64);
+        add_int_sums(p, c, x_scales, n0 + kAmxRows, g, acc + kAmxRows);
+      }
+      if (tiles > 2) {
+        _tile_stored(2, c, 64);
+        add_int_sums(p, c, x_scales, n0 + 2 * kAmxRows, g, acc + 2 * kAmxRows);
+      }
+      if (tiles > 3) {
+        _tile_stored(3, c, 64);
+        add_int_sums(p, c, x_scales, n0 + 3 * kAmxRows, g, acc + 3 * kAmxRows);
+      }
+    }
+    write_rows(p, block, n0, tiles, acc);
+  }
+  _tile_release();
+}
+
+template <int E>
+void run_amx(ffi::ThreadPool& pool, const Problem& p) {
+  int64_t blocks = (p.m + kAmxRows - 1) / kAmxRows;
+  int64_t per = kAmxTiles * kAmxRows, items = (p.n + per - 1) / per;
+  if constexpr (scaled(E)) {
+    int64_t step = p.group % 64 == 0 ? 64 : 32;
+    std::vector<int8_t> xq(blocks * p.k * kAmxRows);
+    std::vector<float> xs(blocks * (p.k / step) * kAmxRows);
+    parallel_for(pool, blocks, [&](int64_t block) {
+      pack_x_int8(p, block, step, xq.data() + block * p.k * kAmxRows,
+                  xs.data() + block * (p.k / step) * kAmxRows);
+    });
+    parallel_for(pool, items, [&](int64_t item) {
+      int64_t n0 = item * per;
+      amx_int_item<E>(p, xq.data(), xs.data(), step, n0,
+                      std::min(kAmxTiles, (p.n - n0) / kAmxRows));
+    });
+    return;
+  }
+  std::vector<uint16_t> xb(blocks * p.k * kAmxRows);
+  parallel_for(pool, blocks, [&](int64_t block) {
+    pack_x_block(p, block, xb.data() + block * p.k * kAmxRows);
+  });
+  parallel_for(pool, items, [&](int64_t item) {
+    int64_t n0 = item * per;
+    amx_bf16_item(p, xb.data(), n0, std::min(kAmxTiles, (p.n - n0) / kAmxRows));
+  });
+}
+
 #endif  // SLIMLLM_X86
 
 // x rounded to 16-bit integers, one scale per row (max|x| / 32767; 0 for a zero row).
@@ -287,6 +547,11 @@ void round_x(const float* x, int64_t m, int64_t k, int16_t* xq, float* xs) {
 template <int E>
 void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   bool fast = SLIMLLM_X86 && has_avx512() && p.k % 16 == 0 && p.group % 16 == 0;
+#if SLIMLLM_X86
+  if (allow_integer && fast && has_amx() && p.m > kTileX && (E == kBFloat16 || scaled(E)) &&
+      p.k % kAmxCols == 0 && p.group % kAmxCols == 0 && p.n % kAmxRows == 0)
+    return run_amx<E>(pool, p);
+#endif
   // the integer road needs whole 32-column steps and groups that fit an int32 sum
   bool integer = allow_integer && fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&
                  (p.groups == 1 || p.group <= 4 * kIntBlock);
@@ -345,7 +610,7 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale
   switch (encoding) {
     case kFloat32: run<kFloat32>(pool, p, false); break;
     case kFloat16: run<kFloat16>(pool, p, false); break;
-    case kBFloat16: run<kBFloat16>(pool, p, false); break;
+    case kBFloat16: run<kBFloat16>(pool, p, integer != 0); break;
     case kInt8: run<kInt8>(pool, p, integer != 0); break;
     default: run<kInt4>(pool, p, integer != 0); break;
   }

@@ -1,5 +1,6 @@
-"""Run a kernel test module's checks again on the portable path, in a process of its own (the
-instruction-set path is chosen once per process, `SLIMLLM_KERNELS_ISA=portable` forces it)."""
+"""Run a kernel test module's checks again on another instruction-set path, in a process of its
+own (the path is chosen once per process: `SLIMLLM_KERNELS_ISA=portable` forces the portable
+path, `=avx512` turns AMX off)."""
 
 import os
 import subprocess
@@ -18,13 +19,15 @@ needs_library = pytest.mark.skipif(
 )
 
 
-def on_portable_path(module: str, call: str) -> None:
-    """Import tests/kernels/`module` in a child on the portable path and run `call` there."""
+def on_path(isa: str, module: str, call: str) -> None:
+    """Import tests/kernels/`module` in a child on path `isa` ("portable", or "avx512": no AMX)
+    and run `call` there."""
     code = (
         "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/kernels');"
-        "from slimllm import kernels; assert kernels.isa() == 'portable', kernels.isa();"
+        "from slimllm import kernels; isa = kernels.isa();"
+        f"assert isa != 'avx512-amx' and (isa == 'portable' or {isa != 'portable'}), isa;"
         f"import {module} as t; t.{call}; print('ok')"
     )
-    env = dict(os.environ, SLIMLLM_KERNELS_ISA="portable")
+    env = dict(os.environ, SLIMLLM_KERNELS_ISA=isa)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
     assert done.returncode == 0 and done.stdout.decode().strip() == "ok", done.stderr.decode()

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import slimllm
 from conftest import FIXTURES, VARIANTS
-from kernel_paths import needs_library, on_portable_path
+from kernel_paths import needs_library, on_path
 from slimllm import kernels
 from slimllm.conformance.strategies import AttentionCase
 from slimllm.conformance.tolerances import FUNCTION, MODEL, assert_close
@@ -116,7 +116,7 @@ def test_kernel_equals_naive_attention():
 def test_the_portable_path_equals_it_too():
     """The same checks with the AVX-512 path turned off (a process of its own: the path is
     chosen once per process)."""
-    on_portable_path("test_attention_kernel", "check_cases()")
+    on_path("portable", "test_attention_kernel", "check_cases()")
 
 
 def test_the_xla_path_equals_naive_attention():

@@ -20,7 +20,7 @@ import pytest
 
 import slimllm
 from conftest import FIXTURES, ROOT, STORIES
-from kernel_paths import needs_library, on_portable_path
+from kernel_paths import needs_library, on_path
 from slimllm import kernels
 from slimllm.kernels import linear as kernel
 from slimllm.reference.weight_format import ENCODINGS, Compact
@@ -60,8 +60,38 @@ def widened(w, encoding: str) -> np.ndarray:
     return ENCODINGS[encoding].widen(np.asarray(w.values), scale)
 
 
+def amx_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
+    """Does this product take the AMX road (src/linear.cc: kernels "fast" on a CPU with AMX,
+    more than 4 rows of x, bfloat16/int8/int4 weights, 16-row tiles, 32-column steps)?"""
+    return (
+        choice == "fast"
+        and kernels.isa() == "avx512-amx"
+        and m > 4
+        and encoding in kernel.AMX_ENCODINGS
+        and rows % 16 == 0
+        and (group or cols) % 32 == 0
+    )
+
+
+def error_bound(x, wide, choice: str, encoding: str, group, m: int) -> np.ndarray:
+    """|y - x @ wide.T| allowed per output: float32 summation, plus x's rounding on a fast road."""
+    rows, cols = wide.shape
+    bound = 1e-6 * np.sqrt(cols) * (np.abs(x) @ np.abs(wide).T)  # float32 sums
+    if amx_road(choice, encoding, group, rows, cols, m):
+        if encoding == "bfloat16":  # x rounded to bfloat16: half an ulp of 8 bits
+            return bound + 2.0**-8 * (np.abs(x) @ np.abs(wide).T)
+        step = 64 if (group or cols) % 64 == 0 else 32  # x to int8, one scale per step
+        top = np.abs(x).reshape(m, cols // step, step).max(axis=2)  # [m, steps]
+        mass = np.abs(wide).reshape(rows, cols // step, step).sum(axis=2)  # [rows, steps]
+        return bound + (top / 254) @ mass.T
+    if choice == "fast" and ENCODINGS[encoding].qmax:  # x rounded to 16 bits (VNNI)
+        top = np.abs(x).max(axis=1, keepdims=True)  # [m, 1]
+        return bound + top / 65534 * np.abs(wide).sum(axis=1)[None, :]
+    return bound
+
+
 def check_products(
-    rows_list=(1, 5, 67), cols_list=(16, 96, 1024), ms=(1, 2, 3, 4, 5, 16), choice="auto"
+    rows_list=(1, 5, 67, 32), cols_list=(16, 96, 1024), ms=(1, 2, 3, 4, 5, 16), choice="auto"
 ):
     rng = np.random.default_rng(0)
 
@@ -79,26 +109,45 @@ def check_products(
                 wide = widened(w, encoding).astype(np.float64)
                 for m in ms:
                     x = rng.standard_normal((m, cols)).astype(np.float32)
-                    y = np.asarray(product(jnp.asarray(x), w))
-                    want = x.astype(np.float64) @ wide.T
-                    bound = 1e-6 * cols * (np.abs(x) @ np.abs(wide).T) / np.sqrt(cols)
-                    if choice == "fast" and ENCODINGS[encoding].qmax:  # x rounded to 16 bits
-                        top = np.abs(x).max(axis=1, keepdims=True)  # [m, 1]
-                        bound = bound + top / 65534 * np.abs(wide).sum(axis=1)[None, :]
-                    err = np.abs(y - want)
+                    x[:, 0] = 8.0  # a column of outliers: x's rounding steps follow the largest
+                    y = product(jnp.asarray(x), w)
+                    if y is None:  # only the AMX road takes more than 16 rows
+                        assert m > kernel.MAX_ROWS and not amx_road(
+                            choice, encoding, group, rows, cols, m
+                        )
+                        continue
+                    err = np.abs(np.asarray(y) - x.astype(np.float64) @ wide.T)
+                    bound = error_bound(x, wide, choice, encoding, group, m)
                     assert (err <= bound + 1e-30).all(), (encoding, group, rows, cols, m)
 
 
 @pytest.mark.parametrize("choice", ["auto", "fast"])
 def test_products_match_the_reference_widening(choice):
-    """auto: float32 arithmetic; fast: int8/int4 codes meet x rounded to 16 bits (AVX512-VNNI)."""
-    check_products(choice=choice)
+    """auto: float32 arithmetic; fast: x rounded, to bfloat16 or int8 in AMX tiles where the CPU
+    has AMX (5 rows of x or more, prefill's too), else int8/int4 codes meet x rounded to 16 bits
+    (AVX512-VNNI)."""
+    check_products(choice=choice, ms=(1, 2, 3, 4, 5, 16, 40) if choice == "fast" else (1, 4, 5, 16))
 
 
 def test_the_portable_path_matches_too():
     """The same checks with the AVX-512 path turned off (a process of its own: the path is
     chosen once per process)."""
-    on_portable_path("test_linear_kernel", "check_products(ms=(1, 3, 16), choice='fast')")
+    on_path("portable", "test_linear_kernel", "check_products(ms=(1, 3, 16), choice='fast')")
+
+
+def test_without_amx_fast_takes_the_16_bit_road():
+    """SLIMLLM_KERNELS_ISA=avx512 turns AMX off: "fast" int8/int4 products are the VNNI road's at
+    every batch size, and more than 16 rows go to XLA (a process of its own)."""
+    on_path("avx512", "test_linear_kernel", "check_products(ms=(1, 5, 16, 40), choice='fast')")
+
+
+def test_amx_takes_prefill_rows_only_where_the_cpu_has_it():
+    w = compact(np.ones((32, 64), np.float32), "int8", None)
+    with kernels.choose("fast"):
+        taken = kernel.linear(jnp.ones((40, 64), jnp.float32), w) is not None
+    assert taken == (kernels.isa() == "avx512-amx")
+    with kernels.choose("auto"):
+        assert kernel.linear(jnp.ones((40, 64), jnp.float32), w) is None
 
 
 def test_widths_the_kernel_does_not_tile_go_to_xla():
