@@ -175,9 +175,20 @@ def choose(scores, u):
     return jnp.minimum(idx, last)
 
 
+def first_argmax(scores):
+    """jnp.argmax over the last axis (the first maximum; the first NaN where a row has one) as
+    plain reductions: XLA:CPU runs argmax's (value, index) pair reduction on one thread, 1.4 ms
+    for 16 rows of 32000 scores. [..., v] -> [...] int32."""
+    v = scores.shape[-1]
+    nan = jnp.isnan(scores)
+    top = jnp.max(jnp.where(nan, -jnp.inf, scores), axis=-1, keepdims=True)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, scores == top)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1).astype(jnp.int32)
+
+
 def sample(logits, sc: SamplingConfig | Sampling, seen, seeds, step):
     """Next token per row [b] from raw logits [b,v] (seeds: [b, 2] uint32 words)."""
     scores = process(logits, sc, seen)
     if Sampling.of(sc).greedy:
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [b,v] -> [b]
+        return first_argmax(scores)  # [b,v] -> [b]
     return choose(scores, uniform(seeds, step)).astype(jnp.int32)

@@ -27,7 +27,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import mpi
-from .sampling import Sampling, choose, process, repetition_penalty, sample, uniform
+from .sampling import (
+    Sampling,
+    choose,
+    first_argmax,
+    process,
+    repetition_penalty,
+    sample,
+    uniform,
+)
 
 AXIS = "tp"
 
@@ -119,7 +127,7 @@ def greedy(local_scores, comm: Comm):
     """Global argmax [b] (lowest id on ties) from each rank's scores [b, v/R]."""
     local_vocab = local_scores.shape[-1]
     best = jnp.max(local_scores, axis=-1)  # [b]
-    ids = jnp.argmax(local_scores, axis=-1).astype(jnp.int32) + vocab_offset(comm, local_vocab)
+    ids = first_argmax(local_scores) + vocab_offset(comm, local_vocab)
     top = comm.max(best)  # reduction 1: b values
     mine = jnp.where(best == top, ids, jnp.iinfo(jnp.int32).max)
     return comm.min(mine)  # reduction 2: b values

@@ -6,10 +6,14 @@ for different reasons); a ragged batch row generates what it generates alone, gr
 seeded; the JAX engine's programs are shared with the other stories tests (session fixture).
 """
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import slimllm
 from slimllm.conformance.invariants import rows_equal_alone, rows_of, same_generations
+from slimllm.jaxbackend.sampling import first_argmax
 from slimllm.reference.sampling import SamplingConfig
 
 MAX_NEW = 24
@@ -73,3 +77,18 @@ def test_ragged_batch_rows_equal_rows_alone(setup, sampling):
         )
 
     rows_equal_alone(run, rows, [3, 4, 5])
+
+
+def test_the_greedy_choice_is_numpys_argmax():
+    """`first_argmax` (two plain reductions in place of XLA's argmax) picks what np.argmax picks:
+    the first of tied maxima, the first NaN of a row that has one, 0 for a row of -inf."""
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        x = rng.standard_normal((4, 40)).astype(np.float32)
+        x[0, rng.integers(0, 40, 5)] = x[0].max()  # ties
+        if case % 2:
+            x[1, rng.integers(0, 40, 2)] = np.nan
+        x[2] = -np.inf
+        x[3, rng.integers(0, 40)] = np.inf
+        got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+        assert (got == np.argmax(x, axis=-1)).all(), (case, got)
