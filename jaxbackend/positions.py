@@ -12,6 +12,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
 from slimllm.reference.positions import Positions, SeqState, alibi_slopes, start_state
@@ -87,9 +88,11 @@ def wavelength_scale(freqs, scaling: WavelengthScaling):
 
 
 def rope_angles(cfg: ModelConfig, ids, alpha):
-    """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]."""
+    """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]. Made apart from their
+    use (an optimization barrier): fused into the rotation, XLA computed them again for every
+    head, 1.4 ms of a batch-16 decode step of the 150M shape."""
     angles = ids.astype(jnp.float32)[:, :, None] * inv_freq(cfg, alpha)[:, None, :]  # [b,t,r/2]
-    return jnp.cos(angles), jnp.sin(angles)
+    return lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
 
 
 def rotate(x, cos, sin, style):
