@@ -7,6 +7,7 @@ produced by `slimllm bench targets` and read by people.
 import json
 from pathlib import Path
 
+from slimllm import kernels
 from slimllm.cli import main
 
 TINY = "--preset tiny --prompt-len 8 --new-tokens 4 --iterations 2 --runs 2 --json".split()
@@ -78,6 +79,7 @@ def test_products_times_every_weight_format_at_each_batch(capsys):
     r = bench(capsys, "products", "--shapes", "tiny", "--batch", "1,2")
     formats = ["float32", "bfloat16", "float16", "int8", "int4"]  # the default: every format
     assert r["kind"] == "products" and r["batch"] == [1, 2] and r["base"] == "float32"
+    assert r["kernels"] == "auto" and r["kernels_isa"] == kernels.isa()
     sh = r["shapes"]
     assert sh["name"] == "tiny" and sum(m["count"] for m in sh["matrices"]) == 2 * 4 + 1
     assert sh["params"] == sum(m["out"] * m["in"] * m["count"] for m in sh["matrices"])
