@@ -3,15 +3,14 @@
 The C++ sources are `kernels/src/*.cc`, built by the package's own build (`setup.py`) into one
 library, `slimllm.kernels._native`, which exports XLA FFI handlers (`slimllm_linear`, ...) and
 picks its instruction set at run time (`isa()`: "avx512-amx", "avx512-vnni", "avx512" or
-"portable"). The
-build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in the environment,
-`available()` is False and every program takes the pure-XLA path, with the same results up to
-the order of float32 sums.
+"portable"). The build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in the
+environment, `available()` is False and every program takes the pure-XLA path, with the same
+results up to the order of float32 sums.
 
 A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, in
-float32 arithmetic; "fast": also weight products on x rounded, to bfloat16 in AMX tiles for
-bfloat16/int8/int4 weights where the CPU has AMX, else to 16-bit integers for int8/int4; "xla":
-never).
+float32 arithmetic; "fast": also weight products on x rounded: in AMX tiles where the CPU has
+AMX, for more than 4 rows (to bfloat16 for bfloat16 weights, to int8 per 32 or 64 columns for
+int8/int4), else to 16-bit integers for int8/int4 weights; "xla": never).
 `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
 kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
 its compiled programs by the Runtime, so both paths can live in one process.

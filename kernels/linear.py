@@ -4,8 +4,9 @@ any weight format (`src/linear.cc`), for the few rows of x that decoding multipl
 `linear(x, w)` returns None when the kernel does not apply (kernels off or missing, more than
 MAX_ROWS rows of x, widths the kernel does not tile), and the caller takes the XLA path.
 Prefill's many rows stay with XLA's matrix products, which block for the caches, except on the
-AMX road (kernels "fast" on a CPU with AMX: bfloat16, int8 and int4 weights against x rounded to
-bfloat16 in tiles), which takes any number of rows.
+AMX road (kernels "fast" on a CPU with AMX, more than 4 rows of x: bfloat16 weights against x
+rounded to bfloat16, int8/int4 codes against x rounded to int8, in tiles), which takes any
+number of rows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import active, choice, isa, target
 ENCODING = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
 MAX_ROWS = 16  # rows of x (tokens of a decode batch) above which XLA's products are faster
 LANES = 16  # the kernel's column step: widths and groups are multiples of it
-AMX_ENCODINGS = ("bfloat16", "int8", "int4")  # the AMX road's (exact in bfloat16)
+AMX_ENCODINGS = ("bfloat16", "int8", "int4")  # the AMX road's (tiles take them as stored)
 AMX_COLS, AMX_ROWS = 32, 16  # its tile step over columns, and its tiles' rows of w
 traced = collections.Counter()  # custom calls emitted while tracing, per encoding (for tests)
 
