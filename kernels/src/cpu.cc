@@ -12,9 +12,14 @@
 
 namespace slimllm {
 
-static bool detect_avx512() {
+// Is SLIMLLM_KERNELS_ISA set to `name`?
+static bool isa_forced(const char* name) {
   const char* forced = std::getenv("SLIMLLM_KERNELS_ISA");
-  if (forced != nullptr && std::strcmp(forced, "portable") == 0) return false;
+  return forced != nullptr && std::strcmp(forced, name) == 0;
+}
+
+static bool detect_avx512() {
+  if (isa_forced("portable")) return false;
 #if SLIMLLM_X86
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -40,8 +45,7 @@ bool has_avx512_vnni() {
 }
 
 static bool detect_amx() {
-  const char* forced = std::getenv("SLIMLLM_KERNELS_ISA");
-  if (forced != nullptr && std::strcmp(forced, "avx512") == 0) return false;
+  if (isa_forced("avx512")) return false;
 #if SLIMLLM_X86 && defined(__linux__)
   if (!has_avx512()) return false;
   unsigned a, b, c, d;
