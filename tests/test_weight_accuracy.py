@@ -159,9 +159,11 @@ def test_fast_kernels_stay_near_each_formats_exact_arithmetic(chunk):
     model, prompt = load_case("llama")
     seq = sample_sequence(model, prompt, LENGTH, seed=0)
 
+    group = group_for(model.cfg)  # int4's groups, as the other tests of this module
+
     def probs(fmt, kernels):
         rt = Runtime(
-            "jax", weights=fmt, weight_group=32 if fmt == "int4" else None, kernels=kernels
+            "jax", weights=fmt, weight_group=group if fmt == "int4" else None, kernels=kernels
         )
         logits = sequence_logits(model, seq, len(prompt), rt, chunk)
         return log_softmax(logits.astype(np.float64))
