@@ -1,9 +1,10 @@
 """slimllm: exact, fast, teachable LLM inference on CPUs.
 
-import slimllm
-model = slimllm.load("path/to/checkpoint")        # HF directory or llama2.c .bin
-out = slimllm.generate(model, "Once upon a time", max_new_tokens=32)
-print(out.text)
+    import slimllm
+    model = slimllm.load("path/to/checkpoint")        # HF directory or llama2.c .bin
+    model = slimllm.load(slimllm.SHIPPED_MODEL)       # or the small Llama slimllm ships
+    out = slimllm.generate(model, "Once upon a time", max_new_tokens=32)
+    print(out.text)
 
 Compiled programs are kept in ~/.cache/slimllm/xla for the next process (`compile_cache`).
 """
@@ -20,6 +21,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "reference")) and _os.path.isfi
     __path__.append(_root)
 
 from .api import (  # noqa: E402 (after the path)
+    SHIPPED_MODEL,
     Model,
     Output,
     Runtime,
@@ -34,6 +36,7 @@ __all__ = [
     "Model",
     "Output",
     "Runtime",
+    "SHIPPED_MODEL",
     "SlimllmError",
     "compile_cache",
     "demo_model",

@@ -184,6 +184,12 @@ def load(path, progress=None, weights: str | None = None, group: int | None = No
     return model
 
 
+# The small Llama slimllm ships, trained on the standard library's documentation by
+# `python -m slimllm.train` (its model card, README.md, is in the directory).
+SHIPPED_MODEL = Path(__file__).parent / "models" / "pydoc-llama"
+"""The folder of the model slimllm ships, a Hugging Face Llama directory with its tokenizer:
+`slimllm.load(slimllm.SHIPPED_MODEL)`."""
+
 DEMO_CONFIG = ModelConfig(
     vocab=32000,
     width=512,

@@ -1,6 +1,6 @@
 """The `slimllm` command line.
 
-    slimllm demo                                   random-weight Llama-shaped model, no files
+    slimllm demo                                   text from the shipped model, no files
     slimllm generate --model DIR --prompt TEXT     stream a continuation
     slimllm generate --model F.bin --ids 1 --json  one JSON object: ids, text, timings
 
@@ -25,7 +25,13 @@ from slimllm.reference.runtime import ATTENTION, BACKENDS, KERNELS
 from slimllm.reference.weight_format import WEIGHT_DTYPES
 
 from .bench.common import add_arguments as add_bench_arguments
-from .commands import COMMANDS, UserError, prepare_compile_cache, prepare_devices
+from .commands import (
+    COMMANDS,
+    DEMO_SAMPLING,
+    UserError,
+    prepare_compile_cache,
+    prepare_devices,
+)
 from .diff import SIDE_SYNTAX
 from .strict_json import dumps
 
@@ -115,9 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a continuation from a checkpoint")
     g.add_argument("--model", required=True, help="HF checkpoint directory or llama2.c .bin")
     add_generation_options(g)
-    d = sub.add_parser("demo", help="generate with a random-weight model (or --model PATH)")
-    d.add_argument("--model", help="run this checkpoint instead of the random demo model")
+    d = sub.add_parser(
+        "demo",
+        help="generate text with the shipped model (or --model PATH, or --random)",
+        description="Streams a continuation of --prompt (default: a sentence in the style of "
+        "the Python documentation) from the small Llama slimllm ships, trained on the standard "
+        "library's documentation, then prints its speed and what to try next.",
+    )
+    which = d.add_mutually_exclusive_group()
+    which.add_argument("--model", help="run this checkpoint instead of the shipped model")
+    which.add_argument(
+        "--random",
+        action="store_true",
+        help="a random-weight 44M-parameter Llama instead (no tokenizer: prints token ids)",
+    )
     add_generation_options(d)
+    d.set_defaults(**DEMO_SAMPLING)
     k = sub.add_parser(
         "memory",
         aliases=["kv-size"],

@@ -17,7 +17,15 @@ from slimllm.reference.errors import SlimllmError
 from slimllm.reference.runtime import Runtime
 from slimllm.weights import load_config, native_format, read_json
 
-from .api import check_format, check_text, compile_cache, demo_model, generate, load
+from .api import (
+    SHIPPED_MODEL,
+    check_format,
+    check_text,
+    compile_cache,
+    demo_model,
+    generate,
+    load,
+)
 from .diff import diff, format_report, load_dump, parse_side
 from .evaluate import compare, format_memory, memory_report, sample_sequence
 
@@ -152,19 +160,55 @@ def cmd_generate(args) -> dict:
     return run_generation(load_for(args), args)
 
 
+# The demo samples (a small model's greedy text soon repeats itself), seeded: the same text on
+# every run. Each is a default of `slimllm demo`'s options, so any can be changed.
+DEMO_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 80}
+DEMO_PROMPT = "Open the file"
+
+
 def cmd_demo(args) -> dict:
-    # The random demo model is made in float32; a --weights run encodes it once (params_for).
-    model = load_for(args) if args.model else demo_model()
+    if args.random:  # made in float32; a --weights run encodes it once (params_for)
+        model = demo_model()
+    else:
+        args.model = args.model or str(SHIPPED_MODEL)
+        model = load_for(args)
+    if args.prompt is None and args.ids is None and model.tokenizer is not None:
+        args.prompt = DEMO_PROMPT
     if not args.json:
-        print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)", flush=True)
+        print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)")
+        print("-" * 72)
+        if args.prompt is not None:
+            print(args.prompt, end="", flush=True)  # the continuation streams after it
     result = run_generation(model, args, default_ids=[model.bos_id or 1])
     result["model"] = model.source
     if not args.json:
+        print("-" * 72)
         print(
-            f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s "
-            f"(decode, {args.backend} backend, {result['weights']} weights)"
+            f"{len(result['ids'])} tokens, {result['tokens_per_second']} tokens/s decoding, "
+            f"first token {result['prefill_seconds'] * 1000:.0f} ms, "
+            f"compile {result['compile_seconds']:.1f} s "
+            f"({args.backend} backend, {result['weights']} weights)"
         )
+        print(next_steps(model))
     return result
+
+
+def next_steps(model) -> str:
+    """What to try after the demo, with this model's path in the commands."""
+    path = model.source if " " not in model.source else f'"{model.source}"'
+    lines = ["Try next:"]
+    if model.tokenizer is not None:
+        lines += [
+            '  slimllm demo --prompt "The json module" --seed 1      another prompt, other samples',
+            f'  slimllm generate --model {path} --prompt "Return the" --temperature 0 --stop "."',
+            f'  slimllm eval --model {path} --text "Return a new list." --kv-dtype int8',
+        ]
+    lines += [
+        "  slimllm demo --backend numpy                the NumPy reference: same maths, slower",
+        "  slimllm demo --random                       a 44M random-weight model (speed only)",
+        "  the course, chapter by chapter: docs/course/ (built as a site by mkdocs build)",
+    ]
+    return "\n".join(lines)
 
 
 def own_format(path) -> str:

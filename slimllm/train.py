@@ -476,8 +476,8 @@ and decayed on a cosine to {s["min_lr"]}. {s["steps"]} steps of {s["batch"]} win
 {log["tokens_seen"] / data["training_tokens"]:.1f} passes over the training tokens.
 
 Wall time: {log["train_seconds"] / 60:.1f} minutes of training ({log["total_seconds"] / 60:.1f}
-in all) on {log["machine"]}, with jax {log["jax"]}; the load average over the last five minutes
-of training was {log["load_average"]} (other work shared the cores).
+in all) on {log["machine"]}, with jax {log["jax"]}; 5-minute load average while training:
+{log["load_average"]} (other work shared the cores).
 
 | step | training loss | learning rate | seconds | held-out perplexity |
 |---|---|---|---|---|
