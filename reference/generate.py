@@ -31,6 +31,8 @@ from .sampling import SamplingConfig, is_integer, sample
 
 @dataclass
 class Generation:
+    """One row's result: its new ids (the one that stopped it included) and why it stopped."""
+
     ids: list[int]  # generated ids only
     finish_reason: str  # "length" | "eos" | "stop"
     logits: list = field(default_factory=list)  # raw logits [v] that produced each id, if asked
@@ -38,6 +40,9 @@ class Generation:
 
 @dataclass
 class GenerateResult:
+    """Every row's `Generation`, and the timings: prefill (the prompts, to their first logits),
+    decode (choosing every id and the decode steps between), the decode steps run."""
+
     rows: list[Generation]
     prefill_seconds: float
     decode_seconds: float
@@ -47,6 +52,10 @@ class GenerateResult:
 
 @dataclass
 class Stopping:
+    """When a row stops (`reason`), checked when made: after `max_new_tokens` ids, on one of
+    `eos_ids`, when its ids end with one of `stop_sequences`, or when its ids decoded (`decode`,
+    needed for these) contain one of `stop_strings`."""
+
     max_new_tokens: int = 64
     eos_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences

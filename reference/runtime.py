@@ -40,6 +40,13 @@ KERNELS = ("auto", "fast", "xla")
 
 @dataclass(frozen=True)
 class Runtime:
+    """The run settings (module docstring): `backend` ("jax" or "numpy"), `attention` (an
+    ATTENTION kind, with its block or tile sizes in `attention_options`), `kv_dtype` (a
+    KV_FORMATS name), `tp` ranks over `transport` ("devices": XLA devices of this process,
+    "mpi": one MPI process each), `cache_len` (KV slots; None: prompt + new tokens), `weights`
+    and `weight_group` (a WEIGHT_FORMATS name and its input columns per scale; None: as loaded,
+    the format's default), `kernels` (a KERNELS choice). Every field is checked when made."""
+
     backend: str = "jax"
     attention: str = "naive"  # an ATTENTION kind
     attention_options: tuple = ()  # (name, value) pairs: block/tile sizes of that kind
@@ -84,6 +91,7 @@ class Runtime:
             )
 
     def replace(self, **changes) -> Runtime:
+        """A copy with `changes`, checked as any new Runtime."""
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:

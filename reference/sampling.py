@@ -59,6 +59,10 @@ def number(name: str, value, low: float, high: float = math.inf, low_open=False)
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """The processors' settings (their rules: the module docstring), each checked by name when
+    made and stored as a Python number, so that equal settings hash equal; each default turns
+    its processor off."""
+
     temperature: float = 0.0  # below GREEDY_BELOW (0 included): greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
@@ -83,6 +87,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
+        """Argmax after the penalty, no draw: the temperature is below GREEDY_BELOW."""
         return self.temperature < GREEDY_BELOW
 
 
@@ -93,6 +98,7 @@ PARITY = np.uint32(0x1BD11BDA)
 
 
 def rotl(x, r):
+    """Each uint32 of x rotated left by r bits."""
     return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
 
 

@@ -138,6 +138,13 @@ Model.params = property(Model._get_params, Model._set_params)
 
 @dataclass
 class Output:
+    """What `generate` returns, a list entry per prompt row: `ids` (the new ids only, the one
+    that stopped the row included), `texts` (those decoded; None without a tokenizer),
+    `finish_reasons` ("length", "eos" or "stop"), `prompt_ids` (the prompts as ids) and `logits`
+    (with `return_logits`; else empty). Timings leave compilation out: `prefill_seconds` (the
+    prompts, to their first logits), `decode_seconds` (choosing every id and the decode steps
+    between), `decode_steps` (those steps), `compile_seconds` (JAX: compiling programs)."""
+
     ids: list[list[int]]  # generated ids per prompt
     texts: list[str | None]
     finish_reasons: list[str]
@@ -150,6 +157,7 @@ class Output:
 
     @property
     def text(self) -> str | None:
+        """The first row's text (None without a tokenizer)."""
         return self.texts[0]
 
     @property
@@ -163,7 +171,8 @@ class Output:
 def load(path, progress=None, weights: str | None = None, group: int | None = None) -> Model:
     """Load a Hugging Face checkpoint directory or a llama2.c .bin file, its weights stored in
     format `weights` (a WEIGHT_FORMATS name; None: the checkpoint's own dtype) with `group`
-    input columns per scale (None: the format's default)."""
+    input columns per scale (None: the format's default). `progress(files)` wraps the list of
+    weight files as they are read (default: a bar on stderr when there are several)."""
     progress = progress or shards
     if weights is not None:  # a format that cannot store this model fails before the weights load
         check_format(load_config(path), weights, group)
@@ -207,7 +216,8 @@ DEMO_CONFIG = ModelConfig(
 def compile_cache(directory: str | os.PathLike | None) -> Path | None:
     """Keep the JAX backend's compiled programs in `directory` (None: nowhere) instead of
     $SLIMLLM_COMPILE_CACHE or ${XDG_CACHE_HOME:-~/.cache}/slimllm/xla: a later process on the
-    same model and shapes reads them instead of compiling. Applies from the next compile on."""
+    same model and shapes reads them instead of compiling. Applies from the next compile on;
+    returns the directory (None: none)."""
     from slimllm.jaxbackend.engine import compile_cache as use  # jax: as in Model.engine
 
     return use(directory)
@@ -289,12 +299,74 @@ def generate(
     kernels: str = "auto",
     runtime: Runtime | None = None,
 ) -> Output:
-    """Generate from text (`prompt`) or token ids (`ids`: one list, or a list of lists). The
-    run settings are `runtime`, or else built from backend/attention/kv_dtype/cache_len/tp/
-    weights (a weight format other than the loaded one re-encodes the weights once)/kernels
-    ("auto": the JAX backend calls slimllm's compiled kernels where they are built; "fast":
-    weight products also round activations, to bfloat16 or int8 in AMX tiles where the CPU has
-    AMX, else to 16 bits for int8/int4 weights; "xla": never)."""
+    """Continue each prompt by up to `max_new_tokens` ids -> `Output`. Sampling follows Hugging
+    Face `generate()`; a seed gives the same ids on every run, and a row of a batch the ids it
+    gives alone. A bad argument raises an `OptionError` (a `SlimllmError`) naming it.
+
+    The prompts, exactly one of:
+
+    - `prompt`: text (needs the model's tokenizer), or a list of texts.
+    - `ids`: token ids, one list or a list of lists (rows may differ in length).
+
+    When a row stops (each on its own; the id that stops it is kept in its output):
+
+    - `max_new_tokens`: after this many ids ("length"), at least 1; the longest prompt plus it
+      must fit the model's context (`model.cfg.max_len`).
+    - `eos_ids`: on any of these ids ("eos"); None: the model's own (`model.eos_ids`), (): none.
+    - `stop` ("stop"): token-id lists, met when the row's newest ids equal one; strings (need a
+      tokenizer), met when the decoded text of the row's new ids contains one. A lone string
+      is one stop string.
+
+    How each id is chosen, in this order (each default turns its step off):
+
+    - `repetition_penalty` (> 0; 1 off): the logit of every id in the prompt or the output so
+      far is divided by it if positive, multiplied by it if negative (greedy runs too).
+    - `temperature` (>= 0): logits are divided by it; below 1e-5 (the default 0) the choice is
+      greedy, the argmax (lowest id on ties), and the three filters below are skipped.
+    - `top_k` (integer >= 0; 0 off): keep the k highest scores (ties with the k-th kept).
+    - `top_p` (in (0, 1]; 1 off): keep the most likely tokens until their probability reaches
+      p (the token that crosses p is kept).
+    - `min_p` (in [0, 1]; 0 off): drop tokens less likely than min_p times the most likely.
+    - `seed`: one integer for every row, or a list of one per row, in `[-2**63, 2**64)`: row r's
+      draw at step n is a pure function of (seed of row r, n) (counter-based Threefry-2x32).
+
+    What the caller sees while generating:
+
+    - `on_token(row, id)`: called as each id is chosen (rows in order); needs mode "stream".
+    - `return_logits`: `Output.logits[r]` is float32 [n, v]: the raw logits (before penalty,
+      temperature and filters) that chose each of row r's n ids; needs mode "stream".
+    - `mode`: the JAX backend's form. "loop": the whole token loop is one compiled program
+      (no round trip to Python per token; the ids arrive at the end); "stream": one compiled
+      decode step and one sampling step per token, the host sees each id. None: "stream" when
+      `on_token`, stop strings or `return_logits` need it, else "loop". The NumPy backend
+      checks it the same way and runs its one loop.
+
+    How it computes: one `Runtime`, given as `runtime` (then the keywords below are ignored) or
+    made from them:
+
+    - `backend`: "jax" (compiled, the fast path) or "numpy" (the reference, the definition).
+    - `attention`: "naive" (the definition), "slim" (SlimAttention: blocks of query rows, exact
+      softmax per row) or "flash" (2-D tiles, online softmax); equal up to float rounding.
+    - `kv_dtype`: the KV cache's storage: "float32", "float16", "bfloat16" or "int8" (one
+      float32 scale per token per head).
+    - `cache_len`: KV slots per row (None: the longest prompt + max_new_tokens, which the JAX
+      backend rounds up to a few shared lengths, so that calls share compiled programs); it
+      must hold that sum and not exceed the model's context.
+    - `tp`: tensor-parallel ranks (JAX backend only); it must divide the query heads, the FFN
+      width and the vocabulary, and divide or be a multiple of the KV heads. In one process
+      the model is split over tp XLA CPU devices, which exist only if
+      `XLA_FLAGS=--xla_force_host_platform_device_count=N` (N >= tp) was set before jax was
+      first imported (`import slimllm` does not import it; the first JAX run does). Under
+      `mpiexec -n R` each process is one rank: tp is R (given as 1 or R).
+    - `weights`: the weight format to run in ("float32", "bfloat16", "float16", "int8",
+      "int4"; None: as loaded); another format is encoded once from the loaded weights and
+      kept on the model. `weight_group`: input columns per scale for int8/int4 (None: the
+      format's default, one scale per row for int8, 32 columns for int4).
+    - `kernels` (JAX backend): "auto" calls slimllm's compiled kernels where they are built
+      (float32 arithmetic); "fast" lets weight products also round activations, to bfloat16 or
+      int8 in AMX tiles where the CPU has AMX, else to 16 bits for int8/int4 weights; "xla"
+      never calls them.
+    """
     rt = runtime or Runtime(
         backend=backend,
         attention=attention,

@@ -47,11 +47,14 @@ SCHEMA = "slimllm.diff/1"
 
 @dataclass(frozen=True)
 class Side:
+    """One side of a diff: a slimllm setting (`rt`), transformers ("hf") or a dump (`path`)."""
+
     kind: str = "slimllm"  # "slimllm" | "hf" | "dump"
     rt: Runtime = Runtime(backend="numpy")  # the settings of a "slimllm" side
     path: str = ""  # a "dump" side's file
 
     def describe(self) -> str:
+        """The side as the report names it (a setting: `Runtime.describe()`)."""
         if self.kind == "hf":
             return "hf (transformers)"
         if self.kind == "dump":
@@ -59,6 +62,7 @@ class Side:
         return self.rt.describe()
 
     def as_json(self) -> dict:
+        """The side in the JSON report: its kind, every Runtime field, the dump, the name."""
         return {"kind": self.kind, **asdict(self.rt), "path": self.path, "desc": self.describe()}
 
 
@@ -100,6 +104,8 @@ def parse_side(text: str) -> Side:
 
 
 def reference_trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
+    """The NumPy reference's named intermediates [t, ...] under `side`'s setting: one forward
+    over all of `tokens`, the first `prompt_len` of them read as the prompt."""
     cfg = model.cfg
     state = positions.start_state(cfg, [tokens[:prompt_len]])
     cache = kv_cache.init_cache(cfg, 1, len(tokens), side.rt.kv_dtype)
@@ -161,6 +167,7 @@ def trace(model: Model, tokens, prompt_len: int, side: Side) -> dict:
 
 
 def split_key(key: str) -> tuple[int | None, str]:
+    """'layers.3.q' -> (3, 'q'); a key outside the layers -> (None, key)."""
     m = re.fullmatch(r"layers\.(\d+)\.(\w+)", key)
     return (int(m.group(1)), m.group(2)) if m else (None, key)
 

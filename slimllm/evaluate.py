@@ -93,7 +93,11 @@ def compare(
     baseline: Runtime = BASELINE,
     greedy_tokens: int = 200,
 ) -> dict:
-    """All harness figures for `setting` against `baseline` on one sequence."""
+    """All harness figures for `setting` against `baseline` on one sequence, its first
+    `prompt_len` tokens prefilled as a prompt: `kl` (KL(baseline || setting) of the next-token
+    distributions over the positions: mean, p99, max), `top1_agreement`, `perplexity` (of the
+    sequence under each), `greedy` (`greedy_tokens` greedy ids from the prompt under each: the
+    length of their identical prefix, the fraction that agree) and `nonfinite_positions`."""
     tokens = token_ids(tokens, "tokens")
     check_prompts(model.cfg, [tokens], 0, None)  # ids inside the vocabulary and the context
     steps = iter(bar(range(4), f"eval {setting.describe()}"))
