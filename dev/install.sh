@@ -6,7 +6,7 @@
 # really holds include/cuda_runtime.h, or mpi4jax's CUDA bridge fails to build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -e '.[test]'
+python -m pip install -e '.[test,docs]'
 python -m pip install mpi4py mpich
 PATH="$(python -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH"
 export PATH
