@@ -123,14 +123,14 @@ def train_tokenizer(texts: list[str], vocab: int):
     return tok
 
 
-def token_stream(tok, texts: list[str]) -> np.ndarray:
-    """<s> text </s> for every text, one after the other: [n] int32."""
-    eos = tok.token_to_id(EOS)
-    ids = []
-    for enc in tok.encode_batch(texts):
-        ids.extend(enc.ids)  # <s> and the text
-        ids.append(eos)
-    return np.asarray(ids, np.int32)
+def token_stream(encoded: list[list[int]], eos: int) -> np.ndarray:
+    """Encoded texts (each <s> and its ids), each followed by </s>, one after the other: [n]."""
+    return np.asarray([i for ids in encoded for i in (*ids, eos)], np.int32)
+
+
+def encode_all(tok, texts: list[str]) -> np.ndarray:
+    """The token stream of `texts` with the `tokenizers` tokenizer being trained."""
+    return token_stream([enc.ids for enc in tok.encode_batch(texts)], tok.token_to_id(EOS))
 
 
 # ---------------------------------------------------------------- model and loss
@@ -162,7 +162,7 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
             mlp_norm=jnp.ones(e),
             w_gate_up=normal((2 * f, e)),  # [2f, e]
             w_down=normal((e, f), out_std),  # [e, f]
-        )  # fmt: skip
+        )
         for _ in range(cfg.n_layers)
     )
     return Params(embed=normal((cfg.vocab, e)), layers=layers, final_norm=jnp.ones(e))
@@ -252,8 +252,7 @@ def model_perplexity(model, texts: list[str]) -> float:
     products in float32, windows as in training: what the model card reports."""
     from slimllm.jaxbackend.params import to_device
 
-    eos = model.eos_ids[0]
-    stream = np.asarray([i for t in texts for i in (*model.tokenizer.encode(t), eos)], np.int32)
+    stream = token_stream([model.tokenizer.encode(t) for t in texts], model.eos_ids[0])
     return perplexity(to_device(model.params), model.cfg, stream)
 
 
@@ -325,8 +324,8 @@ def train(s: Settings, out: Path, docs: list[corpus.Document] | None = None) -> 
     docs = corpus.documents() if docs is None else docs
     train_docs, held_docs = corpus.split(docs)
     tok = train_tokenizer([d.text for d in train_docs], s.vocab)
-    train_stream = token_stream(tok, [d.text for d in train_docs])
-    held_stream = token_stream(tok, [d.text for d in held_docs])
+    train_stream = encode_all(tok, [d.text for d in train_docs])
+    held_stream = encode_all(tok, [d.text for d in held_docs])
     cfg = config_from_hf(hf_config(s))
 
     params = init_params(cfg, s.seed)
