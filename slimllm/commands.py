@@ -174,6 +174,8 @@ def cmd_demo(args) -> dict:
         model = load_for(args)
     if args.prompt is None and args.ids is None and model.tokenizer is not None:
         args.prompt = DEMO_PROMPT
+    if args.prompt is not None and model.tokenizer is None:  # before anything is printed
+        raise UserError(f"{model.source} has no tokenizer: give --ids instead of --prompt")
     if not args.json:
         print(f"model: {model.source} ({model.cfg.n_params() / 1e6:.1f}M parameters)")
         print("-" * 72)

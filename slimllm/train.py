@@ -39,6 +39,7 @@ from slimllm.jaxbackend.model import forward
 from slimllm.jaxbackend.params import DeviceLayer
 from slimllm.jaxbackend.positions import SeqState
 from slimllm.reference.config import ModelConfig
+from slimllm.reference.errors import SlimllmError
 from slimllm.reference.params import Params
 from slimllm.reference.runtime import Runtime
 from slimllm.weights.families.llama import config_from_hf
@@ -498,13 +499,13 @@ training, on the held-out documents cut into windows of {s["context"]} tokens
 def check_transformers(out: Path) -> dict:
     """Load the checkpoint with transformers and compare its logits and tokens with slimllm's
     NumPy reference on held-out text; the result goes into the training log and model card."""
-    import torch
-    import transformers
-
     import slimllm
     from slimllm.evaluate import sequence_logits
 
-    model = slimllm.load(out)
+    model = slimllm.load(out)  # a missing or broken checkpoint says so before the oracle's imports
+    import torch
+    import transformers
+
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     docs = held_out_documents(out)
@@ -541,7 +542,12 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="a seconds-long run on a tiny config")
     args = p.parse_args(argv)
     if args.check_transformers:
-        print(json.dumps(check_transformers(args.out)))
+        try:
+            print(json.dumps(check_transformers(args.out)))
+        except ImportError as e:
+            p.exit(2, f"{p.prog}: error: --check-transformers needs the oracle extra ({e})\n")
+        except (SlimllmError, OSError) as e:  # no checkpoint there, or a broken one
+            p.exit(2, f"{p.prog}: error: {' '.join(str(e).split())}\n")
         return
     s = TINY if args.tiny else Settings()
     if args.steps is not None:

@@ -115,6 +115,7 @@ def test_demo_runs_on_the_embedded_model(capsys):
             ["demo", "--weights", "bfloat16", "--weight-group", "4"],
             "a weight group needs a quantised weight format",
         ),
+        (["demo", "--random", "--prompt", "hi"], "has no tokenizer: give --ids instead"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -89,3 +89,10 @@ def test_the_held_out_split_is_fixed_by_name():
     assert {d.name for d in held} == {d.name for d in docs if d.held_out}
     assert not {d.name for d in training} & {d.name for d in held}
     assert any(d.name == "str.split" for d in docs)  # a C method's docstring
+
+
+def test_a_missing_checkpoint_is_one_line_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--check-transformers", "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "no such file or directory" in err and err.count("\n") == 1
