@@ -5,7 +5,9 @@ Two forms:
 - `loop` (batch use): prefill, then the whole token loop in one XLA program (`lax.while_loop`:
   sample, record, check EOS / stop sequences / length, decode the next token unless finished).
 - `stream`: prefill, then one compiled decode step and one compiled sampling step per token; the
-  host sees every id as it is chosen (callbacks, stop strings, streamed text).
+  host sees every id as it is chosen (callbacks, stop strings, streamed text). With `logprobs=n`
+  a third compiled step (`logprobs_fn`) computes each token's logprob and top-n on the device,
+  and only those [b, 2n+1] numbers reach the host, never the [b, v] logits.
 
 jit discipline: the cache is preallocated to a static length and donated to every program;
 prompts are right-padded to a bucket (16, 32, 64, ... tokens), the cache length is bucketed too
@@ -38,6 +40,7 @@ from slimllm.reference.sampling import SamplingConfig
 
 from . import positions
 from .engine import Engine, bucket, program_runtime
+from .logprobs import check_logprobs, token_logprobs
 from .model import forward
 from .runtime import Runtime
 from .sampling import Sampling, seed_words
@@ -68,6 +71,11 @@ def decode_fn(params, ids, cache, state, *, cfg, rt, comm=SINGLE):
 def sample_fn(logits, seen, seeds, step, sampling, *, comm=SINGLE):
     """Choose ids [b] and mark them as seen (for the repetition penalty)."""
     return sample_ranked(logits, sampling, seen, seeds, step, comm)
+
+
+def logprobs_fn(logits, ids, *, n, comm=SINGLE):
+    """The chosen ids' logprobs [b], the top-n ids and logprobs [b,n] (logprobs.py)."""
+    return token_logprobs(logits, ids, n, comm)
 
 
 def stop_match(out, n, stops, stop_lens):
@@ -189,12 +197,14 @@ def generate(
     rt: Runtime = Runtime(),
     return_logits: bool = False,
     mode: str | None = None,
+    logprobs: int | None = None,
 ) -> GenerateResult:
     """Generate for each prompt, as the reference's `generate` (mode: "loop" or "stream";
-    default: stream when the host must see each token, else loop)."""
+    default: stream when the host must see each token, else loop; logprobs need stream)."""
     cfg = engine.cfg
     prompts, seeds, _ = check_request(cfg, prompts, stopping, seeds, rt.cache_len)
-    mode = check_mode(mode, stopping, on_token, return_logits)
+    logprobs = check_logprobs(logprobs, cfg.vocab)
+    mode = check_mode(mode, stopping, on_token, return_logits, logprobs)
     b = len(prompts)
     seeds = jnp.asarray(seed_words(seeds))
     seen = np.zeros((b, cfg.vocab), bool)
@@ -213,7 +223,18 @@ def generate(
     t1, compile1 = time.perf_counter(), engine.compile_seconds
     run = stream if mode == "stream" else loop
     rows, steps = run(
-        engine, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
+        engine,
+        logits,
+        cache,
+        state,
+        seen,
+        seeds,
+        stopping,
+        sampling,
+        rt,
+        on_token,
+        return_logits,
+        logprobs,
     )
     t2, compile2 = time.perf_counter(), engine.compile_seconds
     return GenerateResult(
@@ -226,8 +247,21 @@ def generate(
 
 
 def loop(
-    engine, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
+    engine,
+    logits,
+    cache,
+    state,
+    seen,
+    seeds,
+    stopping,
+    sampling,
+    rt,
+    on_token,
+    return_logits,
+    logprobs=None,
 ):
+    """The whole token loop as one program (`loop_fn`); the host needs none of its tokens
+    (check_mode: no callbacks, stop strings, logits or logprobs)."""
     eos = jnp.asarray(list(stopping.eos_ids) or [-1], jnp.int32)
     seqs = stopping.stop_sequences or ((),)
     width = max(1, max(len(s) for s in seqs))
@@ -250,8 +284,21 @@ def loop(
 
 
 def stream(
-    engine, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
+    engine,
+    logits,
+    cache,
+    state,
+    seen,
+    seeds,
+    stopping,
+    sampling,
+    rt,
+    on_token,
+    return_logits,
+    logprobs=None,
 ):
+    """One compiled sampling step per token (and a logprobs step, given n), the host recording
+    each id; then a compiled decode step."""
     b = logits.shape[0]
     rows = [Generation([], "length") for _ in range(b)]
     done = np.zeros(b, bool)
@@ -259,7 +306,11 @@ def stream(
     for step in range(stopping.max_new_tokens):
         ids, seen = engine.run(sample_fn, {}, (), logits, seen, seeds, jnp.int32(step), sampling)
         host_logits = engine.full_logits(logits) if return_logits else None
-        record(rows, done, np.asarray(ids), host_logits, stopping, on_token)
+        lp = None
+        if logprobs is not None:  # [b] and [b,n] x 2 to the host, computed on the device
+            lp = engine.run(logprobs_fn, {"n": logprobs}, (), logits, ids)
+            lp = tuple(np.asarray(a) for a in lp)
+        record(rows, done, np.asarray(ids), host_logits, stopping, on_token, lp)
         if done.all():
             break
         logits, cache, state = decode(engine, ids, cache, state, rt)

@@ -87,6 +87,7 @@ LAYOUTS = {
     "trace_fn": (("params", "rep", "cache", "rep"), ("trace", "cache")),
     "gather_fn": (("vocab",), "rep"),
     "sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab")),
+    "logprobs_fn": (("vocab", "rep"), ("rep", "rep", "rep")),
     "loop_fn": (
         ("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep", "rep", "rep"),
         ("rep", "rep", "rep", "cache"),

@@ -5,10 +5,12 @@ slots 0..L_r-1 (pad tokens after them are written too but are never visible to a
 being in its future) and reads its first logits at L_r - 1. Each decode step writes row r's new
 token at slot `lengths[r]`, overwriting padding, so every row computes exactly what it would
 alone. Stopping: max new tokens, EOS ids, stop token sequences, stop strings (HF semantics: the
-stop token is part of the output). The JAX backend's `generate` has the same contract, and
-both check a request with the same functions (`Stopping`, `SamplingConfig`, `check_request`):
-ids are integers (Python or NumPy, never bools, floats or strings), options numbers in range,
-each failure an `OptionError` naming the option.
+stop token is part of the output). With `logprobs=n` each generated token also gets the
+model's log-probability and its top-n alternatives (logprobs.py). The JAX backend's `generate`
+has the same contract, and both check a request with the same functions (`Stopping`,
+`SamplingConfig`, `check_request`, `check_logprobs`): ids are integers (Python or NumPy, never
+bools, floats or strings), options numbers in range, each failure an `OptionError` naming the
+option.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from . import kv_cache, positions
 from .config import ModelConfig
 from .errors import OptionError
+from .logprobs import check_logprobs, per_row, token_logprobs
 from .model import forward
 from .params import Params
 from .runtime import Runtime
@@ -36,6 +39,7 @@ class Generation:
     ids: list[int]  # generated ids only
     finish_reason: str  # "length" | "eos" | "stop"
     logits: list = field(default_factory=list)  # raw logits [v] that produced each id, if asked
+    logprobs: list = field(default_factory=list)  # a logprobs.TokenLogprob per id, if asked
 
 
 @dataclass
@@ -138,16 +142,22 @@ def check_request(cfg: ModelConfig, prompts, stopping: Stopping, seeds, cache_le
 MODES = ("loop", "stream")  # the JAX backend's two forms (its module docstring)
 
 
-def check_mode(mode: str | None, stopping: Stopping, on_token, return_logits: bool) -> str:
+def check_mode(
+    mode: str | None, stopping: Stopping, on_token, return_logits: bool, logprobs=None
+) -> str:
     """The generation form (None: stream when the host must see each token, else loop), checked
-    alike for both backends, though the reference has only its one loop."""
-    host_needed = bool(on_token or stopping.stop_strings or return_logits)
+    alike for both backends, though the reference has only its one loop. Logprobs (any n, 0
+    included) are read per token, as the logits are."""
+    host_needed = bool(on_token or stopping.stop_strings or return_logits) or logprobs is not None
     if mode is None:
         return "stream" if host_needed else "loop"
     if not isinstance(mode, str) or mode not in MODES:
         raise OptionError(f"unknown generation mode {mode!r}: expected one of {MODES}")
     if mode == "loop" and host_needed:
-        raise OptionError("callbacks, stop strings and logits need mode='stream'")
+        raise OptionError(
+            "callbacks, stop strings and logits need mode='stream' (logits: return_logits, "
+            "logprobs)"
+        )
     return mode
 
 
@@ -206,14 +216,20 @@ def decode(params: Params, cfg: ModelConfig, ids, cache, state, rt: Runtime):
     return logits[:, 0], cache, positions.advance(state, 1)
 
 
-def record(rows: list[Generation], done, ids, logits, stopping: Stopping, on_token) -> None:
+def record(
+    rows: list[Generation], done, ids, logits, stopping: Stopping, on_token, logprobs=None
+) -> None:
     """Append each running row's chosen id (and, given `logits` [b,v], the logits that chose
-    it), tell `on_token`, and mark the rows that stop (`done` in place). Both backends' loops."""
+    it; given `logprobs`, token_logprobs' host arrays ([b], [b,n], [b,n]), its TokenLogprob),
+    tell `on_token`, and mark the rows that stop (`done` in place). Both backends' loops."""
+    tokens = per_row(*logprobs) if logprobs is not None else None
     for r in np.flatnonzero(~done):
         token = int(ids[r])
         rows[r].ids.append(token)
         if logits is not None:
             rows[r].logits.append(np.array(logits[r]))
+        if tokens is not None:
+            rows[r].logprobs.append(tokens[r])
         if on_token:
             on_token(int(r), token)
         reason = stopping.reason(rows[r].ids)
@@ -222,9 +238,22 @@ def record(rows: list[Generation], done, ids, logits, stopping: Stopping, on_tok
 
 
 def stream(
-    params, cfg, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, return_logits
+    params,
+    cfg,
+    logits,
+    cache,
+    state,
+    seen,
+    seeds,
+    stopping,
+    sampling,
+    rt,
+    on_token,
+    return_logits,
+    logprobs=None,
 ):
-    """The token loop: sample each row's next id, record it, stop rows, decode the next step."""
+    """The token loop: sample each row's next id, record it (with its logprobs from the raw
+    logits, given n), stop rows, decode the next step."""
     b = logits.shape[0]
     rows = [Generation([], "length") for _ in range(b)]
     done = np.zeros(b, bool)
@@ -232,7 +261,8 @@ def stream(
     for step in range(stopping.max_new_tokens):
         ids = sample(logits, sampling, seen, seeds, step)  # [b,v] -> [b]
         seen[np.arange(b), ids] = True  # a stopped row's later ids are never read
-        record(rows, done, ids, logits if return_logits else None, stopping, on_token)
+        lp = None if logprobs is None else token_logprobs(logits, ids, logprobs)
+        record(rows, done, ids, logits if return_logits else None, stopping, on_token, lp)
         if done.all():
             break
         logits, cache, state = decode(params, cfg, ids, cache, state, rt)
@@ -250,9 +280,13 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     rt: Runtime = Runtime(backend="numpy"),
     return_logits: bool = False,
+    logprobs: int | None = None,
 ) -> GenerateResult:
-    """Generate for each prompt; `on_token(row, id)` is called as each id is chosen."""
+    """Generate for each prompt; `on_token(row, id)` is called as each id is chosen; given
+    `logprobs` (n in [0, MAX_LOGPROBS]), each row's `Generation.logprobs` holds a TokenLogprob
+    per id: its log-probability under the raw logits and the n most likely ids."""
     prompts, seeds, length = check_request(cfg, prompts, stopping, seeds, rt.cache_len)
+    logprobs = check_logprobs(logprobs, cfg.vocab)
     b = len(prompts)
     seen = np.zeros((b, cfg.vocab), bool)
     for r, p in enumerate(prompts):
@@ -275,5 +309,6 @@ def generate(
         rt,
         on_token,
         return_logits,
+        logprobs,
     )
     return GenerateResult(rows, t1 - t0, time.perf_counter() - t1, steps)

@@ -23,6 +23,7 @@ from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError
 from slimllm.reference.generate import Stopping, check_mode
 from slimllm.reference.generate import generate as run_reference
+from slimllm.reference.logprobs import TokenLogprob, check_logprobs
 from slimllm.reference.params import Params, init_params
 from slimllm.reference.runtime import BACKENDS, Runtime
 from slimllm.reference.sampling import SamplingConfig
@@ -36,6 +37,7 @@ __all__ = [
     "Model",
     "Output",
     "Runtime",
+    "TokenLogprob",
     "compile_cache",
     "demo_model",
     "generate",
@@ -140,10 +142,12 @@ Model.params = property(Model._get_params, Model._set_params)
 class Output:
     """What `generate` returns, a list entry per prompt row: `ids` (the new ids only, the one
     that stopped the row included), `texts` (those decoded; None without a tokenizer),
-    `finish_reasons` ("length", "eos" or "stop"), `prompt_ids` (the prompts as ids) and `logits`
-    (with `return_logits`; else empty). Timings leave compilation out: `prefill_seconds` (the
-    prompts, to their first logits), `decode_seconds` (choosing every id and the decode steps
-    between), `decode_steps` (those steps), `compile_seconds` (JAX: compiling programs)."""
+    `finish_reasons` ("length", "eos" or "stop"), `prompt_ids` (the prompts as ids), `logits`
+    (with `return_logits`; else empty) and `logprobs` (with `logprobs=n`, per row a list of one
+    `TokenLogprob(logprob, top)` per id; else empty). Timings leave compilation out:
+    `prefill_seconds` (the prompts, to their first logits), `decode_seconds` (choosing every id
+    and the decode steps between), `decode_steps` (those steps), `compile_seconds` (JAX:
+    compiling programs)."""
 
     ids: list[list[int]]  # generated ids per prompt
     texts: list[str | None]
@@ -154,6 +158,7 @@ class Output:
     decode_steps: int = 0
     compile_seconds: float = 0.0
     logits: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # per row: [TokenLogprob per id]
 
     @property
     def text(self) -> str | None:
@@ -292,6 +297,7 @@ def generate(
     kv_dtype: str = "float32",
     cache_len: int | None = None,
     return_logits: bool = False,
+    logprobs: int | None = None,
     mode: str | None = None,
     tp: int = 1,
     weights: str | None = None,
@@ -335,11 +341,17 @@ def generate(
     - `on_token(row, id)`: called as each id is chosen (rows in order); needs mode "stream".
     - `return_logits`: `Output.logits[r]` is float32 [n, v]: the raw logits (before penalty,
       temperature and filters) that chose each of row r's n ids; needs mode "stream".
+    - `logprobs` (None off; an integer n in [0, 20], at most the vocabulary): `Output.logprobs[r]`
+      holds a `TokenLogprob` per id of row r: `logprob`, the id's log-probability under the
+      model's raw logits (log_softmax before penalty, temperature and filters, as vLLM and
+      OpenAI's API report), and `top`, the n most likely ids as (id, logprob), most likely
+      first, ties to the lowest id; needs mode "stream" (the JAX backend computes them on the
+      device and copies only those numbers).
     - `mode`: the JAX backend's form. "loop": the whole token loop is one compiled program
       (no round trip to Python per token; the ids arrive at the end); "stream": one compiled
       decode step and one sampling step per token, the host sees each id. None: "stream" when
-      `on_token`, stop strings or `return_logits` need it, else "loop". The NumPy backend
-      checks it the same way and runs its one loop.
+      `on_token`, stop strings, `return_logits` or `logprobs` need it, else "loop". The NumPy
+      backend checks it the same way and runs its one loop.
 
     How it computes: one `Runtime`, given as `runtime` (then the keywords below are ignored) or
     made from them:
@@ -390,8 +402,9 @@ def generate(
         decode=tok.decode if tok is not None else None,
     )
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    check_mode(mode, stopping, on_token, return_logits)  # the reference runs one loop, any mode
-    options = dict(seeds=seed, on_token=on_token, return_logits=return_logits)
+    logprobs = check_logprobs(logprobs, model.cfg.vocab)
+    check_mode(mode, stopping, on_token, return_logits, logprobs)  # the reference: any mode
+    options = dict(seeds=seed, on_token=on_token, return_logits=return_logits, logprobs=logprobs)
     if rt.backend != "jax" and mpi.launched_size() > 1:
         raise OptionError(
             f"backend {rt.backend!r} runs the whole model in one process; under mpiexec "
@@ -423,4 +436,6 @@ def generate(
         decode_steps=result.decode_steps,
         compile_seconds=result.compile_seconds,
         logits=[np.array(row.logits) for row in result.rows] if return_logits else [],
+        logprobs=[row.logprobs for row in result.rows] if logprobs is not None else [],
     )
+
