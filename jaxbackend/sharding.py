@@ -86,6 +86,7 @@ LAYOUTS = {
     "chunk_fn": (("params", "rep", "cache", "rep"), ("vocab3", "cache")),
     "trace_fn": (("params", "rep", "cache", "rep"), ("trace", "cache")),
     "gather_fn": (("vocab",), "rep"),
+    "reorder_fn": (("cache", "rep"), "cache"),  # beam search (beam.py): rows gathered, heads kept
     "sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab")),
     "logprobs_fn": (("vocab", "rep"), ("rep", "rep", "rep")),
     "loop_fn": (

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from slimllm.jaxbackend import mpi
+from slimllm.reference.beam import BeamConfig, check_beam_request
+from slimllm.reference.beam import generate as run_reference_beams
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError
 from slimllm.reference.generate import Stopping, check_mode
@@ -143,8 +145,9 @@ class Output:
     """What `generate` returns, a list entry per prompt row: `ids` (the new ids only, the one
     that stopped the row included), `texts` (those decoded; None without a tokenizer),
     `finish_reasons` ("length", "eos" or "stop"), `prompt_ids` (the prompts as ids), `logits`
-    (with `return_logits`; else empty) and `logprobs` (with `logprobs=n`, per row a list of one
-    `TokenLogprob(logprob, top)` per id; else empty). Timings leave compilation out:
+    (with `return_logits`; else empty), `logprobs` (with `logprobs=n`, per row a list of one
+    `TokenLogprob(logprob, top)` per id; else empty) and `scores` (with num_beams > 1, each
+    row's beam search score; else empty). Timings leave compilation out:
     `prefill_seconds` (the prompts, to their first logits), `decode_seconds` (choosing every id
     and the decode steps between), `decode_steps` (those steps), `compile_seconds` (JAX:
     compiling programs)."""
@@ -159,6 +162,7 @@ class Output:
     compile_seconds: float = 0.0
     logits: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # per row: [TokenLogprob per id]
+    scores: list = field(default_factory=list)  # num_beams > 1: each row's hypothesis score
 
     @property
     def text(self) -> str | None:
@@ -289,6 +293,9 @@ def generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seed: int | Sequence[int] = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     eos_ids: Sequence[int] | None = None,
     stop: Sequence[str | Sequence[int]] = (),
     on_token: Callable[[int, int], None] | None = None,
@@ -335,6 +342,18 @@ def generate(
     - `min_p` (in [0, 1]; 0 off): drop tokens less likely than min_p times the most likely.
     - `seed`: one integer for every row, or a list of one per row, in `[-2**63, 2**64)`: row r's
       draw at step n is a pure function of (seed of row r, n) (counter-based Threefry-2x32).
+
+    Beam search (HF semantics; deterministic: temperature, top_k, top_p, min_p and stop must
+    stay at their defaults, and the penalty applies to log-probabilities, as HF does):
+
+    - `num_beams` (integer in [1, 256]; 1 off): each step keeps the num_beams best
+      continuations of each prompt (by their sums of log-probabilities); one ends on an EOS id
+      or at max_new_tokens. The row's result is the best ended one, `Output.scores[r]` its score:
+      sum / n ** `length_penalty` (a finite number; n its new ids; > 0 favours longer ones).
+      `on_token` is called with its ids once the search has ended.
+    - `early_stopping`: a row is settled once num_beams continuations have ended and: True,
+      at once; False (default), the best running one, scored at its length, cannot beat them;
+      "never", the same scored at max_new_tokens when length_penalty > 0.
 
     What the caller sees while generating:
 
@@ -410,6 +429,7 @@ def generate(
             f"backend {rt.backend!r} runs the whole model in one process; under mpiexec "
             f"({mpi.launched_size()} ranks) use backend 'jax', or run without mpiexec"
         )
+    beam = beam_config(num_beams, length_penalty, early_stopping, stopping, sampling, options, mode)
     if rt.backend == "jax":
         from slimllm.jaxbackend.generate import generate as run_jax  # jax: as in Model.engine
 
@@ -420,7 +440,17 @@ def generate(
                 (prompts, dataclasses.replace(stopping, decode=None), sampling, seed)
             )
             stopping = dataclasses.replace(stopping, decode=tok.decode if tok else None)
-        result = run_jax(engine, prompts, stopping, sampling, rt=rt, mode=mode, **options)
+        if beam.num_beams > 1:
+            from slimllm.jaxbackend.beam import generate as run_beams
+
+            result = run_beams(engine, prompts, stopping, beam, sampling, on_token, rt=rt)
+        else:
+            result = run_jax(engine, prompts, stopping, sampling, rt=rt, mode=mode, **options)
+    elif beam.num_beams > 1:
+        params = model.params_for(rt)
+        result = run_reference_beams(
+            params, model.cfg, prompts, stopping, beam, sampling, on_token, rt
+        )
     else:
         result = run_reference(
             model.params_for(rt), model.cfg, prompts, stopping, sampling, rt=rt, **options
@@ -437,5 +467,19 @@ def generate(
         compile_seconds=result.compile_seconds,
         logits=[np.array(row.logits) for row in result.rows] if return_logits else [],
         logprobs=[row.logprobs for row in result.rows] if logprobs is not None else [],
+        scores=[row.score for row in result.rows] if beam.num_beams > 1 else [],
     )
 
+
+def beam_config(num_beams, length_penalty, early_stopping, stopping, sampling, options, mode):
+    """The checked beam search settings; with num_beams > 1, the options it cannot honour
+    (sampling, stop rules, logits, logprobs, the one-program loop) refused by name."""
+    beam = BeamConfig(num_beams, length_penalty, early_stopping)
+    if beam.num_beams > 1:
+        check_beam_request(stopping, sampling)
+        for name in ("return_logits", "logprobs"):
+            if options.get(name) not in (None, False):
+                raise OptionError(f"{name} is not supported with num_beams > 1")
+        if mode == "loop":
+            raise OptionError("beam search runs one step at a time: mode='loop' needs num_beams=1")
+    return beam

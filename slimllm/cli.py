@@ -51,6 +51,19 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: off)")
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam search: a finished beam scores sum of log-probs / new ids ** X",
+    )
+    p.add_argument(
+        "--early-stopping",
+        choices=("true", "false", "never"),
+        default="false",
+        help="beam search: when a prompt's search ends (HF's early_stopping)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-ids", action="append", default=[], help="stop id sequence, e.g. 13,13")

@@ -92,6 +92,9 @@ def run_generation(model, args, default_ids=None) -> dict:
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"),
         seed=args.seed,
         eos_ids=() if args.no_eos else None,
         stop=stop,
@@ -115,6 +118,8 @@ def run_generation(model, args, default_ids=None) -> dict:
         "weight_group": args.weight_group if args.weights else model.weight_group,
         "tp": model.engine(runtime_from(args)).comm.size if args.backend == "jax" else 1,
     }
+    if out.scores:  # beam search
+        result["score"] = out.scores[0]
     if out.text is not None:
         result["text"] = out.text
     return result

@@ -68,6 +68,28 @@ def test_sampling_options_are_seeded(capsys):
     assert json.loads(run(capsys, *args, "--seed", "2")[1])["ids"] != a
 
 
+def test_beam_search_options(capsys):
+    model = str(STORIES / "stories260K.bin")
+    args = ["generate", "--model", model, "--ids", "1,2", "--max-new-tokens", "12", "--json"]
+    beams = ["--num-beams", "3", "--length-penalty", "0.5", "--early-stopping", "never"]
+    code, out, err = run(capsys, *args, *beams)
+    assert code == 0, err
+    result = json.loads(out)
+    want = slimllm.generate(
+        slimllm.load(model),
+        ids=[1, 2],
+        max_new_tokens=12,
+        num_beams=3,
+        length_penalty=0.5,
+        early_stopping="never",
+        backend="numpy",
+    )
+    assert result["ids"] == want.ids[0]  # the JAX backend, as the reference chooses
+    assert result["score"] == pytest.approx(want.scores[0], abs=1e-4)
+    greedy = json.loads(run(capsys, *args)[1])
+    assert "score" not in greedy
+
+
 def test_demo_runs_on_the_embedded_model(capsys):
     code, out, err = run(capsys, "demo", "--max-new-tokens", "3", "--json")
     assert code == 0, err
@@ -117,6 +139,15 @@ def test_demo_runs_on_the_embedded_model(capsys):
         ),
         (["demo", "--random", "--prompt", "hi"], "has no tokenizer: give --ids instead"),
         (["frobnicate"], "invalid choice"),
+        (["generate", "--model", "STORIES", "--ids", "1", "--num-beams", "0"], "num_beams must"),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--num-beams", "2", "--top-k", "5"],
+            "top_k is a sampling setting",
+        ),
+        (
+            ["generate", "--model", "STORIES", "--ids", "1", "--early-stopping", "sometimes"],
+            "invalid choice",
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
