@@ -89,6 +89,12 @@ LAYOUTS = {
     "reorder_fn": (("cache", "rep"), "cache"),  # beam search (beam.py): rows gathered, heads kept
     "sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab")),
     "logprobs_fn": (("vocab", "rep"), ("rep", "rep", "rep")),
+    # continuous batching (batching.py)
+    "serve_sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab", "rep")),
+    "insert_fn": (("cache", "cache", "rep"), "cache"),
+    "take_prefix_fn": (("cache",), "cache"),
+    "put_prefix_fn": (("cache", "cache"), "cache"),
+    "set_row_fn": (("vocab", "vocab", "rep"), "vocab"),
     "loop_fn": (
         ("params", "vocab", "cache", "rep", "vocab", "rep", "rep", "rep", "rep", "rep", "rep"),
         ("rep", "rep", "rep", "cache"),
