@@ -30,6 +30,7 @@ from . import (
     kv_decode,
     products,
     realsize,
+    serve,
     targets,
 )
 from .common import add_arguments, fill_defaults, peak_rss_bytes, r3
@@ -45,6 +46,7 @@ BENCHMARKS = {  # the kinds of common.KINDS
     "realsize": realsize,
     "compile": compile_time,
     "grid": grid,
+    "serve": serve,
 }
 
 

@@ -28,7 +28,7 @@ from slimllm.weights import load_config
 
 # One module each (cli.BENCHMARKS).
 KINDS = ("decode", "attention", "kv-decode", "products", "bandwidth", "targets", "realsize")
-KINDS += ("compile", "grid")
+KINDS += ("compile", "grid", "serve")
 
 # A ~150M-parameter Llama shape (the decode target; the anchors kit's 156M model in
 # ../shared/anchors has the same shapes, with norm_eps 1e-6 and 2048 positions) and a tiny one
@@ -213,6 +213,7 @@ DEFAULTS = {
 KIND_DEFAULTS = {
     "realsize": {"preset": "llama-3-8b", "prompt_len": 16, "new_tokens": 8},
     "products": {"batch": (1, 4, 16), "weights": tuple(WEIGHT_FORMATS)},
+    "serve": {"batch": (1, 4, 16), "iterations": 4, "new_tokens": 48},
     "grid": {
         "batch": (1, 4, 16),
         "weights": ("float32", "bfloat16", "int8", "int4"),
@@ -221,7 +222,7 @@ KIND_DEFAULTS = {
     },
 }
 # Options that take a comma list for some kinds and one value for the others: option -> kinds.
-LISTS = {"batch": frozenset({"products", "grid"}), "kernels": frozenset({"grid"})}
+LISTS = {"batch": frozenset({"products", "grid", "serve"}), "kernels": frozenset({"grid"})}
 
 
 def fill_defaults(args) -> None:
@@ -291,8 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="decode",
         help="decode (default), attention / kv-decode / products micro-benchmarks, bandwidth, "
         "targets (all of the issue's measurements in one run), realsize, compile (a second "
-        "process's first token with the compile cache the first one filled) or grid (every "
-        "weight format and batch size of the anchor shape, judged)",
+        "process's first token with the compile cache the first one filled), grid (every "
+        "weight format and batch size of the anchor shape, judged) or serve (slimllm serve "
+        "under 1, 4 and 16 streaming clients)",
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(
@@ -330,7 +332,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch",
         type=batch_sizes,
-        help="batch size (default 1); products, grid: a comma list (default 1,4,16)",
+        help="batch size (default 1); products, grid: a comma list (default 1,4,16); serve: "
+        "concurrent clients, a comma list (default 1,4,16)",
     )
     p.add_argument(
         "--kernels",
@@ -412,5 +415,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=prompt_lengths,
         help="grid: prompt lengths of the prefill timings, comma separated (default 512,2048)",
     )
+    s = p.add_argument_group("serve")
+    s.add_argument("--url", help="serve: a running slimllm serve (default: start one on --model)")
+    s.add_argument("--quick", action="store_true", help="serve: one short request per client")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--json", action="store_true", help="print the JSON report (else a table)")

@@ -348,6 +348,8 @@ class Scheduler:
         ):
             if not is_integer(value) or value < low:
                 raise OptionError(f"{name} must be an integer >= {low}, got {value!r}")
+        if prefix_tokens is not None and (not is_integer(prefix_tokens) or prefix_tokens < 0):
+            raise OptionError(f"prefix_tokens must be an integer >= 0, got {prefix_tokens!r}")
         if rt.backend != "jax":
             raise OptionError("serving runs on the JAX backend (backend 'jax')")
         rt = model.placed(rt)

@@ -3,6 +3,7 @@
     slimllm demo                                   text from the shipped model, no files
     slimllm generate --model DIR --prompt TEXT     stream a continuation
     slimllm generate --model F.bin --ids 1 --json  one JSON object: ids, text, timings
+    slimllm serve --model DIR --port 8000          an OpenAI-compatible HTTP server
 
 User mistakes (missing file, bad option, prompt longer than the context) exit with status 2 and
 one line on stderr, never a traceback: each raises a `SlimllmError` (or an OSError reading a
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(b)
     add_compile_cache_option(b)
+    add_serve_parser(sub)
     f = sub.add_parser(
         "diff",
         help="per-layer divergence of two implementations (slimllm settings, hf, a dump)",
@@ -205,6 +207,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_cache_option(f)
     f.add_argument("--json", action="store_true")
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (continuous batching; the serve extra)",
+        description="Serves /v1/completions, /v1/chat/completions, /v1/models, /health and "
+        "/metrics until SIGTERM or Ctrl-C, which drains: running requests finish (at most "
+        "--drain-timeout seconds), new ones get 503, then the process exits with status 0.",
+    )
+    s.add_argument(
+        "--model", default=None, help="checkpoint directory (default: the shipped model)"
+    )
+    s.add_argument("--model-name", help="the id clients name (default: the directory's name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get 429")
+    s.add_argument(
+        "--cache-len", type=int, help="KV slots per request (default: the context, at most 2048)"
+    )
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="longer prompts prefill in chunks of this many tokens between decode steps",
+    )
+    s.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        help="KV slots kept for prompts that share first tokens (default: 4 x --cache-len; 0: off)",
+    )
+    add_setting_options(s)
 
 
 def one_line(error: BaseException) -> str:

@@ -322,6 +322,35 @@ def cmd_diff(args) -> dict:
     return report
 
 
+def cmd_serve(args) -> dict:
+    """Load the model, make its scheduler, serve until a signal has drained it."""
+    try:
+        from .server import serve
+    except ImportError as err:  # starlette, uvicorn or jinja2 missing
+        raise UserError(
+            f"slimllm serve needs the serve extra ({err.name} is missing): "
+            "pip install 'slimllm[serve]'"
+        ) from None
+    from slimllm.jaxbackend.batching import Scheduler  # jax: after prepare_devices
+
+    args.model = args.model or str(SHIPPED_MODEL)
+    if not 0 <= args.port < 65536 or not args.drain_timeout >= 0:
+        raise UserError("--port must be in [0, 65535] and --drain-timeout >= 0")
+    model = load_for(args)
+    scheduler = Scheduler(
+        model,
+        runtime_from(args),
+        max_batch=args.max_batch,
+        cache_len=args.cache_len,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        prefix_tokens=args.prefix_cache_tokens,
+    )
+    name = args.model_name or Path(model.source).name or "model"
+    serve(model, scheduler, name, args.host, args.port, args.drain_timeout)
+    return {}
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "demo": cmd_demo,
@@ -330,6 +359,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "bench": cmd_bench,
     "diff": cmd_diff,
+    "serve": cmd_serve,
 }
 
 

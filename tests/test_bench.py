@@ -169,3 +169,21 @@ def test_compile_report_counts_what_the_warm_process_read(capsys):
     assert warm["compiled"] == 0 and warm["read_from_cache"] == cold["programs"]
     assert warm["disk_cache"]["misses"] == 0
     assert positive(cold, "first_token_seconds", "again_first_token_seconds", "compile_seconds")
+
+
+def test_serve_reports_each_concurrency_level(capsys):
+    """`slimllm bench serve --quick`: a server started on the shipped model, 1, 4 and 16
+    streaming clients, one short request each."""
+    code = main(["bench", "serve", "--quick", "--batch", "1,4,16", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["schema"] == "slimllm.bench/1" and r["kind"] == "serve"
+    assert list(r["levels"]) == ["1", "4", "16"] and r["throughput_16_over_1"] > 0
+    for n, level in r["levels"].items():
+        assert level["clients"] == level["requests"] == int(n)
+        assert 0 < level["completion_tokens"] <= 8 * int(n)
+        assert level["throughput_tokens_per_s"] > 0 and level["ttft_ms"]["p50"] > 0
+        assert level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+        assert level["prefix_cache"]["lookups"] == int(n)  # every prompt looked up
+        assert 0 <= level["prefix_cache"]["hit_rate"] <= 1
