@@ -9,8 +9,11 @@ Each request computes what it would alone (`generate.generate` with the same set
 - its prompt is prefilled alone, at batch 1, by generate's own program (`prefill_fn`, the prompt
   padded to the same bucket, a cache of the same length), into a staging cache whose row is
   then copied into the request's slot (`insert_fn`);
-- the decode step is generate's own `decode_fn` at batch `max_batch`, and every row of it
-  depends on its own cache row and position only;
+- the decode step is generate's own `decode_fn`, over the first b slots (b the power of two,
+  at most `max_batch`, that covers the running ones: running requests are kept in the lowest
+  slots, moved down as others end, so a lone request decodes at batch 1; attention reads rows
+  [0, b) of the slot cache in place), and every row of it depends on its own cache row and
+  position only;
 - the sampler takes per-row settings (`RowSampling`) and runs, row by row, the same processors on
   the same float32 values as `sampling.sample` (a processor a row does not use is computed
   for the batch and discarded for that row with `jnp.where`), with the row's own seed and step:
@@ -204,15 +207,16 @@ def sample_rows(logits, rows: RowSampling, seen, seeds, steps):
 
 def serve_sample_fn(logits, seen, seeds, steps, rows, *, logprobs: int | None, comm=SINGLE):
     """Choose ids [b] from logits [b,v] (this rank's slice [b,v/R] under tp: the penalty is
-    applied to the slice, the rest to the gathered vocabulary), mark them seen, and unless
+    applied to the slice, the rest to the gathered vocabulary), mark them in the first b rows
+    of seen [B,v], and unless
     `logprobs` is None return each row's (chosen log-probability [b], top ids [b,n], their
     log-probabilities [b,n]) from the raw logits."""
+    b, local_vocab = logits.shape[0], seen.shape[1]
     scores = logits.astype(jnp.float32)
     if rows.penalised:
-        scores = repetition_penalty(scores, seen, rows.repetition_penalty)
+        scores = repetition_penalty(scores, seen[:b], rows.repetition_penalty)
     plain = dataclasses.replace(rows, penalised=False)
     ids = sample_rows(gather_vocab(scores, comm), plain, None, seeds, steps)  # [b]
-    b, local_vocab = seen.shape
     local = ids - vocab_offset(comm, local_vocab)
     local = jnp.where((local >= 0) & (local < local_vocab), local, local_vocab)
     seen = seen.at[jnp.arange(b), local].set(True, mode="drop")
@@ -230,6 +234,15 @@ def insert_fn(cache, staging, slot, *, comm=SINGLE):
         return lax.dynamic_update_slice_in_dim(big, row, slot, axis=0)
 
     return jax.tree_util.tree_map(put, cache, staging)
+
+
+def move_fn(cache, seen, src, dst, *, comm=SINGLE):
+    """Row `src` of the cache (every leaf) and of seen [B,v] copied to row `dst`."""
+
+    def move(x):
+        return lax.dynamic_update_slice_in_dim(x, lax.dynamic_slice_in_dim(x, src, 1), dst, 0)
+
+    return jax.tree_util.tree_map(move, cache), move(seen)
 
 
 def take_prefix_fn(staging, *, length: int, comm=SINGLE):
@@ -592,9 +605,12 @@ class Scheduler:
         return np.asarray(ids), seen, tuple(np.asarray(x) for x in extra)
 
     def step(self) -> None:
-        """One decode step for every running slot, then each slot's next token."""
-        slots = list(self.running)
-        b = self.max_batch
+        """One decode step for the first b slots (b a power of two, or max_batch, covering every
+        running slot: few programs, and a lone request decodes at batch 1), then each running
+        slot's next token."""
+        last = max(i for i, s in enumerate(self.running) if s is not None)
+        b = min(1 << last.bit_length(), self.max_batch)
+        slots = self.running[:b]
         ids = np.zeros(b, np.int32)
         lengths, prefix, anchor = (np.zeros(b, np.int64) for _ in range(3))
         alpha = np.ones(b, np.float32)
@@ -620,6 +636,23 @@ class Scheduler:
             s.state.lengths += 1
             s.token, s.step = int(new[i]), s.step + 1
             self.emit(i, int(new[i]), extra, i)
+        self.compact()
+
+    def compact(self) -> None:
+        """Move the last running slots into free ones below them, so the decode batch shrinks
+        as requests end (one cache row copied per move)."""
+        while True:
+            with self.lock:
+                used = [i for i, s in enumerate(self.running) if s is not None]
+                free = [i for i, s in enumerate(self.running) if s is None]
+                if not used or not free or free[0] > used[-1]:
+                    return
+                src, dst = used[-1], free[0]
+                self.running[dst], self.running[src] = self.running[src], None
+                self.running[dst].ticket.slot = dst
+            self.cache, self.seen = self.engine.run(
+                move_fn, {}, (0, 1), self.cache, self.seen, src, dst
+            )
 
     def emit(self, slot: int, token: int, extra, row: int) -> None:
         """Hand the request in `slot` its new token; free the slot if that token ends it."""

@@ -130,33 +130,46 @@ def write(cache: KVCache, layer: int, k, v, slots) -> KVCache:
 
 @dataclass
 class LayerKV:
-    """One layer's stored K/V as attention reads them: float32 one key block at a time."""
+    """One layer's stored K/V as attention reads them: float32 one key block at a time. The
+    cache may hold more rows than the b query rows (`rows`): a server's slots past the ones it
+    decodes this step; attention reads rows [0, b) only, and the compiled kernels index rows
+    by the query's batch, so the extra rows are never copied."""
 
-    k: jax.Array  # [b,k,s,d] storage dtype
+    k: jax.Array  # [B,k,s,d] storage dtype, B >= b
     v: jax.Array
     k_scale: jax.Array | None
     v_scale: jax.Array | None
     fmt: KVFormat
+    rows: int | None = None  # b, the query rows (None: all B)
 
     @property
     def length(self) -> int:
         return self.k.shape[2]
 
+    def window(self, x, lo, n: int):
+        """Slots [lo, lo + n) of the first b rows of x [B,k,s,...] -> [b,k,n,...]."""
+        if self.rows is None or self.rows == x.shape[0]:
+            return lax.dynamic_slice_in_dim(x, lo, n, axis=2)
+        starts = (0, 0, lo) + (0,) * (x.ndim - 3)
+        return lax.dynamic_slice(x, starts, (self.rows, x.shape[1], n, *x.shape[3:]))
+
     def keys(self, lo, n: int):
         """Keys of slots [lo, lo + n) as float32 [b,k,n,d] (lo may be traced; n is static)."""
-        return self.fmt.widen(lax.dynamic_slice_in_dim(self.k, lo, n, axis=2))  # -> [b,k,n,d]
+        return self.fmt.widen(self.window(self.k, lo, n))  # -> [b,k,n,d]
 
     def values(self, lo, n: int):
-        return self.fmt.widen(lax.dynamic_slice_in_dim(self.v, lo, n, axis=2))  # -> [b,k,n,d]
+        return self.fmt.widen(self.window(self.v, lo, n))  # -> [b,k,n,d]
 
     def key_scales(self, lo, n: int):
-        return lax.dynamic_slice_in_dim(self.k_scale, lo, n, axis=2)  # [b,k,s] -> [b,k,n]
+        return self.window(self.k_scale, lo, n)  # [B,k,s] -> [b,k,n]
 
     def value_scales(self, lo, n: int):
-        return lax.dynamic_slice_in_dim(self.v_scale, lo, n, axis=2)  # [b,k,s] -> [b,k,n]
+        return self.window(self.v_scale, lo, n)  # [B,k,s] -> [b,k,n]
 
 
-def read(cache: KVCache, layer: int) -> LayerKV:
+def read(cache: KVCache, layer: int, rows: int | None = None) -> LayerKV:
+    """Layer `layer` of the cache as attention reads it, for the first `rows` rows (None: all)."""
     k_scale = cache.k_scale[layer] if cache.k_scale is not None else None
     v_scale = cache.v_scale[layer] if cache.v_scale is not None else None
-    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, kv_format(cache.format))
+    fmt = kv_format(cache.format)
+    return LayerKV(cache.k[layer], cache.v[layer], k_scale, v_scale, fmt, rows)

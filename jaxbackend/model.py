@@ -106,7 +106,7 @@ def attention_block(
     for name, y in (("q", q), ("k", k), ("v", v)):
         observe(f"layers.{layer}.{name}", y)
     cache = kv_cache.write(cache, layer, k, v, pos.slots)
-    kv = kv_cache.read(cache, layer)  # [b,k,s,d] as stored
+    kv = kv_cache.read(cache, layer, rows=b)  # [b,k,s,d] as stored (of B >= b cache rows)
     o = attention_fn(rt)(q, kv, bias, cfg.head_dim**-0.5)  # [b,t,h,d]
     out = row_parallel(linear(o.reshape(b, t, -1), p.wo), p.bo, comm)  # -> [b,t,h*d] -> [b,t,e]
     return observe(f"layers.{layer}.attn_out", out), cache

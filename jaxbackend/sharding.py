@@ -92,6 +92,7 @@ LAYOUTS = {
     # continuous batching (batching.py)
     "serve_sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab", "rep")),
     "insert_fn": (("cache", "cache", "rep"), "cache"),
+    "move_fn": (("cache", "vocab", "rep", "rep"), ("cache", "vocab")),
     "take_prefix_fn": (("cache",), "cache"),
     "put_prefix_fn": (("cache", "cache"), "cache"),
     "set_row_fn": (("vocab", "vocab", "rep"), "vocab"),

@@ -760,12 +760,13 @@ ffi::Error attention(ffi::ThreadPool pool, Tensor q, ffi::AnyBuffer k, ffi::AnyB
   for (int i = 0; i < 4; ++i)
     if (v.dimensions()[i] != kd[i] || out->dimensions()[i] != qd[i])
       return ffi::Error::InvalidArgument("slimllm_attention: shapes do not match");
-  if (kd[0] != b || kd[3] != d || kh < 1 || h % kh || bd[0] != b || (bd[1] != 1 && bd[1] != h) ||
+  // the cache may hold more rows than the queries (a server's idle slots): rows [0, b) are read
+  if (kd[0] < b || kd[3] != d || kh < 1 || h % kh || bd[0] != b || (bd[1] != 1 && bd[1] != h) ||
       bd[2] != t || bd[3] != s || block < 1 || chunks < 0)
     return ffi::Error::InvalidArgument("slimllm_attention: shapes do not match");
   if (storage == kInt8) {
     for (auto sd : {k_scale.dimensions(), v_scale.dimensions()})
-      if (sd[0] != b || sd[1] != kh || sd[2] != s)
+      if (sd[0] < b || sd[1] != kh || sd[2] != s)
         return ffi::Error::InvalidArgument("slimllm_attention: scale shape does not match");
   }
   Problem p{q.typed_data(),

@@ -121,6 +121,22 @@ def test_requests_that_share_the_batch_compute_what_they_compute_alone(model, kv
         assert col.events[str(i)][-1].finish_reason == out.finish_reasons[0]
 
 
+@pytest.mark.parametrize("attention", ["naive", "slim"])
+def test_pure_xla_attention_reads_only_the_rows_it_decodes(model, attention):
+    # without the compiled kernels, attention slices the decoded rows out of the slot cache
+    rt = slimllm.Runtime(kernels="xla", attention=attention)
+    sched = Scheduler(model, rt, max_batch=4)
+    sched.start()
+    col = Collector()
+    for i in range(3):  # 3 running of 4 slots, then fewer: batches 4, 2 and 1
+        sched.submit(request(model, col, str(i), PROMPTS[i], 10 + 12 * i, SETTINGS[i], seed=i))
+    col.wait(["0", "1", "2"])
+    sched.shutdown()
+    for i in range(3):
+        settings = dict(SETTINGS[i], kernels="xla", attention=attention)
+        assert col.ids(str(i)) == alone(model, PROMPTS[i], 10 + 12 * i, settings, seed=i).ids[0]
+
+
 def test_a_long_prompt_prefills_in_chunks_while_others_stream(model):
     sched = Scheduler(model, max_batch=2, prefill_chunk=16)
     sched.start()
@@ -220,7 +236,9 @@ def test_cancelling_frees_the_slot_and_leaves_the_others_alone(model):
     sched.start()
     col = Collector()
     victim = sched.submit(request(model, col, "victim", "Open the file", 200, {}))
-    sched.submit(request(model, col, "other", "Return the list of", 40, dict(temperature=0.8)))
+    other = sched.submit(
+        request(model, col, "other", "Return the list of", 40, dict(temperature=0.8))
+    )
     sched.submit(request(model, col, "queued", "class", 10, {}))  # waits for a free slot
     while len(col.events["victim"]) < 3:
         time.sleep(0.01)
@@ -229,6 +247,7 @@ def test_cancelling_frees_the_slot_and_leaves_the_others_alone(model):
     metrics = sched.metrics()
     sched.shutdown()
     assert col.events["victim"][-1].finish_reason == "cancelled"
+    assert other.slot == 0  # moved into the victim's slot: the decode batch shrank to 1
     assert len(col.ids("victim")) < 200
     assert metrics["running"] == 0 and metrics["finished"]["cancelled"] == 1
     out = alone(model, "Return the list of", 40, dict(temperature=0.8))
