@@ -69,9 +69,11 @@ from .sampling import (
     min_p_filter,
     repetition_penalty,
     seed_words,
+    static,
+    top_k_filter,
     uniform,
 )
-from .tp import SINGLE, gather_vocab, vocab_offset
+from .tp import SINGLE, gather_vocab, mark_seen
 
 __all__ = ["Event", "QueueFull", "Request", "Scheduler", "Ticket"]
 
@@ -117,14 +119,9 @@ class Ticket:
     cancelled: bool = False
     finished: bool = False
     slot: int | None = None
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 # ---------------------------------------------------------------- per-row sampling
-
-
-def static(flag: bool):
-    return field(default=flag, metadata={"static": True})
 
 
 @jax.tree_util.register_dataclass
@@ -176,15 +173,6 @@ class RowSampling:
         )
 
 
-def top_k_rows(logits, top_k):
-    """sampling.top_k_filter with one k per row [b,1]: keep scores >= the row's k-th largest."""
-    v = logits.shape[-1]
-    ranked = -jnp.sort(-logits, axis=-1)  # [b,v] descending
-    kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, v - 1), axis=-1)  # [b,1]
-    keep = (top_k <= 0) | (top_k >= v) | (logits >= kth)  # [b,v]
-    return jnp.where(keep, logits, -jnp.inf)
-
-
 def sample_rows(logits, rows: RowSampling, seen, seeds, steps):
     """Next id per row [b] from full raw logits [b,v]: each row as `sampling.sample` would
     choose it with its own settings, seed and step."""
@@ -196,7 +184,7 @@ def sample_rows(logits, rows: RowSampling, seen, seeds, steps):
         return best
     scores = scores / rows.temperature
     if rows.any_top_k:
-        scores = top_k_rows(scores, rows.top_k)
+        scores = top_k_filter(scores, rows.top_k)  # [b,1]: each row's k
     if rows.any_top_p:
         scores = jnp.where(rows.top_p_on[:, None], drop_tail(scores, rows.top_p_tail), scores)
     if rows.any_min_p:
@@ -208,18 +196,15 @@ def sample_rows(logits, rows: RowSampling, seen, seeds, steps):
 def serve_sample_fn(logits, seen, seeds, steps, rows, *, logprobs: int | None, comm=SINGLE):
     """Choose ids [b] from logits [b,v] (this rank's slice [b,v/R] under tp: the penalty is
     applied to the slice, the rest to the gathered vocabulary), mark them in the first b rows
-    of seen [B,v], and unless
-    `logprobs` is None return each row's (chosen log-probability [b], top ids [b,n], their
-    log-probabilities [b,n]) from the raw logits."""
-    b, local_vocab = logits.shape[0], seen.shape[1]
+    of seen [B,v], and unless `logprobs` is None return each row's (chosen log-probability
+    [b], top ids [b,n], their log-probabilities [b,n]) from the raw logits."""
+    b = logits.shape[0]
     scores = logits.astype(jnp.float32)
     if rows.penalised:
         scores = repetition_penalty(scores, seen[:b], rows.repetition_penalty)
     plain = dataclasses.replace(rows, penalised=False)
     ids = sample_rows(gather_vocab(scores, comm), plain, None, seeds, steps)  # [b]
-    local = ids - vocab_offset(comm, local_vocab)
-    local = jnp.where((local >= 0) & (local < local_vocab), local, local_vocab)
-    seen = seen.at[jnp.arange(b), local].set(True, mode="drop")
+    seen = mark_seen(seen, ids, comm)
     extra = () if logprobs is None else token_logprobs(logits, ids, logprobs, comm)
     return ids, seen, extra
 

@@ -112,10 +112,11 @@ def repetition_penalty(logits, seen, penalty):
 
 def top_k_filter(logits, top_k):
     """Keep scores >= the top_k-th largest of each row (ties kept), -inf elsewhere; top_k <= 0
-    or >= v keeps everything."""
-    v = logits.shape[-1]
+    or >= v keeps everything. top_k is one number, or one per row [b,1] (a server's rows)."""
+    b, v = logits.shape
     ranked = -jnp.sort(-logits, axis=-1)  # [b,v] descending
-    kth = jnp.take(ranked, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[:, None]  # [b,v] -> [b,1]
+    index = jnp.broadcast_to(jnp.clip(top_k - 1, 0, v - 1), (b, 1))
+    kth = jnp.take_along_axis(ranked, index, axis=-1)  # [b,v] -> [b,1]
     keep = (top_k <= 0) | (top_k >= v) | (logits >= kth)  # [b,v]
     return jnp.where(keep, logits, -jnp.inf)
 

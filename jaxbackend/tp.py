@@ -193,11 +193,19 @@ def choose_sharded(logits, sampling, seen, seeds, step, comm: Comm):
 def sample_ranked(logits, sampling, seen, seeds, step, comm: Comm):
     """Choose ids [b] from logits [b, v] (or this rank's slice [b, v/R]) and mark them in the
     seen mask of the same layout (for the repetition penalty)."""
-    b = logits.shape[0]
     if comm.size == 1:
         ids = sample(logits, sampling, seen, seeds, step)
-        return ids, seen.at[jnp.arange(b), ids].set(True)
-    ids = choose_sharded(logits, sampling, seen, seeds, step, comm).astype(jnp.int32)
+    else:
+        ids = choose_sharded(logits, sampling, seen, seeds, step, comm).astype(jnp.int32)
+    return ids, mark_seen(seen, ids, comm)
+
+
+def mark_seen(seen, ids, comm: Comm):
+    """seen [B,v] (this rank's slice [B,v/R] under tp) with ids [b] marked in its first b rows:
+    each rank marks the ids in its slice."""
+    b = ids.shape[0]
+    if comm.size == 1:
+        return seen.at[jnp.arange(b), ids].set(True)
     local = ids - vocab_offset(comm, seen.shape[-1])
     local = jnp.where((local >= 0) & (local < seen.shape[-1]), local, seen.shape[-1])
-    return ids, seen.at[jnp.arange(b), local].set(True, mode="drop")
+    return seen.at[jnp.arange(b), local].set(True, mode="drop")
