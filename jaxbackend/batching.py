@@ -337,17 +337,15 @@ class Scheduler:
         cache_len: int | None = None,
         max_queue: int = 64,
         prefill_chunk: int = 512,
-        prefix_tokens: int | None = None,
+        prefix_cache_tokens: int | None = None,
     ):
-        for name, value, low in (
-            ("max_batch", max_batch, 1),
-            ("max_queue", max_queue, 0),
-            ("prefill_chunk", prefill_chunk, 16),
-        ):
+        limits = [("max_batch", max_batch, 1), ("max_queue", max_queue, 0)]
+        limits += [("prefill_chunk", prefill_chunk, 16)]
+        if prefix_cache_tokens is not None:  # None: the default budget
+            limits += [("prefix_cache_tokens", prefix_cache_tokens, 0)]
+        for name, value, low in limits:
             if not is_integer(value) or value < low:
                 raise OptionError(f"{name} must be an integer >= {low}, got {value!r}")
-        if prefix_tokens is not None and (not is_integer(prefix_tokens) or prefix_tokens < 0):
-            raise OptionError(f"prefix_tokens must be an integer >= 0, got {prefix_tokens!r}")
         if rt.backend != "jax":
             raise OptionError("serving runs on the JAX backend (backend 'jax')")
         rt = model.placed(rt)
@@ -365,7 +363,7 @@ class Scheduler:
         self.slots_per_row = padded_len(self.cache_len)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk = bucket(prefill_chunk) if reusable(cfg) else None
-        budget = 4 * self.cache_len if prefix_tokens is None else prefix_tokens
+        budget = 4 * self.cache_len if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefixes = PrefixStore(budget) if reusable(cfg) and budget > 0 else None
         self.static = {"cfg": cfg, "rt": program_runtime(rt)}
 

@@ -325,7 +325,7 @@ def cmd_diff(args) -> dict:
 def cmd_serve(args) -> dict:
     """Load the model, make its scheduler, serve until a signal has drained it."""
     try:
-        from .server import serve
+        from .server import listen, serve
     except ImportError as err:  # starlette, uvicorn or jinja2 missing
         raise UserError(
             f"slimllm serve needs the serve extra ({err.name} is missing): "
@@ -336,6 +336,7 @@ def cmd_serve(args) -> dict:
     args.model = args.model or str(SHIPPED_MODEL)
     if not 0 <= args.port < 65536 or not args.drain_timeout >= 0:
         raise UserError("--port must be in [0, 65535] and --drain-timeout >= 0")
+    sock = listen(args.host, args.port)  # a port in use fails before the model loads
     model = load_for(args)
     scheduler = Scheduler(
         model,
@@ -344,10 +345,10 @@ def cmd_serve(args) -> dict:
         cache_len=args.cache_len,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
-        prefix_tokens=args.prefix_cache_tokens,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
     name = args.model_name or Path(model.source).name or "model"
-    serve(model, scheduler, name, args.host, args.port, args.drain_timeout)
+    serve(model, scheduler, name, sock, args.drain_timeout)
     return {}
 
 

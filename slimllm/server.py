@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import socket
 import threading
 import time
 
@@ -436,15 +437,24 @@ class Server(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(model, scheduler: Scheduler, name: str, host: str, port: int, drain_timeout: float):
-    """Run the server until a signal has drained it."""
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads: an address in use or a
+    host that does not resolve is one line (a SlimllmError), not uvicorn's exit status 3."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as err:  # socket.gaierror included
+        reason = err.strerror or str(err)
+        raise SlimllmError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def serve(model, scheduler: Scheduler, name: str, sock: socket.socket, drain_timeout: float):
+    """Run the server on `sock` (from `listen`) until a signal has drained it."""
     service = Service(model, scheduler, name, drain_timeout)
     app = create_app(service)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
-    )
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     try:
-        Server(config, service).run()
+        Server(config, service).run(sockets=[sock])
     finally:
         scheduler.shutdown(drain=False, timeout=0.0)
     if scheduler.error is not None:

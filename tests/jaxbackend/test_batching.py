@@ -184,7 +184,7 @@ def test_reused_int8_entries_carry_their_scales(model):
     prompt = np.array(model.tokenizer.encode(SYSTEM + "Tell me about json."))
     other = model.tokenizer.encode(" ".join(PROMPTS * 2))  # overwrites the staging cache between
     assert len(other) > len(prompt)
-    fresh = Scheduler(model, rt, max_batch=1, prefix_tokens=0)
+    fresh = Scheduler(model, rt, max_batch=1, prefix_cache_tokens=0)
     for s in (sched, fresh):
         s.start()
         col = Collector()

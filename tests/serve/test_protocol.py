@@ -1,6 +1,9 @@
-"""The wire-format helpers of `slimllm serve` (slimllm/serve_protocol.py) on their own."""
+"""The wire-format helpers of `slimllm serve` (slimllm/serve_protocol.py) on their own, and
+its command line's mistakes."""
 
 from __future__ import annotations
+
+import socket
 
 from slimllm.cli import main
 from slimllm.serve_protocol import TextStream
@@ -34,3 +37,15 @@ def test_a_missing_serve_extra_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "slimllm.server", None)  # as if starlette were missing
     assert main(["serve", "--port", "0"]) == 2
     assert "pip install 'slimllm[serve]'" in capsys.readouterr().err
+
+
+def test_an_address_in_use_is_one_line_before_the_model_loads(capsys):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    argv = ["serve", "--model", "/no/such/model", "--port", str(port)]
+    with taken:
+        assert main(argv) == 2  # the address fails first: the missing model is never read
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"slimllm: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+    assert main(["serve", "--host", "no.such.host.invalid", "--port", "0"]) == 2
+    assert "cannot listen on no.such.host.invalid" in capsys.readouterr().err
