@@ -12,7 +12,7 @@ with the lowest id: `lax.top_k` puts the lower index first among equal values, a
 candidates lie in rank order, so position order is id order.
 
 `token_logprobs` is a plain traceable function (n static), for any compiled program;
-`generate.logprobs_fn` is the stream loop's program around it.
+`generate.logprobs_fn` wraps it for the stream loop's programs (`choose_fn`, `step_fn`).
 """
 
 from __future__ import annotations

@@ -87,8 +87,12 @@ LAYOUTS = {
     "trace_fn": (("params", "rep", "cache", "rep"), ("trace", "cache")),
     "gather_fn": (("vocab",), "rep"),
     "reorder_fn": (("cache", "rep"), "cache"),  # beam search (beam.py): rows gathered, heads kept
-    "sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab")),
     "logprobs_fn": (("vocab", "rep"), ("rep", "rep", "rep")),
+    "choose_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab", "rep")),
+    "step_fn": (
+        ("params", "rep", "cache", "rep", "vocab", "rep", "rep", "rep"),
+        ("rep", "vocab", "vocab", "rep", "cache", "rep"),
+    ),
     # continuous batching (batching.py)
     "serve_sample_fn": (("vocab", "vocab", "rep", "rep", "rep"), ("rep", "vocab", "rep")),
     "insert_fn": (("cache", "cache", "rep"), "cache"),

@@ -231,8 +231,9 @@ print(f"rank 0's logits: {logits.shape} (its half of the vocabulary)")
 # KV cache (each rank caches its own heads).
 #
 # The recording shows what the model *asks* for. To check what actually runs, we generate
-# with `tp=2` (the engine compiles the decode step under `shard_map` over the two devices) and
-# count the collectives in the program XLA compiled. The tokens are also compared with the
+# with `tp=2` (the engine compiles each token's step, decode then greedy choice, under
+# `shard_map` over the two devices) and count the collectives in the program XLA compiled: the
+# two per block, and the choice's two (next section). The tokens are also compared with the
 # NumPy reference, which runs the whole model in one piece: tensor parallelism must not change
 # a single token.
 
@@ -244,14 +245,23 @@ print("tp=2 tokens == NumPy reference tokens:", split.ids == whole.ids)
 print(repr(split.text))
 
 engine = model.engine(rt)
-(program,) = [c.program for key, c in engine.programs.items() if key[0] == "decode_fn"]
-args = (engine.params, jnp.asarray([5], jnp.int32), engine.new_cache(1, cfg.max_len, "float32"))
-args = engine.place((*args, device_positions.device_state(state)), sharding.LAYOUTS["decode_fn"][0])
-hlo = program.lower(*args).compile().as_text()  # the compiled decode step (already compiled)
+(program,) = [c.program for key, c in engine.programs.items() if key[0] == "step_fn"]
+args = (
+    engine.params,
+    jnp.asarray([5], jnp.int32),  # the token just chosen
+    engine.new_cache(1, cfg.max_len, "float32"),
+    device_positions.device_state(state),
+    jnp.zeros((1, cfg.vocab), bool),  # tokens seen (for a repetition penalty)
+    jnp.asarray(seed_words([0])),
+    np.int32(1),  # the step
+    Sampling.of(SamplingConfig()),  # greedy
+)
+args = engine.place(args, sharding.LAYOUTS["step_fn"][0])
+hlo = program.lower(*args).compile().as_text()  # the compiled step
 compiled = re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all)\(", hlo)
 for dtype, dims, op in compiled:
     print(f"{op} of {dtype}[{dims}]")
-print(f"{len(compiled)} collectives in the compiled decode step")
+print(f"{len(compiled)} collectives in the compiled step: 2 per block, 2 for the choice")
 
 # %% [markdown]
 # ## The vocabulary: getting the token out

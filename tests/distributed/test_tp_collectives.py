@@ -156,9 +156,15 @@ def hidden_sums(cfg, t: int) -> list[Collective]:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_decode_step_has_two_allreduces_per_layer(hlo, stage):
+@pytest.mark.parametrize("sampling", ["greedy", "topk", "topp"])
+def test_a_stream_step_is_two_allreduces_per_layer_and_the_choice(hlo, stage, sampling):
+    """The stream loop's one program per token (step_fn) decodes, then chooses: per layer the
+    two sums of the hidden state, then exactly the choice's own collectives (choose_fn, the
+    first token's program)."""
     found, cfg = hlo
-    assert found["greedy", "stream", "decode_fn", stage] == hidden_sums(cfg, 1)
+    got = found[sampling, "stream", "step_fn", stage]
+    want = hidden_sums(cfg, 1) + found[sampling, "stream", "choose_fn", stage]
+    assert sorted(got, key=str) == sorted(want, key=str)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -174,7 +180,7 @@ def test_greedy_choice_reduces_b_values_twice(hlo, stage):
     """Greedy over the split vocabulary: max of the ranks' best values, then min of the ids
     holding it (ties -> lowest id); each moves b values, so O(b * tp) for the whole head."""
     found, _ = hlo
-    got = found["greedy", "stream", "sample_fn", stage]
+    got = found["greedy", "stream", "choose_fn", stage]
     assert [(c.op, c.reduce, c.shape) for c in got] == [
         ("all-reduce", "maximum", (B,)),
         ("all-reduce", "minimum", (B,)),
@@ -200,7 +206,7 @@ def test_greedy_loop_moves_no_vocabulary(hlo, stage):
 def test_top_k_gathers_r_times_k_candidates_per_row(hlo, stage):
     found, cfg = hlo
     k = tp_cases.SAMPLINGS["topk"]["top_k"]
-    got = found["topk", "stream", "sample_fn", stage]
+    got = found["topk", "stream", "choose_fn", stage]
     ops = [(c.op, c.shape) for c in got]
     # values and their ids: [R, b, k] each, i.e. R*k per row where the vocabulary is V
     candidates = [c for c in got if c.op == "all-gather" and c.shape == (R, B, k)]
@@ -218,5 +224,5 @@ def test_top_k_gathers_r_times_k_candidates_per_row(hlo, stage):
 def test_top_p_alone_gathers_the_logits(hlo, stage):
     """Without top-k the sampler needs every logit: one gather of the [b, V/R] slices."""
     found, cfg = hlo
-    got = found["topp", "stream", "sample_fn", stage]
+    got = found["topp", "stream", "choose_fn", stage]
     assert [(c.op, c.shape) for c in got] == [("all-gather", (R, B, cfg.vocab // R))]

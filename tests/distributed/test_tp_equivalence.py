@@ -110,7 +110,7 @@ def test_top_k_keeps_ties_with_the_kth_value():
 
     from slimllm.api import demo_model
     from slimllm.jaxbackend.engine import Engine
-    from slimllm.jaxbackend.generate import sample_fn
+    from slimllm.jaxbackend.generate import choose_fn
     from slimllm.jaxbackend.sampling import Sampling, seed_words
     from slimllm.reference.config import ModelConfig
     from slimllm.reference.runtime import Runtime
@@ -126,7 +126,9 @@ def test_top_k_keeps_ties_with_the_kth_value():
     sampling = SamplingConfig(temperature=1.0, top_k=2)
     ids = [
         Engine(model.params, cfg, Runtime(tp=tp))
-        .run(sample_fn, {}, (), logits, seen, seeds, jnp.int32(0), Sampling.of(sampling, tp))[0]
+        .run(
+            choose_fn, {"n": None}, (), logits, seen, seeds, jnp.int32(0), Sampling.of(sampling, tp)
+        )[0]
         .tolist()
         for tp in (1, 2)
     ]

@@ -100,7 +100,7 @@ def test_a_long_compile_says_so_once(monkeypatch, capsys):
         lines[0] == "slimllm: compiling prefill for batch 1, cache 64 (first use of these shapes)"
     )
     assert {line.split(" for ")[0] for line in lines} == {
-        f"slimllm: compiling {name}" for name in ("prefill", "sample", "decode")
+        f"slimllm: compiling {name}" for name in ("prefill", "choose", "step")
     }
     generate(engine)  # nothing new to compile
     assert capsys.readouterr().err == ""

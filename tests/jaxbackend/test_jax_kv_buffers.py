@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from slimllm.jaxbackend.engine import Engine, program_runtime
-from slimllm.jaxbackend.generate import decode_fn, loop_fn, prefill_fn
+from slimllm.jaxbackend.generate import decode_fn, loop_fn, prefill_fn, step_fn
 from slimllm.jaxbackend.kv_cache import KV_FORMATS, padded_len
 from slimllm.jaxbackend.positions import device_state
 from slimllm.jaxbackend.runtime import ATTENTION, Runtime
@@ -68,6 +68,20 @@ def programs(engine: Engine, fmt: str, rt: Runtime):
 
     return [
         decode_program(engine, fmt, rt, B),
+        (
+            step_fn,
+            static | {"n": 2},
+            lambda: (
+                engine.params,
+                jnp.ones(B, jnp.int32),
+                cache(),
+                state([T]),
+                jnp.zeros((B, CFG.vocab), bool),
+                jnp.zeros((B, 2), jnp.uint32),
+                np.int32(1),
+                Sampling.of(SamplingConfig()),
+            ),
+        ),
         (
             loop_fn,
             loop,
