@@ -395,8 +395,8 @@ def generate(
       format's default, one scale per row for int8, 32 columns for int4).
     - `kernels` (JAX backend): "auto" calls slimllm's compiled kernels where they are built
       (float32 arithmetic); "fast" lets weight products also round activations, to bfloat16 or
-      int8 in AMX tiles where the CPU has AMX, else to 16 bits for int8/int4 weights; "xla"
-      never calls them.
+      int8 in AMX tiles where the CPU has AMX, else to 16 bits for int8 weights and to int8
+      per 32 columns for int4 weights; "xla" never calls them.
     """
     rt = runtime or Runtime(
         backend=backend,

@@ -100,7 +100,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: slimllm's compiled kernels where they are built (default); fast: also "
         "weight products on rounded activations (bfloat16/int8 in AMX tiles where the CPU has "
-        "AMX, else 16-bit integers for int8/int4 weights); xla: pure XLA",
+        "AMX, else 16-bit integers for int8 weights, int8 per 32 columns for int4); xla: pure XLA",
     )
     add_weight_options(p)
     add_compile_cache_option(p)

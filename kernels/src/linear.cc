@@ -16,6 +16,8 @@
 // group's (or 2048 columns') integer sum is scaled in float32. The only departure from the
 // float32 product is x's rounding: |error| <= max|x| / 65534 * sum |w| per output, about 1e-5
 // of the result's scale, and the same for every batch size (each row of x has its own scale).
+// int4 codes take the byte road instead where the columns come in blocks of 128 (section
+// "int4 bytes" below): widening nibbles to 16 bits cost more than reading them.
 //
 // On a CPU with AMX, "fast" products of more than 4 rows of x take a third road, AMX tiles
 // (section "AMX path" below): decoding a batch multiplies 16 rows of x per weight read, which
@@ -46,6 +48,10 @@ struct Problem {
   int64_t m, n, k, row_bytes, groups, group;
   const int16_t* xq = nullptr;  // [m, k] x rounded to 16 bits (the integer path)
   const float* xs = nullptr;  // [m] their scales
+  const int8_t* x_even = nullptr;  // [m, k/2] x rounded to int8, even columns (int4 bytes)
+  const int8_t* x_odd = nullptr;  // [m, k/2] odd columns
+  const int32_t* x_bias = nullptr;  // [m, k/8] -8 * the sum of each 8 columns' int8 values
+  const float* x_lanes = nullptr;  // [m, k/8] x's scale for each 8 columns (of its 32)
 };
 
 constexpr int64_t kIntBlock = 2048;  // columns summed in int32 before a float conversion
@@ -249,9 +255,93 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0) {
   }
 }
 
+// ---------------------------------------------------------------- int4 bytes (kernels "fast")
+//
+// The 16-bit road spends ~10 instructions per 32 int4 codes (unpack, widen, one vpdpwssd, then
+// a float flush per group of 32): the 150M preset's int4 step took 6.6 ms against llama.cpp
+// Q4_0's 4.1. Here the codes stay bytes. x is rounded to int8 with one scale per 32 columns
+// (max|x| / 127, as Q8_0 and the AMX road round it) and split into its even and odd columns:
+// a byte of codes holds column 2t in its low nibble and 2t + 1 in its high one, so 64 bytes
+// of a weight row (128 columns) meet x in two AVX512-VNNI vpdpbusd (unsigned nibble times
+// signed x, 4 products summed per int32 lane) after one AND and one shift. Lane l of a block
+// holds columns 8l .. 8l + 7, all in one 32-column step, so one vector of lane scales (x's
+// step times the weight row's group) turns the int32 sums into float32 per block. The codes
+// are stored as code + 8: each lane starts from -8 * its x sum.
+//   |error| <= sum over 32-column steps of max|x_step| / 254 * sum_j |w_j| per output.
+
+// Does this product fit the byte road: 128-column blocks whose lanes lie in single groups?
+bool int4_bytes_fit(const Problem& p) {
+  return p.k % 128 == 0 && p.group % 32 == 0 && (p.group % 128 == 0 || 128 % p.group == 0);
+}
+
+// x for the byte road (Problem's x_* fields), one row of x after another.
+void round_x_bytes(const Problem& p, int8_t* even, int8_t* odd, int32_t* bias, float* lanes) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* x = p.x + i * p.k;
+    for (int64_t j0 = 0; j0 < p.k; j0 += 32) {
+      float top = 0.0f;
+      for (int64_t j = j0; j < j0 + 32; ++j) top = std::max(top, std::fabs(x[j]));
+      float inv = top > 0.0f ? 127.0f / top : 0.0f;
+      for (int64_t j = j0; j < j0 + 32; j += 8) {
+        int32_t sum = 0;
+        for (int64_t c = j; c < j + 8; ++c) {  // rounded to nearest even, within +-127
+          auto q = int8_t(std::clamp(std::nearbyint(x[c] * inv), -127.0f, 127.0f));
+          (c % 2 ? odd : even)[(i * p.k + c) / 2] = q;
+          sum += q;
+        }
+        bias[(i * p.k + j) / 8] = -8 * sum;
+        lanes[(i * p.k + j) / 8] = top / 127.0f;
+      }
+    }
+  }
+}
+
+// y[i, r0 : r0+RB] for RB weight rows and one row i of x, one pass over k.
+template <int RB>
+SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i) {
+  const __m512i nibble = _mm512_set1_epi8(15);
+  // lane l of a block takes the weight scale of its group: (8l) / group of the block's first
+  const bool one_group = p.group % 128 == 0;
+  const int64_t per_block = one_group ? 1 : 128 / p.group;
+  alignas(64) int32_t pick_lanes[16];
+  for (int l = 0; l < 16; ++l) pick_lanes[l] = one_group ? 0 : 8 * l / int32_t(p.group);
+  const __m512i pick = _mm512_load_si512(pick_lanes);
+  const __mmask8 first = __mmask8((1u << per_block) - 1);
+  __m512 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+  const uint8_t* rows[RB];
+  for (int r = 0; r < RB; ++r) rows[r] = p.w + (r0 + r) * p.row_bytes;
+  const int8_t* xe = p.x_even + i * p.k / 2;
+  const int8_t* xo = p.x_odd + i * p.k / 2;
+  const int32_t* xb = p.x_bias + i * p.k / 8;
+  const float* xl = p.x_lanes + i * p.k / 8;
+  for (int64_t j = 0; j < p.k; j += 128) {
+    __m512i even = _mm512_loadu_si512(xe + j / 2), odd = _mm512_loadu_si512(xo + j / 2);
+    __m512i start = _mm512_loadu_si512(xb + j / 8);
+    __m512 x_scale = _mm512_loadu_ps(xl + j / 8);
+    for (int r = 0; r < RB; ++r) {
+      prefetch_ahead<kInt4>(rows[r], p.row_bytes, j);
+      __m512i b = _mm512_loadu_si512(rows[r] + j / 2);
+      __m512i lo = _mm512_and_si512(b, nibble);
+      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+      __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, even), hi, odd);
+      const float* s = p.scale + (r0 + r) * p.groups + j / p.group;
+      __m512 w_scale = _mm512_permutexvar_ps(pick, _mm512_zextps128_ps512(_mm_maskz_loadu_ps(first, s)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w_scale, x_scale), acc[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) p.y[i * p.n + r0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 template <int E, int RB>
 SLIMLLM_AVX512 void tile_all_x(const Problem& p, int64_t r0) {
   int64_t i = 0;
+  if constexpr (E == kInt4) {
+    if (p.x_even != nullptr) {  // the byte road: one row of x per pass
+      for (; i < p.m; ++i) tile_int4_bytes<RB>(p, r0, i);
+      return;
+    }
+  }
   if (p.xq != nullptr) {  // the integer road: 2 rows of x per pass (registers)
     if constexpr (scaled(E)) {
       for (; i + 2 <= p.m; i += 2) tile_int16<E, RB, 2>(p, r0, i);
@@ -555,6 +645,24 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   // the integer road needs whole 32-column steps and groups that fit an int32 sum
   bool integer = allow_integer && fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&
                  (p.groups == 1 || p.group <= 4 * kIntBlock);
+#if SLIMLLM_X86
+  bool bytes = integer && E == kInt4 && int4_bytes_fit(p);
+#else
+  bool bytes = false;
+#endif
+  std::vector<int8_t> x_even(bytes ? p.m * p.k / 2 : 0), x_odd(x_even.size());
+  std::vector<int32_t> x_bias(bytes ? p.m * p.k / 8 : 0);
+  std::vector<float> x_lanes(x_bias.size());
+#if SLIMLLM_X86
+  if (bytes) {
+    round_x_bytes(p, x_even.data(), x_odd.data(), x_bias.data(), x_lanes.data());
+    p.x_even = x_even.data();
+    p.x_odd = x_odd.data();
+    p.x_bias = x_bias.data();
+    p.x_lanes = x_lanes.data();
+    integer = false;
+  }
+#endif
   std::vector<int16_t> xq(integer ? p.m * p.k : 0);
   std::vector<float> xs(integer ? p.m : 0);
   if (integer) {

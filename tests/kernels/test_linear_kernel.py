@@ -40,6 +40,8 @@ CASES = [  # (encoding, group): every encoding, per channel and grouped
     ("int8", None),
     ("int8", 32),
     ("int4", 32),
+    ("int4", 64),
+    ("int4", 128),
     ("int4", None),
 ]
 
@@ -73,6 +75,30 @@ def amx_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) ->
     )
 
 
+def int4_bytes_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
+    """Does this product take the int4 byte road (src/linear.cc "int4 bytes": kernels "fast"
+    with VNNI, off the AMX road, 128-column blocks whose lanes lie in single groups)?"""
+    g = group or cols
+    return (
+        choice == "fast"
+        and encoding == "int4"
+        and kernels.isa() in ("avx512-vnni", "avx512-amx")
+        and not amx_road(choice, encoding, group, rows, cols, m)
+        and cols % 128 == 0
+        and g % 32 == 0
+        and (g % 128 == 0 or 128 % g == 0)
+    )
+
+
+def int8_steps_bound(x, wide, step: int) -> np.ndarray:
+    """x rounded to int8 with one scale per `step` columns: sum over steps of
+    max|x_step| / 254 * sum |w| over the step."""
+    (m, cols), rows = x.shape, wide.shape[0]
+    top = np.abs(x).reshape(m, cols // step, step).max(axis=2)  # [m, steps]
+    mass = np.abs(wide).reshape(rows, cols // step, step).sum(axis=2)  # [rows, steps]
+    return (top / 254) @ mass.T
+
+
 def error_bound(x, wide, choice: str, encoding: str, group, m: int) -> np.ndarray:
     """|y - x @ wide.T| allowed per output: float32 summation, plus x's rounding on a fast road."""
     rows, cols = wide.shape
@@ -81,9 +107,9 @@ def error_bound(x, wide, choice: str, encoding: str, group, m: int) -> np.ndarra
         if encoding == "bfloat16":  # x rounded to bfloat16: half an ulp of 8 bits
             return bound + 2.0**-8 * (np.abs(x) @ np.abs(wide).T)
         step = 64 if (group or cols) % 64 == 0 else 32  # x to int8, one scale per step
-        top = np.abs(x).reshape(m, cols // step, step).max(axis=2)  # [m, steps]
-        mass = np.abs(wide).reshape(rows, cols // step, step).sum(axis=2)  # [rows, steps]
-        return bound + (top / 254) @ mass.T
+        return bound + int8_steps_bound(x, wide, step)
+    if int4_bytes_road(choice, encoding, group, rows, cols, m):
+        return bound + int8_steps_bound(x, wide, 32)
     if choice == "fast" and ENCODINGS[encoding].qmax:  # x rounded to 16 bits (VNNI)
         top = np.abs(x).max(axis=1, keepdims=True)  # [m, 1]
         return bound + top / 65534 * np.abs(wide).sum(axis=1)[None, :]
@@ -124,9 +150,12 @@ def check_products(
 @pytest.mark.parametrize("choice", ["auto", "fast"])
 def test_products_match_the_reference_widening(choice):
     """auto: float32 arithmetic; fast: x rounded, to bfloat16 or int8 in AMX tiles where the CPU
-    has AMX (5 rows of x or more, prefill's too), else int8/int4 codes meet x rounded to 16 bits
-    (AVX512-VNNI)."""
-    check_products(choice=choice, ms=(1, 2, 3, 4, 5, 16, 40) if choice == "fast" else (1, 4, 5, 16))
+    has AMX (5 rows of x or more, prefill's too), else int8 codes meet x rounded to 16 bits and
+    int4 codes x rounded to int8 per 32 columns (AVX512-VNNI; 16 bits where the columns do not
+    come in blocks of 128)."""
+    cols = (16, 96, 256, 1024)
+    ms = (1, 2, 3, 4, 5, 16, 40) if choice == "fast" else (1, 4, 5, 16)
+    check_products(cols_list=cols, ms=ms, choice=choice)
 
 
 def test_the_portable_path_matches_too():
