@@ -429,13 +429,93 @@ SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t
   }
 }
 
+// 64 int4 codes of one row from column j, as int8 (code - 8) in column order.
+SLIMLLM_AMX inline __m512i nibbles64(const uint8_t* row, int64_t j) {
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j / 2));
+  __m256i nibble = _mm256_set1_epi8(15);
+  __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+  // unpack works within 128-bit lanes: lanes 0/1 of (lo, hi) interleaved give columns 0-31 / 32-63
+  __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
+  __m512i codes = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
+      _mm256_permute2x128_si256(first, second, 0x31), 1);
+  return _mm512_sub_epi8(codes, _mm512_set1_epi8(8));
+}
+
+// One work item's weights in tile order: [k / cols][tiles][16 rows][the tile's row bytes], so
+// that every tile load reads 1 KB in a row. Read in place, a tile's 16 rows lay one weight row
+// apart (2 KB for 1024 bfloat16 columns), all in the same two sets of the 48 KB L1 cache: the
+// tiles missed the L1 at every load, and a 128-row prefill ran at ~15% of the tiles' peak
+// (perf: 106 cycles a TDPBF16PS). Packed once per item, they are reused by every block of x.
+// bfloat16: 32 columns a tile row; int8 codes: `cols` (64 or 32); int4: unpacked to int8.
+constexpr int64_t kPackAhead = 4;  // weight rows
+
+template <int E>
+SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t cols,
+                           uint8_t* out) {
+  const int64_t row_bytes = E == kBFloat16 ? 64 : cols;  // of a packed tile
+  const __mmask64 mask = row_bytes == 64 ? ~0ull : 0xffffffffull;
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t r = 0; r < kAmxRows; ++r) {
+      const uint8_t* row = p.w + (n0 + t * kAmxRows + r) * p.row_bytes;
+      for (int64_t j = 0, s = 0; j < p.k; j += cols, ++s) {
+        uint8_t* to = out + ((s * tiles + t) * kAmxRows + r) * row_bytes;
+        // rows are short (1-6 KB): ask for the rows ahead before the prefetcher ramps up
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPackAhead * p.row_bytes +
+                                                   (E == kBFloat16 ? 2 * j : E == kInt8 ? j : j / 2)),
+                     _MM_HINT_T0);
+        if constexpr (E == kBFloat16) {
+          _mm512_storeu_si512(to, _mm512_loadu_si512(row + 2 * j));
+        } else if constexpr (E == kInt8) {
+          _mm512_mask_storeu_epi8(to, mask, _mm512_maskz_loadu_epi8(mask, row + j));
+        } else {
+          _mm512_mask_storeu_epi8(to, mask, nibbles64(row, j));
+        }
+      }
+    }
+}
+
+// A thread's buffer for pack_item, 64-byte aligned, kept between calls (grown, never shrunk:
+// no page faults once warm).
+SLIMLLM_AMX uint8_t* item_buffer(int64_t bytes) {
+  thread_local std::vector<uint8_t> buffer;
+  if (int64_t(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
+  auto at = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((64 - at % 64) % 64);
+}
+
+// Where an item's weight tile (column step s, tile t) lies: packed (pack_item), or in place.
+struct ItemTiles {
+  const uint8_t* base;
+  int64_t step_bytes, tile_bytes, stride;
+  bool packed;
+  const uint8_t* at(int64_t s, int64_t t) const { return base + s * step_bytes + t * tile_bytes; }
+};
+
+// The item's tiles: packed where several blocks of x reuse them, else in place (int4: unpacked
+// one step at a time into a scratch of 4 tiles). At one block (batched decode) packing cost
+// more than it saved (16 x 1024 @ 5632: bfloat16 0.43 -> 0.57 ms, int8 0.28 -> 0.37, int4 0.28
+// -> 0.34); at 128 rows it took int4 from 1.76-2.05 to 1.25-1.47 ms, bfloat16 and int8 within
+// noise (interleaved processes, 3 rounds).
+template <int E>
+SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, int64_t cols) {
+  const int64_t value_bytes = E == kBFloat16 ? 2 : 1;  // as a tile holds them
+  const int64_t row_bytes = cols * value_bytes;  // of a tile
+  if (p.m <= kAmxRows) {  // int4: each step's codes unpacked by the item (unpack_step)
+    if constexpr (E == kInt4) return {nullptr, 0, kAmxRows * row_bytes, row_bytes, false};
+    return {p.w + n0 * p.row_bytes, row_bytes, kAmxRows * p.row_bytes, p.row_bytes, false};
+  }
+  uint8_t* a = item_buffer(tiles * kAmxRows * p.k * value_bytes);
+  pack_item<E>(p, n0, tiles, cols, a);
+  return {a, tiles * kAmxRows * row_bytes, kAmxRows * row_bytes, row_bytes, true};
+}
+
 // The bfloat16 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x.
 SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0, int64_t tiles) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = kAmxRows, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  const uint16_t* a = reinterpret_cast<const uint16_t*>(p.w + n0 * p.row_bytes);  // in place
-  const int64_t a_row = p.row_bytes / 2;  // bfloat16 values from one weight row to the next
+  const ItemTiles a = item_tiles<kBFloat16>(p, n0, tiles, kAmxCols);
   alignas(64) float c[kAmxTiles][kAmxRows * kAmxRows];
   __m512 acc[kAmxTiles * kAmxRows];  // per weight row, its sums against 16 rows of x
   for (int64_t block = 0; block * kAmxRows < p.m; ++block) {
@@ -444,21 +524,21 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t j = 0; j < p.k; j += kAmxCols) {
-      if (block == 0) prefetch_rows(p, n0, tiles, 2 * (j + kPrefetchCols));
+    for (int64_t j = 0, s = 0; j < p.k; j += kAmxCols, ++s) {
+      if (block == 0 && !a.packed) prefetch_rows(p, n0, tiles, 2 * (j + kPrefetchCols));
       _tile_loadd(5, b + j * kAmxRows, 64);
-      _tile_loadd(4, a + j, p.row_bytes);
+      _tile_loadd(4, a.at(s, 0), a.stride);
       _tile_dpbf16ps(0, 4, 5);
       if (tiles > 1) {
-        _tile_loadd(6, a + kAmxRows * a_row + j, p.row_bytes);
+        _tile_loadd(6, a.at(s, 1), a.stride);
         _tile_dpbf16ps(1, 6, 5);
       }
       if (tiles > 2) {
-        _tile_loadd(4, a + 2 * kAmxRows * a_row + j, p.row_bytes);
+        _tile_loadd(4, a.at(s, 2), a.stride);
         _tile_dpbf16ps(2, 4, 5);
       }
       if (tiles > 3) {
-        _tile_loadd(6, a + 3 * kAmxRows * a_row + j, p.row_bytes);
+        _tile_loadd(6, a.at(s, 3), a.stride);
         _tile_dpbf16ps(3, 6, 5);
       }
     }
@@ -498,19 +578,6 @@ SLIMLLM_AMX void pack_x_int8(const Problem& p, int64_t block, int64_t step, int8
   }
 }
 
-// 64 int4 codes of one row from column j, as int8 (code - 8) in column order.
-SLIMLLM_AMX inline __m512i nibbles64(const uint8_t* row, int64_t j) {
-  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j / 2));
-  __m256i nibble = _mm256_set1_epi8(15);
-  __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-  // unpack works within 128-bit lanes: lanes 0/1 of (lo, hi) interleaved give columns 0-31 / 32-63
-  __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
-  __m512i codes = _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
-      _mm256_permute2x128_si256(first, second, 0x31), 1);
-  return _mm512_sub_epi8(codes, _mm512_set1_epi8(8));
-}
-
 // acc[r] += c[r] (int32 sums) * x's scales of the step * the weight row's scale in group g.
 SLIMLLM_AMX inline void add_int_sums(const Problem& p, const int32_t* c, __m512 xs, int64_t n0,
                                      int64_t g, __m512* acc) {
@@ -521,7 +588,7 @@ SLIMLLM_AMX inline void add_int_sums(const Problem& p, const int32_t* c, __m512 
   }
 }
 
-// The int8/int4 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x.
+// The int8/int4 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x (item_tiles).
 template <int E>
 SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* xs, int64_t step,
                               int64_t n0, int64_t tiles) {
@@ -530,44 +597,41 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
   cfg.rows[4] = cfg.rows[6] = kAmxRows, cfg.colsb[4] = cfg.colsb[6] = step;  // A: weights
   cfg.rows[5] = step / 4, cfg.colsb[5] = 64;  // B: x
   _tile_loadconfig(&cfg);
-  alignas(64) int8_t unpacked[kAmxTiles][kAmxRows * 64];  // int4: a tile's codes as bytes
+  ItemTiles a = item_tiles<E>(p, n0, tiles, step);
+  alignas(64) int8_t unpacked[kAmxTiles * kAmxRows * 64];  // int4 in place: a step's tiles
   alignas(64) int32_t c[kAmxRows * kAmxRows];
   __m512 acc[kAmxTiles * kAmxRows];
-  auto weights = [&](int64_t t, int64_t j) -> std::pair<const void*, int64_t> {
-    if constexpr (E == kInt8) return {p.w + (n0 + t * kAmxRows) * p.row_bytes + j, p.row_bytes};
-    return {unpacked[t], step};
-  };
   for (int64_t block = 0; block * kAmxRows < p.m; ++block) {
     const int8_t* b = xq + block * p.k * kAmxRows;
     const float* bs = xs + block * (p.k / step) * kAmxRows;
     for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < p.k; j += step) {
+    for (int64_t j = 0, s = 0; j < p.k; j += step, ++s) {
+      if (block == 0 && !a.packed) prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
       if constexpr (E == kInt4) {
-        for (int64_t t = 0; t < tiles; ++t)
-          for (int64_t r = 0; r < kAmxRows; ++r) {
-            __m512i codes = nibbles64(p.w + (n0 + t * kAmxRows + r) * p.row_bytes, j);
-            _mm512_mask_storeu_epi8(unpacked[t] + r * step, step == 64 ? ~0ull : 0xffffffffull,
-                                    codes);
-          }
+        if (!a.packed) {  // this step's codes as bytes, in tile order (a.at(0, t))
+          for (int64_t r = 0; r < tiles * kAmxRows; ++r)
+            _mm512_mask_storeu_epi8(unpacked + r * step, step == 64 ? ~0ull : 0xffffffffull,
+                                    nibbles64(p.w + (n0 + r) * p.row_bytes, j));
+          a.base = reinterpret_cast<const uint8_t*>(unpacked);  // step_bytes 0: every step here
+        }
       }
-      if (block == 0) prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
       _tile_loadd(5, b + j * kAmxRows, 64);
       _tile_zero(0);
-      _tile_loadd(4, weights(0, j).first, weights(0, j).second);
+      _tile_loadd(4, a.at(s, 0), a.stride);
       _tile_dpbssd(0, 4, 5);
       if (tiles > 1) {
         _tile_zero(1);
-        _tile_loadd(6, weights(1, j).first, weights(1, j).second);
+        _tile_loadd(6, a.at(s, 1), a.stride);
         _tile_dpbssd(1, 6, 5);
       }
       if (tiles > 2) {
         _tile_zero(2);
-        _tile_loadd(4, weights(2, j).first, weights(2, j).second);
+        _tile_loadd(4, a.at(s, 2), a.stride);
         _tile_dpbssd(2, 4, 5);
       }
       if (tiles > 3) {
         _tile_zero(3);
-        _tile_loadd(6, weights(3, j).first, weights(3, j).second);
+        _tile_loadd(6, a.at(s, 3), a.stride);
         _tile_dpbssd(3, 6, 5);
       }
       __m512 x_scales = _mm512_loadu_ps(bs + (j / step) * kAmxRows);
