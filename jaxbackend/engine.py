@@ -189,7 +189,7 @@ class Engine:
 
     def new_cache(self, batch: int, length: int, fmt: str):
         """An empty KV cache for this engine's ranks, placed where its programs expect it."""
-        cache = kv_cache.init_cache(self.cfg, batch, length, fmt, kv_heads=self.kv_heads)
+        cache = empty_cache(self.cfg, batch, length, fmt, kv_heads=self.kv_heads)
         return self.place((cache,), ("cache",))[0]
 
     def trace_names(self) -> list[str]:
@@ -286,6 +286,12 @@ class Engine:
         flat = logits.reshape(-1, logits.shape[-1])
         full = self.run(gather_fn, {}, (), flat)
         return np.asarray(full).reshape(*logits.shape[:-1], -1)
+
+
+# All of a cache's zeroed leaves in one program: made one `jnp.zeros` at a time, the 16 leaves of
+# the 150M preset's cache took 2.8 ms of dispatches before every prefill (the first token's
+# time); one jitted call takes one dispatch.
+empty_cache = jax.jit(kv_cache.init_cache, static_argnums=(0, 1, 2, 3), static_argnames="kv_heads")
 
 
 def gather_fn(logits, *, comm=SINGLE):
