@@ -127,6 +127,33 @@ void rows_portable(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+// Does this product fit the byte road: 128-column blocks whose lanes lie in single groups?
+bool int4_bytes_fit(const Problem& p) {
+  return p.k % 128 == 0 && p.group % 32 == 0 && (p.group % 128 == 0 || 128 % p.group == 0);
+}
+
+// x for the byte road (Problem's x_* fields), one row of x after another.
+void round_x_bytes(const Problem& p, int8_t* even, int8_t* odd, int32_t* bias, float* lanes) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* x = p.x + i * p.k;
+    for (int64_t j0 = 0; j0 < p.k; j0 += 32) {
+      float top = 0.0f;
+      for (int64_t j = j0; j < j0 + 32; ++j) top = std::max(top, std::fabs(x[j]));
+      float inv = top > 0.0f ? 127.0f / top : 0.0f;
+      for (int64_t j = j0; j < j0 + 32; j += 8) {
+        int32_t sum = 0;
+        for (int64_t c = j; c < j + 8; ++c) {  // rounded to nearest even, within +-127
+          auto q = int8_t(std::clamp(std::nearbyint(x[c] * inv), -127.0f, 127.0f));
+          (c % 2 ? odd : even)[(i * p.k + c) / 2] = q;
+          sum += q;
+        }
+        bias[(i * p.k + j) / 8] = -8 * sum;
+        lanes[(i * p.k + j) / 8] = top / 127.0f;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- AVX-512 path
 
 #if SLIMLLM_X86
@@ -269,33 +296,6 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0) {
 // are stored as code + 8: each lane starts from -8 * its x sum.
 //   |error| <= sum over 32-column steps of max|x_step| / 254 * sum_j |w_j| per output.
 
-// Does this product fit the byte road: 128-column blocks whose lanes lie in single groups?
-bool int4_bytes_fit(const Problem& p) {
-  return p.k % 128 == 0 && p.group % 32 == 0 && (p.group % 128 == 0 || 128 % p.group == 0);
-}
-
-// x for the byte road (Problem's x_* fields), one row of x after another.
-void round_x_bytes(const Problem& p, int8_t* even, int8_t* odd, int32_t* bias, float* lanes) {
-  for (int64_t i = 0; i < p.m; ++i) {
-    const float* x = p.x + i * p.k;
-    for (int64_t j0 = 0; j0 < p.k; j0 += 32) {
-      float top = 0.0f;
-      for (int64_t j = j0; j < j0 + 32; ++j) top = std::max(top, std::fabs(x[j]));
-      float inv = top > 0.0f ? 127.0f / top : 0.0f;
-      for (int64_t j = j0; j < j0 + 32; j += 8) {
-        int32_t sum = 0;
-        for (int64_t c = j; c < j + 8; ++c) {  // rounded to nearest even, within +-127
-          auto q = int8_t(std::clamp(std::nearbyint(x[c] * inv), -127.0f, 127.0f));
-          (c % 2 ? odd : even)[(i * p.k + c) / 2] = q;
-          sum += q;
-        }
-        bias[(i * p.k + j) / 8] = -8 * sum;
-        lanes[(i * p.k + j) / 8] = top / 127.0f;
-      }
-    }
-  }
-}
-
 // y[i, r0 : r0+RB] for RB weight rows and one row i of x, one pass over k.
 template <int RB>
 SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i) {
@@ -326,7 +326,8 @@ SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i
       __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
       __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, even), hi, odd);
       const float* s = p.scale + (r0 + r) * p.groups + j / p.group;
-      __m512 w_scale = _mm512_permutexvar_ps(pick, _mm512_zextps128_ps512(_mm_maskz_loadu_ps(first, s)));
+      __m128 group_scales = _mm_maskz_loadu_ps(first, s);  // the block's 1, 2 or 4 groups
+      __m512 w_scale = _mm512_permutexvar_ps(pick, _mm512_zextps128_ps512(group_scales));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w_scale, x_scale), acc[r]);
     }
   }
@@ -443,10 +444,10 @@ SLIMLLM_AMX inline __m512i nibbles64(const uint8_t* row, int64_t j) {
 }
 
 // One work item's weights in tile order: [k / cols][tiles][16 rows][the tile's row bytes], so
-// that every tile load reads 1 KB in a row. Read in place, a tile's 16 rows lay one weight row
-// apart (2 KB for 1024 bfloat16 columns), all in the same two sets of the 48 KB L1 cache: the
-// tiles missed the L1 at every load, and a 128-row prefill ran at ~15% of the tiles' peak
-// (perf: 106 cycles a TDPBF16PS). Packed once per item, they are reused by every block of x.
+// that every tile load reads 1 KB in a row, and int4 codes are unpacked once per item instead
+// of once per block of x. (In place, a tile's 16 rows lie one weight row apart, 2 KB for 1024
+// bfloat16 columns, all in the same two sets of the 48 KB L1; packing them did not move the
+// bfloat16 or int8 tiles beyond noise, so that is not what holds them at ~15% of their peak.)
 // bfloat16: 32 columns a tile row; int8 codes: `cols` (64 or 32); int4: unpacked to int8.
 constexpr int64_t kPackAhead = 4;  // weight rows
 
@@ -461,8 +462,8 @@ SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t 
       for (int64_t j = 0, s = 0; j < p.k; j += cols, ++s) {
         uint8_t* to = out + ((s * tiles + t) * kAmxRows + r) * row_bytes;
         // rows are short (1-6 KB): ask for the rows ahead before the prefetcher ramps up
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPackAhead * p.row_bytes +
-                                                   (E == kBFloat16 ? 2 * j : E == kInt8 ? j : j / 2)),
+        const int64_t at = E == kBFloat16 ? 2 * j : E == kInt8 ? j : j / 2;  // byte of column j
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPackAhead * p.row_bytes + at),
                      _MM_HINT_T0);
         if constexpr (E == kBFloat16) {
           _mm512_storeu_si512(to, _mm512_loadu_si512(row + 2 * j));
@@ -501,7 +502,7 @@ template <int E>
 SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, int64_t cols) {
   const int64_t value_bytes = E == kBFloat16 ? 2 : 1;  // as a tile holds them
   const int64_t row_bytes = cols * value_bytes;  // of a tile
-  if (p.m <= kAmxRows) {  // int4: each step's codes unpacked by the item (unpack_step)
+  if (p.m <= kAmxRows) {  // int4: the item unpacks each step's codes into its scratch
     if constexpr (E == kInt4) return {nullptr, 0, kAmxRows * row_bytes, row_bytes, false};
     return {p.w + n0 * p.row_bytes, row_bytes, kAmxRows * p.row_bytes, p.row_bytes, false};
   }
@@ -606,7 +607,8 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
     const float* bs = xs + block * (p.k / step) * kAmxRows;
     for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t j = 0, s = 0; j < p.k; j += step, ++s) {
-      if (block == 0 && !a.packed) prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
+      if (block == 0 && !a.packed)
+        prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
       if constexpr (E == kInt4) {
         if (!a.packed) {  // this step's codes as bytes, in tile order (a.at(0, t))
           for (int64_t r = 0; r < tiles * kAmxRows; ++r)
@@ -709,15 +711,10 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   // the integer road needs whole 32-column steps and groups that fit an int32 sum
   bool integer = allow_integer && fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&
                  (p.groups == 1 || p.group <= 4 * kIntBlock);
-#if SLIMLLM_X86
-  bool bytes = integer && E == kInt4 && int4_bytes_fit(p);
-#else
-  bool bytes = false;
-#endif
+  bool bytes = integer && E == kInt4 && int4_bytes_fit(p);  // "int4 bytes" below
   std::vector<int8_t> x_even(bytes ? p.m * p.k / 2 : 0), x_odd(x_even.size());
   std::vector<int32_t> x_bias(bytes ? p.m * p.k / 8 : 0);
   std::vector<float> x_lanes(x_bias.size());
-#if SLIMLLM_X86
   if (bytes) {
     round_x_bytes(p, x_even.data(), x_odd.data(), x_bias.data(), x_lanes.data());
     p.x_even = x_even.data();
@@ -726,7 +723,6 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
     p.x_lanes = x_lanes.data();
     integer = false;
   }
-#endif
   std::vector<int16_t> xq(integer ? p.m * p.k : 0);
   std::vector<float> xs(integer ? p.m : 0);
   if (integer) {
