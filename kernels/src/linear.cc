@@ -499,11 +499,15 @@ struct ItemTiles {
 // -> 0.34); at 128 rows it took int4 from 1.76-2.05 to 1.25-1.47 ms, bfloat16 and int8 within
 // noise (interleaved processes, 3 rounds).
 template <int E>
-SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, int64_t cols) {
+SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, int64_t cols,
+                                 const int8_t* int4_scratch = nullptr) {
   const int64_t value_bytes = E == kBFloat16 ? 2 : 1;  // as a tile holds them
   const int64_t row_bytes = cols * value_bytes;  // of a tile
-  if (p.m <= kAmxRows) {  // int4: the item unpacks each step's codes into its scratch
-    if constexpr (E == kInt4) return {nullptr, 0, kAmxRows * row_bytes, row_bytes, false};
+  if (p.m <= kAmxRows) {  // int4: the item unpacks each step's codes into int4_scratch
+    if constexpr (E == kInt4) {
+      auto scratch = reinterpret_cast<const uint8_t*>(int4_scratch);
+      return {scratch, 0, kAmxRows * row_bytes, row_bytes, false};  // every step: the scratch
+    }
     return {p.w + n0 * p.row_bytes, row_bytes, kAmxRows * p.row_bytes, p.row_bytes, false};
   }
   uint8_t* a = item_buffer(tiles * kAmxRows * p.k * value_bytes);
@@ -598,8 +602,8 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
   cfg.rows[4] = cfg.rows[6] = kAmxRows, cfg.colsb[4] = cfg.colsb[6] = step;  // A: weights
   cfg.rows[5] = step / 4, cfg.colsb[5] = 64;  // B: x
   _tile_loadconfig(&cfg);
-  ItemTiles a = item_tiles<E>(p, n0, tiles, step);
   alignas(64) int8_t unpacked[kAmxTiles * kAmxRows * 64];  // int4 in place: a step's tiles
+  const ItemTiles a = item_tiles<E>(p, n0, tiles, step, unpacked);
   alignas(64) int32_t c[kAmxRows * kAmxRows];
   __m512 acc[kAmxTiles * kAmxRows];
   for (int64_t block = 0; block * kAmxRows < p.m; ++block) {
@@ -610,12 +614,10 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
       if (block == 0 && !a.packed)
         prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
       if constexpr (E == kInt4) {
-        if (!a.packed) {  // this step's codes as bytes, in tile order (a.at(0, t))
+        if (!a.packed)  // this step's codes as bytes, in tile order (a.at(s, t) reads them)
           for (int64_t r = 0; r < tiles * kAmxRows; ++r)
             _mm512_mask_storeu_epi8(unpacked + r * step, step == 64 ? ~0ull : 0xffffffffull,
                                     nibbles64(p.w + (n0 + r) * p.row_bytes, j));
-          a.base = reinterpret_cast<const uint8_t*>(unpacked);  // step_bytes 0: every step here
-        }
       }
       _tile_loadd(5, b + j * kAmxRows, 64);
       _tile_zero(0);
