@@ -371,7 +371,10 @@ SLIMLLM_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
 // With `integer` set on a CPU with AMX (`has_amx()`) and more than kTileX rows of x (batched
 // decoding, prefill), weights meet x in AMX tiles, read in place (int4 codes unpacked to bytes
 // per tile). One work item is 64 weight rows (4 tiles sharing each tile of x) against every
-// block of 16 rows of x, so the weights are read once at any batch up to 16.
+// block of 16 rows of x, so the weights are read once at any batch up to 16. The tiles ask
+// for no rows ahead: a software prefetch of each row's next bytes made them slower (the 156M
+// model's matrices at 16 rows, summed: bfloat16 2.49-2.79 ms without, 3.45-3.80 with; int8
+// 1.94 against 2.34-2.67; one core alone read in-place tiles as fast as a plain stream).
 // - bfloat16 weights: x rounded to bfloat16, TDPBF16PS (16 weight rows x 32 columns times 32
 //   columns x 16 rows of x, float32 sums): |error| <= 2^-8 * sum_j |x_j w_j| per output.
 // - int8 and int4 codes: x rounded to int8 with one scale per row per `step` columns (64, or 32
@@ -407,16 +410,6 @@ SLIMLLM_AMX void pack_x_block(const Problem& p, int64_t block, uint16_t* out) {
     uint32_t* o = reinterpret_cast<uint32_t*>(out);
     for (int64_t c = 0; c < p.k / 2; ++c) o[c * kAmxRows + i] = pairs[c];
   }
-}
-
-// A tile reads 16 rows side by side, 64 of them per work item: more streams than the hardware
-// prefetcher follows, so the item asks for each row's bytes kPrefetchCols ahead (first pass).
-constexpr int64_t kPrefetchCols = 256;
-
-SLIMLLM_AMX inline void prefetch_rows(const Problem& p, int64_t n0, int64_t tiles, int64_t at) {
-  if (at >= p.row_bytes) return;
-  for (int64_t r = 0; r < tiles * kAmxRows; ++r)
-    _mm_prefetch(reinterpret_cast<const char*>(p.w + (n0 + r) * p.row_bytes + at), _MM_HINT_T0);
 }
 
 // acc (per weight row n0 + r, its sums against the 16 rows of x of `block`) into y.
@@ -530,7 +523,6 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t j = 0, s = 0; j < p.k; j += kAmxCols, ++s) {
-      if (block == 0 && !a.packed) prefetch_rows(p, n0, tiles, 2 * (j + kPrefetchCols));
       _tile_loadd(5, b + j * kAmxRows, 64);
       _tile_loadd(4, a.at(s, 0), a.stride);
       _tile_dpbf16ps(0, 4, 5);
@@ -611,8 +603,6 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
     const float* bs = xs + block * (p.k / step) * kAmxRows;
     for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t j = 0, s = 0; j < p.k; j += step, ++s) {
-      if (block == 0 && !a.packed)
-        prefetch_rows(p, n0, tiles, (E == kInt8 ? j : j / 2) + kPrefetchCols);
       if constexpr (E == kInt4) {
         if (!a.packed)  // this step's codes as bytes, in tile order (a.at(s, t) reads them)
           for (int64_t r = 0; r < tiles * kAmxRows; ++r)
