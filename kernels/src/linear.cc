@@ -423,17 +423,28 @@ SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t
   }
 }
 
-// 64 int4 codes of one row from column j, as int8 (code - 8) in column order.
-SLIMLLM_AMX inline __m512i nibbles64(const uint8_t* row, int64_t j) {
-  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j / 2));
-  __m256i nibble = _mm256_set1_epi8(15);
-  __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-  // unpack works within 128-bit lanes: lanes 0/1 of (lo, hi) interleaved give columns 0-31 / 32-63
-  __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
-  __m512i codes = _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
-      _mm256_permute2x128_si256(first, second, 0x31), 1);
-  return _mm512_sub_epi8(codes, _mm512_set1_epi8(8));
+// int4 codes in the tiles' order: a byte holds columns 2t (low nibble) and 2t + 1 (high), so
+// each tile row of `step` columns (32 or 64) takes that step's even columns, then its odd ones,
+// and x's tile is packed in the same order (pack_x_int8), which leaves every sum unchanged.
+// Column order cost an interleave and two lane permutes per 64 codes on top of this.
+// Codes of one row from column j (a multiple of 64, or of 32 with one step left) as int8
+// (code - 8): the step at j into `first`, and for steps of 32 the next one into `second`.
+SLIMLLM_AMX inline void nibbles_tile_order(const uint8_t* row, int64_t j, int64_t k, int64_t step,
+                                           int8_t* first, int8_t* second) {
+  const __mmask32 bytes = j + 64 <= k ? ~0u : 0xffffu;  // 64 columns, or the last 32 alone
+  __m256i b = _mm256_maskz_loadu_epi8(bytes, row + j / 2);
+  __m256i nibble = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+  __m256i even = _mm256_sub_epi8(_mm256_and_si256(b, nibble), eight);
+  __m256i odd = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), nibble), eight);
+  if (step == 64) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(first), even);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(first + 32), odd);
+    return;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(first), _mm256_permute2x128_si256(even, odd, 0x20));
+  if (j + 64 <= k)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(second),
+                        _mm256_permute2x128_si256(even, odd, 0x31));
 }
 
 // One work item's weights in tile order: [k / cols][tiles][16 rows][the tile's row bytes], so
@@ -462,8 +473,9 @@ SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t 
           _mm512_storeu_si512(to, _mm512_loadu_si512(row + 2 * j));
         } else if constexpr (E == kInt8) {
           _mm512_mask_storeu_epi8(to, mask, _mm512_maskz_loadu_epi8(mask, row + j));
-        } else {
-          _mm512_mask_storeu_epi8(to, mask, nibbles64(row, j));
+        } else if (j % 64 == 0) {  // this step and, for steps of 32, the next
+          nibbles_tile_order(row, j, p.k, cols, reinterpret_cast<int8_t*>(to),
+                             reinterpret_cast<int8_t*>(to + tiles * kAmxRows * row_bytes));
         }
       }
     }
@@ -478,12 +490,16 @@ SLIMLLM_AMX uint8_t* item_buffer(int64_t bytes) {
   return buffer.data() + ((64 - at % 64) % 64);
 }
 
-// Where an item's weight tile (column step s, tile t) lies: packed (pack_item), or in place.
+// Where an item's weight tile (column step s, tile t) lies: packed (pack_item), in place, or
+// in the int4 scratch, which holds `period` steps (1, or 2 for steps of 32 columns).
 struct ItemTiles {
   const uint8_t* base;
   int64_t step_bytes, tile_bytes, stride;
   bool packed;
-  const uint8_t* at(int64_t s, int64_t t) const { return base + s * step_bytes + t * tile_bytes; }
+  int64_t period = 0;  // 0: every step has its own place
+  const uint8_t* at(int64_t s, int64_t t) const {
+    return base + (period ? s % period : s) * step_bytes + t * tile_bytes;
+  }
 };
 
 // The item's tiles: packed where several blocks of x reuse them, else in place (int4: unpacked
@@ -496,10 +512,11 @@ SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, in
                                  const int8_t* int4_scratch = nullptr) {
   const int64_t value_bytes = E == kBFloat16 ? 2 : 1;  // as a tile holds them
   const int64_t row_bytes = cols * value_bytes;  // of a tile
-  if (p.m <= kAmxRows) {  // int4: the item unpacks each step's codes into int4_scratch
+  if (p.m <= kAmxRows) {  // int4: the item unpacks 64 columns at a time into int4_scratch
     if constexpr (E == kInt4) {
       auto scratch = reinterpret_cast<const uint8_t*>(int4_scratch);
-      return {scratch, 0, kAmxRows * row_bytes, row_bytes, false};  // every step: the scratch
+      return {scratch, kAmxTiles * kAmxRows * 32, kAmxRows * row_bytes, row_bytes, false,
+              cols == 64 ? 1 : 2};
     }
     return {p.w + n0 * p.row_bytes, row_bytes, kAmxRows * p.row_bytes, p.row_bytes, false};
   }
@@ -549,28 +566,44 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
   _tile_release();
 }
 
+// 16 values times inv as int8, rounded to nearest even, within +-127.
+SLIMLLM_AMX inline __m128i int8_codes(__m512 v, __m512 inv) {
+  return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));
+}
+
 // x as int8 for TDPBSSD: per block of 16 rows, [k/4][16][4] codes (4 columns of a row side by
 // side; rows past m zero) and [k/step][16] scales (max|x| / 127 over the row's step columns).
-SLIMLLM_AMX void pack_x_int8(const Problem& p, int64_t block, int64_t step, int8_t* out,
-                             float* scales) {
+// For int4 weights each step's columns come in the codes' tile order: even ones, then odd ones.
+SLIMLLM_AMX void pack_x_int8(const Problem& p, int64_t block, int64_t step, bool nibble_order,
+                             int8_t* out, float* scales) {
   uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  alignas(64) int32_t pick[2][16];
+  for (int l = 0; l < 16; ++l) pick[0][l] = 2 * l, pick[1][l] = 2 * l + 1;
+  const __m512i evens = _mm512_load_si512(pick[0]), odds = _mm512_load_si512(pick[1]);
   for (int64_t i = 0; i < kAmxRows; ++i) {
     int64_t row = block * kAmxRows + i;
+    const float* x = p.x + row * p.k;
     for (int64_t j0 = 0; j0 < p.k; j0 += step) {
       float top = 0.0f;
       if (row < p.m)
         for (int64_t j = j0; j < j0 + step; j += 16)
-          top = std::max(top, _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.x + row * p.k + j))));
+          top = std::max(top, _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + j))));
       scales[(j0 / step) * kAmxRows + i] = top / 127.0f;
       __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      for (int64_t j = j0; j < j0 + step; j += 16) {
-        alignas(16) uint32_t q[4] = {0, 0, 0, 0};
-        if (row < p.m) {  // rounded to nearest even, within +-127
-          __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.x + row * p.k + j), inv));
-          _mm_store_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(v));
+      alignas(64) uint32_t q[16] = {};  // the step's codes in tile order
+      __m128i* to = reinterpret_cast<__m128i*>(q);
+      for (int64_t j = j0; row < p.m && j < j0 + step; j += 32) {
+        __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+        int64_t h = (j - j0) / 32;
+        if (nibble_order) {
+          _mm_store_si128(to + h, int8_codes(_mm512_permutex2var_ps(a, evens, b), inv));
+          _mm_store_si128(to + step / 32 + h, int8_codes(_mm512_permutex2var_ps(a, odds, b), inv));
+        } else {
+          _mm_store_si128(to + 2 * h, int8_codes(a, inv));
+          _mm_store_si128(to + 2 * h + 1, int8_codes(b, inv));
         }
-        for (int64_t c = 0; c < 4; ++c) o[(j / 4 + c) * kAmxRows + i] = q[c];
       }
+      for (int64_t c = 0; c < step / 4; ++c) o[(j0 / 4 + c) * kAmxRows + i] = q[c];
     }
   }
 }
@@ -594,7 +627,7 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
   cfg.rows[4] = cfg.rows[6] = kAmxRows, cfg.colsb[4] = cfg.colsb[6] = step;  // A: weights
   cfg.rows[5] = step / 4, cfg.colsb[5] = 64;  // B: x
   _tile_loadconfig(&cfg);
-  alignas(64) int8_t unpacked[kAmxTiles * kAmxRows * 64];  // int4 in place: a step's tiles
+  alignas(64) int8_t unpacked[kAmxTiles * kAmxRows * 64];  // int4 in place: 64 columns
   const ItemTiles a = item_tiles<E>(p, n0, tiles, step, unpacked);
   alignas(64) int32_t c[kAmxRows * kAmxRows];
   __m512 acc[kAmxTiles * kAmxRows];
@@ -604,10 +637,10 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
     for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t j = 0, s = 0; j < p.k; j += step, ++s) {
       if constexpr (E == kInt4) {
-        if (!a.packed)  // this step's codes as bytes, in tile order (a.at(s, t) reads them)
+        if (!a.packed && j % 64 == 0)  // the codes of this step (and the next) as bytes
           for (int64_t r = 0; r < tiles * kAmxRows; ++r)
-            _mm512_mask_storeu_epi8(unpacked + r * step, step == 64 ? ~0ull : 0xffffffffull,
-                                    nibbles64(p.w + (n0 + r) * p.row_bytes, j));
+            nibbles_tile_order(p.w + (n0 + r) * p.row_bytes, j, p.k, step, unpacked + r * step,
+                               unpacked + kAmxTiles * kAmxRows * 32 + r * step);
       }
       _tile_loadd(5, b + j * kAmxRows, 64);
       _tile_zero(0);
@@ -659,7 +692,7 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
     std::vector<int8_t> xq(blocks * p.k * kAmxRows);
     std::vector<float> xs(blocks * (p.k / step) * kAmxRows);
     parallel_for(pool, blocks, [&](int64_t block) {
-      pack_x_int8(p, block, step, xq.data() + block * p.k * kAmxRows,
+      pack_x_int8(p, block, step, E == kInt4, xq.data() + block * p.k * kAmxRows,
                   xs.data() + block * (p.k / step) * kAmxRows);
     });
     parallel_for(pool, items, [&](int64_t item) {
