@@ -39,6 +39,7 @@ from .positions import (
     learned_positions,
     logn_scale,
     positions_for,
+    rope_tables,
 )
 from .runtime import Runtime, attention_fn
 from .tp import SINGLE, Comm
@@ -204,8 +205,9 @@ def decoder(params, cfg, tokens, cache, state, rt, select, comm):
     pos = positions_for(cfg, state, tokens.shape[1])  # where these t tokens go
     x = observe("embed", embed(params, cfg, tokens, pos))  # [b,t] -> [b,t,e]
     bias = comm.local_heads(attention_bias(cfg, pos, cache.max_len))  # [b,h|1,t,s]
-    for i, layer in enumerate(params.layers):
-        x, cache = block(x, layer, cfg, cache, i, pos, bias, rt, comm)
+    with rope_tables(cache.max_len):  # no position id reaches the cache's length
+        for i, layer in enumerate(params.layers):
+            x, cache = block(x, layer, cfg, cache, i, pos, bias, rt, comm)
     if select is not None:
         x = x[jnp.arange(x.shape[0]), select][:, None]  # [b,t,e] -> [b,1,e]
     return observe("logits", unembed(params, cfg, x)), cache

@@ -7,13 +7,15 @@ per-token computation below runs inside jit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from slimllm.reference import positions as ref_positions
 from slimllm.reference.config import DynamicNTK, ModelConfig, WavelengthScaling
 from slimllm.reference.positions import Positions, SeqState, alibi_slopes, start_state
 
@@ -23,7 +25,15 @@ from .weight_format import take_rows
 register(Positions)
 register(SeqState)
 
-__all__ = ["Positions", "SeqState", "alibi_slopes", "start_state", "positions_for", "advance"]
+__all__ = [
+    "Positions",
+    "SeqState",
+    "alibi_slopes",
+    "start_state",
+    "positions_for",
+    "advance",
+    "rope_tables",
+]
 
 
 def positions_for(cfg: ModelConfig, state: SeqState, t: int) -> Positions:
@@ -87,12 +97,46 @@ def wavelength_scale(freqs, scaling: WavelengthScaling):
     return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
 
 
+_TABLE_LENGTH: list[int] = []  # while a forward is traced: its cache's length (`rope_tables`)
+TABLE_LIMIT = 1 << 18  # most entries of a table (1 MB of float32): a program holds it as a constant
+
+
+@contextlib.contextmanager
+def rope_tables(length: int):
+    """While a program is traced: RoPE's cos and sin for positions [0, length) come from tables
+    made once on the host with the reference's own arithmetic, looked up by position id, instead
+    of being computed in the program (not for dynamic NTK, whose angles follow each row's
+    alpha). XLA:CPU fused cos and sin into each rotation and evaluated them per element of q and
+    k: 0.13 ms of every layer of a batch-16 decode step of the 156M shape, and an optimization
+    barrier did not keep them apart (XLA:CPU drops it before fusing). `model.forward` sets it
+    to the cache's length, which bounds every position id it writes. The tables are constants
+    of the compiled program: past TABLE_LIMIT entries (length x r/2) the angles are computed."""
+    _TABLE_LENGTH.append(int(length))
+    try:
+        yield
+    finally:
+        _TABLE_LENGTH.pop()
+
+
+@functools.lru_cache(maxsize=32)
+def host_table(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [length, r/2] of positions 0 .. length-1 (alpha 1), as the reference computes
+    them for those ids."""
+    ids = np.arange(length)[None, :]  # [1,length]
+    cos, sin = ref_positions.rope_angles(cfg, ids, np.ones(1, np.float32))  # [1,length,r/2]
+    return cos[0], sin[0]
+
+
 def rope_angles(cfg: ModelConfig, ids, alpha):
-    """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]. Made apart from their
-    use (an optimization barrier): fused into the rotation, XLA computed them again for every
-    head, 1.4 ms of a batch-16 decode step of the 150M shape."""
+    """cos, sin [b,t,r/2] for position ids [b,t] and per-row NTK alpha [b]: looked up in the
+    host's tables inside `rope_tables`, else computed here."""
+    tables = bool(_TABLE_LENGTH) and _TABLE_LENGTH[-1] * cfg.rotary_dim // 2 <= TABLE_LIMIT
+    if tables and not isinstance(cfg.rope_scaling, DynamicNTK):
+        cos, sin = host_table(cfg, _TABLE_LENGTH[-1])  # [length,r/2]
+        at = ids.astype(jnp.int32)  # [b,t], every id below the cache's length
+        return jnp.take(cos, at, axis=0, mode="fill"), jnp.take(sin, at, axis=0, mode="fill")
     angles = ids.astype(jnp.float32)[:, :, None] * inv_freq(cfg, alpha)[:, None, :]  # [b,t,r/2]
-    return lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def rotate(x, cos, sin, style):
