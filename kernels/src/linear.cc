@@ -423,6 +423,14 @@ SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t
   }
 }
 
+// One tile of sums, c[weight row][row of x], into y's columns n0 .. n0 + 16 for `block`.
+SLIMLLM_AMX inline void write_tile(const Problem& p, int64_t block, int64_t n0, const float* c) {
+  for (int64_t i = 0; i < kAmxRows && block * kAmxRows + i < p.m; ++i) {
+    float* y = p.y + (block * kAmxRows + i) * p.n + n0;
+    for (int64_t r = 0; r < kAmxRows; ++r) y[r] = c[r * kAmxRows + i];
+  }
+}
+
 // int4 codes in the tiles' order: a byte holds columns 2t (low nibble) and 2t + 1 (high), so
 // each tile row of `step` columns (32 or 64) takes that step's even columns, then its odd ones,
 // and x's tile is packed in the same order (pack_x_int8), which leaves every sum unchanged.
@@ -447,18 +455,16 @@ SLIMLLM_AMX inline void nibbles_tile_order(const uint8_t* row, int64_t j, int64_
                         _mm256_permute2x128_si256(even, odd, 0x31));
 }
 
-// One work item's weights in tile order: [k / cols][tiles][16 rows][the tile's row bytes], so
-// that every tile load reads 1 KB in a row, and int4 codes are unpacked once per item instead
-// of once per block of x. (In place, a tile's 16 rows lie one weight row apart, 2 KB for 1024
-// bfloat16 columns, all in the same two sets of the 48 KB L1; packing them did not move the
-// bfloat16 or int8 tiles beyond noise, so that is not what holds them at ~15% of their peak.)
-// bfloat16: 32 columns a tile row; int8 codes: `cols` (64 or 32); int4: unpacked to int8.
+// One work item's int8 or int4 codes in tile order: [k / cols][tiles][16 rows][cols], so that
+// every tile load reads 1 KB in a row, and int4 codes are unpacked once per item instead of
+// once per block of x. (In place, a tile's 16 rows lie one weight row apart, all in the same
+// few sets of the 48 KB L1; packing did not move the int8 tiles beyond noise.)
 constexpr int64_t kPackAhead = 4;  // weight rows
 
 template <int E>
 SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t cols,
                            uint8_t* out) {
-  const int64_t row_bytes = E == kBFloat16 ? 64 : cols;  // of a packed tile
+  const int64_t row_bytes = cols;  // of a packed tile
   const __mmask64 mask = row_bytes == 64 ? ~0ull : 0xffffffffull;
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t r = 0; r < kAmxRows; ++r) {
@@ -466,12 +472,10 @@ SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t 
       for (int64_t j = 0, s = 0; j < p.k; j += cols, ++s) {
         uint8_t* to = out + ((s * tiles + t) * kAmxRows + r) * row_bytes;
         // rows are short (1-6 KB): ask for the rows ahead before the prefetcher ramps up
-        const int64_t at = E == kBFloat16 ? 2 * j : E == kInt8 ? j : j / 2;  // byte of column j
+        const int64_t at = E == kInt8 ? j : j / 2;  // byte of column j
         _mm_prefetch(reinterpret_cast<const char*>(row + kPackAhead * p.row_bytes + at),
                      _MM_HINT_T0);
-        if constexpr (E == kBFloat16) {
-          _mm512_storeu_si512(to, _mm512_loadu_si512(row + 2 * j));
-        } else if constexpr (E == kInt8) {
+        if constexpr (E == kInt8) {
           _mm512_mask_storeu_epi8(to, mask, _mm512_maskz_loadu_epi8(mask, row + j));
         } else if (j % 64 == 0) {  // this step and, for steps of 32, the next
           nibbles_tile_order(row, j, p.k, cols, reinterpret_cast<int8_t*>(to),
@@ -502,17 +506,20 @@ struct ItemTiles {
   }
 };
 
-// The item's tiles: packed where several blocks of x reuse them, else in place (int4: unpacked
-// one step at a time into a scratch of 4 tiles). At one block (batched decode) packing cost
-// more than it saved (16 x 1024 @ 5632: bfloat16 0.43 -> 0.57 ms, int8 0.28 -> 0.37, int4 0.28
-// -> 0.34); at 128 rows it took int4 from 1.76-2.05 to 1.25-1.47 ms, bfloat16 and int8 within
-// noise (interleaved processes, 3 rounds).
+// The item's tiles: int8 and int4 codes packed where several blocks of x reuse them, else in
+// place (int4: unpacked 64 columns at a time into a scratch of 4 tiles). At one block (batched
+// decode) packing cost more than it saved (16 x 1024 @ 5632: bfloat16 0.43 -> 0.57 ms, int8
+// 0.28 -> 0.37, int4 0.28 -> 0.34); at 128 rows it took int4 from 1.76-2.05 to 1.25-1.47 ms,
+// int8 within noise (interleaved processes, 3 rounds). bfloat16 stays in place at any batch:
+// with two blocks of x per tile load (amx_bf16_item), 128 rows ran faster in place than packed
+// (128 x 1024 @ 5632: 1.17-1.41 ms against 1.94-2.63; 128 x 2816 @ 1024: 0.78-0.89 against
+// 1.17-1.47).
 template <int E>
 SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, int64_t cols,
                                  const int8_t* int4_scratch = nullptr) {
   const int64_t value_bytes = E == kBFloat16 ? 2 : 1;  // as a tile holds them
   const int64_t row_bytes = cols * value_bytes;  // of a tile
-  if (p.m <= kAmxRows) {  // int4: the item unpacks 64 columns at a time into int4_scratch
+  if (p.m <= kAmxRows || E == kBFloat16) {  // int4: the item unpacks its codes into the scratch
     if constexpr (E == kInt4) {
       auto scratch = reinterpret_cast<const uint8_t*>(int4_scratch);
       return {scratch, kAmxTiles * kAmxRows * 32, kAmxRows * row_bytes, row_bytes, false,
@@ -533,7 +540,43 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
   const ItemTiles a = item_tiles<kBFloat16>(p, n0, tiles, kAmxCols);
   alignas(64) float c[kAmxTiles][kAmxRows * kAmxRows];
   __m512 acc[kAmxTiles * kAmxRows];  // per weight row, its sums against 16 rows of x
-  for (int64_t block = 0; block * kAmxRows < p.m; ++block) {
+  const int64_t blocks = (p.m + kAmxRows - 1) / kAmxRows;
+  int64_t block = 0;
+  // Two tiles of weights times two blocks of x: each tile loaded feeds two products (128 x 1024
+  // @ 5632: 1.59-1.65 ms packed with one block per pass, 1.17-1.41 in place with two); then
+  // a last odd block alone.
+  for (; block + 2 <= blocks; block += 2)
+    for (int64_t t = 0; t < tiles; t += 2) {
+      const bool pair = t + 1 < tiles;
+      const uint16_t* b = xb + block * p.k * kAmxRows;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t j = 0, s = 0; j < p.k; j += kAmxCols, ++s) {
+        _tile_loadd(4, a.at(s, t), a.stride);
+        _tile_loadd(6, b + j * kAmxRows, 64);
+        _tile_loadd(7, b + (p.k + j) * kAmxRows, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (pair) {
+          _tile_loadd(5, a.at(s, t + 1), a.stride);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      write_tile(p, block, n0 + t * kAmxRows, c[0]);
+      write_tile(p, block + 1, n0 + t * kAmxRows, c[1]);
+      if (pair) {
+        write_tile(p, block, n0 + (t + 1) * kAmxRows, c[2]);
+        write_tile(p, block + 1, n0 + (t + 1) * kAmxRows, c[3]);
+      }
+    }
+  for (; block < blocks; ++block) {
     const uint16_t* b = xb + block * p.k * kAmxRows;
     _tile_zero(0);
     _tile_zero(1);
