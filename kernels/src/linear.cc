@@ -532,6 +532,21 @@ SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, in
   return {a, tiles * kAmxRows * row_bytes, kAmxRows * row_bytes, row_bytes, true};
 }
 
+// Tiles 0-3 hold an item's float32 sums: zeroed, and stored to c (one 16 x 16 tile each).
+SLIMLLM_AMX inline void zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+SLIMLLM_AMX inline void store_sums(float (*c)[kAmxRows * kAmxRows]) {
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+}
+
 // The bfloat16 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x.
 SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0, int64_t tiles) {
   TileConfig cfg;
@@ -549,10 +564,7 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
     for (int64_t t = 0; t < tiles; t += 2) {
       const bool pair = t + 1 < tiles;
       const uint16_t* b = xb + block * p.k * kAmxRows;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      zero_sums();
       for (int64_t j = 0, s = 0; j < p.k; j += kAmxCols, ++s) {
         _tile_loadd(4, a.at(s, t), a.stride);
         _tile_loadd(6, b + j * kAmxRows, 64);
@@ -565,10 +577,7 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
           _tile_dpbf16ps(3, 5, 7);
         }
       }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
+      store_sums(c);
       write_tile(p, block, n0 + t * kAmxRows, c[0]);
       write_tile(p, block + 1, n0 + t * kAmxRows, c[1]);
       if (pair) {
@@ -578,10 +587,7 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
     }
   for (; block < blocks; ++block) {
     const uint16_t* b = xb + block * p.k * kAmxRows;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    zero_sums();
     for (int64_t j = 0, s = 0; j < p.k; j += kAmxCols, ++s) {
       _tile_loadd(5, b + j * kAmxRows, 64);
       _tile_loadd(4, a.at(s, 0), a.stride);
@@ -599,10 +605,7 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
         _tile_dpbf16ps(3, 6, 5);
       }
     }
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    _tile_stored(2, c[2], 64);
-    _tile_stored(3, c[3], 64);
+    store_sums(c);
     for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_load_ps(c[0] + r * kAmxRows);
     write_rows(p, block, n0, tiles, acc);
   }
