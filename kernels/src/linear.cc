@@ -412,23 +412,21 @@ SLIMLLM_AMX void pack_x_block(const Problem& p, int64_t block, uint16_t* out) {
   }
 }
 
-// acc (per weight row n0 + r, its sums against the 16 rows of x of `block`) into y.
-SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t tiles,
-                            const __m512* acc) {
-  alignas(64) float out[kAmxTiles * kAmxRows * kAmxRows];  // [weight row][row of x]
-  for (int64_t r = 0; r < tiles * kAmxRows; ++r) _mm512_store_ps(out + r * kAmxRows, acc[r]);
-  for (int64_t i = 0; i < kAmxRows && block * kAmxRows + i < p.m; ++i) {
-    float* y = p.y + (block * kAmxRows + i) * p.n + n0;
-    for (int64_t r = 0; r < tiles * kAmxRows; ++r) y[r] = out[r * kAmxRows + i];
-  }
-}
-
 // One tile of sums, c[weight row][row of x], into y's columns n0 .. n0 + 16 for `block`.
 SLIMLLM_AMX inline void write_tile(const Problem& p, int64_t block, int64_t n0, const float* c) {
   for (int64_t i = 0; i < kAmxRows && block * kAmxRows + i < p.m; ++i) {
     float* y = p.y + (block * kAmxRows + i) * p.n + n0;
     for (int64_t r = 0; r < kAmxRows; ++r) y[r] = c[r * kAmxRows + i];
   }
+}
+
+// acc (per weight row n0 + r, its sums against the 16 rows of x of `block`) into y.
+SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t tiles,
+                            const __m512* acc) {
+  alignas(64) float out[kAmxTiles * kAmxRows * kAmxRows];  // [weight row][row of x]
+  for (int64_t r = 0; r < tiles * kAmxRows; ++r) _mm512_store_ps(out + r * kAmxRows, acc[r]);
+  for (int64_t t = 0; t < tiles; ++t)
+    write_tile(p, block, n0 + t * kAmxRows, out + t * kAmxRows * kAmxRows);
 }
 
 // int4 codes in the tiles' order: a byte holds columns 2t (low nibble) and 2t + 1 (high), so
@@ -494,6 +492,10 @@ SLIMLLM_AMX uint8_t* item_buffer(int64_t bytes) {
   return buffer.data() + ((64 - at % 64) % 64);
 }
 
+// The in-place int4 scratch of an item: 64 columns of its 4 tiles' codes, as one step of 64 or
+// two steps of 32 (the second at kScratchStep).
+constexpr int64_t kScratchStep = kAmxTiles * kAmxRows * 32;
+
 // Where an item's weight tile (column step s, tile t) lies: packed (pack_item), in place, or
 // in the int4 scratch, which holds `period` steps (1, or 2 for steps of 32 columns).
 struct ItemTiles {
@@ -522,7 +524,7 @@ SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, in
   if (p.m <= kAmxRows || E == kBFloat16) {  // int4: the item unpacks its codes into the scratch
     if constexpr (E == kInt4) {
       auto scratch = reinterpret_cast<const uint8_t*>(int4_scratch);
-      return {scratch, kAmxTiles * kAmxRows * 32, kAmxRows * row_bytes, row_bytes, false,
+      return {scratch, kScratchStep, kAmxRows * row_bytes, row_bytes, false,
               cols == 64 ? 1 : 2};
     }
     return {p.w + n0 * p.row_bytes, row_bytes, kAmxRows * p.row_bytes, p.row_bytes, false};
@@ -554,7 +556,6 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
   _tile_loadconfig(&cfg);
   const ItemTiles a = item_tiles<kBFloat16>(p, n0, tiles, kAmxCols);
   alignas(64) float c[kAmxTiles][kAmxRows * kAmxRows];
-  __m512 acc[kAmxTiles * kAmxRows];  // per weight row, its sums against 16 rows of x
   const int64_t blocks = (p.m + kAmxRows - 1) / kAmxRows;
   int64_t block = 0;
   // Two tiles of weights times two blocks of x: each tile loaded feeds two products (128 x 1024
@@ -606,8 +607,7 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
       }
     }
     store_sums(c);
-    for (int64_t r = 0; r < tiles * kAmxRows; ++r) acc[r] = _mm512_load_ps(c[0] + r * kAmxRows);
-    write_rows(p, block, n0, tiles, acc);
+    for (int64_t t = 0; t < tiles; ++t) write_tile(p, block, n0 + t * kAmxRows, c[t]);
   }
   _tile_release();
 }
@@ -686,7 +686,7 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
         if (!a.packed && j % 64 == 0)  // the codes of this step (and the next) as bytes
           for (int64_t r = 0; r < tiles * kAmxRows; ++r)
             nibbles_tile_order(p.w + (n0 + r) * p.row_bytes, j, p.k, step, unpacked + r * step,
-                               unpacked + kAmxTiles * kAmxRows * 32 + r * step);
+                               unpacked + kScratchStep + r * step);
       }
       _tile_loadd(5, b + j * kAmxRows, 64);
       _tile_zero(0);
