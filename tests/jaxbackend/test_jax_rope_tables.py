@@ -53,6 +53,7 @@ def test_looked_up_angles_are_the_references(name):
     np.testing.assert_array_equal(np.asarray(sin), want_sin)
     computed = jax_positions.rope_angles(cfg, jnp.asarray(ids), jnp.asarray(ones))  # no tables
     np.testing.assert_allclose(np.asarray(computed[0]), want_cos, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(computed[1]), want_sin, atol=1e-5)
 
 
 def test_an_id_past_the_table_reads_nan_not_a_neighbour():
