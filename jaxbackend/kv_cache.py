@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from slimllm.kernels import cache as cache_kernel
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.kv_cache import KV_DTYPES, KVCache, KVFormat, nbytes_per_token
 
@@ -95,9 +96,13 @@ def _replace_layer(layers, layer: int, value):
 
 
 def each_row(layer, rows, starts):
-    """layer [b,k,s,...] with row r's entries rows[r] [k,t,...] written from slot starts[r], one
-    `dynamic_update_slice` per row in a loop: unrolled, XLA fused the updates of a batch into
-    one loop fusion that copied the layer first (16 copies per decode step at batch 2 or more)."""
+    """layer [b,k,s,...] with row r's entries rows[r] [k,t,...] written from slot starts[r]: by
+    the compiled kernel, in place (`kernels.cache`), else one `dynamic_update_slice` per row in
+    a loop: unrolled, XLA fused the updates of a batch into one loop fusion that copied the
+    layer first (16 copies per decode step at batch 2 or more)."""
+    written = cache_kernel.write_rows(layer, rows, starts)
+    if written is not None:
+        return written
 
     def put(r, layer):
         start = (r, 0, starts[r]) + (0,) * (layer.ndim - 3)
