@@ -132,6 +132,32 @@ SLIMLLM_AVX512 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
+// Which of bias columns j .. j + n (n <= 16) some query sees: lanes that are not -inf.
+SLIMLLM_AVX512 inline __mmask16 seen16(const float* bias, int64_t j, int64_t n) {
+  __mmask16 m = lanes(n);
+  return _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, bias + j), _mm512_set1_ps(kNegInf),
+                                 _CMP_NEQ_UQ);  // NaN is seen, as in extent()
+}
+
+// extent() sixteen columns at a time.
+SLIMLLM_AVX512 void extent_avx512(const float* bias, int64_t s, int64_t& lo, int64_t& hi) {
+  lo = hi = 0;
+  int64_t a = 0;
+  for (; a < s; a += 16)
+    if (__mmask16 m = seen16(bias, a, std::min<int64_t>(16, s - a))) {
+      a += __builtin_ctz(m);
+      break;
+    }
+  if (a >= s) return;
+  for (int64_t z = s; z > a; z -= 16) {
+    int64_t j = std::max(a, z - 16);
+    if (__mmask16 m = seen16(bias, j, z - j)) {
+      lo = a, hi = j + 32 - __builtin_clz(uint32_t(m));
+      return;
+    }
+  }
+}
+
 // Scores of R packed query rows (qb, [R][d]) against one key panel ([d][kPanel]) into
 // s[r][0, kPanel), row stride ss.
 template <int R>
@@ -446,6 +472,13 @@ void widen_row(const Problem& p, const uint8_t* base, const float* scales, int64
   widen_row_portable(p, base, scales, row, dst);
 }
 
+void extent(const Problem& p, const float* bias, int64_t& lo, int64_t& hi) {
+#if SLIMLLM_X86
+  if (p.fast) return extent_avx512(bias, p.s, lo, hi);
+#endif
+  extent(bias, p.s, lo, hi);
+}
+
 float dot(const Problem& p, const float* a, const float* b) {
 #if SLIMLLM_X86
   if (p.fast) return dot_avx512(a, b, p.d);
@@ -620,7 +653,7 @@ void prefill(ffi::ThreadPool& pool, const Problem& p) {
   ext.lo.resize(n), ext.hi.resize(n);
   parallel_for(pool, (n + 255) / 256, [&](int64_t c) {
     for (int64_t row = c * 256; row < std::min(n, c * 256 + 256); ++row)
-      extent(p.bias + row * p.s, p.s, ext.lo[row], ext.hi[row]);
+      extent(p, p.bias + row * p.s, ext.lo[row], ext.hi[row]);
   });
   int64_t blocks = (p.t + p.block - 1) / p.block;
   // Items in (batch, head, block) order: a thread's consecutive items share a kv head's keys.
@@ -705,7 +738,7 @@ void group_extent(const Problem& p, const Decode& dec, int64_t group, int64_t& l
     if (bias == scanned) continue;
     scanned = bias;
     int64_t row_lo, row_hi;
-    extent(bias, p.s, row_lo, row_hi);
+    extent(p, bias, row_lo, row_hi);
     if (row_hi > row_lo) a = std::min(a, row_lo), z = std::max(z, row_hi);
   }
   lo = z > a ? a : 0, hi = z > a ? z : 0;
@@ -733,9 +766,10 @@ void merge_row(const Problem& p, const Decode& dec, int64_t group, int64_t r) {
   for (int64_t k = 0; k < d; ++k) out[k] /= total;
 }
 
-// Three passes over the (batch, kv head) groups, each split among the threads: the columns
-// each group sees, its key chunks, the chunks' merge. (At batch 16 the first and last ran on
-// the calling thread alone: a third of the kernel's samples on the 156M shape, `perf`.)
+// Passes over the (batch, kv head) groups, each split among the threads: the columns each
+// group sees, its key chunks, the chunks' merge (by the chunk's own item where a group has one
+// chunk, as at batch 16: one scheduling of the pool fewer). (At batch 16 the first and last
+// ran on the calling thread alone: a third of the kernel's samples on the 156M shape, `perf`.)
 void decode(ffi::ThreadPool& pool, const Problem& p) {
   Decode dec;
   int64_t groups = p.b * p.kh;
@@ -752,10 +786,15 @@ void decode(ffi::ThreadPool& pool, const Problem& p) {
   dec.chunks = std::max<int64_t>(1, std::min(want, widest / kMinChunk));
   if (p.chunks > 0) dec.chunks = std::min(dec.chunks, p.chunks);
   dec.partials.resize(groups * dec.chunks * dec.rows * dec.stride);
-  parallel_for(pool, groups * dec.chunks, [&](int64_t item) { decode_chunk(p, dec, item); });
-  parallel_for(pool, groups, [&](int64_t group) {
-    for (int64_t r = 0; r < dec.rows; ++r) merge_row(p, dec, group, r);
+  parallel_for(pool, groups * dec.chunks, [&](int64_t item) {
+    decode_chunk(p, dec, item);
+    if (dec.chunks == 1)  // the group's only chunk: merged by the same item, no third pass
+      for (int64_t r = 0; r < dec.rows; ++r) merge_row(p, dec, item, r);
   });
+  if (dec.chunks > 1)
+    parallel_for(pool, groups, [&](int64_t group) {
+      for (int64_t r = 0; r < dec.rows; ++r) merge_row(p, dec, group, r);
+    });
 }
 
 // ---------------------------------------------------------------- the handler
