@@ -282,13 +282,33 @@ SLIMLLM_AVX512 inline __m512 sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Sixteen values of a stored row from column c, as float32: float32 as is, bfloat16 widened,
+// int8 codes unscaled (the callers apply the row's scale once per dot product or per weight).
+template <int S>
+SLIMLLM_AVX512 inline __m512 load16(const uint8_t* row, int64_t c) {
+  if constexpr (S == kFloat32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + c);
+  } else if constexpr (S == kBFloat16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * c));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+}
+
+constexpr int64_t kStoredBytes[] = {4, 2, 1};  // per value, by Storage
+
 // Decode's scores for the rows (head of the group, position) of kv head (bi, kvh) against keys
-// [j0, j1) (float32 rows of d = 16 C at `keys`): x[r * n + j - j0] = q_r . k_j, 0 where the bias
-// hides the key. Sixteen keys at a time: one partial vector per key, summed across in one pass.
-template <int C>
+// [j0, j1), read as stored (S) with d = 16 C: x[r * n + j - j0] = q_r . k_j, 0 where the bias
+// hides the key. Sixteen keys at a time: one partial vector per key, summed across in one pass;
+// int8 keys' dot products are scaled once each (q . (c s) = (q . c) s, to rounding).
+template <int C, int S>
 SLIMLLM_AVX512 void decode_scores_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
-                                         int64_t j0, int64_t j1, const float* keys, float* x) {
-  int64_t n = j1 - j0, g = p.group();
+                                         int64_t j0, int64_t j1, float* x) {
+  const int64_t n = j1 - j0, g = p.group(), row_bytes = 16 * C * kStoredBytes[S];
+  const int64_t first = (bi * p.kh + kvh) * p.s;  // the kv head's slot 0
+  const uint8_t* keys = p.k + first * row_bytes;
   for (int64_t r = 0; r < rows; ++r) {
     int64_t head = kvh * g + r / p.t, i = r % p.t;
     const float* bias = p.bias_row(bi, i, head);
@@ -298,39 +318,58 @@ SLIMLLM_AVX512 void decode_scores_avx512(const Problem& p, int64_t bi, int64_t k
       int64_t m = std::min<int64_t>(16, j1 - j);
       __m512 acc[16];
       for (int kk = 0; kk < 16; ++kk) {
-        const float* key = keys + (j + std::min<int64_t>(kk, m - 1) - j0) * 16 * C;
-        acc[kk] = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
-        for (int c = 1; c < C; ++c) acc[kk] = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + 16 * c), acc[kk]);
+        const uint8_t* key = keys + (j + std::min<int64_t>(kk, m - 1)) * row_bytes;
+        acc[kk] = _mm512_mul_ps(q[0], load16<S>(key, 0));
+        for (int c = 1; c < C; ++c) acc[kk] = _mm512_fmadd_ps(q[c], load16<S>(key, 16 * c), acc[kk]);
       }
       __mmask16 live = lanes(m);
+      __m512 sums = sum16(acc);
+      if constexpr (S == kInt8) sums = _mm512_mul_ps(sums, _mm512_maskz_loadu_ps(live, p.k_scale + first + j));
       __m512 b = _mm512_maskz_loadu_ps(live, bias + j);
       __mmask16 hidden = _mm512_cmp_ps_mask(b, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-      _mm512_mask_storeu_ps(x + r * n + j - j0, live, _mm512_maskz_mov_ps(~hidden, sum16(acc)));
+      _mm512_mask_storeu_ps(x + r * n + j - j0, live, _mm512_maskz_mov_ps(~hidden, sums));
     }
   }
 }
 
-// Keys [j0, j1) of kv head (bi, kvh) as float32 rows: the cache itself, or widened into buf.
-SLIMLLM_AVX512 const float* decode_keys(const Problem& p, int64_t bi, int64_t kvh, int64_t j0,
-                                        int64_t j1, const float* wide_k) {
-  if (wide_k) return wide_k + j0 * p.d;
-  thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < (j1 - j0) * p.d) buf.resize((j1 - j0) * p.d);
-  float* out = buf.data();
-  for (int64_t j = j0; j < j1; ++j)
-    widen_row_avx512(p, p.k, p.k_scale, (bi * p.kh + kvh) * p.s + j, out + (j - j0) * p.d);
-  return out;
+// Decode's outputs: o_r = sum_j x[r][j] v_j over values [j0, j1) (read as stored, S) into
+// part + r * stride + 2, RB rows at a time with their d = 16 C columns in registers; an int8
+// value's scale goes into its weight (x[r][j] (c s) = (x[r][j] s) c, to rounding).
+template <int C, int RB, int S>
+SLIMLLM_AVX512 void decode_values_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                         int64_t j0, int64_t j1, const float* x, float* part,
+                                         int64_t stride) {
+  const int64_t n = j1 - j0, row_bytes = 16 * C * kStoredBytes[S];
+  const int64_t first = (bi * p.kh + kvh) * p.s;
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    __m512 o[RB][C];
+    for (int k = 0; k < RB; ++k)
+      for (int c = 0; c < C; ++c) o[k][c] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* value = p.v + (first + j) * row_bytes;
+      __m512 vv[C];
+      for (int c = 0; c < C; ++c) vv[c] = load16<S>(value, 16 * c);
+      float scale = S == kInt8 ? p.v_scale[first + j] : 1.0f;
+      for (int k = 0; k < RB; ++k) {
+        float weight = r0 + k < rows ? x[(r0 + k) * n + j - j0] : 0.0f;
+        __m512 w = _mm512_set1_ps(S == kInt8 ? weight * scale : weight);
+        for (int c = 0; c < C; ++c) o[k][c] = _mm512_fmadd_ps(w, vv[c], o[k][c]);
+      }
+    }
+    for (int k = 0; k < RB && r0 + k < rows; ++k)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(part + (r0 + k) * stride + 2 + 16 * c, o[k][c]);
+  }
 }
 
-// Scores for any d that is a multiple of 16, up to 128 (else false: the caller's loop).
-SLIMLLM_AVX512 bool decode_scores_fast(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
-                                       int64_t j0, int64_t j1, const float* wide_k, float* x) {
-  if (p.d % 16 || p.d > 128) return false;
-  const float* keys = decode_keys(p, bi, kvh, j0, j1, wide_k);
-  switch (p.d / 16) {
-#define SLIMLLM_SCORES(C) \
-  case C:                 \
-    decode_scores_avx512<C>(p, bi, kvh, rows, j0, j1, keys, x); \
+// Scores and outputs for a cache as stored (S) with any d that is a multiple of 16, up to 128
+// (else false: the caller's loops).
+template <int S>
+SLIMLLM_AVX512 bool decode_scores_stored(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                         int64_t j0, int64_t j1, float* x) {
+  switch (p.d % 16 ? 0 : p.d / 16) {
+#define SLIMLLM_SCORES(C)                                          \
+  case C:                                                          \
+    decode_scores_avx512<C, S>(p, bi, kvh, rows, j0, j1, x);       \
     return true;
     SLIMLLM_SCORES(1)
     SLIMLLM_SCORES(2)
@@ -346,41 +385,14 @@ SLIMLLM_AVX512 bool decode_scores_fast(const Problem& p, int64_t bi, int64_t kvh
   }
 }
 
-// Decode's outputs: o_r = sum_j x[r][j] v_j over values [j0, j1) into part + r * stride + 2,
-// RB rows at a time with their d = 16 C columns in registers.
-template <int C, int RB>
-SLIMLLM_AVX512 void decode_values_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
-                                         int64_t j0, int64_t j1, const float* wide_v,
-                                         float* buf, const float* x, float* part,
+template <int S>
+SLIMLLM_AVX512 bool decode_values_stored(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                         int64_t j0, int64_t j1, const float* x, float* part,
                                          int64_t stride) {
-  int64_t n = j1 - j0;
-  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
-    __m512 o[RB][C];
-    for (int k = 0; k < RB; ++k)
-      for (int c = 0; c < C; ++c) o[k][c] = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* value = wide_v ? wide_v + j * p.d : buf;
-      if (!wide_v) widen_row_avx512(p, p.v, p.v_scale, (bi * p.kh + kvh) * p.s + j, buf);
-      __m512 vv[C];
-      for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(value + 16 * c);
-      for (int k = 0; k < RB; ++k) {
-        __m512 w = _mm512_set1_ps(r0 + k < rows ? x[(r0 + k) * n + j - j0] : 0.0f);
-        for (int c = 0; c < C; ++c) o[k][c] = _mm512_fmadd_ps(w, vv[c], o[k][c]);
-      }
-    }
-    for (int k = 0; k < RB && r0 + k < rows; ++k)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(part + (r0 + k) * stride + 2 + 16 * c, o[k][c]);
-  }
-}
-
-// The same for any d that is a multiple of 16, up to 128: C chunks of 16 columns.
-SLIMLLM_AVX512 bool decode_values_fast(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
-                                       int64_t j0, int64_t j1, const float* wide_v, float* buf,
-                                       const float* x, float* part, int64_t stride) {
-  switch (p.d / 16) {
-#define SLIMLLM_VALUES(C, RB) \
-  case C:                     \
-    decode_values_avx512<C, RB>(p, bi, kvh, rows, j0, j1, wide_v, buf, x, part, stride); \
+  switch (p.d % 16 ? 0 : p.d / 16) {
+#define SLIMLLM_VALUES(C, RB)                                                   \
+  case C:                                                                       \
+    decode_values_avx512<C, RB, S>(p, bi, kvh, rows, j0, j1, x, part, stride);  \
     return true;
     SLIMLLM_VALUES(1, 4)
     SLIMLLM_VALUES(2, 4)
@@ -394,6 +406,23 @@ SLIMLLM_AVX512 bool decode_values_fast(const Problem& p, int64_t bi, int64_t kvh
     default:
       return false;
   }
+}
+
+SLIMLLM_AVX512 bool decode_scores_fast(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                       int64_t j0, int64_t j1, float* x) {
+  if (p.storage == kFloat32) return decode_scores_stored<kFloat32>(p, bi, kvh, rows, j0, j1, x);
+  if (p.storage == kBFloat16) return decode_scores_stored<kBFloat16>(p, bi, kvh, rows, j0, j1, x);
+  return decode_scores_stored<kInt8>(p, bi, kvh, rows, j0, j1, x);
+}
+
+SLIMLLM_AVX512 bool decode_values_fast(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                       int64_t j0, int64_t j1, const float* x, float* part,
+                                       int64_t stride) {
+  if (p.storage == kFloat32)
+    return decode_values_stored<kFloat32>(p, bi, kvh, rows, j0, j1, x, part, stride);
+  if (p.storage == kBFloat16)
+    return decode_values_stored<kBFloat16>(p, bi, kvh, rows, j0, j1, x, part, stride);
+  return decode_values_stored<kInt8>(p, bi, kvh, rows, j0, j1, x, part, stride);
 }
 
 #endif  // SLIMLLM_X86
@@ -695,7 +724,7 @@ void decode_chunk(const Problem& p, Decode& dec, int64_t item) {
   // Rows are (head of the group, position): r = gi * t + i. Raw dot products first (0 where
   // the bias hides the key), then scale, bias and softmax per row.
 #if SLIMLLM_X86
-  if (p.fast && decode_scores_fast(p, bi, kvh, dec.rows, j0, j1, wide_k, x)) {
+  if (p.fast && decode_scores_fast(p, bi, kvh, dec.rows, j0, j1, x)) {
   } else
 #endif
   {
@@ -715,7 +744,7 @@ void decode_chunk(const Problem& p, Decode& dec, int64_t item) {
   }
 #if SLIMLLM_X86
   if (p.fast &&
-      decode_values_fast(p, bi, kvh, dec.rows, j0, j1, wide_v, row, x, part, dec.stride))
+      decode_values_fast(p, bi, kvh, dec.rows, j0, j1, x, part, dec.stride))
     return;
 #endif
   for (int64_t j = j0; j < j1; ++j) {
