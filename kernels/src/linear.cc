@@ -435,21 +435,55 @@ SLIMLLM_AMX void pack_x_block(const Problem& p, int64_t block, uint16_t* out) {
   }
 }
 
+// Rows r[0..16) of 16 floats transposed in place: lane i of r[j] becomes lane j of r[i]
+// (pairs, quads, then 128-bit blocks twice; 64 shuffles against 256 scalar moves).
+SLIMLLM_AMX inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4 i + c], block k: column 4 k + c of rows 4 i .. 4 i + 3
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    r[c] = _mm512_shuffle_f32x4(v0, w0, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, _MM_SHUFFLE(2, 0, 2, 0));
+    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, _MM_SHUFFLE(3, 1, 3, 1));
+    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Sums of 16 weight rows (r[row]: its sums against the 16 rows of x of `block`, one per lane)
+// into y's columns n0 .. n0 + 16, transposed to y's rows.
+SLIMLLM_AMX inline void write_sums(const Problem& p, int64_t block, int64_t n0, __m512* r) {
+  transpose16(r);
+  for (int64_t i = 0; i < kAmxRows && block * kAmxRows + i < p.m; ++i)
+    _mm512_storeu_ps(p.y + (block * kAmxRows + i) * p.n + n0, r[i]);
+}
+
 // One tile of sums, c[weight row][row of x], into y's columns n0 .. n0 + 16 for `block`.
 SLIMLLM_AMX inline void write_tile(const Problem& p, int64_t block, int64_t n0, const float* c) {
-  for (int64_t i = 0; i < kAmxRows && block * kAmxRows + i < p.m; ++i) {
-    float* y = p.y + (block * kAmxRows + i) * p.n + n0;
-    for (int64_t r = 0; r < kAmxRows; ++r) y[r] = c[r * kAmxRows + i];
-  }
+  __m512 r[kAmxRows];
+  for (int64_t i = 0; i < kAmxRows; ++i) r[i] = _mm512_load_ps(c + i * kAmxRows);
+  write_sums(p, block, n0, r);
 }
 
 // acc (per weight row n0 + r, its sums against the 16 rows of x of `block`) into y.
 SLIMLLM_AMX void write_rows(const Problem& p, int64_t block, int64_t n0, int64_t tiles,
                             const __m512* acc) {
-  alignas(64) float out[kAmxTiles * kAmxRows * kAmxRows];  // [weight row][row of x]
-  for (int64_t r = 0; r < tiles * kAmxRows; ++r) _mm512_store_ps(out + r * kAmxRows, acc[r]);
-  for (int64_t t = 0; t < tiles; ++t)
-    write_tile(p, block, n0 + t * kAmxRows, out + t * kAmxRows * kAmxRows);
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512 r[kAmxRows];
+    for (int64_t i = 0; i < kAmxRows; ++i) r[i] = acc[t * kAmxRows + i];
+    write_sums(p, block, n0 + t * kAmxRows, r);
+  }
 }
 
 // int4 codes in the tiles' order: a byte holds columns 2t (low nibble) and 2t + 1 (high), so
