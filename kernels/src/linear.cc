@@ -381,6 +381,9 @@ SLIMLLM_AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
 //   for groups of 32; max|x| / 127), TDPBSSD (exact int32 sums of a step), each step's sums
 //   scaled in float32 by x's and the weights' scales: |error| <= sum over steps of
 //   max|x_step| / 254 * sum_j |w_j|, llama.cpp's rounding for Q8_0 and Q4_0 (32 columns).
+// - int4 codes against more than 16 rows of x (prefill): the codes times their scales rounded
+//   to bfloat16 once per work item, then as bfloat16 weights (amx_widened_item): |error| <=
+//   2^-8 (1 + 2^-10) * sum_j |x_j w_j|.
 constexpr int64_t kAmxRows = 16;  // rows of a tile: weight rows, or rows of x
 constexpr int64_t kAmxCols = 32;  // bfloat16 columns per tile step (64 bytes a row)
 constexpr int64_t kAmxTiles = 4;  // weight tiles per work item
@@ -510,32 +513,25 @@ SLIMLLM_AMX inline void nibbles_tile_order(const uint8_t* row, int64_t j, int64_
                         _mm256_permute2x128_si256(even, odd, 0x31));
 }
 
-// One work item's int8 or int4 codes in tile order: [k / cols][tiles][16 rows][cols], so that
-// every tile load reads 1 KB in a row, and int4 codes are unpacked once per item instead of
-// once per block of x. (In place, a tile's 16 rows lie one weight row apart, all in the same
-// few sets of the 48 KB L1; packing did not move the int8 tiles beyond noise.)
+// One work item's int8 codes in tile order: [k / cols][tiles][16 rows][cols], so that every
+// tile load reads 1 KB in a row. (In place, a tile's 16 rows lie one weight row apart, all in
+// the same few sets of the 48 KB L1; packing did not move the int8 tiles beyond noise. It
+// unpacked int4 codes once per item instead of once per block of x, until int4 prefill took
+// bfloat16 tiles: amx_widened_item.)
 constexpr int64_t kPackAhead = 4;  // weight rows
 
-template <int E>
 SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t cols,
                            uint8_t* out) {
-  const int64_t row_bytes = cols;  // of a packed tile
-  const __mmask64 mask = row_bytes == 64 ? ~0ull : 0xffffffffull;
+  const __mmask64 mask = cols == 64 ? ~0ull : 0xffffffffull;
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t r = 0; r < kAmxRows; ++r) {
       const uint8_t* row = p.w + (n0 + t * kAmxRows + r) * p.row_bytes;
       for (int64_t j = 0, s = 0; j < p.k; j += cols, ++s) {
-        uint8_t* to = out + ((s * tiles + t) * kAmxRows + r) * row_bytes;
+        uint8_t* to = out + ((s * tiles + t) * kAmxRows + r) * cols;
         // rows are short (1-6 KB): ask for the rows ahead before the prefetcher ramps up
-        const int64_t at = E == kInt8 ? j : j / 2;  // byte of column j
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPackAhead * p.row_bytes + at),
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPackAhead * p.row_bytes + j),
                      _MM_HINT_T0);
-        if constexpr (E == kInt8) {
-          _mm512_mask_storeu_epi8(to, mask, _mm512_maskz_loadu_epi8(mask, row + j));
-        } else if (j % 64 == 0) {  // this step and, for steps of 32, the next
-          nibbles_tile_order(row, j, p.k, cols, reinterpret_cast<int8_t*>(to),
-                             reinterpret_cast<int8_t*>(to + tiles * kAmxRows * row_bytes));
-        }
+        _mm512_mask_storeu_epi8(to, mask, _mm512_maskz_loadu_epi8(mask, row + j));
       }
     }
 }
@@ -564,11 +560,11 @@ struct ItemTiles {
   }
 };
 
-// The item's tiles: int8 and int4 codes packed where several blocks of x reuse them, else in
-// place (int4: unpacked 64 columns at a time into a scratch of 4 tiles). At one block (batched
-// decode) packing cost more than it saved (16 x 1024 @ 5632: bfloat16 0.43 -> 0.57 ms, int8
-// 0.28 -> 0.37, int4 0.28 -> 0.34); at 128 rows it took int4 from 1.76-2.05 to 1.25-1.47 ms,
-// int8 within noise (interleaved processes, 3 rounds). bfloat16 stays in place at any batch:
+// The item's tiles: int8 codes packed where several blocks of x reuse them, else in place
+// (int4, one block of x only: unpacked 64 columns at a time into a scratch of 4 tiles). At one
+// block (batched decode) packing cost more than it saved (16 x 1024 @ 5632: bfloat16 0.43 ->
+// 0.57 ms, int8 0.28 -> 0.37, int4 0.28 -> 0.34); at 128 rows it took int4 from 1.76-2.05 to
+// 1.25-1.47 ms, int8 within noise (interleaved processes, 3 rounds). bfloat16 stays in place at any batch:
 // with two blocks of x per tile load (amx_bf16_item), 128 rows ran faster in place than packed
 // (128 x 1024 @ 5632: 1.17-1.41 ms against 1.94-2.63; 128 x 2816 @ 1024: 0.78-0.89 against
 // 1.17-1.47).
@@ -577,7 +573,7 @@ SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, in
                                  const int8_t* int4_scratch = nullptr) {
   const int64_t value_bytes = E == kBFloat16 ? 2 : 1;  // as a tile holds them
   const int64_t row_bytes = cols * value_bytes;  // of a tile
-  if (p.m <= kAmxRows || E == kBFloat16) {  // int4: the item unpacks its codes into the scratch
+  if (p.m <= kAmxRows || E != kInt8) {  // int4: the item unpacks its codes into the scratch
     if constexpr (E == kInt4) {
       auto scratch = reinterpret_cast<const uint8_t*>(int4_scratch);
       return {scratch, kScratchStep, kAmxRows * row_bytes, row_bytes, false,
@@ -586,7 +582,7 @@ SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, in
     return {p.w + n0 * p.row_bytes, row_bytes, kAmxRows * p.row_bytes, p.row_bytes, false};
   }
   uint8_t* a = item_buffer(tiles * kAmxRows * p.k * value_bytes);
-  pack_item<E>(p, n0, tiles, cols, a);
+  pack_item(p, n0, tiles, cols, a);
   return {a, tiles * kAmxRows * row_bytes, kAmxRows * row_bytes, row_bytes, true};
 }
 
@@ -605,12 +601,13 @@ SLIMLLM_AMX inline void store_sums(float (*c)[kAmxRows * kAmxRows]) {
   _tile_stored(3, c[3], 64);
 }
 
-// The bfloat16 tiles: y's rows n0 .. n0 + 16 * tiles against every block of x.
-SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0, int64_t tiles) {
+// The bfloat16 tiles: y's rows n0 .. n0 + 16 * tiles (bfloat16 weights where `a` says) against
+// every block of x.
+SLIMLLM_AMX void amx_bf16_tiles(const Problem& p, const uint16_t* xb, int64_t n0, int64_t tiles,
+                                const ItemTiles& a) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = kAmxRows, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  const ItemTiles a = item_tiles<kBFloat16>(p, n0, tiles, kAmxCols);
   alignas(64) float c[kAmxTiles][kAmxRows * kAmxRows];
   const int64_t blocks = (p.m + kAmxRows - 1) / kAmxRows;
   int64_t block = 0;
@@ -666,6 +663,49 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
     for (int64_t t = 0; t < tiles; ++t) write_tile(p, block, n0 + t * kAmxRows, c[t]);
   }
   _tile_release();
+}
+
+SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0, int64_t tiles) {
+  amx_bf16_tiles(p, xb, n0, tiles, item_tiles<kBFloat16>(p, n0, tiles, kAmxCols));
+}
+
+// int4 weights against two blocks of x or more (prefill): the item's weights widened once to
+// bfloat16 values (code times its group's scale, rounded to nearest even) in the tiles' order,
+// [step of 32 columns][tile][16 rows][32], then met by x rounded to bfloat16 as bfloat16
+// weights are, the sums staying in the tiles across every column. In int8 tiles, int4's groups
+// of 32 make each 32-column step flush its int32 sums through float32 registers. The 156M
+// layer's four matrices, two libraries in turn in one process: int4 at 128 rows 6.05 -> 4.96 ms
+// (32 rows: 2.48 -> 2.32), with 2.4x less error (max |error| / max |y|: 0.0025 against
+// 0.006). int8 weights (one flush per 64 columns) were slower widened: 4.00 -> 4.93 ms.
+SLIMLLM_AMX void widen_int4_item(const Problem& p, int64_t n0, int64_t tiles, uint16_t* out) {
+  const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  for (int64_t r = 0; r < tiles * kAmxRows; ++r) {
+    const uint8_t* w = p.w + (n0 + r) * p.row_bytes;
+    const float* scale = p.scale + (n0 + r) * p.groups;
+    uint16_t* to = out + r * kAmxCols;  // tile r / 16, row r % 16 of step 0
+    for (int64_t j = 0; j < p.k; j += kAmxCols, to += tiles * kAmxRows * kAmxCols) {
+      // a byte: column 2i in its low nibble, 2i + 1 in its high one; the code is nibble - 8
+      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j / 2));
+      __m128i lo = _mm_and_si128(bytes, nibble);
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      __m128i a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);  // columns j .. j + 16
+      __m128i b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);  // j + 16 .. j + 32
+      __m512 sc = _mm512_set1_ps(scale[j / p.group]);  // a step lies in one group
+      __m512 fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), sc);
+      __m512 fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
+      _mm512_store_si512(to, (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
+    }
+  }
+}
+
+SLIMLLM_AMX void amx_widened_item(const Problem& p, const uint16_t* xb, int64_t n0,
+                                  int64_t tiles) {
+  const int64_t tile_values = kAmxRows * kAmxCols;
+  auto* wide = reinterpret_cast<uint16_t*>(item_buffer(tiles * kAmxRows * p.k * 2));
+  widen_int4_item(p, n0, tiles, wide);
+  const ItemTiles a{reinterpret_cast<const uint8_t*>(wide), tiles * tile_values * 2,
+                    tile_values * 2, kAmxCols * 2, true};
+  amx_bf16_tiles(p, xb, n0, tiles, a);
 }
 
 // 16 values times inv as int8, rounded to nearest even, within +-127.
@@ -790,6 +830,8 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
   int64_t blocks = (p.m + kAmxRows - 1) / kAmxRows;
   int64_t per = kAmxTiles * kAmxRows, items = (p.n + per - 1) / per;
   if constexpr (scaled(E)) {
+    // int8, and int4 against one block of x: int8 tiles (int4 with more: amx_widened_item)
+    if (E == kInt8 || blocks == 1) {
     int64_t step = p.group % 64 == 0 ? 64 : 32;
     Aligned<int8_t> xq(blocks * p.k * kAmxRows);
     std::vector<float> xs(blocks * (p.k / step) * kAmxRows);
@@ -803,14 +845,18 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
                       std::min(kAmxTiles, (p.n - n0) / kAmxRows));
     });
     return;
+    }
   }
   Aligned<uint16_t> xb(blocks * p.k * kAmxRows);
   parallel_for(pool, blocks, [&](int64_t block) {
     pack_x_block(p, block, xb.data() + block * p.k * kAmxRows);
   });
   parallel_for(pool, items, [&](int64_t item) {
-    int64_t n0 = item * per;
-    amx_bf16_item(p, xb.data(), n0, std::min(kAmxTiles, (p.n - n0) / kAmxRows));
+    int64_t n0 = item * per, tiles = std::min(kAmxTiles, (p.n - n0) / kAmxRows);
+    if constexpr (E == kInt4)
+      amx_widened_item(p, xb.data(), n0, tiles);
+    else
+      amx_bf16_item(p, xb.data(), n0, tiles);
   });
 }
 
