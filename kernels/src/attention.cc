@@ -299,37 +299,66 @@ SLIMLLM_AVX512 inline __m512 load16(const uint8_t* row, int64_t c) {
 
 constexpr int64_t kStoredBytes[] = {4, 2, 1};  // per value, by Storage
 
-// Decode's scores for the rows (head of the group, position) of kv head (bi, kvh) against keys
-// [j0, j1), read as stored (S) with d = 16 C: x[r * n + j - j0] = q_r . k_j, 0 where the bias
-// hides the key. Sixteen keys at a time: one partial vector per key, summed across in one pass;
-// int8 keys' dot products are scaled once each (q . (c s) = (q . c) s, to rounding).
-template <int C, int S>
-SLIMLLM_AVX512 void decode_scores_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
-                                         int64_t j0, int64_t j1, float* x) {
+// Decode's scores for R rows (head of the group, position) from r0 of kv head (bi, kvh) against
+// keys [j0, j1), read as stored (S) with d = 16 C: x[r * n + j - j0] = q_r . k_j, 0 where the
+// bias hides the key. K = 16 / R keys at a time, each read (and widened) once for the R rows:
+// one partial vector per (row, key), the 16 summed across in one pass, lane r K + kk holding
+// row r's score of key j + kk. int8 keys' dot products are scaled once each (q . (c s) =
+// (q . c) s, to rounding).
+template <int C, int S, int R>
+SLIMLLM_AVX512 void decode_score_rows(const Problem& p, int64_t bi, int64_t kvh, int64_t r0,
+                                      int64_t j0, int64_t j1, float* x) {
+  constexpr int K = 16 / R;
   const int64_t n = j1 - j0, g = p.group(), row_bytes = 16 * C * kStoredBytes[S];
   const int64_t first = (bi * p.kh + kvh) * p.s;  // the kv head's slot 0
   const uint8_t* keys = p.k + first * row_bytes;
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t head = kvh * g + r / p.t, i = r % p.t;
-    const float* bias = p.bias_row(bi, i, head);
-    __m512 q[C];
-    for (int c = 0; c < C; ++c) q[c] = _mm512_loadu_ps(p.q_row(bi, i, head) + 16 * c);
-    for (int64_t j = j0; j < j1; j += 16) {
-      int64_t m = std::min<int64_t>(16, j1 - j);
-      __m512 acc[16];
-      for (int kk = 0; kk < 16; ++kk) {
-        const uint8_t* key = keys + (j + std::min<int64_t>(kk, m - 1)) * row_bytes;
-        acc[kk] = _mm512_mul_ps(q[0], load16<S>(key, 0));
-        for (int c = 1; c < C; ++c) acc[kk] = _mm512_fmadd_ps(q[c], load16<S>(key, 16 * c), acc[kk]);
+  const float* q[R];
+  const float* bias[R];
+  for (int r = 0; r < R; ++r) {
+    int64_t head = kvh * g + (r0 + r) / p.t, i = (r0 + r) % p.t;
+    q[r] = p.q_row(bi, i, head), bias[r] = p.bias_row(bi, i, head);
+  }
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j = j0; j < j1; j += K) {
+    const int64_t m = std::min<int64_t>(K, j1 - j);
+    __m512 acc[16];
+    for (int kk = 0; kk < K; ++kk) {
+      const uint8_t* key = keys + (j + std::min<int64_t>(kk, m - 1)) * row_bytes;
+      __m512 kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = load16<S>(key, 16 * c);
+      for (int r = 0; r < R; ++r) {
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q[r]), kv[0]);
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * c), kv[c], a);
+        acc[r * K + kk] = a;
       }
-      __mmask16 live = lanes(m);
-      __m512 sums = sum16(acc);
-      if constexpr (S == kInt8) sums = _mm512_mul_ps(sums, _mm512_maskz_loadu_ps(live, p.k_scale + first + j));
-      __m512 b = _mm512_maskz_loadu_ps(live, bias + j);
+    }
+    __m512 sums = sum16(acc);
+    const __mmask16 live = lanes(m);
+    if constexpr (S == kInt8) {  // the K keys' scales, once per row's lanes
+      __m512 sc = _mm512_maskz_loadu_ps(live, p.k_scale + first + j);
+      if constexpr (K == 4) sc = _mm512_broadcast_f32x4(_mm512_castps512_ps128(sc));
+      if constexpr (K == 8) sc = _mm512_broadcast_f32x8(_mm512_castps512_ps256(sc));
+      sums = _mm512_mul_ps(sums, sc);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 b = _mm512_maskz_loadu_ps(live, bias[r] + j);
       __mmask16 hidden = _mm512_cmp_ps_mask(b, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-      _mm512_mask_storeu_ps(x + r * n + j - j0, live, _mm512_maskz_mov_ps(~hidden, sums));
+      __m512 mine = sums;  // row r's lanes r K .. r K + K, moved to lanes 0 .. K
+      if constexpr (R > 1)
+        mine = _mm512_permutexvar_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(r * K)), sums);
+      _mm512_mask_storeu_ps(x + (r0 + r) * n + j - j0, live, _mm512_maskz_mov_ps(~hidden, mine));
     }
   }
+}
+
+// All the rows' scores: four rows at a time (four keys each pass), then two, then one.
+template <int C, int S>
+SLIMLLM_AVX512 void decode_scores_avx512(const Problem& p, int64_t bi, int64_t kvh, int64_t rows,
+                                         int64_t j0, int64_t j1, float* x) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) decode_score_rows<C, S, 4>(p, bi, kvh, r, j0, j1, x);
+  if (r + 2 <= rows) decode_score_rows<C, S, 2>(p, bi, kvh, r, j0, j1, x), r += 2;
+  if (r < rows) decode_score_rows<C, S, 1>(p, bi, kvh, r, j0, j1, x);
 }
 
 // Decode's outputs: o_r = sum_j x[r][j] v_j over values [j0, j1) (read as stored, S) into
