@@ -10,7 +10,8 @@ results up to the order of float32 sums.
 A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, in
 float32 arithmetic; "fast": also weight products on x rounded: in AMX tiles where the CPU has
 AMX, for more than 4 rows (to bfloat16 for bfloat16 weights, to int8 per 32 or 64 columns for
-int8/int4), else to 16-bit integers for int8/int4 weights; "xla": never).
+int8/int4; int4 against more than 16 rows meets x in bfloat16, its codes widened to bfloat16
+values), else to 16-bit integers for int8/int4 weights; "xla": never).
 `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
 kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
 its compiled programs by the Runtime, so both paths can live in one process.

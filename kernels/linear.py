@@ -5,8 +5,8 @@ any weight format (`src/linear.cc`), for the few rows of x that decoding multipl
 MAX_ROWS rows of x, widths the kernel does not tile), and the caller takes the XLA path.
 Prefill's many rows stay with XLA's matrix products, which block for the caches, except on the
 AMX road (kernels "fast" on a CPU with AMX, more than 4 rows of x: bfloat16 weights against x
-rounded to bfloat16, int8/int4 codes against x rounded to int8, in tiles), which takes any
-number of rows.
+rounded to bfloat16, int8/int4 codes against x rounded to int8, in tiles; int4 against more
+than 16 rows as bfloat16 values), which takes any number of rows.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ TRANSPORTS = ("devices", "mpi")  # tensor parallelism over XLA devices or MPI pr
 # jax backend: "auto" calls the compiled kernels where the library loaded (float32 arithmetic,
 # the reference's up to the order of sums), "fast" also lets weight products round x: on a CPU
 # with AMX, bfloat16/int8/int4 products of more than 4 rows (batched decode, prefill) take x
-# rounded to bfloat16 or to int8 per 32/64 columns in AMX tiles; otherwise int8 products round
+# rounded to bfloat16 or to int8 per 32/64 columns in AMX tiles (int4 against more than 16 rows:
+# its values widened to bfloat16, x to bfloat16); otherwise int8 products round
 # x to 16-bit integers and int4 products to int8 per 32 columns (bounds in
 # kernels/src/linear.cc); "xla" never calls them
 KERNELS = ("auto", "fast", "xla")
