@@ -536,8 +536,8 @@ SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t 
     }
 }
 
-// A thread's buffer for pack_item, 64-byte aligned, kept between calls (grown, never shrunk:
-// no page faults once warm).
+// A thread's buffer for an item's packed or widened weights, 64-byte aligned, kept between
+// calls (grown, never shrunk: no page faults once warm).
 SLIMLLM_AMX uint8_t* item_buffer(int64_t bytes) {
   thread_local std::vector<uint8_t> buffer;
   if (int64_t(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
@@ -564,10 +564,10 @@ struct ItemTiles {
 // (int4, one block of x only: unpacked 64 columns at a time into a scratch of 4 tiles). At one
 // block (batched decode) packing cost more than it saved (16 x 1024 @ 5632: bfloat16 0.43 ->
 // 0.57 ms, int8 0.28 -> 0.37, int4 0.28 -> 0.34); at 128 rows it took int4 from 1.76-2.05 to
-// 1.25-1.47 ms, int8 within noise (interleaved processes, 3 rounds). bfloat16 stays in place at any batch:
-// with two blocks of x per tile load (amx_bf16_item), 128 rows ran faster in place than packed
-// (128 x 1024 @ 5632: 1.17-1.41 ms against 1.94-2.63; 128 x 2816 @ 1024: 0.78-0.89 against
-// 1.17-1.47).
+// 1.25-1.47 ms, int8 within noise (interleaved processes, 3 rounds). bfloat16 stays in place
+// at any batch: with two blocks of x per tile load (amx_bf16_tiles), 128 rows ran faster in
+// place than packed (128 x 1024 @ 5632: 1.17-1.41 ms against 1.94-2.63; 128 x 2816 @ 1024:
+// 0.78-0.89 against 1.17-1.47).
 template <int E>
 SLIMLLM_AMX ItemTiles item_tiles(const Problem& p, int64_t n0, int64_t tiles, int64_t cols,
                                  const int8_t* int4_scratch = nullptr) {
@@ -825,27 +825,28 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
   _tile_release();
 }
 
+// x rounded to int8 per step, against int8 codes or (one block of x) int4 codes in int8 tiles.
+template <int E>
+void run_amx_int(ffi::ThreadPool& pool, const Problem& p, int64_t blocks, int64_t items) {
+  const int64_t per = kAmxTiles * kAmxRows, step = p.group % 64 == 0 ? 64 : 32;
+  Aligned<int8_t> xq(blocks * p.k * kAmxRows);
+  std::vector<float> xs(blocks * (p.k / step) * kAmxRows);
+  parallel_for(pool, blocks, [&](int64_t block) {
+    pack_x_int8(p, block, step, E == kInt4, xq.data() + block * p.k * kAmxRows,
+                xs.data() + block * (p.k / step) * kAmxRows);
+  });
+  parallel_for(pool, items, [&](int64_t item) {
+    int64_t n0 = item * per;
+    amx_int_item<E>(p, xq.data(), xs.data(), step, n0, std::min(kAmxTiles, (p.n - n0) / kAmxRows));
+  });
+}
+
 template <int E>
 void run_amx(ffi::ThreadPool& pool, const Problem& p) {
   int64_t blocks = (p.m + kAmxRows - 1) / kAmxRows;
   int64_t per = kAmxTiles * kAmxRows, items = (p.n + per - 1) / per;
-  if constexpr (scaled(E)) {
-    // int8, and int4 against one block of x: int8 tiles (int4 with more: amx_widened_item)
-    if (E == kInt8 || blocks == 1) {
-    int64_t step = p.group % 64 == 0 ? 64 : 32;
-    Aligned<int8_t> xq(blocks * p.k * kAmxRows);
-    std::vector<float> xs(blocks * (p.k / step) * kAmxRows);
-    parallel_for(pool, blocks, [&](int64_t block) {
-      pack_x_int8(p, block, step, E == kInt4, xq.data() + block * p.k * kAmxRows,
-                  xs.data() + block * (p.k / step) * kAmxRows);
-    });
-    parallel_for(pool, items, [&](int64_t item) {
-      int64_t n0 = item * per;
-      amx_int_item<E>(p, xq.data(), xs.data(), step, n0,
-                      std::min(kAmxTiles, (p.n - n0) / kAmxRows));
-    });
-    return;
-    }
+  if constexpr (scaled(E)) {  // int4 against several blocks of x: bfloat16 tiles, below
+    if (E == kInt8 || blocks == 1) return run_amx_int<E>(pool, p, blocks, items);
   }
   Aligned<uint16_t> xb(blocks * p.k * kAmxRows);
   parallel_for(pool, blocks, [&](int64_t block) {
