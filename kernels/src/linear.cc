@@ -404,7 +404,7 @@ T* line_aligned(T* p) {
 
 // n values from a cache line's start, for x's tiles: each 64-byte row of a tile then lies in
 // one line. A large std::vector starts 16 bytes into its pages, so every row read two; aligned,
-// the 156M layer's four matrices at 128 rows took 3-10% less time with bfloat16 weights, 1-2%
+// the 156M layer's four matrices at 128 rows took 2-11% less time with bfloat16 weights, 1-2%
 // with int8 and int4, and the same at 16 rows (two libraries called in turn in one process,
 // 3 runs: in every one the aligned library was faster at 128 rows).
 template <typename T>
@@ -674,9 +674,9 @@ SLIMLLM_AMX void amx_bf16_item(const Problem& p, const uint16_t* xb, int64_t n0,
 // [step of 32 columns][tile][16 rows][32], then met by x rounded to bfloat16 as bfloat16
 // weights are, the sums staying in the tiles across every column. In int8 tiles, int4's groups
 // of 32 make each 32-column step flush its int32 sums through float32 registers. The 156M
-// layer's four matrices, two libraries in turn in one process: int4 at 128 rows 6.05 -> 4.96 ms
-// (32 rows: 2.48 -> 2.32), with 2.4x less error (max |error| / max |y|: 0.0025 against
-// 0.006). int8 weights (one flush per 64 columns) were slower widened: 4.00 -> 4.93 ms.
+// layer's four matrices, two libraries in turn in one process: int4 at 128 rows 5.91-6.05 ->
+// 4.96-5.16 ms (32 rows: 2.48 -> 2.32), with 2.4x less error (max |error| / max |y|: 0.0025
+// against 0.006). int8 weights (one flush per 64 columns) were slower widened: 4.00 -> 4.93 ms.
 SLIMLLM_AMX void widen_int4_item(const Problem& p, int64_t n0, int64_t tiles, uint16_t* out) {
   const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
   for (int64_t r = 0; r < tiles * kAmxRows; ++r) {
