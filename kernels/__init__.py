@@ -2,16 +2,17 @@
 
 The C++ sources are `kernels/src/*.cc`, built by the package's own build (`setup.py`) into one
 library, `slimllm.kernels._native`, which exports XLA FFI handlers (`slimllm_linear`, ...) and
-picks its instruction set at run time (`isa()`: "avx512-amx", "avx512-vnni", "avx512" or
-"portable"). The build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in the
-environment, `available()` is False and every program takes the pure-XLA path, with the same
+picks its instruction set at run time (`isa()`: "avx512-amx", "avx512-bf16", "avx512-vnni",
+"avx512" or "portable"). The build is optional: where it failed, or with `SLIMLLM_KERNELS=off` in
+the environment, `available()` is False and every program takes the pure-XLA path, with the same
 results up to the order of float32 sums.
 
 A program chooses per `Runtime.kernels` ("auto": the kernels where the library loaded, in
-float32 arithmetic; "fast": also weight products on x rounded: in AMX tiles where the CPU has
-AMX, for more than 4 rows (to bfloat16 for bfloat16 weights, to int8 per 32 or 64 columns for
+float32 arithmetic; "fast": also weight products on x rounded: for more than 4 rows, in AMX
+tiles where the CPU has AMX (to bfloat16 for bfloat16 weights, to int8 per 32 or 64 columns for
 int8/int4; int4 against more than 16 rows meets x in bfloat16, its codes widened to bfloat16
-values), else to 16-bit integers for int8/int4 weights; "xla": never).
+values), else in AVX512-BF16 pairs where the CPU has them (x to bfloat16, int8/int4 codes
+widened to bfloat16 values); otherwise to 16-bit integers for int8/int4 weights; "xla": never).
 `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
 kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
 its compiled programs by the Runtime, so both paths can live in one process.
@@ -31,10 +32,21 @@ import jax
 
 from slimllm.reference.runtime import KERNELS
 
-__all__ = ["KERNELS", "active", "available", "choice", "choose", "isa", "target", "why_unavailable"]
+__all__ = [
+    "KERNELS",
+    "TIERS",
+    "active",
+    "available",
+    "choice",
+    "choose",
+    "isa",
+    "target",
+    "why_unavailable",
+]
 
 OFF = ("0", "off", "false", "no", "xla")
 TURNED_OFF = "turned off by SLIMLLM_KERNELS"
+TIERS = ("portable", "avx512", "avx512-vnni", "avx512-bf16", "avx512-amx")  # SLIMLLM_KERNELS_ISA
 _choice = ["auto"]  # the choice of the program being traced (a stack, see `choose`)
 
 
@@ -43,6 +55,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     """The loaded library, or None and why not."""
     if os.environ.get("SLIMLLM_KERNELS", "").strip().lower() in OFF:
         return None, TURNED_OFF
+    forced = os.environ.get("SLIMLLM_KERNELS_ISA")
+    if forced is not None and forced not in TIERS:  # the library would ignore it
+        raise ValueError(f"SLIMLLM_KERNELS_ISA={forced!r} is not one of {', '.join(TIERS)}")
     try:
         spec = importlib.util.find_spec(f"{__name__}._native")
     except (ImportError, ValueError):
@@ -66,9 +81,9 @@ def why_unavailable() -> str:
 
 @functools.cache
 def isa() -> str:
-    """The instruction set the kernels run on this CPU ("avx512-amx", "avx512-vnni", "avx512",
-    "portable"), or "xla" (no library). Chosen once per process; SLIMLLM_KERNELS_ISA=portable
-    forces the portable path, =avx512 turns AMX off."""
+    """The instruction set the kernels run on this CPU, one of TIERS (each holds the ones before
+    it), or "xla" (no library). Chosen once per process; SLIMLLM_KERNELS_ISA=<tier> caps it at
+    that tier (=portable forces the portable path, =avx512-bf16 turns AMX off)."""
     lib = _library()[0]
     if lib is None:
         return "xla"

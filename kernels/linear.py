@@ -4,9 +4,11 @@ any weight format (`src/linear.cc`), for the few rows of x that decoding multipl
 `linear(x, w)` returns None when the kernel does not apply (kernels off or missing, more than
 MAX_ROWS rows of x, widths the kernel does not tile), and the caller takes the XLA path.
 Prefill's many rows stay with XLA's matrix products, which block for the caches, except on the
-AMX road (kernels "fast" on a CPU with AMX, more than 4 rows of x: bfloat16 weights against x
-rounded to bfloat16, int8/int4 codes against x rounded to int8, in tiles; int4 against more
-than 16 rows as bfloat16 values), which takes any number of rows.
+roads of kernels "fast" for more than 4 rows of x, which take any number of rows: the AMX road
+(bfloat16 weights against x rounded to bfloat16, int8/int4 codes against x rounded to int8, in
+tiles; int4 against more than 16 rows as bfloat16 values) and, on a CPU with AVX512-BF16 but
+no AMX, the bfloat16 pairs road (x rounded to bfloat16 against bfloat16 weights or int8/int4
+codes widened to bfloat16 values, in VDPBF16PS).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from . import active, choice, isa, target
 ENCODING = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
 MAX_ROWS = 16  # rows of x (tokens of a decode batch) above which XLA's products are faster
 LANES = 16  # the kernel's column step: widths and groups are multiples of it
-AMX_ENCODINGS = ("bfloat16", "int8", "int4")  # the AMX road's (tiles take them as stored)
-AMX_COLS, AMX_ROWS = 32, 16  # its tile step over columns, and its tiles' rows of w
+AMX_ENCODINGS = ("bfloat16", "int8", "int4")  # the AMX and pairs roads' (as stored or widened)
+AMX_COLS, AMX_ROWS = 32, 16  # the AMX tile step over columns, and its tiles' rows of w
+PAIR_COLS = 32  # the pairs road's step over columns (one VDPBF16PS)
 traced = collections.Counter()  # custom calls emitted while tracing, per encoding (for tests)
 
 
@@ -38,7 +41,8 @@ def applies(m: int, cols: int, w) -> bool:
     if isinstance(w, Compact):
         groups = 1 if w.scale is None else w.scale.shape[1]
         fits = w.encoding in ENCODING and not w.transposed and (cols // groups) % LANES == 0
-        return fits and (m <= MAX_ROWS or amx_road(cols // groups, w))
+        group = cols // groups
+        return fits and (m <= MAX_ROWS or amx_road(group, w) or pairs_road(group, w))
     return w.dtype == jnp.float32 and m <= MAX_ROWS
 
 
@@ -51,6 +55,18 @@ def amx_road(group: int, w: Compact) -> bool:
         and w.encoding in AMX_ENCODINGS
         and group % AMX_COLS == 0
         and w.values.shape[0] % AMX_ROWS == 0
+    )
+
+
+def pairs_road(group: int, w: Compact) -> bool:
+    """Does the kernel take the bfloat16 pairs road for w where it has more than 4 rows of x
+    (then any number of rows)? `src/linear.cc`'s `run` takes it off the AMX road."""
+    return (
+        choice() == "fast"
+        and isa() in ("avx512-bf16", "avx512-amx")
+        and w.encoding in AMX_ENCODINGS
+        and group % PAIR_COLS == 0
+        and not amx_road(group, w)
     )
 
 
@@ -77,6 +93,6 @@ def linear(x, w):
         values,
         scale.astype(jnp.float32),
         encoding=np.int32(ENCODING[encoding]),
-        integer=np.int32(choice() == "fast"),  # x rounded: to bfloat16 (AMX) or 16-bit integers
+        integer=np.int32(choice() == "fast"),  # x rounded: bfloat16, int8 or 16-bit integers
     )
     return y.reshape(*x.shape[:-1], rows)

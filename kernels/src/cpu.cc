@@ -12,14 +12,23 @@
 
 namespace slimllm {
 
-// Is SLIMLLM_KERNELS_ISA set to `name`?
-static bool isa_forced(const char* name) {
-  const char* forced = std::getenv("SLIMLLM_KERNELS_ISA");
-  return forced != nullptr && std::strcmp(forced, name) == 0;
+// The tiers (kernels.h), in order; SLIMLLM_KERNELS_ISA names the highest one allowed.
+enum Tier { kPortable, kAvx512, kVnni, kBf16, kAmx };
+static const char* const kTierNames[] = {"portable", "avx512", "avx512-vnni", "avx512-bf16",
+                                         "avx512-amx"};
+
+static int tier_cap() {
+  static const int cap = [] {
+    const char* forced = std::getenv("SLIMLLM_KERNELS_ISA");
+    for (int t = kPortable; forced != nullptr && t <= kAmx; ++t)
+      if (std::strcmp(forced, kTierNames[t]) == 0) return t;
+    return int(kAmx);  // unset (an unknown name is refused in Python: kernels.isa())
+  }();
+  return cap;
 }
 
 static bool detect_avx512() {
-  if (isa_forced("portable")) return false;
+  if (tier_cap() < kAvx512) return false;
 #if SLIMLLM_X86
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -37,7 +46,18 @@ bool has_avx512() {
 
 bool has_avx512_vnni() {
 #if SLIMLLM_X86
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  static const bool yes =
+      has_avx512() && tier_cap() >= kVnni && __builtin_cpu_supports("avx512vnni");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512_bf16() {
+#if SLIMLLM_X86
+  static const bool yes =
+      has_avx512_vnni() && tier_cap() >= kBf16 && __builtin_cpu_supports("avx512bf16");
   return yes;
 #else
   return false;
@@ -45,15 +65,13 @@ bool has_avx512_vnni() {
 }
 
 static bool detect_amx() {
-  if (isa_forced("avx512")) return false;
+  if (tier_cap() < kAmx) return false;
 #if SLIMLLM_X86 && defined(__linux__)
-  if (!has_avx512()) return false;
+  if (!has_avx512_bf16()) return false;
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   bool tiles = (d >> 24) & 1, bf16_tiles = (d >> 22) & 1;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  bool avx512_bf16 = (a >> 5) & 1;
-  if (!tiles || !bf16_tiles || !avx512_bf16) return false;
+  if (!tiles || !bf16_tiles) return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
@@ -72,5 +90,6 @@ bool has_amx() {
 extern "C" __attribute__((visibility("default"))) const char* slimllm_kernels_isa() {
   if (!slimllm::has_avx512()) return "portable";
   if (slimllm::has_amx()) return "avx512-amx";
+  if (slimllm::has_avx512_bf16()) return "avx512-bf16";
   return slimllm::has_avx512_vnni() ? "avx512-vnni" : "avx512";
 }

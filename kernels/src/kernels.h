@@ -23,6 +23,8 @@ namespace ffi = xla::ffi;
 #define SLIMLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #define SLIMLLM_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512vnni")))
+#define SLIMLLM_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512vnni,avx512bf16")))
 #define SLIMLLM_AMX                                                                    \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16,amx-tile," \
                         "amx-bf16")))
@@ -30,14 +32,18 @@ namespace ffi = xla::ffi;
 #define SLIMLLM_X86 0
 #endif
 
+// The instruction sets the kernels dispatch to come in tiers, each holding the ones before it:
+// "portable", "avx512", "avx512-vnni", "avx512-bf16", "avx512-amx". SLIMLLM_KERNELS_ISA=<tier>
+// (read once per process) caps them at that tier, for tests and comparisons.
+//
 // The AVX-512 subset the kernels use (F, BW, VL, DQ): Skylake-SP and later, Zen 4 and later.
-// SLIMLLM_KERNELS_ISA=portable (read once) forces the portable path, for tests.
 bool has_avx512();
 // and AVX512-VNNI (Cascade Lake and later, Zen 4): integer dot products
 bool has_avx512_vnni();
+// and AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, Zen 4): bfloat16 dot products
+bool has_avx512_bf16();
 // and AMX tiles with bfloat16 products (Sapphire Rapids and later), which the operating system
 // let this process use (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, asked for once here).
-// SLIMLLM_KERNELS_ISA=avx512 turns it off.
 bool has_amx();
 
 // Run body(i) for i in [0, n) on the calling thread and up to the pool's other threads. Items

@@ -21,7 +21,9 @@
 //
 // On a CPU with AMX, "fast" products of more than 4 rows of x take a third road, AMX tiles
 // (section "AMX path" below): decoding a batch multiplies 16 rows of x per weight read, which
-// the float32 road can only do at the FMA units' peak (~300 GFLOP/s on 2 cores here).
+// the float32 road can only do at the FMA units' peak (~300 GFLOP/s on 2 cores here). Without
+// AMX, on a CPU with AVX512-BF16 (Zen 4), they take the bfloat16 pairs road and, for int8
+// codes, its int8 quads (sections below).
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -538,7 +540,7 @@ SLIMLLM_AMX void pack_item(const Problem& p, int64_t n0, int64_t tiles, int64_t 
 
 // A thread's buffer for an item's packed or widened weights, 64-byte aligned, kept between
 // calls (grown, never shrunk: no page faults once warm).
-SLIMLLM_AMX uint8_t* item_buffer(int64_t bytes) {
+uint8_t* item_buffer(int64_t bytes) {
   thread_local std::vector<uint8_t> buffer;
   if (int64_t(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
   return line_aligned(buffer.data());
@@ -861,6 +863,328 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
   });
 }
 
+// ---------------------------------------------------------------- bfloat16 pairs (kernels "fast")
+//
+// With `integer` set on a CPU with AVX512-BF16 but no AMX (`has_avx512_bf16()`: Zen 4, Cooper
+// Lake) and more than kTileX rows of x (batched decoding, prefill), weights meet x in VDPBF16PS:
+// each lane sums two bfloat16 products in float32, 32 products an instruction against the
+// float32 FMA's 16 (on the 2-core Zen 4 here, a batch-16 step of the 156M model multiplies
+// 4 GFLOP, 13 ms at the FMA peak). x is rounded to bfloat16 once per call. bfloat16 weights are
+// read as stored; int8 and int4 codes are widened per tile of kTileRows weight rows to bfloat16
+// values (code times its group's scale, rounded to nearest even) in a buffer that stays in L1
+// while every row of x passes over it. A register tile is 4 weight rows times 4 rows of x: 16
+// sums, 8 loads per 16 products.
+// - bfloat16 weights: |error| <= 2^-8 * sum_j |x_j w_j| per output (x's rounding; the products
+//   are exact and summed in float32);
+// - int8 and int4 codes: |error| <= 2^-8 (1 + 2^-10) * sum_j |x_j w_j| (x's and the widened
+//   weight's rounding).
+
+constexpr int64_t kPairCols = 32;  // bfloat16 columns per VDPBF16PS
+
+// k values of x rounded to bfloat16 (nearest even); k is a multiple of kPairCols.
+SLIMLLM_AVX512_BF16 void round_row_bf16(const float* x, int64_t k, uint16_t* out) {
+  for (int64_t j = 0; j < k; j += kPairCols) {
+    __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j));
+    _mm512_storeu_si512(out + j, (__m512i)h);
+  }
+}
+
+// One weight row's codes times their scales as bfloat16 values (nearest even), k of them.
+template <int E>
+SLIMLLM_AVX512_BF16 void widen_row_bf16(const Problem& p, int64_t row, uint16_t* out) {
+  const uint8_t* w = p.w + row * p.row_bytes;
+  const float* scale = p.scale + row * p.groups;
+  for (int64_t j = 0; j < p.k; j += kPairCols) {
+    __m128i a, b;  // the codes of columns j .. j + 16 and j + 16 .. j + 32, as int8
+    if constexpr (E == kInt8) {
+      a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 16));
+    } else {  // a byte: column 2i in its low nibble, 2i + 1 in its high one; code = nibble - 8
+      const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j / 2));
+      __m128i lo = _mm_and_si128(bytes, nibble);
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
+      b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
+    }
+    __m512 sc = _mm512_set1_ps(scale[j / p.group]);  // 32 columns lie in one group
+    __m512 fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), sc);
+    __m512 fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
+    _mm512_store_si512(out + j, (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
+  }
+}
+
+// The sums of 16 vectors' lanes: lane t of the result is the sum of v[t]'s 16 lanes. Four
+// rounds, each adding two halves of every pair of vectors (45 instructions for 16 sums,
+// against ~8 each for a reduction of one vector at a time).
+SLIMLLM_AVX512_BF16 inline __m512 lane_sums(const __m512* v) {
+  // the rounds leave sum t in lane 4q + f for t = kOrder[f] + kBlock[q]: read v in that order
+  static constexpr int kFrom[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512 a[8], b[4], c[2];
+  for (int t = 0; t < 8; ++t) {  // 256-bit halves: v[t] low, v[t + 8] high
+    __m512 u = v[kFrom[t]], w = v[kFrom[t + 8]];
+    a[t] = _mm512_add_ps(_mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int t = 0; t < 4; ++t)  // 128-bit blocks
+    b[t] = _mm512_add_ps(_mm512_shuffle_f32x4(a[t], a[t + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a[t], a[t + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int t = 0; t < 2; ++t) {  // pairs of lanes
+    __m512d u = _mm512_castps_pd(b[t]), w = _mm512_castps_pd(b[t + 2]);
+    c[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(u, w)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(u, w)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// y[i, r] for RB weight rows (w[r]: k bfloat16 values) and MX rows of x (bfloat16, k apart from
+// xb), one pass over k; y's rows are n apart. Asks for `lines` cache lines from `ahead` on, one
+// per 32 columns.
+template <int RB, int MX>
+SLIMLLM_AVX512_BF16 void pairs_tile(const uint16_t* const* w, const uint16_t* xb, int64_t k,
+                                    float* y, int64_t n, const uint8_t* ahead, int64_t lines) {
+  __m512 acc[MX * RB];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t j = 0, s = 0; j < k; j += kPairCols, ++s) {
+    if (s < lines) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * s), _MM_HINT_T0);
+    __m512bh wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + j);
+    for (int i = 0; i < MX; ++i) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + i * k + j);
+      for (int r = 0; r < RB; ++r) acc[i * RB + r] = _mm512_dpbf16_ps(acc[i * RB + r], wv[r], xv);
+    }
+  }
+  if constexpr (MX * RB == 16 && RB == 4) {
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, lane_sums(acc));
+    for (int i = 0; i < MX; ++i) _mm_storeu_ps(y + i * n, _mm_load_ps(sums + 4 * i));
+  } else {
+    for (int i = 0; i < MX; ++i)
+      for (int r = 0; r < RB; ++r) y[i * n + r] = _mm512_reduce_add_ps(acc[i * RB + r]);
+  }
+}
+
+// Every row of x against RB weight rows w (RB <= kTileRows), into y's columns r0 .. r0 + RB.
+// The passes over the tile ask for the rows `ahead` (row_bytes apart, from `next` on) between
+// them: one row a pass, so that memory streams while the passes multiply. (At 16 rows of x,
+// asking only in the first pass left memory idle for the other three.)
+template <int RB>
+SLIMLLM_AVX512_BF16 void pairs_rows(const Problem& p, const uint16_t* xb,
+                                    const uint16_t* const* w, int64_t r0, const uint8_t* next,
+                                    int64_t ahead, int64_t row_bytes) {
+  float* y = p.y + r0;
+  const int64_t lines = (row_bytes + 63) / 64;
+  int64_t i = 0, pass = 0;
+  auto row = [&](int64_t pass) { return pass < ahead ? next + pass * row_bytes : nullptr; };
+  for (; i + kTileX <= p.m; i += kTileX, ++pass)
+    pairs_tile<RB, kTileX>(w, xb + i * p.k, p.k, y + i * p.n, p.n, row(pass),
+                           pass < ahead ? lines : 0);
+  const uint8_t* last = row(pass);
+  const int64_t last_lines = last ? lines : 0;
+  switch (p.m - i) {
+    case 3: pairs_tile<RB, 3>(w, xb + i * p.k, p.k, y + i * p.n, p.n, last, last_lines); break;
+    case 2: pairs_tile<RB, 2>(w, xb + i * p.k, p.k, y + i * p.n, p.n, last, last_lines); break;
+    case 1: pairs_tile<RB, 1>(w, xb + i * p.k, p.k, y + i * p.n, p.n, last, last_lines); break;
+    default: break;
+  }
+}
+
+// Weight rows r0 .. r1 against every row of x, kTileRows rows at a time.
+template <int E>
+SLIMLLM_AVX512_BF16 void pairs_chunk(const Problem& p, const uint16_t* xb, int64_t r0,
+                                     int64_t r1) {
+  uint16_t* wide = E == kBFloat16
+                       ? nullptr
+                       : reinterpret_cast<uint16_t*>(item_buffer(kTileRows * p.k * 2));
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const int64_t rows = std::min(kTileRows, r1 - r);
+    const uint16_t* w[kTileRows];
+    for (int64_t t = 0; t < rows; ++t) {
+      if constexpr (E == kBFloat16) {
+        w[t] = reinterpret_cast<const uint16_t*>(p.w + (r + t) * p.row_bytes);
+      } else {
+        widen_row_bf16<E>(p, r + t, wide + t * p.k);
+        w[t] = wide + t * p.k;
+      }
+    }
+    // the rows two tiles on, as stored (past the matrix's end: harmless)
+    const uint8_t* next = p.w + (r + 2 * kTileRows) * p.row_bytes;
+    if (rows == kTileRows) {
+      pairs_rows<kTileRows>(p, xb, w, r, next, kTileRows, p.row_bytes);
+    } else {
+      for (int64_t t = 0; t < rows; ++t) pairs_rows<1>(p, xb, w + t, r + t, next, 0, 0);
+    }
+  }
+}
+
+template <int E>
+void run_pairs(ffi::ThreadPool& pool, const Problem& p) {
+  Aligned<uint16_t> xb(p.m * p.k);
+  for (int64_t i = 0; i < p.m; ++i) round_row_bf16(p.x + i * p.k, p.k, xb.data() + i * p.k);
+  int64_t chunks = (p.n + kChunkRows - 1) / kChunkRows;
+  parallel_for(pool, chunks, [&](int64_t c) {
+    int64_t r0 = c * kChunkRows;
+    pairs_chunk<E>(p, xb.data(), r0, std::min(p.n, r0 + kChunkRows));
+  });
+}
+
+// ---------------------------------------------------------------- int8 quads (kernels "fast")
+//
+// int8 codes on the same CPUs and batches (more than kTileX rows of x, no AMX) meet x in
+// VPDPBUSD instead: each lane sums four byte products in int32, 64 products an instruction,
+// twice VDPBF16PS's. The codes are read as stored and turned unsigned by a flip of their top
+// bit (code + 128); x is rounded to int8, and each lane starts from -128 times the sum of its
+// x codes. A lane holds 4 neighbouring columns of every 64, so x's scales follow the lanes: one
+// scale per row of x per lane per span of up to 1024 columns (16 vectors) within a weight group,
+// the 64 columns 4l .. 4l + 3 of each 64 (max|x| / 127 over them). The int32 sums then run a
+// whole span and are scaled once, by one vector of x's scales times the weight row's scale.
+//   |error| <= sum over x's 64-column groups G of max|x_G| / 254 * sum_{j in G} |w_j| per output.
+
+constexpr int64_t kQuadCols = 64;  // columns per VPDPBUSD
+constexpr int64_t kSpanCols = 16 * kQuadCols;  // columns an x scale's lanes spread over
+
+// x's spans: columns [start, start + cols) within one weight group.
+struct Span {
+  int64_t start, cols, group;
+};
+
+std::vector<Span> quad_spans(const Problem& p) {
+  std::vector<Span> spans;
+  for (int64_t g = 0; g < p.groups; ++g)
+    for (int64_t c = g * p.group; c < (g + 1) * p.group; c += kSpanCols)
+      spans.push_back({c, std::min(kSpanCols, (g + 1) * p.group - c), g});
+  return spans;
+}
+
+// Row x (k values) as int8 codes, and per span its lanes' scales and starting sums.
+SLIMLLM_AVX512_BF16 void round_row_quads(const float* x, const std::vector<Span>& spans,
+                                         int8_t* codes, float* scales, int32_t* starts) {
+  for (size_t s = 0; s < spans.size(); ++s) {
+    const Span& span = spans[s];
+    __m512 top[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};  // float lane f of top[q]: column 16q + f of each 64
+    for (int64_t j = span.start; j < span.start + span.cols; j += kQuadCols)
+      for (int q = 0; q < 4; ++q)
+        top[q] = _mm512_max_ps(top[q], _mm512_abs_ps(_mm512_loadu_ps(x + j + 16 * q)));
+    __m512 inv[4];
+    alignas(64) float lane_top[64];
+    for (int q = 0; q < 4; ++q) {  // the max of each 4 neighbouring columns, in all 4 lanes
+      __m512 t = _mm512_max_ps(top[q], _mm512_permute_ps(top[q], _MM_SHUFFLE(2, 3, 0, 1)));
+      t = _mm512_max_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(1, 0, 3, 2)));
+      _mm512_store_ps(lane_top + 16 * q, t);
+      __mmask16 zero = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_EQ_OQ);
+      inv[q] = _mm512_maskz_div_ps(~zero, _mm512_set1_ps(127.0f), t);
+    }
+    for (int l = 0; l < 16; ++l) scales[s * 16 + l] = lane_top[4 * l] / 127.0f;
+    __m512i sum = _mm512_setzero_si512();
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t j = span.start; j < span.start + span.cols; j += kQuadCols) {
+      __m128i c[4];
+      for (int q = 0; q < 4; ++q)  // rounded to nearest even, within +-127
+        c[q] = _mm512_cvtsepi32_epi8(
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j + 16 * q), inv[q])));
+      __m512i v = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_set_m128i(c[1], c[0])), _mm256_set_m128i(c[3], c[2]), 1);
+      _mm512_storeu_si512(codes + j, v);
+      sum = _mm512_dpbusd_epi32(sum, ones, v);
+    }
+    _mm512_storeu_si512(starts + s * 16, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128)));
+  }
+}
+
+// x as the quads take it: codes [m][k], and per row and span 16 scales and 16 starting sums.
+struct QuadX {
+  const int8_t* codes;
+  const float* scales;
+  const int32_t* starts;
+  const Span* spans;
+  int64_t n_spans;
+};
+
+// y[i, r] for RB int8 weight rows from r0 and MX rows of x from i0, one pass over k.
+template <int RB, int MX>
+SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, int64_t r0, int64_t i0,
+                                    const uint8_t* ahead, int64_t lines) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int8_t* w[RB];
+  for (int r = 0; r < RB; ++r) w[r] = reinterpret_cast<const int8_t*>(p.w + (r0 + r) * p.row_bytes);
+  __m512 acc[MX * RB];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t s = 0, line = 0; s < xq.n_spans; ++s) {
+    const Span& span = xq.spans[s];
+    __m512i sum[MX * RB];
+    for (int i = 0; i < MX; ++i) {
+      __m512i start = _mm512_loadu_si512(xq.starts + ((i0 + i) * xq.n_spans + s) * 16);
+      for (int r = 0; r < RB; ++r) sum[i * RB + r] = start;
+    }
+    for (int64_t j = span.start; j < span.start + span.cols; j += kQuadCols, ++line) {
+      if (line < lines) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * line), _MM_HINT_T0);
+      __m512i wv[RB];
+      for (int r = 0; r < RB; ++r) wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + j), flip);
+      for (int i = 0; i < MX; ++i) {
+        __m512i xv = _mm512_loadu_si512(xq.codes + (i0 + i) * p.k + j);
+        for (int r = 0; r < RB; ++r)
+          sum[i * RB + r] = _mm512_dpbusd_epi32(sum[i * RB + r], wv[r], xv);
+      }
+    }
+    for (int i = 0; i < MX; ++i) {
+      __m512 xs = _mm512_loadu_ps(xq.scales + ((i0 + i) * xq.n_spans + s) * 16);
+      for (int r = 0; r < RB; ++r) {
+        __m512 sc = _mm512_mul_ps(xs, _mm512_set1_ps(p.scale[(r0 + r) * p.groups + span.group]));
+        acc[i * RB + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[i * RB + r]), sc, acc[i * RB + r]);
+      }
+    }
+  }
+  float* y = p.y + i0 * p.n + r0;
+  if constexpr (MX * RB == 16 && RB == 4) {
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, lane_sums(acc));
+    for (int i = 0; i < MX; ++i) _mm_storeu_ps(y + i * p.n, _mm_load_ps(sums + 4 * i));
+  } else {
+    for (int i = 0; i < MX; ++i)
+      for (int r = 0; r < RB; ++r) y[i * p.n + r] = _mm512_reduce_add_ps(acc[i * RB + r]);
+  }
+}
+
+// Every row of x against RB weight rows from r0, asking for the rows two tiles on between the
+// passes (as pairs_rows does).
+template <int RB>
+SLIMLLM_AVX512_BF16 void quads_rows(const Problem& p, const QuadX& xq, int64_t r0) {
+  const uint8_t* next = p.w + (r0 + 2 * kTileRows) * p.row_bytes;
+  const int64_t lines = RB == kTileRows ? p.k / kQuadCols : 0, ahead = RB == kTileRows ? RB : 0;
+  auto row = [&](int64_t pass) { return pass < ahead ? next + pass * p.row_bytes : nullptr; };
+  int64_t i = 0, pass = 0;
+  for (; i + kTileX <= p.m; i += kTileX, ++pass)
+    quads_tile<RB, kTileX>(p, xq, r0, i, row(pass), pass < ahead ? lines : 0);
+  const uint8_t* last = row(pass);
+  const int64_t last_lines = last ? lines : 0;
+  switch (p.m - i) {
+    case 3: quads_tile<RB, 3>(p, xq, r0, i, last, last_lines); break;
+    case 2: quads_tile<RB, 2>(p, xq, r0, i, last, last_lines); break;
+    case 1: quads_tile<RB, 1>(p, xq, r0, i, last, last_lines); break;
+    default: break;
+  }
+}
+
+void run_quads(ffi::ThreadPool& pool, const Problem& p) {
+  const std::vector<Span> spans = quad_spans(p);
+  const int64_t n_spans = int64_t(spans.size());
+  Aligned<int8_t> codes(p.m * p.k);
+  std::vector<float> scales(p.m * n_spans * 16);
+  std::vector<int32_t> starts(p.m * n_spans * 16);
+  for (int64_t i = 0; i < p.m; ++i)
+    round_row_quads(p.x + i * p.k, spans, codes.data() + i * p.k, scales.data() + i * n_spans * 16,
+                    starts.data() + i * n_spans * 16);
+  const QuadX xq{codes.data(), scales.data(), starts.data(), spans.data(), n_spans};
+  int64_t chunks = (p.n + kChunkRows - 1) / kChunkRows;
+  parallel_for(pool, chunks, [&](int64_t c) {
+    int64_t r = c * kChunkRows, r1 = std::min(p.n, r + kChunkRows);
+    for (; r + kTileRows <= r1; r += kTileRows) quads_rows<kTileRows>(p, xq, r);
+    for (; r < r1; ++r) quads_rows<1>(p, xq, r);
+  });
+}
+
 #endif  // SLIMLLM_X86
 
 // x rounded to 16-bit integers, one scale per row (max|x| / 32767; 0 for a zero row).
@@ -881,6 +1205,11 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   if (allow_integer && fast && has_amx() && p.m > kTileX && (E == kBFloat16 || scaled(E)) &&
       p.k % kAmxCols == 0 && p.group % kAmxCols == 0 && p.n % kAmxRows == 0)
     return run_amx<E>(pool, p);
+  if (allow_integer && fast && has_avx512_bf16() && p.m > kTileX && (E == kBFloat16 || scaled(E)) &&
+      p.k % kPairCols == 0 && p.group % kPairCols == 0) {
+    if (E == kInt8 && p.group % kQuadCols == 0) return run_quads(pool, p);
+    return run_pairs<E>(pool, p);
+  }
 #endif
   // the integer road needs whole 32-column steps and groups that fit an int32 sum
   bool integer = allow_integer && fast && scaled(E) && has_avx512_vnni() && p.k % 32 == 0 && p.group % 32 == 0 &&

@@ -1,6 +1,6 @@
 """Run a kernel test module's checks again on another instruction-set path, in a process of its
-own (the path is chosen once per process: `SLIMLLM_KERNELS_ISA=portable` forces the portable
-path, `=avx512` turns AMX off)."""
+own (the path is chosen once per process: `SLIMLLM_KERNELS_ISA=<tier>` caps it at that tier,
+e.g. `portable`, or `avx512-bf16` for no AMX)."""
 
 import os
 import subprocess
@@ -20,12 +20,14 @@ needs_library = pytest.mark.skipif(
 
 
 def on_path(isa: str, module: str, call: str) -> None:
-    """Import tests/kernels/`module` in a child on path `isa` ("portable", or "avx512": no AMX)
-    and run `call` there."""
+    """Import tests/kernels/`module` in a child whose kernels are capped at tier `isa` (one of
+    kernels.TIERS; the child runs on that tier, or a lower one where the CPU lacks it) and run
+    `call` there."""
+    cap = kernels.TIERS.index(isa)
     code = (
         "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/kernels');"
         "from slimllm import kernels; isa = kernels.isa();"
-        f"assert isa != 'avx512-amx' and (isa == 'portable' or {isa != 'portable'}), isa;"
+        f"assert kernels.TIERS.index(isa) <= {cap} and (isa == 'portable' or {cap != 0}), isa;"
         f"import {module} as t; t.{call}; print('ok')"
     )
     env = dict(os.environ, SLIMLLM_KERNELS_ISA=isa)

@@ -2,7 +2,7 @@
 both of its instruction-set paths, and the pure-XLA fallback when the library is missing.
 
 Conformance: for every encoding and group, y = x @ widen(w).T within float32 summation error
-(plus, with kernels "fast", int8/int4 codes meeting x rounded to 16 bits: `src/linear.cc`), with row
+(plus, with kernels "fast", x's rounding on each road of `src/linear.cc`), with row
 counts that leave partial tiles and chunks. The decode program of a real model calls
 the kernel (its compiled HLO holds the custom call) unless the runtime says "xla", and both give
 the oracle's greedy ids.
@@ -39,6 +39,7 @@ CASES = [  # (encoding, group): every encoding, per channel and grouped
     ("bfloat16", None),
     ("int8", None),
     ("int8", 32),
+    ("int8", 128),
     ("int4", 32),
     ("int4", 64),
     ("int4", 128),
@@ -75,19 +76,60 @@ def amx_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) ->
     )
 
 
+def pairs_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
+    """Does this product take the bfloat16 pairs road or its int8 quads (src/linear.cc: kernels
+    "fast" with AVX512-BF16 off the AMX road, more than 4 rows of x, 32-column steps)?"""
+    return (
+        choice == "fast"
+        and kernels.isa() in ("avx512-bf16", "avx512-amx")
+        and m > 4
+        and encoding in kernel.AMX_ENCODINGS
+        and (group or cols) % 32 == 0
+        and not amx_road(choice, encoding, group, rows, cols, m)
+    )
+
+
+def quads_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
+    """int8 codes on the pairs road in 64-column VPDPBUSD steps (src/linear.cc "int8 quads")."""
+    return (
+        pairs_road(choice, encoding, group, rows, cols, m)
+        and encoding == "int8"
+        and (group or cols) % 64 == 0
+    )
+
+
 def int4_bytes_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
     """Does this product take the int4 byte road (src/linear.cc "int4 bytes": kernels "fast"
-    with VNNI, off the AMX road, 128-column blocks whose lanes lie in single groups)?"""
+    with VNNI, off the AMX and pairs roads, 128-column blocks whose lanes lie in single groups)?"""
     g = group or cols
     return (
         choice == "fast"
         and encoding == "int4"
-        and kernels.isa() in ("avx512-vnni", "avx512-amx")
+        and kernels.isa() in ("avx512-vnni", "avx512-bf16", "avx512-amx")
         and not amx_road(choice, encoding, group, rows, cols, m)
+        and not pairs_road(choice, encoding, group, rows, cols, m)
         and cols % 128 == 0
         and g % 32 == 0
         and (g % 128 == 0 or 128 % g == 0)
     )
+
+
+def int8_lanes_bound(x, wide, group) -> np.ndarray:
+    """x rounded to int8 as the quads round it: one scale per row per lane l of a span of up to
+    1024 columns within a weight group, over the columns 4l .. 4l + 3 of each 64: sum over those
+    groups of max|x_G| / 254 * sum |w| over G."""
+    (m, cols), rows = x.shape, wide.shape[0]
+    lane_group = np.empty(cols, np.int64)
+    count = 0
+    for g0 in range(0, cols, group or cols):
+        for c0 in range(g0, g0 + (group or cols), 1024):
+            c = np.arange(c0, min(c0 + 1024, g0 + (group or cols)))
+            lane_group[c] = count + (c - c0) % 64 // 4
+            count += 16
+    top, mass = np.zeros((m, count)), np.zeros((rows, count))
+    np.maximum.at(top.T, lane_group, np.abs(x).T)
+    np.add.at(mass.T, lane_group, np.abs(wide).T)
+    return (top / 254) @ mass.T
 
 
 def int8_steps_bound(x, wide, step: int) -> np.ndarray:
@@ -110,6 +152,13 @@ def error_bound(x, wide, choice: str, encoding: str, group, m: int) -> np.ndarra
             return bound + 2.0**-8 * (1 + 2.0**-10) * (np.abs(x) @ np.abs(wide).T)
         step = 64 if (group or cols) % 64 == 0 else 32  # x to int8, one scale per step
         return bound + int8_steps_bound(x, wide, step)
+    if quads_road(choice, encoding, group, rows, cols, m):
+        return bound + int8_lanes_bound(x, wide, group)
+    if pairs_road(choice, encoding, group, rows, cols, m):
+        if encoding == "bfloat16":  # x rounded to bfloat16
+            return bound + 2.0**-8 * (np.abs(x) @ np.abs(wide).T)
+        # x and the widened codes rounded to bfloat16
+        return bound + 2.0**-8 * (1 + 2.0**-10) * (np.abs(x) @ np.abs(wide).T)
     if int4_bytes_road(choice, encoding, group, rows, cols, m):
         return bound + int8_steps_bound(x, wide, 32)
     if choice == "fast" and ENCODINGS[encoding].qmax:  # x rounded to 16 bits (VNNI)
@@ -139,10 +188,10 @@ def check_products(
                     x = rng.standard_normal((m, cols)).astype(np.float32)
                     x[:, 0] = 8.0  # a column of outliers: x's rounding steps follow the largest
                     y = product(jnp.asarray(x), w)
-                    if y is None:  # only the AMX road takes more than 16 rows
-                        assert m > kernel.MAX_ROWS and not amx_road(
-                            choice, encoding, group, rows, cols, m
-                        )
+                    if y is None:  # only the AMX and pairs roads take more than 16 rows
+                        assert m > kernel.MAX_ROWS
+                        assert not amx_road(choice, encoding, group, rows, cols, m)
+                        assert not pairs_road(choice, encoding, group, rows, cols, m)
                         continue
                     err = np.abs(np.asarray(y) - x.astype(np.float64) @ wide.T)
                     bound = error_bound(x, wide, choice, encoding, group, m)
@@ -151,12 +200,13 @@ def check_products(
 
 @pytest.mark.parametrize("choice", ["auto", "fast"])
 def test_products_match_the_reference_widening(choice):
-    """auto: float32 arithmetic; fast: x rounded, to bfloat16 or int8 in AMX tiles where the CPU
-    has AMX (5 rows of x or more, prefill's too; int4 weights widened to bfloat16 against more
-    than 16 rows), else int8 codes meet x rounded to 16 bits and
-    int4 codes x rounded to int8 per 32 columns (AVX512-VNNI; 16 bits where the columns do not
-    come in blocks of 128)."""
-    cols = (16, 96, 256, 1024)
+    """auto: float32 arithmetic; fast: x rounded. For 5 rows of x or more (prefill's too): to
+    bfloat16 or int8 in AMX tiles where the CPU has AMX (int4 weights widened to bfloat16
+    against more than 16 rows), else in AVX512-BF16 pairs where it has those (int8 codes in
+    VPDPBUSD quads where the groups come in 64 columns; other codes widened to bfloat16). Off
+    those roads int8 codes meet x rounded to 16 bits and int4 codes x rounded to int8 per 32
+    columns (AVX512-VNNI; 16 bits where the columns do not come in blocks of 128)."""
+    cols = (16, 96, 256, 1024, 2176)
     ms = (1, 2, 3, 4, 5, 16, 40) if choice == "fast" else (1, 4, 5, 16)
     check_products(cols_list=cols, ms=ms, choice=choice)
 
@@ -167,19 +217,35 @@ def test_the_portable_path_matches_too():
     on_path("portable", "test_linear_kernel", "check_products(ms=(1, 3, 16), choice='fast')")
 
 
-def test_without_amx_fast_takes_the_16_bit_road():
-    """SLIMLLM_KERNELS_ISA=avx512 turns AMX off: "fast" int8/int4 products are the VNNI road's at
-    every batch size, and more than 16 rows go to XLA (a process of its own)."""
-    on_path("avx512", "test_linear_kernel", "check_products(ms=(1, 5, 16, 40), choice='fast')")
+def test_with_vnni_alone_fast_takes_the_16_bit_road():
+    """SLIMLLM_KERNELS_ISA=avx512-vnni turns AMX and AVX512-BF16 off: "fast" int8/int4 products
+    are the VNNI road's at every batch size, and more than 16 rows go to XLA (a process of its
+    own)."""
+    on_path("avx512-vnni", "test_linear_kernel", "check_products(ms=(1, 5, 16, 40), choice='fast')")
 
 
-def test_amx_takes_prefill_rows_only_where_the_cpu_has_it():
+def test_without_amx_fast_takes_the_pairs_road():
+    """SLIMLLM_KERNELS_ISA=avx512-bf16 turns AMX off: more than 4 rows of x take the pairs road
+    (the CPU's own road on Zen 4; a process of its own where the CPU has AMX)."""
+    on_path("avx512-bf16", "test_linear_kernel", "check_products(ms=(1, 5, 16, 40), choice='fast')")
+
+
+def test_prefill_rows_take_a_fast_road_only_where_the_cpu_has_one():
     w = compact(np.ones((32, 64), np.float32), "int8", None)
     with kernels.choose("fast"):
         taken = kernel.linear(jnp.ones((40, 64), jnp.float32), w) is not None
-    assert taken == (kernels.isa() == "avx512-amx")
+    assert taken == (kernels.isa() in ("avx512-amx", "avx512-bf16"))
     with kernels.choose("auto"):
         assert kernel.linear(jnp.ones((40, 64), jnp.float32), w) is None
+
+
+def test_an_unknown_instruction_set_cap_is_refused():
+    """SLIMLLM_KERNELS_ISA must name a tier: the library would ignore anything else."""
+    code = "from slimllm import kernels; kernels.available()"
+    env = dict(os.environ, SLIMLLM_KERNELS_ISA="avx2")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert done.returncode != 0
+    assert "SLIMLLM_KERNELS_ISA='avx2' is not one of portable, avx512" in done.stderr.decode()
 
 
 def test_widths_the_kernel_does_not_tile_go_to_xla():
