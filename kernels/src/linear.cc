@@ -1060,12 +1060,14 @@ void run_pairs(ffi::ThreadPool& pool, const Problem& p) {
 //
 // int8 codes on the same CPUs and batches (more than kTileX rows of x, no AMX) meet x in
 // VPDPBUSD instead: each lane sums four byte products in int32, 64 products an instruction,
-// twice VDPBF16PS's. The codes are read as stored and turned unsigned by a flip of their top
-// bit (code + 128); x is rounded to int8, and each lane starts from -128 times the sum of its
-// x codes. A lane holds 4 neighbouring columns of every 64, so x's scales follow the lanes: one
+// twice VDPBF16PS's. x is rounded to int8 and stored unsigned (code + 128, its top bit
+// flipped); the codes are read as stored, and each lane of a tile's weight row starts from -128
+// times the sum of its codes, taken once per tile (VPDPBUSD with ones) and shared by every row
+// of x. A lane holds 4 neighbouring columns of every 64, so x's scales follow the lanes: one
 // scale per row of x per lane per span of up to 1024 columns (16 vectors) within a weight group,
 // the 64 columns 4l .. 4l + 3 of each 64 (max|x| / 127 over them). The int32 sums then run a
-// whole span and are scaled once, by one vector of x's scales times the weight row's scale.
+// whole span and are scaled once, by one vector of x's scales (times the weight row's scale of
+// the span's group where rows have several; else once at the end).
 //   |error| <= sum over x's 64-column groups G of max|x_G| / 254 * sum_{j in G} |w_j| per output.
 
 constexpr int64_t kQuadCols = 64;  // columns per VPDPBUSD
@@ -1084,9 +1086,10 @@ std::vector<Span> quad_spans(const Problem& p) {
   return spans;
 }
 
-// Row x (k values) as int8 codes, and per span its lanes' scales and starting sums.
+// Row x (k values) as int8 codes + 128, and per span its lanes' scales.
 SLIMLLM_AVX512_BF16 void round_row_quads(const float* x, const std::vector<Span>& spans,
-                                         int8_t* codes, float* scales, int32_t* starts) {
+                                         uint8_t* codes, float* scales) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
   for (size_t s = 0; s < spans.size(); ++s) {
     const Span& span = spans[s];
     __m512 top[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
@@ -1104,8 +1107,6 @@ SLIMLLM_AVX512_BF16 void round_row_quads(const float* x, const std::vector<Span>
       inv[q] = _mm512_maskz_div_ps(~zero, _mm512_set1_ps(127.0f), t);
     }
     for (int l = 0; l < 16; ++l) scales[s * 16 + l] = lane_top[4 * l] / 127.0f;
-    __m512i sum = _mm512_setzero_si512();
-    const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t j = span.start; j < span.start + span.cols; j += kQuadCols) {
       __m128i c[4];
       for (int q = 0; q < 4; ++q)  // rounded to nearest even, within +-127
@@ -1113,27 +1114,42 @@ SLIMLLM_AVX512_BF16 void round_row_quads(const float* x, const std::vector<Span>
             _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j + 16 * q), inv[q])));
       __m512i v = _mm512_inserti64x4(
           _mm512_castsi256_si512(_mm256_set_m128i(c[1], c[0])), _mm256_set_m128i(c[3], c[2]), 1);
-      _mm512_storeu_si512(codes + j, v);
-      sum = _mm512_dpbusd_epi32(sum, ones, v);
+      _mm512_storeu_si512(codes + j, _mm512_xor_si512(v, flip));
     }
-    _mm512_storeu_si512(starts + s * 16, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128)));
   }
 }
 
-// x as the quads take it: codes [m][k], and per row and span 16 scales and 16 starting sums.
+// x as the quads take it: codes + 128 [m][k], and per row and span 16 scales.
 struct QuadX {
-  const int8_t* codes;
+  const uint8_t* codes;
   const float* scales;
-  const int32_t* starts;
   const Span* spans;
   int64_t n_spans;
 };
 
+// Per span, -128 times the sums of RB weight rows' codes in each lane: [span][RB][16].
+template <int RB>
+SLIMLLM_AVX512_BF16 void quads_starts(const Problem& p, const QuadX& xq, int64_t r0,
+                                      int32_t* starts) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t s = 0; s < xq.n_spans; ++s) {
+    const Span& span = xq.spans[s];
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* w = p.w + (r0 + r) * p.row_bytes;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t j = span.start; j < span.start + span.cols; j += kQuadCols)
+        sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(w + j));
+      _mm512_store_si512(starts + (s * RB + r) * 16, _mm512_slli_epi32(_mm512_sub_epi32(
+                                                         _mm512_setzero_si512(), sum), 7));
+    }
+  }
+}
+
 // y[i, r] for RB int8 weight rows from r0 and MX rows of x from i0, one pass over k.
 template <int RB, int MX>
-SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, int64_t r0, int64_t i0,
-                                    const uint8_t* ahead, int64_t lines) {
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
+SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int32_t* starts,
+                                    int64_t r0, int64_t i0, const uint8_t* ahead, int64_t lines) {
+  const bool grouped = p.groups > 1;
   const int8_t* w[RB];
   for (int r = 0; r < RB; ++r) w[r] = reinterpret_cast<const int8_t*>(p.w + (r0 + r) * p.row_bytes);
   __m512 acc[MX * RB];
@@ -1141,24 +1157,26 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, int64_t r
   for (int64_t s = 0, line = 0; s < xq.n_spans; ++s) {
     const Span& span = xq.spans[s];
     __m512i sum[MX * RB];
-    for (int i = 0; i < MX; ++i) {
-      __m512i start = _mm512_loadu_si512(xq.starts + ((i0 + i) * xq.n_spans + s) * 16);
-      for (int r = 0; r < RB; ++r) sum[i * RB + r] = start;
+    for (int r = 0; r < RB; ++r) {
+      __m512i start = _mm512_load_si512(starts + (s * RB + r) * 16);
+      for (int i = 0; i < MX; ++i) sum[i * RB + r] = start;
     }
     for (int64_t j = span.start; j < span.start + span.cols; j += kQuadCols, ++line) {
       if (line < lines) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * line), _MM_HINT_T0);
       __m512i wv[RB];
-      for (int r = 0; r < RB; ++r) wv[r] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + j), flip);
+      for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(w[r] + j);
       for (int i = 0; i < MX; ++i) {
         __m512i xv = _mm512_loadu_si512(xq.codes + (i0 + i) * p.k + j);
         for (int r = 0; r < RB; ++r)
-          sum[i * RB + r] = _mm512_dpbusd_epi32(sum[i * RB + r], wv[r], xv);
+          sum[i * RB + r] = _mm512_dpbusd_epi32(sum[i * RB + r], xv, wv[r]);
       }
     }
     for (int i = 0; i < MX; ++i) {
       __m512 xs = _mm512_loadu_ps(xq.scales + ((i0 + i) * xq.n_spans + s) * 16);
       for (int r = 0; r < RB; ++r) {
-        __m512 sc = _mm512_mul_ps(xs, _mm512_set1_ps(p.scale[(r0 + r) * p.groups + span.group]));
+        __m512 sc = grouped ? _mm512_mul_ps(xs, _mm512_set1_ps(p.scale[(r0 + r) * p.groups +
+                                                                          span.group]))
+                            : xs;
         acc[i * RB + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[i * RB + r]), sc, acc[i * RB + r]);
       }
     }
@@ -1166,11 +1184,16 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, int64_t r
   float* y = p.y + i0 * p.n + r0;
   if constexpr (MX * RB == 16 && RB == 4) {
     alignas(64) float sums[16];
-    _mm512_store_ps(sums, lane_sums(acc));
+    __m512 row_scales = grouped ? _mm512_set1_ps(1.0f)
+                                : _mm512_castps128_ps512(_mm_loadu_ps(p.scale + r0));
+    row_scales = _mm512_shuffle_f32x4(row_scales, row_scales, 0);  // lane i * 4 + r: row r's
+    _mm512_store_ps(sums, _mm512_mul_ps(lane_sums(acc), row_scales));
     for (int i = 0; i < MX; ++i) _mm_storeu_ps(y + i * p.n, _mm_load_ps(sums + 4 * i));
   } else {
     for (int i = 0; i < MX; ++i)
-      for (int r = 0; r < RB; ++r) y[i * p.n + r] = _mm512_reduce_add_ps(acc[i * RB + r]);
+      for (int r = 0; r < RB; ++r)
+        y[i * p.n + r] =
+            _mm512_reduce_add_ps(acc[i * RB + r]) * (grouped ? 1.0f : p.scale[r0 + r]);
   }
 }
 
@@ -1178,18 +1201,26 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, int64_t r
 // passes (as pairs_rows does).
 template <int RB>
 SLIMLLM_AVX512_BF16 void quads_rows(const Problem& p, const QuadX& xq, int64_t r0) {
+  alignas(64) int32_t starts[(kIntBlock / kQuadCols + 64) * kTileRows * 16];
+  std::vector<int32_t> more;  // more spans than fit the stack (very wide or grouped rows)
+  int32_t* at = starts;
+  if (xq.n_spans * RB * 16 > int64_t(sizeof(starts) / sizeof(int32_t))) {
+    more.resize(xq.n_spans * RB * 16 + 16);
+    at = line_aligned(more.data());
+  }
+  quads_starts<RB>(p, xq, r0, at);
   const uint8_t* next = p.w + (r0 + 2 * kTileRows) * p.row_bytes;
   const int64_t lines = RB == kTileRows ? p.k / kQuadCols : 0, ahead = RB == kTileRows ? RB : 0;
   auto row = [&](int64_t pass) { return pass < ahead ? next + pass * p.row_bytes : nullptr; };
   int64_t i = 0, pass = 0;
   for (; i + kTileX <= p.m; i += kTileX, ++pass)
-    quads_tile<RB, kTileX>(p, xq, r0, i, row(pass), pass < ahead ? lines : 0);
+    quads_tile<RB, kTileX>(p, xq, at, r0, i, row(pass), pass < ahead ? lines : 0);
   const uint8_t* last = row(pass);
   const int64_t last_lines = last ? lines : 0;
   switch (p.m - i) {
-    case 3: quads_tile<RB, 3>(p, xq, r0, i, last, last_lines); break;
-    case 2: quads_tile<RB, 2>(p, xq, r0, i, last, last_lines); break;
-    case 1: quads_tile<RB, 1>(p, xq, r0, i, last, last_lines); break;
+    case 3: quads_tile<RB, 3>(p, xq, at, r0, i, last, last_lines); break;
+    case 2: quads_tile<RB, 2>(p, xq, at, r0, i, last, last_lines); break;
+    case 1: quads_tile<RB, 1>(p, xq, at, r0, i, last, last_lines); break;
     default: break;
   }
 }
@@ -1197,13 +1228,11 @@ SLIMLLM_AVX512_BF16 void quads_rows(const Problem& p, const QuadX& xq, int64_t r
 void run_quads(ffi::ThreadPool& pool, const Problem& p) {
   const std::vector<Span> spans = quad_spans(p);
   const int64_t n_spans = int64_t(spans.size());
-  Aligned<int8_t> codes(p.m * p.k);
+  Aligned<uint8_t> codes(p.m * p.k);
   std::vector<float> scales(p.m * n_spans * 16);
-  std::vector<int32_t> starts(p.m * n_spans * 16);
   for (int64_t i = 0; i < p.m; ++i)
-    round_row_quads(p.x + i * p.k, spans, codes.data() + i * p.k, scales.data() + i * n_spans * 16,
-                    starts.data() + i * n_spans * 16);
-  const QuadX xq{codes.data(), scales.data(), starts.data(), spans.data(), n_spans};
+    round_row_quads(p.x + i * p.k, spans, codes.data() + i * p.k, scales.data() + i * n_spans * 16);
+  const QuadX xq{codes.data(), scales.data(), spans.data(), n_spans};
   int64_t chunks = (p.n + kChunkRows - 1) / kChunkRows;
   parallel_for(pool, chunks, [&](int64_t c) {
     int64_t r = c * kChunkRows, r1 = std::min(p.n, r + kChunkRows);
