@@ -23,7 +23,7 @@
 // (section "AMX path" below): decoding a batch multiplies 16 rows of x per weight read, which
 // the float32 road can only do at the FMA units' peak (~300 GFLOP/s on 2 cores here). Without
 // AMX, on a CPU with AVX512-BF16 (Zen 4), they take the bfloat16 pairs road and, for int8
-// codes, its int8 quads (sections below).
+// codes and int4 codes in groups of 32, its int8 quads and int4 lanes (sections below).
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -1241,6 +1241,206 @@ void run_quads(ffi::ThreadPool& pool, const Problem& p) {
   });
 }
 
+// ---------------------------------------------------------------- int4 lanes (kernels "fast")
+//
+// int4 codes in groups of 32 on the same CPUs and batches take VPDPBUSD too, with the sums of
+// each lane kept to one group: a tile's weight rows are widened once to bytes (code + 8) in
+// "group lanes", per block of 512 columns (16 groups) 8 vectors whose lane l holds 4 columns of
+// group l (vector 2u the even columns 8u .. 8u + 6 of each group, 2u + 1 the odd ones): a 4 x 4
+// transpose of the stored bytes' 32-bit words, then a nibble split, 24 instructions per 512
+// codes (widening them to bfloat16 took ~190). x is rounded to int8 per group of 32 columns
+// (max|x| / 127, as Q8_0 rounds it) and packed in the same order, each lane starting from -8
+// times its x codes' sum, so that a lane's int32 sums run a whole block and are scaled once
+// per block by the weight row's 16 group scales (as stored) times x's.
+//   |error| <= sum over 32-column groups G of max|x_G| / 254 * sum_{j in G} |w_j| per output.
+
+constexpr int64_t kLaneBlock = 512;  // columns per block: 16 groups of 32
+
+// 256 bytes in group-major order (16 groups of 16 bytes, z[q] holding groups 4q .. 4q + 3) as
+// 4 vectors: lane l of d[u] is the 32-bit word u of group l.
+SLIMLLM_AVX512_BF16 inline void group_words(const __m512i* z, __m512i* d) {
+  // lane 4u + c of t[q]: word u of block c of z[q], so block u of t[q] holds word u of its groups
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  __m512i t[4];
+  for (int q = 0; q < 4; ++q) t[q] = _mm512_permutexvar_epi32(idx, z[q]);
+  __m512i a = _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0));
+  __m512i b = _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2));
+  __m512i c = _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0));
+  __m512i e = _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2));
+  d[0] = _mm512_shuffle_i32x4(a, c, _MM_SHUFFLE(2, 0, 2, 0));
+  d[1] = _mm512_shuffle_i32x4(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+  d[2] = _mm512_shuffle_i32x4(b, e, _MM_SHUFFLE(2, 0, 2, 0));
+  d[3] = _mm512_shuffle_i32x4(b, e, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// The 4 vectors of `bytes` (<= 256, a multiple of 16) group-major bytes from `at`, zero past them.
+SLIMLLM_AVX512_BF16 inline void load_groups(const uint8_t* at, int64_t bytes, __m512i* z) {
+  for (int q = 0; q < 4; ++q) {
+    int64_t left = std::max<int64_t>(0, std::min<int64_t>(64, bytes - 64 * q));
+    __mmask64 mask = left == 64 ? ~0ull : (1ull << left) - 1;
+    z[q] = _mm512_maskz_loadu_epi8(mask, at + 64 * q);
+  }
+}
+
+// One weight row's int4 codes in group lanes, code + 8 a byte: [blocks][8][64].
+SLIMLLM_AVX512_BF16 void widen_row_lanes(const uint8_t* row, int64_t k, uint8_t* out) {
+  const __m512i nibble = _mm512_set1_epi8(15);
+  for (int64_t b = 0; b * kLaneBlock < k; ++b) {
+    __m512i z[4], d[4];
+    load_groups(row + b * kLaneBlock / 2, std::min(kLaneBlock, k - b * kLaneBlock) / 2, z);
+    group_words(z, d);
+    for (int u = 0; u < 4; ++u) {  // a byte: column 2c in its low nibble, 2c + 1 in its high one
+      _mm512_store_si512(out + (b * 8 + 2 * u) * 64, _mm512_and_si512(d[u], nibble));
+      _mm512_store_si512(out + (b * 8 + 2 * u + 1) * 64,
+                         _mm512_and_si512(_mm512_srli_epi16(d[u], 4), nibble));
+    }
+  }
+}
+
+// x as the lanes take it: per row, codes [blocks][8][64], scales [blocks][16] and starting
+// sums [blocks][16] (groups past k: zero).
+struct LaneX {
+  const int8_t* codes;
+  const float* scales;
+  const int32_t* starts;
+  int64_t blocks;
+};
+
+// Row x (k values) in group lanes.
+SLIMLLM_AVX512_BF16 void round_row_lanes(const float* x, int64_t k, int8_t* codes, float* scales,
+                                         int32_t* starts) {
+  alignas(64) int32_t pick[2][16];
+  for (int l = 0; l < 16; ++l) pick[0][l] = 2 * l, pick[1][l] = 2 * l + 1;
+  const __m512i evens = _mm512_load_si512(pick[0]), odds = _mm512_load_si512(pick[1]);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t b = 0; b * kLaneBlock < k; ++b) {
+    alignas(64) int8_t halves[2][256] = {};  // even and odd columns, group-major
+    for (int64_t g = 0; g < 16; ++g) {
+      const int64_t j = b * kLaneBlock + 32 * g;
+      if (j >= k) {
+        scales[b * 16 + g] = 0.0f;
+        continue;
+      }
+      __m512 lo = _mm512_loadu_ps(x + j), hi = _mm512_loadu_ps(x + j + 16);
+      float top = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(lo)),
+                           _mm512_reduce_max_ps(_mm512_abs_ps(hi)));
+      scales[b * 16 + g] = top / 127.0f;
+      __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      for (int h = 0; h < 2; ++h) {  // rounded to nearest even, within +-127
+        __m512 v = _mm512_permutex2var_ps(lo, h ? odds : evens, hi);
+        __m128i c = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)));
+        _mm_store_si128(reinterpret_cast<__m128i*>(halves[h] + 16 * g), c);
+      }
+    }
+    __m512i sum = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      __m512i z[4], d[4];
+      load_groups(reinterpret_cast<const uint8_t*>(halves[h]), 256, z);
+      group_words(z, d);
+      for (int u = 0; u < 4; ++u) {
+        _mm512_storeu_si512(codes + (b * 8 + 2 * u + h) * 64, d[u]);
+        sum = _mm512_dpbusd_epi32(sum, ones, d[u]);
+      }
+    }
+    _mm512_storeu_si512(starts + b * 16, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
+  }
+}
+
+// y[i, r] for RB widened weight rows (w[r], from row r0 on) and MX rows of x from i0.
+template <int RB, int MX>
+SLIMLLM_AVX512_BF16 void lanes_tile(const Problem& p, const LaneX& xl, const uint8_t* const* w,
+                                    int64_t r0, int64_t i0, const uint8_t* ahead, int64_t lines) {
+  // the float sums wait in memory between blocks: with the int32 sums, 32 vectors would not
+  // fit the registers (the compiler's own spills and copies took 2x the time)
+  alignas(64) float acc[MX * RB][16];
+  for (auto& a : acc) _mm512_store_ps(a, _mm512_setzero_ps());
+  for (int64_t b = 0, line = 0; b < xl.blocks; ++b) {
+    __m512i sum[MX * RB];
+    for (int i = 0; i < MX; ++i) {
+      __m512i start = _mm512_loadu_si512(xl.starts + ((i0 + i) * xl.blocks + b) * 16);
+      for (int r = 0; r < RB; ++r) sum[i * RB + r] = start;
+    }
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < 8; ++v, ++line) {
+      if (line < lines) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * line), _MM_HINT_T0);
+      __m512i wv[RB];
+      for (int r = 0; r < RB; ++r) wv[r] = _mm512_load_si512(w[r] + (b * 8 + v) * 64);
+      for (int i = 0; i < MX; ++i) {
+        __m512i xv = _mm512_loadu_si512(xl.codes + ((i0 + i) * xl.blocks * 8 + b * 8 + v) * 64);
+        for (int r = 0; r < RB; ++r)
+          sum[i * RB + r] = _mm512_dpbusd_epi32(sum[i * RB + r], wv[r], xv);
+      }
+    }
+    const __mmask16 groups = __mmask16((1u << std::min<int64_t>(16, p.groups - 16 * b)) - 1);
+    for (int r = 0; r < RB; ++r) {
+      __m512 ws = _mm512_maskz_loadu_ps(groups, p.scale + (r0 + r) * p.groups + 16 * b);
+      for (int i = 0; i < MX; ++i) {
+        __m512 xs = _mm512_loadu_ps(xl.scales + ((i0 + i) * xl.blocks + b) * 16);
+        __m512 sums = _mm512_cvtepi32_ps(sum[i * RB + r]);
+        _mm512_store_ps(acc[i * RB + r], _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs),
+                                                         _mm512_load_ps(acc[i * RB + r])));
+      }
+    }
+  }
+  float* y = p.y + i0 * p.n + r0;
+  if constexpr (MX * RB == 16 && RB == 4) {
+    __m512 v[16];
+    for (int t = 0; t < 16; ++t) v[t] = _mm512_load_ps(acc[t]);
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, lane_sums(v));
+    for (int i = 0; i < MX; ++i) _mm_storeu_ps(y + i * p.n, _mm_load_ps(sums + 4 * i));
+  } else {
+    for (int i = 0; i < MX; ++i)
+      for (int r = 0; r < RB; ++r)
+        y[i * p.n + r] = _mm512_reduce_add_ps(_mm512_load_ps(acc[i * RB + r]));
+  }
+}
+
+// Every row of x against RB weight rows from r0: widened once, then a pass per kTileX rows of
+// x, the passes asking for the stored rows two tiles on (one row a pass, as pairs_rows).
+template <int RB>
+SLIMLLM_AVX512_BF16 void lanes_rows(const Problem& p, const LaneX& xl, int64_t r0) {
+  const int64_t wide = xl.blocks * kLaneBlock;  // bytes of a widened row
+  uint8_t* buffer = item_buffer(RB * wide);
+  const uint8_t* w[RB];
+  for (int r = 0; r < RB; ++r) {
+    widen_row_lanes(p.w + (r0 + r) * p.row_bytes, p.k, buffer + r * wide);
+    w[r] = buffer + r * wide;
+  }
+  const uint8_t* next = p.w + (r0 + 2 * kTileRows) * p.row_bytes;
+  const int64_t lines = RB == kTileRows ? (p.row_bytes + 63) / 64 : 0;
+  const int64_t ahead = RB == kTileRows ? RB : 0;
+  auto row = [&](int64_t pass) { return pass < ahead ? next + pass * p.row_bytes : nullptr; };
+  int64_t i = 0, pass = 0;
+  for (; i + kTileX <= p.m; i += kTileX, ++pass)
+    lanes_tile<RB, kTileX>(p, xl, w, r0, i, row(pass), pass < ahead ? lines : 0);
+  const uint8_t* last = row(pass);
+  const int64_t last_lines = last ? lines : 0;
+  switch (p.m - i) {
+    case 3: lanes_tile<RB, 3>(p, xl, w, r0, i, last, last_lines); break;
+    case 2: lanes_tile<RB, 2>(p, xl, w, r0, i, last, last_lines); break;
+    case 1: lanes_tile<RB, 1>(p, xl, w, r0, i, last, last_lines); break;
+    default: break;
+  }
+}
+
+void run_lanes(ffi::ThreadPool& pool, const Problem& p) {
+  const int64_t blocks = (p.k + kLaneBlock - 1) / kLaneBlock;
+  Aligned<int8_t> codes(p.m * blocks * kLaneBlock);
+  std::vector<float> scales(p.m * blocks * 16);
+  std::vector<int32_t> starts(p.m * blocks * 16);
+  for (int64_t i = 0; i < p.m; ++i)
+    round_row_lanes(p.x + i * p.k, p.k, codes.data() + i * blocks * kLaneBlock,
+                    scales.data() + i * blocks * 16, starts.data() + i * blocks * 16);
+  const LaneX xl{codes.data(), scales.data(), starts.data(), blocks};
+  int64_t chunks = (p.n + kChunkRows - 1) / kChunkRows;
+  parallel_for(pool, chunks, [&](int64_t c) {
+    int64_t r = c * kChunkRows, r1 = std::min(p.n, r + kChunkRows);
+    for (; r + kTileRows <= r1; r += kTileRows) lanes_rows<kTileRows>(p, xl, r);
+    for (; r < r1; ++r) lanes_rows<1>(p, xl, r);
+  });
+}
+
 #endif  // SLIMLLM_X86
 
 // x rounded to 16-bit integers, one scale per row (max|x| / 32767; 0 for a zero row).
@@ -1264,6 +1464,7 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   if (allow_integer && fast && has_avx512_bf16() && p.m > kTileX && (E == kBFloat16 || scaled(E)) &&
       p.k % kPairCols == 0 && p.group % kPairCols == 0) {
     if (E == kInt8 && p.group % kQuadCols == 0) return run_quads(pool, p);
+    if (E == kInt4 && p.group == 32) return run_lanes(pool, p);
     return run_pairs<E>(pool, p);
   }
 #endif

@@ -98,6 +98,12 @@ def quads_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) 
     )
 
 
+def lanes_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
+    """int4 codes in groups of 32 on the pairs road, in VPDPBUSD group lanes (src/linear.cc
+    "int4 lanes")."""
+    return pairs_road(choice, encoding, group, rows, cols, m) and encoding == "int4" and group == 32
+
+
 def int4_bytes_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
     """Does this product take the int4 byte road (src/linear.cc "int4 bytes": kernels "fast"
     with VNNI, off the AMX and pairs roads, 128-column blocks whose lanes lie in single groups)?"""
@@ -154,6 +160,8 @@ def error_bound(x, wide, choice: str, encoding: str, group, m: int) -> np.ndarra
         return bound + int8_steps_bound(x, wide, step)
     if quads_road(choice, encoding, group, rows, cols, m):
         return bound + int8_lanes_bound(x, wide, group)
+    if lanes_road(choice, encoding, group, rows, cols, m):
+        return bound + int8_steps_bound(x, wide, 32)
     if pairs_road(choice, encoding, group, rows, cols, m):
         if encoding == "bfloat16":  # x rounded to bfloat16
             return bound + 2.0**-8 * (np.abs(x) @ np.abs(wide).T)
@@ -203,7 +211,8 @@ def test_products_match_the_reference_widening(choice):
     """auto: float32 arithmetic; fast: x rounded. For 5 rows of x or more (prefill's too): to
     bfloat16 or int8 in AMX tiles where the CPU has AMX (int4 weights widened to bfloat16
     against more than 16 rows), else in AVX512-BF16 pairs where it has those (int8 codes in
-    VPDPBUSD quads where the groups come in 64 columns; other codes widened to bfloat16). Off
+    VPDPBUSD quads where the groups come in 64 columns, int4 codes in groups of 32 in VPDPBUSD
+    group lanes; other codes widened to bfloat16). Off
     those roads int8 codes meet x rounded to 16 bits and int4 codes x rounded to int8 per 32
     columns (AVX512-VNNI; 16 bits where the columns do not come in blocks of 128)."""
     cols = (16, 96, 256, 1024, 2176)
