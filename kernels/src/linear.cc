@@ -321,8 +321,8 @@ SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i
   const int8_t* xo = p.x_odd + i * p.k / 2;
   const int32_t* xb = p.x_bias + i * p.k / 8;
   const float* xl = p.x_lanes + i * p.k / 8;
-  // the block's first group, counted without a division (a 64-bit idiv per block, with the
-  // row pointers spilled around it, held this loop at ~10 GB/s a core)
+  // the block's first group, counted without a 64-bit division per block (`perf annotate` had
+  // an idiv in this loop; removing it left one row's time within noise)
   int64_t g = 0, into_group = 0;
   for (int64_t j = 0; j < p.k; j += 128) {
     __m512i even = _mm512_loadu_si512(xe + j / 2), odd = _mm512_loadu_si512(xo + j / 2);
@@ -897,9 +897,10 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
 // each lane sums two bfloat16 products in float32, 32 products an instruction against the
 // float32 FMA's 16 (on the 2-core Zen 4 here, a batch-16 step of the 156M model multiplies
 // 4 GFLOP, 13 ms at the FMA peak). x is rounded to bfloat16 once per call. bfloat16 weights are
-// read as stored; int8 and int4 codes are widened per tile of kTileRows weight rows to bfloat16
-// values (code times its group's scale, rounded to nearest even) in a buffer that stays in L1
-// while every row of x passes over it. A register tile is 4 weight rows times 4 rows of x: 16
+// read as stored; int8 and int4 codes that take neither the quads nor the lanes below (int8 in
+// groups of 32, int4 in groups other than 32) are widened per tile of kTileRows weight rows to
+// bfloat16 values (code times its group's scale, rounded to nearest even) in a buffer that
+// stays in L1 while every row of x passes over it. A register tile is 4 weight rows times 4 rows of x: 16
 // sums, 8 loads per 16 products.
 // - bfloat16 weights: |error| <= 2^-8 * sum_j |x_j w_j| per output (x's rounding; the products
 //   are exact and summed in float32);
@@ -945,7 +946,8 @@ SLIMLLM_AVX512_BF16 void widen_row_bf16(const Problem& p, int64_t row, uint16_t*
 // rounds, each adding two halves of every pair of vectors (45 instructions for 16 sums,
 // against ~8 each for a reduction of one vector at a time).
 SLIMLLM_AVX512_BF16 inline __m512 lane_sums(const __m512* v) {
-  // the rounds leave sum t in lane 4q + f for t = kOrder[f] + kBlock[q]: read v in that order
+  // the rounds leave the sum of the vector they take as t in lane kFrom[t] (a permutation that
+  // is its own inverse), so they take v[kFrom[t]] as t
   static constexpr int kFrom[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
   __m512 a[8], b[4], c[2];
   for (int t = 0; t < 8; ++t) {  // 256-bit halves: v[t] low, v[t + 8] high
@@ -1003,7 +1005,7 @@ SLIMLLM_AVX512_BF16 void pairs_rows(const Problem& p, const uint16_t* xb,
   float* y = p.y + r0;
   const int64_t lines = (row_bytes + 63) / 64;
   int64_t i = 0, pass = 0;
-  auto row = [&](int64_t pass) { return pass < ahead ? next + pass * row_bytes : nullptr; };
+  auto row = [&](int64_t at) { return at < ahead ? next + at * row_bytes : nullptr; };
   for (; i + kTileX <= p.m; i += kTileX, ++pass)
     pairs_tile<RB, kTileX>(w, xb + i * p.k, p.k, y + i * p.n, p.n, row(pass),
                            pass < ahead ? lines : 0);
@@ -1201,26 +1203,27 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
 // passes (as pairs_rows does).
 template <int RB>
 SLIMLLM_AVX512_BF16 void quads_rows(const Problem& p, const QuadX& xq, int64_t r0) {
-  alignas(64) int32_t starts[(kIntBlock / kQuadCols + 64) * kTileRows * 16];
-  std::vector<int32_t> more;  // more spans than fit the stack (very wide or grouped rows)
-  int32_t* at = starts;
+  constexpr int64_t kStackSpans = 96;  // rows of up to 96K columns (fewer in many groups)
+  alignas(64) int32_t starts[kStackSpans * kTileRows * 16];
+  std::vector<int32_t> more;  // more spans than that: on the heap
+  int32_t* lane_starts = starts;
   if (xq.n_spans * RB * 16 > int64_t(sizeof(starts) / sizeof(int32_t))) {
     more.resize(xq.n_spans * RB * 16 + 16);
-    at = line_aligned(more.data());
+    lane_starts = line_aligned(more.data());
   }
-  quads_starts<RB>(p, xq, r0, at);
+  quads_starts<RB>(p, xq, r0, lane_starts);
   const uint8_t* next = p.w + (r0 + 2 * kTileRows) * p.row_bytes;
   const int64_t lines = RB == kTileRows ? p.k / kQuadCols : 0, ahead = RB == kTileRows ? RB : 0;
-  auto row = [&](int64_t pass) { return pass < ahead ? next + pass * p.row_bytes : nullptr; };
+  auto row = [&](int64_t at) { return at < ahead ? next + at * p.row_bytes : nullptr; };
   int64_t i = 0, pass = 0;
   for (; i + kTileX <= p.m; i += kTileX, ++pass)
-    quads_tile<RB, kTileX>(p, xq, at, r0, i, row(pass), pass < ahead ? lines : 0);
+    quads_tile<RB, kTileX>(p, xq, lane_starts, r0, i, row(pass), pass < ahead ? lines : 0);
   const uint8_t* last = row(pass);
   const int64_t last_lines = last ? lines : 0;
   switch (p.m - i) {
-    case 3: quads_tile<RB, 3>(p, xq, at, r0, i, last, last_lines); break;
-    case 2: quads_tile<RB, 2>(p, xq, at, r0, i, last, last_lines); break;
-    case 1: quads_tile<RB, 1>(p, xq, at, r0, i, last, last_lines); break;
+    case 3: quads_tile<RB, 3>(p, xq, lane_starts, r0, i, last, last_lines); break;
+    case 2: quads_tile<RB, 2>(p, xq, lane_starts, r0, i, last, last_lines); break;
+    case 1: quads_tile<RB, 1>(p, xq, lane_starts, r0, i, last, last_lines); break;
     default: break;
   }
 }
@@ -1410,7 +1413,7 @@ SLIMLLM_AVX512_BF16 void lanes_rows(const Problem& p, const LaneX& xl, int64_t r
   const uint8_t* next = p.w + (r0 + 2 * kTileRows) * p.row_bytes;
   const int64_t lines = RB == kTileRows ? (p.row_bytes + 63) / 64 : 0;
   const int64_t ahead = RB == kTileRows ? RB : 0;
-  auto row = [&](int64_t pass) { return pass < ahead ? next + pass * p.row_bytes : nullptr; };
+  auto row = [&](int64_t at) { return at < ahead ? next + at * p.row_bytes : nullptr; };
   int64_t i = 0, pass = 0;
   for (; i + kTileX <= p.m; i += kTileX, ++pass)
     lanes_tile<RB, kTileX>(p, xl, w, r0, i, row(pass), pass < ahead ? lines : 0);
