@@ -77,8 +77,9 @@ def amx_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) ->
 
 
 def pairs_road(choice: str, encoding: str, group, rows: int, cols: int, m: int) -> bool:
-    """Does this product take the bfloat16 pairs road or its int8 quads (src/linear.cc: kernels
-    "fast" with AVX512-BF16 off the AMX road, more than 4 rows of x, 32-column steps)?"""
+    """Does this product take the bfloat16 pairs road, its int8 quads or its int4 lanes
+    (src/linear.cc: kernels "fast" with AVX512-BF16 off the AMX road, more than 4 rows of x,
+    32-column steps)?"""
     return (
         choice == "fast"
         and kernels.isa() in ("avx512-bf16", "avx512-amx")
