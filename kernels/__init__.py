@@ -32,6 +32,7 @@ import os
 
 import jax
 
+from slimllm.reference.errors import OptionError, shown
 from slimllm.reference.runtime import KERNELS
 
 __all__ = [
@@ -59,7 +60,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, TURNED_OFF
     forced = os.environ.get("SLIMLLM_KERNELS_ISA")
     if forced is not None and forced not in TIERS:  # the library would ignore it
-        raise ValueError(f"SLIMLLM_KERNELS_ISA={forced!r} is not one of {', '.join(TIERS)}")
+        raise OptionError(f"SLIMLLM_KERNELS_ISA={shown(forced)} is not one of {', '.join(TIERS)}")
     try:
         spec = importlib.util.find_spec(f"{__name__}._native")
     except (ImportError, ValueError):

@@ -250,12 +250,20 @@ def test_prefill_rows_take_a_fast_road_only_where_the_cpu_has_one():
 
 
 def test_an_unknown_instruction_set_cap_is_refused():
-    """SLIMLLM_KERNELS_ISA must name a tier: the library would ignore anything else."""
-    code = "from slimllm import kernels; kernels.available()"
+    """SLIMLLM_KERNELS_ISA must name a tier (the library would ignore anything else): the API
+    raises the user-error type, and the command line says so in one line, exit status 2."""
     env = dict(os.environ, SLIMLLM_KERNELS_ISA="avx2")
+    said = "SLIMLLM_KERNELS_ISA='avx2' is not one of portable, avx512"
+    code = (
+        "from slimllm import kernels; from slimllm.reference.errors import SlimllmError\n"
+        "try:\n    kernels.available()\nexcept SlimllmError as e:\n    print(e)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
-    assert done.returncode != 0
-    assert "SLIMLLM_KERNELS_ISA='avx2' is not one of portable, avx512" in done.stderr.decode()
+    assert done.returncode == 0 and said in done.stdout.decode(), done.stderr.decode()
+    cli = [sys.executable, "-m", "slimllm.cli", "demo"]
+    done = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True)
+    errors = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and said in errors[-1] and "Traceback" not in done.stderr.decode()
 
 
 def test_widths_the_kernel_does_not_tile_go_to_xla():
