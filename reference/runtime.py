@@ -34,8 +34,10 @@ TRANSPORTS = ("devices", "mpi")  # tensor parallelism over XLA devices or MPI pr
 # the reference's up to the order of sums), "fast" also lets weight products round x: on a CPU
 # with AMX, bfloat16/int8/int4 products of more than 4 rows (batched decode, prefill) take x
 # rounded to bfloat16 or to int8 per 32/64 columns in AMX tiles (int4 against more than 16 rows:
-# its values widened to bfloat16, x to bfloat16); otherwise int8 products round
-# x to 16-bit integers and int4 products to int8 per 32 columns (bounds in
+# its values widened to bfloat16, x to bfloat16); without AMX but with AVX512-BF16 (Zen 4) the
+# same products take x rounded to bfloat16 (bfloat16 weights, codes widened to bfloat16) or to
+# int8 (int8 codes, int4 codes in groups of 32) in dot-product instructions; otherwise int8
+# products round x to 16-bit integers and int4 products to int8 per 32 columns (bounds in
 # kernels/src/linear.cc); "xla" never calls them
 KERNELS = ("auto", "fast", "xla")
 
