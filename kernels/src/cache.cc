@@ -8,8 +8,9 @@
 // input_output_aliases), so the call moves only the written bytes: in XLA, one
 // dynamic_update_slice per row ran in a while loop, a few microseconds an iteration (at batch
 // 16 on the 156M model: 16 loops a step, 32 with int8 scales, 0.6-1.2 ms), and a scatter or
-// unrolled updates copied the whole layer. A start is clamped to [0, s - t] as dynamic_update_slice clamps it (the host
-// checks slots before they get here, so it never is in practice).
+// unrolled updates copied the whole layer. A start is clamped to [0, s - t] as
+// dynamic_update_slice clamps it (the host checks slots before they get here, so it never is
+// in practice).
 #include <algorithm>
 #include <cstring>
 
