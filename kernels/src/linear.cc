@@ -901,8 +901,8 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
 // read as stored; int8 and int4 codes that take neither the quads nor the lanes below (int8 in
 // groups of 32, int4 in groups other than 32) are widened per tile of kTileRows weight rows to
 // bfloat16 values (code times its group's scale, rounded to nearest even) in a buffer that
-// stays in L1 while every row of x passes over it. A register tile is 4 weight rows times 4 rows of x: 16
-// sums, 8 loads per 16 products.
+// stays in L1 while every row of x passes over it. A register tile is 4 weight rows times 4
+// rows of x: 16 sums, 8 loads per 16 products.
 // - bfloat16 weights: |error| <= 2^-8 * sum_j |x_j w_j| per output (x's rounding; the products
 //   are exact and summed in float32);
 // - int8 and int4 codes: |error| <= 2^-8 (1 + 2^-10) * sum_j |x_j w_j| (x's and the widened
