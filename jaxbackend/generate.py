@@ -4,13 +4,18 @@ results), compiled, on an `Engine` (engine.py: device weights, placement, compil
 Two forms:
 - `loop` (batch use): prefill, then the whole token loop in one XLA program (`lax.while_loop`:
   sample, record, check EOS / stop sequences / length, decode the next token unless finished).
-- `stream`: prefill, then one compiled program per token (`step_fn`: decode the ids just
-  chosen, then choose the next ones); the host sees every id as it is chosen (callbacks, stop
-  strings, streamed text). The next step is dispatched before the host reads the current ids,
-  so the device never waits for the host's bookkeeping; a row set that stops early leaves one
-  step computed for nothing. With `logprobs=n` the same program computes each token's logprob
-  and top-n on the device, and only those [b, 2n+1] numbers reach the host, never the [b, v]
-  logits.
+- `stream`: the host sees every id as it is chosen (callbacks, stop strings, streamed text).
+  On one process where the kernels run, without logits or logprobs, the loop program itself
+  hands each step's ids to the host through a token channel (`channel_stream`,
+  kernels/channel.py) and stops the rows the host stops, a step or more after it did. Otherwise
+  prefill, then one compiled program per token (`step_fn`: decode the ids just chosen, then
+  choose the next ones). The next step is dispatched before the host reads the current ids, so
+  the device never waits for the host's bookkeeping; a row set that stops early leaves one step
+  computed for nothing. Dispatching a program a token took ~0.6 ms of the host's CPU a token,
+  beside the device's two cores: the channel made the 156M model's streamed tokens 4-16%
+  faster (bench/README.md). With `logprobs=n` the per-token program computes each token's
+  logprob and top-n on the device, and only those [b, 2n+1] numbers reach the host, never the
+  [b, v] logits.
 
 jit discipline: the cache is preallocated to a static length and donated to every program;
 prompts are right-padded to a bucket (16, 32, 64, ... tokens), the cache length is bucketed too
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slimllm.kernels import channel as token_channel
 from slimllm.reference import positions as ref_positions
 from slimllm.reference.generate import (
     GenerateResult,
@@ -123,6 +129,7 @@ def loop_fn(
     stop_lens,
     sampling,
     max_new,
+    channel=None,
     *,
     cfg,
     rt,
@@ -130,16 +137,19 @@ def loop_fn(
     comm=SINGLE,
 ):
     """The whole decode loop in one program: -> ids [b, width] (-1 after a row stops or past
-    max_new, a traced count <= width), steps, reason [b] (1 length, 2 eos, 3 stop). The first
-    token is chosen before the loop, so each iteration decodes then chooses, and the loop ends
-    before a decode nobody needs (without a `lax.cond` around the decode: XLA copied the whole
-    cache in and out of it)."""
+    max_new, a traced count <= width), steps, reason [b] (1 length, 2 eos, 3 stop, 4 the host).
+    The first token is chosen before the loop, so each iteration decodes then chooses, and the
+    loop ends before a decode nobody needs (without a `lax.cond` around the decode: XLA copied
+    the whole cache in and out of it). Given a token `channel` (channel_loop_fn), each step's
+    ids go to the host as they are chosen and the rows it asks to stop stop."""
     b = logits.shape[0]
 
     def choose(n, logits, seen, out, done, reason):
         ids, seen = sample_fn(logits, seen, seeds, n, sampling, comm=comm)
         out = out.at[:, n].set(jnp.where(done, -1, ids))
         new = jnp.where(jnp.isin(ids, eos), 2, 0)
+        if channel is not None:  # the host's stops arrive a step or more after it decided
+            new = jnp.where(token_channel.emit(channel, ids) > 0, 4, new)
         new = jnp.where((new == 0) & stop_match(out, n, stops, stop_lens), 3, new)
         new = jnp.where((new == 0) & (n + 1 >= max_new), 1, new)
         reason = jnp.where(done, reason, new)
@@ -159,6 +169,11 @@ def loop_fn(
         lambda c: (c[0] < max_new) & ~jnp.all(c[6]), body, start
     )
     return out, reason, n, cache  # the cache is returned so its donated buffers are reused
+
+
+def channel_loop_fn(*args, **kw):
+    """loop_fn streaming its ids through a token channel (`stream` on the kernels)."""
+    return loop_fn(*args, **kw)
 
 
 def prefill(engine: Engine, prompts, cache, rt: Runtime):
@@ -265,6 +280,23 @@ def generate(
     )
 
 
+def loop_args(engine, logits, cache, state, seen, seeds, stopping, sampling, rt):
+    """loop_fn's static settings and arguments for this request."""
+    eos = jnp.asarray(list(stopping.eos_ids) or [-1], jnp.int32)
+    seqs = stopping.stop_sequences or ((),)
+    width = max(1, max(len(s) for s in seqs))
+    stops = jnp.asarray([list(s) + [-1] * (width - len(s)) for s in seqs], jnp.int32)
+    stop_lens = jnp.asarray([len(s) for s in seqs], jnp.int32)
+    static = {
+        "cfg": engine.cfg,
+        "rt": program_runtime(rt),
+        "width": bucket(stopping.max_new_tokens),
+    }
+    max_new = jnp.int32(stopping.max_new_tokens)
+    args = (engine.params, logits, cache, state, seen, seeds, eos, stops, stop_lens, sampling)
+    return static, (*args, max_new)
+
+
 def loop(
     engine,
     logits,
@@ -281,25 +313,51 @@ def loop(
 ):
     """The whole token loop as one program (`loop_fn`); the host needs none of its tokens
     (check_mode: no callbacks, stop strings, logits or logprobs)."""
-    eos = jnp.asarray(list(stopping.eos_ids) or [-1], jnp.int32)
-    seqs = stopping.stop_sequences or ((),)
-    width = max(1, max(len(s) for s in seqs))
-    stops = jnp.asarray([list(s) + [-1] * (width - len(s)) for s in seqs], jnp.int32)
-    stop_lens = jnp.asarray([len(s) for s in seqs], jnp.int32)
-    static = {
-        "cfg": engine.cfg,
-        "rt": program_runtime(rt),
-        "width": bucket(stopping.max_new_tokens),
-    }
-    max_new = jnp.int32(stopping.max_new_tokens)
-    args = (engine.params, logits, cache, state, seen, seeds, eos, stops, stop_lens, sampling)
-    out, reason, n, _ = engine.run(loop_fn, static, (2,), *args, max_new)
+    static, args = loop_args(engine, logits, cache, state, seen, seeds, stopping, sampling, rt)
+    out, reason, n, _ = engine.run(loop_fn, static, (2,), *args)
     out, reason = np.asarray(out), np.asarray(reason)
     rows = []
     for r in range(out.shape[0]):
         ids = [int(t) for t in out[r] if t >= 0]
         rows.append(Generation(ids, REASONS.get(int(reason[r]), "length")))
     return rows, max(int(n) - 1, 0)
+
+
+WAIT = 0.05  # seconds between checks that a channel's loop program is still running
+
+
+def channel_stream(
+    engine, logits, cache, state, seen, seeds, stopping, sampling, rt, on_token, channel
+):
+    """The whole token loop as one program (`channel_loop_fn`) that hands each step's ids to the
+    host through a token channel as they are chosen; the host records them (callbacks, stop
+    strings) and sends back the rows it stopped, which the loop stops a step or more later
+    (steps computed for nothing, as `stream`'s one). No program is dispatched per token."""
+    b = logits.shape[0]
+    rows = [Generation([], "length") for _ in range(b)]
+    done = np.zeros(b, bool)
+    static, args = loop_args(engine, logits, cache, state, seen, seeds, stopping, sampling, rt)
+    with channel:
+        *_, n, _ = engine.run(channel_loop_fn, static, (2,), *args, channel.operand())
+        recorded = 0
+        while not done.all():
+            ids = channel.next(WAIT)
+            if ids is None:
+                if not n.is_ready():
+                    continue
+                int(n)  # the program ended: raises its error if it failed
+                ids = channel.next(0)  # a step queued as it ended
+                if ids is None:
+                    raise RuntimeError(
+                        f"the decode loop ended after {recorded} steps with rows still running"
+                    )
+            running = ~done
+            record(rows, done, ids, None, stopping, on_token)
+            recorded += 1
+            for r in np.flatnonzero(running & done):
+                channel.stop(int(r))
+        int(n)  # return with nothing left running: the loop ends at its next step at the latest
+    return rows, max(recorded - 1, 0)
 
 
 def stream(
@@ -317,8 +375,14 @@ def stream(
     logprobs=None,
 ):
     """One compiled program per token (`step_fn`), the host recording each id. Step k+1 is
-    dispatched before the host waits for step k's ids: it runs while the host records them."""
+    dispatched before the host waits for step k's ids: it runs while the host records them.
+    Without logits or logprobs on one process, where the kernels run, `channel_stream` instead."""
     b = logits.shape[0]
+    if not return_logits and logprobs is None and engine.plan.tp == 1 and rt.kernels != "xla":
+        channel = token_channel.TokenChannel.open(b)
+        if channel is not None:
+            args = (logits, cache, state, seen, seeds, stopping, sampling, rt, on_token)
+            return channel_stream(engine, *args, channel)
     rows = [Generation([], "length") for _ in range(b)]
     done = np.zeros(b, bool)
     static = {"cfg": engine.cfg, "rt": program_runtime(rt), "n": logprobs}

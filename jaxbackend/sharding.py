@@ -105,6 +105,8 @@ LAYOUTS = {
         ("rep", "rep", "rep", "cache"),
     ),
 }
+# loop_fn and its token channel (generate.channel_stream: one process only)
+LAYOUTS["channel_loop_fn"] = ((*LAYOUTS["loop_fn"][0], "rep"), LAYOUTS["loop_fn"][1])
 
 
 @dataclass(frozen=True)
