@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from slimllm.jaxbackend.engine import Engine, program_runtime
-from slimllm.jaxbackend.generate import decode_fn, loop_fn, prefill_fn, step_fn
+from slimllm.jaxbackend.generate import channel_loop_fn, decode_fn, loop_fn, prefill_fn, step_fn
 from slimllm.jaxbackend.kv_cache import KV_FORMATS, padded_len
 from slimllm.jaxbackend.positions import device_state
 from slimllm.jaxbackend.runtime import ATTENTION, Runtime
@@ -66,6 +66,21 @@ def programs(engine: Engine, fmt: str, rt: Runtime):
     def cache():
         return engine.new_cache(B, S, fmt)
 
+    def loop_args():
+        return (
+            engine.params,
+            jnp.zeros((B, CFG.vocab)),
+            cache(),
+            state([T]),
+            jnp.zeros((B, CFG.vocab), bool),
+            jnp.zeros((B, 2), jnp.uint32),
+            jnp.asarray([-1], jnp.int32),
+            jnp.full((1, 1), -1, jnp.int32),
+            jnp.zeros(1, jnp.int32),
+            Sampling.of(SamplingConfig()),
+            jnp.int32(8),  # max_new
+        )
+
     return [
         decode_program(engine, fmt, rt, B),
         (
@@ -82,23 +97,9 @@ def programs(engine: Engine, fmt: str, rt: Runtime):
                 Sampling.of(SamplingConfig()),
             ),
         ),
-        (
-            loop_fn,
-            loop,
-            lambda: (
-                engine.params,
-                jnp.zeros((B, CFG.vocab)),
-                cache(),
-                state([T]),
-                jnp.zeros((B, CFG.vocab), bool),
-                jnp.zeros((B, 2), jnp.uint32),
-                jnp.asarray([-1], jnp.int32),
-                jnp.full((1, 1), -1, jnp.int32),
-                jnp.zeros(1, jnp.int32),
-                Sampling.of(SamplingConfig()),
-                jnp.int32(8),  # max_new
-            ),
-        ),
+        (loop_fn, loop, loop_args),
+        # stream mode's loop: channel 0 is none, so every row stops at its first step
+        (channel_loop_fn, loop, lambda: (*loop_args(), jnp.int32(0))),
         (
             prefill_fn,
             static,

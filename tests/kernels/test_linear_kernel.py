@@ -274,8 +274,13 @@ def test_widths_the_kernel_does_not_tile_go_to_xla():
         assert kernel.linear(jnp.ones((1, 32), jnp.float32), jnp.ones((8, 32))) is None
 
 
+# The compiled programs that hold a decode step: stream mode's loop with its token channel where
+# the kernels run, else its program a token (kernels "xla"), and loop mode's loop.
+DECODES = ("channel_loop_fn", "step_fn", "loop_fn")
+
+
 def decode_hlo(model, rt_kernels: str) -> str:
-    """The lowered text of the model's stream step under this kernels choice."""
+    """The lowered text of the model's streamed decode under this kernels choice."""
     out = slimllm.generate(
         model, ids=[[1, 2, 3]], max_new_tokens=2, mode="stream", kernels=rt_kernels
     )
@@ -284,17 +289,17 @@ def decode_hlo(model, rt_kernels: str) -> str:
     texts = [
         c.program.lower(*args).as_text()
         for key, (c, args) in engine_programs(engine).items()
-        if key[0] == "step_fn" and dict(key[1])["rt"].kernels == rt_kernels
+        if key[0] in DECODES and dict(key[1])["rt"].kernels == rt_kernels
     ]
     assert texts
     return "\n".join(texts)
 
 
 def engine_programs(engine):
-    """Compiled stream steps with arguments of their shapes (re-lowered for their text)."""
+    """Compiled decode programs with arguments of their shapes (re-lowered for their text)."""
     found = {}
     for key, compiled in engine.programs.items():
-        if key[0] != "step_fn":
+        if key[0] not in DECODES:
             continue
         shapes = key[3]
         args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
