@@ -11,6 +11,7 @@ persistent compilation cache can keep it.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,17 @@ import numpy as np
 from . import _library, available, target
 
 
+@functools.cache
 def _functions():
+    """The library with its channel functions' C signatures declared (once)."""
     lib = _library()[0]
-    lib.slimllm_channel_open.restype = ctypes.c_int64
-    lib.slimllm_channel_open.argtypes = [ctypes.c_int64]
-    lib.slimllm_channel_close.argtypes = [ctypes.c_int64]
+    i64 = ctypes.c_int64
+    lib.slimllm_channel_open.restype = i64
+    lib.slimllm_channel_open.argtypes = [i64]
+    lib.slimllm_channel_close.argtypes = [i64]
     lib.slimllm_channel_next.restype = ctypes.c_int
-    lib.slimllm_channel_next.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    lib.slimllm_channel_next.argtypes += [ctypes.c_int64]
-    lib.slimllm_channel_stop.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.slimllm_channel_next.argtypes = [i64, ctypes.c_void_p, i64, i64]
+    lib.slimllm_channel_stop.argtypes = [i64, i64]
     return lib
 
 
