@@ -1534,12 +1534,15 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
     p.xq = xq.data();
     p.xs = xs.data();
   }
-  // Where the rows are read one after another (rows_avx512), a thread's stream breaks only
-  // where its work item ends: an eighth of the matrix an item reads longer streams than 64 rows
-  // did (the 156M model's matrices and LM head at one row of x, two libraries in one process,
-  // 4 runs of 5-8 rounds, every minimum and median faster: bfloat16 1-5%, int8 2-8%).
-  const bool streamed = p.m <= 2 && !(E == kInt4 && p.x_even != nullptr);
-  const int64_t rows = streamed ? std::max(kChunkRows, (p.n / 8 + 15) / 16 * 16) : kChunkRows;
+  // A thread's streams through memory break where its work item ends (rows one after another,
+  // or a tile's four rows a quarter of the item apart): items of n / (4 * threads) rows (an
+  // eighth of the matrix on 2 cores) read longer streams than 64 rows did. The 156M model's
+  // matrices and LM head, two libraries in one process, min / median ms: one row of x bfloat16
+  // 7.98 / 8.81 -> 7.80 / 8.48, int8 3.59 / 4.33 -> 3.41 / 3.98, int4 (tiles) 2.86 / 2.99 ->
+  // 2.43 / 2.59; four rows int4 6.52 / 7.02 -> 5.92 / 6.36, int8 5.43 / 5.95 -> 5.01 / 5.35,
+  // bfloat16 9.49 / 10.41 -> 9.10 / 10.08.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rows = std::max(kChunkRows, (p.n / (4 * threads) + 15) / 16 * 16);
   int64_t chunks = (p.n + rows - 1) / rows;
   parallel_for(pool, chunks, [&](int64_t c) {
     int64_t r0 = c * rows, r1 = std::min(p.n, r0 + rows);
