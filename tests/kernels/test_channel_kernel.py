@@ -42,8 +42,9 @@ def setup(stories):
     return model.engine(RT), rows
 
 
-def run(engine, rows, stopping, sampling=SamplingConfig(), channel=True, monkeypatch=None):
-    """(ids, finish reasons, on_token calls, the loop program's step count or None)."""
+def run(engine, rows, stopping, sampling=SamplingConfig(), channel=True, *, monkeypatch):
+    """(ids, finish reasons, on_token calls, the loop program's step count or None); without
+    `channel`, the same stream one program a token (`monkeypatch` undoes both spies)."""
     calls, programs = [], []
     if not channel:
         monkeypatch.setattr(token_channel.TokenChannel, "open", classmethod(lambda cls, b: None))
