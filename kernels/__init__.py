@@ -37,12 +37,14 @@ from slimllm.reference.runtime import KERNELS
 
 __all__ = [
     "KERNELS",
+    "PEAK_INSTRUCTIONS",
     "TIERS",
     "active",
     "available",
     "choice",
     "choose",
     "isa",
+    "peak_macs",
     "target",
     "why_unavailable",
 ]
@@ -50,6 +52,9 @@ __all__ = [
 OFF = ("0", "off", "false", "no", "xla")
 TURNED_OFF = "turned off by SLIMLLM_KERNELS"
 TIERS = ("portable", "avx512", "avx512-vnni", "avx512-bf16", "avx512-amx")  # SLIMLLM_KERNELS_ISA
+# multiply-add instructions `peak_macs` measures (src/peak.cc's kinds, in order), zmm registers:
+# float32 FMA (16 a time), VDPBF16PS (32 bfloat16 pairs), VPDPBUSD (64 byte products)
+PEAK_INSTRUCTIONS = ("fma", "vdpbf16ps", "vpdpbusd")
 _choice = ["auto"]  # the choice of the program being traced (a stack, see `choose`)
 
 
@@ -122,3 +127,25 @@ def choice() -> str:
 def active() -> bool:
     """Should the code being traced call the compiled kernels?"""
     return _choice[-1] != "xla" and available()
+
+
+def peak_macs(instruction: str, threads: int | None = None, seconds: float = 0.2) -> float | None:
+    """Multiply-adds per second of `instruction` (one of PEAK_INSTRUCTIONS) on `threads` threads
+    at once (default: the cores this process may run on), 16 independent sums a thread in
+    registers, for `seconds`: the rate no product of many rows of x beats on this machine. None
+    without the library, or where this CPU (or SLIMLLM_KERNELS_ISA) lacks the instruction."""
+    if instruction not in PEAK_INSTRUCTIONS:
+        raise OptionError(
+            f"unknown instruction {shown(instruction)}: one of {', '.join(PEAK_INSTRUCTIONS)}"
+        )
+    threads = len(os.sched_getaffinity(0)) if threads is None else threads
+    if threads < 1 or not seconds > 0:
+        raise OptionError(f"need threads >= 1 and seconds > 0, not {threads} and {seconds}")
+    lib = _library()[0]
+    if lib is None:
+        return None
+    fn = lib.slimllm_peak_macs
+    fn.restype = ctypes.c_double
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_double]
+    rate = fn(PEAK_INSTRUCTIONS.index(instruction), threads, float(seconds))
+    return rate if rate > 0 else None

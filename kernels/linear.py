@@ -71,6 +71,29 @@ def pairs_road(group: int, w: Compact) -> bool:
     )
 
 
+def batched_instruction(encoding: str, group: int | None, kernels: str) -> str | None:
+    """The multiply-add instruction (kernels.PEAK_INSTRUCTIONS) that products of more than 4 rows
+    of x by weights in `encoding` (in groups of `group` columns; None: one scale a row, taken
+    here as a multiple of 64 columns) run on this CPU with this kernels choice: the roads of
+    `src/linear.cc` and XLA's float32 products. None where that is not one `peak_macs` measures
+    (AMX tiles, the 16-bit integer road) or the CPU has no AVX-512."""
+    tier = isa()
+    if tier in ("xla", "portable"):
+        return None
+    if kernels != "fast" or encoding not in AMX_ENCODINGS:
+        return "fma"  # the float road and XLA's products widen to float32
+    if tier == "avx512-amx":
+        return None
+    g = 64 if group is None else group
+    if tier == "avx512-bf16" and g % PAIR_COLS == 0:
+        quads = encoding == "int8" and g % 64 == 0
+        lanes = encoding == "int4" and g == 32
+        return "vpdpbusd" if quads or lanes else "vdpbf16ps"
+    if encoding == "bfloat16" or tier == "avx512" or g % 32:
+        return "fma"
+    return None  # the 16-bit integer road (VPDPWSSD)
+
+
 def linear(x, w):
     """x [..., in] @ w.T -> [..., out] float32, or None where the kernel does not apply."""
     cols = x.shape[-1]
