@@ -140,6 +140,21 @@ def bytes_read_per_token(params, cfg: ModelConfig, batch: int) -> int:
     return int(total)
 
 
+def macs_per_row(params, cfg: ModelConfig) -> int:
+    """Multiply-adds of one row of x through every weight product of a step: each matrix's
+    elements, except the tables looked up rather than multiplied (the embedding, unless it
+    doubles as the LM head, and learned positions)."""
+    skip = {"pos_embed"} | (set() if cfg.tied_head else {"embed"})
+    total = 0
+    for obj in (params, *params.layers):
+        for field in dataclasses.fields(obj):
+            w = getattr(obj, field.name)
+            if field.name in skip or field.name == "layers" or w is None or len(w.shape) != 2:
+                continue
+            total += int(np.prod(w.shape))
+    return total
+
+
 def kv_bytes_read(cfg: ModelConfig, batch: int, context: int, kv_dtype: str) -> int:
     """KV cache bytes attention reads at this context (values and int8 scales, all layers)."""
     return int(nbytes_per_token(cfg, kv_dtype) * batch * context)

@@ -14,7 +14,11 @@ Judged from the medians of the report (never asserted), per kernels choice and f
 batch-1 step within 1.2x of its floor (the bytes a step reads in that format over the read
 bandwidth measured before and after the rounds, bandwidth.py) and the step at the largest batch
 within 1.5x of the step at batch 1 (decoding reads every weight once per step whatever the
-batch). With two kernels choices, each latency of the second over the first's.
+batch). Beside the second, its physical check: a step at batch B multiplies B rows by every
+weight, so it takes at least B * macs_per_row multiply-adds at the peak of the instruction its
+products run on (`kernels.peak_macs`, measured once before the rounds): the compute floor. Its
+larger of the two floors over the measured batch-1 step is the least ratio this machine allows.
+With two kernels choices, each latency of the second over the first's.
 
 `python -m bench.grid [options]` (or `slimllm bench grid`); options and JSON fields:
 bench/README.md.
@@ -28,11 +32,12 @@ import sys
 import numpy as np
 
 from slimllm import kernels
+from slimllm.kernels.linear import batched_instruction
 from slimllm.reference.errors import OptionError
-from slimllm.reference.weight_format import weight_bytes
+from slimllm.reference.weight_format import weight_bytes, weight_format
 
 from .bandwidth import combine_bandwidth, measure_bandwidth
-from .common import build_model, bytes_read_per_token, kv_bytes_read, log, r3, stats
+from .common import build_model, bytes_read_per_token, kv_bytes_read, log, macs_per_row, r3, stats
 from .decode import decode_once, floor, format_group, in_format, ratio, runtime
 from .targets import target
 
@@ -79,6 +84,7 @@ def run(args) -> dict:
         log(f"weights as {name}" + (f", groups of {groups[name]}" if groups[name] else ""))
         models[name] = in_format(model, name, groups[name])
     step_bytes = {n: bytes_read_per_token(m.params, cfg, 1) for n, m in models.items()}
+    macs = macs_per_row(model.params, cfg)
     stored = {n: weight_bytes(m.params) for n, m in models.items()}
     rts = {(k, n): runtime(args, "jax", n, groups[n], k) for k in choices for n in names}
     for name in names:  # one engine (device weights) per format serves every kernels choice
@@ -86,6 +92,10 @@ def run(args) -> dict:
     model.params = None  # the engines hold their own copies
     for m in models.values():
         m.params = None
+
+    peaks = {ins: kernels.peak_macs(ins) for ins in kernels.PEAK_INSTRUCTIONS}
+    shown_peaks = (f"{i} {'-' if p is None else round(p / 1e9, 1)}" for i, p in peaks.items())
+    log("multiply-add peaks, GMAC/s: " + ", ".join(shown_peaks))
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab, args.prompt_len).tolist()
@@ -119,6 +129,7 @@ def run(args) -> dict:
                 "weight_group": groups[name],
                 "weight_bytes": stored[name],
                 "floor": floor(name, step_bytes[name], kv, context, bandwidth),
+                "compute_floor": compute_floor(name, groups[name], k, macs, peaks, args.batch),
                 "decode": {
                     str(b): decode_report(*done[("decode", k, name, b)], b) for b in args.batch
                 },
@@ -155,6 +166,21 @@ def run(args) -> dict:
     return report
 
 
+def compute_floor(name: str, group, choice: str, macs: int, peaks: dict, batches) -> dict:
+    """The least time the weight products of a step at each batch size take: its multiply-adds
+    at the peak of the instruction that format's products of many rows run on (None where that
+    instruction is not measured)."""
+    enc = weight_format(name).matrices
+    instruction = batched_instruction(enc.name, group or enc.group, choice)
+    peak = peaks.get(instruction)
+    return {
+        "instruction": instruction,
+        "macs_per_row": macs,
+        "peak_macs_per_s": r3(peak) if peak else None,
+        "ms": {str(b): r3(macs * b / peak * 1e3) if peak else None for b in batches},
+    }
+
+
 def compile_seconds(outs: list[dict]) -> float:
     return r3(sum(o["compile_seconds"] for o in outs))
 
@@ -187,11 +213,14 @@ def judged(f: dict, batches) -> dict:
     step = {b: f["decode"][str(b)]["next_token_ms"]["p50"] for b in batches}
     largest = max(batches)
     one = step.get(1)
+    floors = [f["floor"]["ms"], f["compute_floor"]["ms"][str(largest)]]
+    least = max(floors) if None not in floors else None
     return {
         "b1_over_floor": ratio(one, f["floor"]["ms"]),
         "step_ratio": {
             "batch": largest,
             "value": ratio(step[largest], one) if largest > 1 else None,
+            "least_possible": ratio(least, one) if largest > 1 else None,
         },
     }
 
@@ -219,6 +248,7 @@ def targets(results: dict) -> list[dict]:
                     BATCH_RATIO,
                 )
                 | where
+                | {"least_possible": s["least_possible"]}
             )
     return out
 
@@ -256,7 +286,7 @@ def summary(r: dict) -> str:
         f"{s['iterations']} rounds; kernels {', '.join(s['kernels'])} (isa {s['kernels_isa']})",
         f"  bandwidth {bw['read_gbs']} GB/s read" if bw else "  bandwidth not measured",
         f"  {'kernels':7s} {'weights':9s} {'batch':>5s} {'next p50':>9s} {'p90':>8s} "
-        f"{'first p50':>9s} {'tok/s':>8s} {'floor ms':>8s}",
+        f"{'first p50':>9s} {'tok/s':>8s} {'floor ms':>8s} {'compute floor ms':>16s}",
     ]
     for k, formats in r["results"].items():
         for name, f in formats.items():
@@ -265,7 +295,7 @@ def summary(r: dict) -> str:
                 lines.append(
                     f"  {k:7s} {name:9s} {b:>5s} {nt['p50']:9.2f} {nt['p90']:8.2f} "
                     f"{d['first_token_ms']['p50']:9.1f} {d['tokens_per_s']:8.1f} "
-                    f"{f['floor']['ms']!s:>8}"
+                    f"{f['floor']['ms']!s:>8} {f['compute_floor']['ms'][b]!s:>16}"
                 )
     lens = r["settings"]["prefill_lens"]
     lines.append(f"  prefill tokens/s   {'':9s} " + " ".join(f"{n:>8d}" for n in lens))
@@ -276,9 +306,10 @@ def summary(r: dict) -> str:
     lines.append("targets (medians):")
     for t in r["targets"]:
         mark = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        least = t.get("least_possible")
         lines.append(
             f"  {t['kernels']:7s} {t['name']:44s} {t['value']!s:>7} {t['op']} "
-            f"{t['threshold']} {mark}"
+            f"{t['threshold']} {mark}" + (f" (least possible here {least})" if least else "")
         )
     if "kernels_compare" in r:
         c = r["kernels_compare"]

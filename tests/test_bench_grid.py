@@ -1,10 +1,15 @@
 """`slimllm bench grid` on a tiny model, one round: the report's structure, and its ratios and
 verdicts computed from the numbers it reports (speed itself is never asserted)."""
 
+import dataclasses
 import json
 
+from slimllm.bench.common import macs_per_row
 from slimllm.bench.grid import summary
 from slimllm.cli import main
+from slimllm.kernels.linear import batched_instruction
+from slimllm.reference.config import ModelConfig
+from slimllm.reference.params import init_params
 
 TINY = "--preset tiny --layers 1 --prompt-len 8 --new-tokens 4 --iterations 1".split()
 TINY += ["--bandwidth-mib", "8"]
@@ -26,7 +31,7 @@ def test_grid_reports_every_variant_and_judges_its_own_numbers(capsys):
     gbs = r["bandwidth"]["read_gbs"]
     assert [x["when"] for x in r["bandwidth"]["samples"]] == ["before", "after"]
     assert list(r["results"]) == ["auto", "xla"]
-    for formats in r["results"].values():
+    for k, formats in r["results"].items():
         assert list(formats) == ["int8"]
         for name, f in formats.items():
             fl = f["floor"]
@@ -42,7 +47,21 @@ def test_grid_reports_every_variant_and_judges_its_own_numbers(capsys):
             assert p["ms"]["n"] == 1 and abs(p["tokens_per_s"] - 16e3 / p["ms"]["p50"]) < 0.01
             one, two = (f["decode"][b]["next_token_ms"]["p50"] for b in ("1", "2"))
             assert f["b1_over_floor"] == round(one / fl["ms"], 3)
-            assert f["step_ratio"] == {"batch": 2, "value": round(two / one, 3)}
+            cf = f["compute_floor"]
+            assert cf["macs_per_row"] == macs(r["model"]["config"])
+            assert cf["instruction"] == batched_instruction("int8", None, k)
+            peak = cf["peak_macs_per_s"]
+            expected = {
+                b: None if peak is None else round(cf["macs_per_row"] * int(b) / peak * 1e3, 3)
+                for b in ("1", "2")
+            }
+            assert cf["ms"] == expected
+            least = None if peak is None else round(max(fl["ms"], cf["ms"]["2"]) / one, 3)
+            assert f["step_ratio"] == {
+                "batch": 2,
+                "value": round(two / one, 3),
+                "least_possible": least,
+            }
     assert len(r["targets"]) == 2 * 2  # kernels x (floor, step ratio)
     for t in r["targets"]:
         f = r["results"][t["kernels"]][t["weights"]]
@@ -50,6 +69,8 @@ def test_grid_reports_every_variant_and_judges_its_own_numbers(capsys):
         value = f["step_ratio"]["value"] if value is None else value
         assert (t["value"], t["threshold"], t["op"]) == (value, threshold, "<=")
         assert t["met"] == (value <= threshold)
+        if "floor" not in t["name"]:
+            assert t["least_possible"] == f["step_ratio"]["least_possible"]
     c = r["kernels_compare"]
     assert (c["base"], c["other"]) == ("auto", "xla") and list(c["formats"]) == ["int8"]
     auto, xla = r["results"]["auto"]["int8"], r["results"]["xla"]["int8"]
@@ -59,6 +80,25 @@ def test_grid_reports_every_variant_and_judges_its_own_numbers(capsys):
     assert c["formats"]["int8"]["prefill"]["16"] == round(prefill[1] / prefill[0], 3)
     table = summary(r)  # what `slimllm bench grid` prints without --json
     assert "int8 step b2 within 1.5x of b1" in table and "xla over auto" in table
+
+
+def macs(config: dict) -> int:
+    """Multiply-adds of one token through a llama-style model's products, counted by hand."""
+    e, h, k, d = config["width"], config["n_heads"], config["n_kv_heads"], config["head_dim"]
+    f, v, layers = config["ffn_width"], config["vocab"], config["n_layers"]
+    ffn = 3 if config["mlp"] == "swiglu" else 2
+    return layers * (e * h * d + 2 * e * k * d + h * d * e + ffn * e * f) + e * v
+
+
+def test_macs_per_row_counts_the_products_not_the_tables():
+    """Norms, biases and looked-up tables multiply nothing; a tied head is the table, once."""
+    cfg = ModelConfig(
+        96, 32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_width=48, max_len=16
+    )
+    config = dataclasses.asdict(cfg)
+    assert macs_per_row(init_params(cfg), cfg) == macs(config)
+    tied = dataclasses.replace(cfg, tied_head=True, qkv_bias=True)
+    assert macs_per_row(init_params(tied), tied) == macs(config)
 
 
 def test_grid_and_kernels_options_are_checked(capsys):
