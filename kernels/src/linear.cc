@@ -187,14 +187,21 @@ SLIMLLM_AVX512 inline __m512 widen16(const uint8_t* row, int64_t j) {
 // prefetcher ramps up too late for each: the kernel asks for the same columns kAhead rows on
 // (the next tiles). Measured on the 150M matrices at batch 1: bfloat16 16.9 -> 11.1 ms, int8
 // 9.9 -> 6.7, float32 22.3 -> 20.1. A prefetch past the matrix's end is harmless.
-// One row of x against one weight row at a time (the batch-1 road: the rows one after another,
-// a single stream) asks for nothing: the hardware prefetcher follows a single stream, and the
-// software's requests only took its place. The 156M model's matrices and LM head, one row of x,
-// both libraries in one process, min / median ms, both orders: bfloat16 8.05 / 9.58 -> 7.30 /
-// 8.39 and 8.57 / 10.01 -> 7.65 / 8.23, float32 15.14 / 16.87 -> 14.71 / 16.22 and 15.72 /
-// 19.43 -> 12.16 / 17.93, int8 4.30 / 5.35 -> 4.19 / 5.08. At two rows of x (the same stream,
-// two sums a row) asking stayed faster: bfloat16 9.43 / 10.87 against 10.56 / 12.47 without.
+// Since then the rows are read one after another at one or two rows of x, and the tiles' four
+// rows a quarter of the work item apart: a stream each, which the hardware prefetcher follows.
+// Only the two-row stream still gains by asking (kAskAhead). The 156M model's matrices and LM
+// head, both libraries in one process, both orders, min / median ms:
+// - one row of x, without asking: bfloat16 8.05 / 9.58 -> 7.30 / 8.39 and 8.57 / 10.01 ->
+//   7.65 / 8.23, float32 15.14 / 16.87 -> 14.71 / 16.22 and 15.72 / 19.43 -> 12.16 / 17.93,
+//   int8 4.30 / 5.35 -> 4.19 / 5.08;
+// - two rows: bfloat16 9.43 / 10.87 asking against 10.56 / 12.47 without (and 9.97 / 11.74
+//   against 11.44 / 13.14), int8 4.26 / 5.28 against 4.58 / 5.90;
+// - tiles, without asking: three rows float32 15.52 / 20.25 -> 13.37 / 18.30 and 15.69 /
+//   20.92 -> 13.97 / 19.68, int8 5.57 / 6.73 -> 4.79 / 6.31; four rows float32 21.60 / 24.46
+//   -> 19.76 / 22.18, int8 5.78 / 7.41 -> 5.36 / 6.81, bfloat16 within 4% either way.
 constexpr int64_t kAhead = 8;
+template <int RB, int MX>
+constexpr bool kAskAhead = RB == 1 && MX == 2;
 
 template <int E>
 SLIMLLM_AVX512 inline void prefetch_ahead(const uint8_t* row, int64_t row_bytes, int64_t j) {
@@ -221,7 +228,7 @@ SLIMLLM_AVX512 inline __attribute__((always_inline)) void step_avx512(
     int64_t j, __m512 (&acc)[RB][MX]) {
   __m512 w[RB];
   for (int r = 0; r < RB; ++r) {
-    if constexpr (RB * MX > 1) prefetch_ahead<E>(rows[r], p.row_bytes, j);
+    if constexpr (kAskAhead<RB, MX>) prefetch_ahead<E>(rows[r], p.row_bytes, j);
     w[r] = widen16<E>(rows[r], j);
     if constexpr (scaled(E)) w[r] = _mm512_mul_ps(w[r], s[r]);
   }
@@ -280,7 +287,7 @@ SLIMLLM_AVX512_VNNI inline __attribute__((always_inline)) void step_int16(
     __m512i (&sum)[RB][MX]) {
   __m512i w[RB];
   for (int r = 0; r < RB; ++r) {
-    if constexpr (RB * MX > 1) prefetch_ahead<E>(rows[r], p.row_bytes, j);
+    if constexpr (kAskAhead<RB, MX>) prefetch_ahead<E>(rows[r], p.row_bytes, j);
     w[r] = codes32<E>(rows[r], j);
   }
   for (int i = 0; i < MX; ++i) {
@@ -341,7 +348,11 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0, in
 // signed x, 4 products summed per int32 lane) after one AND and one shift. Lane l of a block
 // holds columns 8l .. 8l + 7, all in one 32-column step, so one vector of lane scales (x's
 // step times the weight row's group) turns the int32 sums into float32 per block. The codes
-// are stored as code + 8: each lane starts from -8 * its x sum.
+// are stored as code + 8: each lane starts from -8 * its x sum. The four rows of a tile (a
+// quarter of the work item apart) are four streams the hardware prefetcher follows: asking for
+// the rows kAhead on as well was slower (the 156M model's matrices and LM head, both libraries
+// in one process, both orders, min / median ms: one row of x 2.34 / 2.63 -> 2.17 / 2.38 and
+// 3.05 / 3.45 -> 2.97 / 3.30; four rows 6.11 / 8.20 -> 5.66 / 6.89 and 7.42 / 8.98 -> 6.79 / 8.17).
 //   |error| <= sum over 32-column steps of max|x_step| / 254 * sum_j |w_j| per output.
 
 // y[i, r0 : r0+RB] for RB weight rows and one row i of x, one pass over k.
@@ -373,7 +384,6 @@ SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i
     __m512 x_scale = _mm512_loadu_ps(xl + j / 8);
     for (int r = 0; r < RB; ++r) {
       const uint8_t* row = rows + r * row_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * p.row_bytes + j / 2), _MM_HINT_T0);
       __m512i b = _mm512_loadu_si512(row + j / 2);
       __m512i lo = _mm512_and_si512(b, nibble);
       __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
