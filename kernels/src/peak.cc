@@ -63,7 +63,6 @@ SLIMLLM_AVX512_VNNI void quads_round(Chains& c) {
   }
   for (int t = 0; t < kChains; ++t) _mm512_store_si512(c.acc[t], a[t]);
 }
-#endif
 
 // Instructions one thread ran in rounds for `seconds`, and the seconds they took.
 std::pair<int64_t, double> timed(void (*round)(Chains&), double seconds) {
@@ -78,6 +77,7 @@ std::pair<int64_t, double> timed(void (*round)(Chains&), double seconds) {
   }
   return {done, took};
 }
+#endif
 
 bool supported(int kind) {
   switch (kind) {
@@ -100,7 +100,8 @@ extern "C" __attribute__((visibility("default"))) double slimllm_peak_macs(int k
   if (!supported(kind) || threads < 1 || !(seconds > 0.0)) return 0.0;
 #if SLIMLLM_X86
   std::vector<std::pair<int64_t, double>> out(threads);
-  void (*round)(Chains&) = kind == kFma ? fma_round : kind == kBf16Pairs ? pairs_round : quads_round;
+  void (*round)(Chains&) =
+      kind == kFma ? fma_round : kind == kBf16Pairs ? pairs_round : quads_round;
   auto one = [&](int t) { out[t] = timed(round, seconds); };
   std::vector<std::thread> others;
   for (int t = 1; t < threads; ++t) others.emplace_back(one, t);
