@@ -9,11 +9,10 @@
 // arrives, and the loop never waits for it.
 //
 // A channel is named by a number the program reads from an operand (never baked into the
-// program, which the persistent compilation cache keeps across processes; int32: JAX's
-// default integers). `slimllm_emit`
-// appends the ids [b] to the channel's queue and returns its stop flags [b] (1: the host asked
-// the row to stop); an unknown channel (closed by a host that gave up) answers "stop" for every
-// row, so the loop ends at its next step.
+// program, which the persistent compilation cache keeps across processes; int32: JAX's default
+// integers). `slimllm_emit` appends the ids [b] to the channel's queue and returns its stop
+// flags [b] (1: the host asked the row to stop); an unknown channel (closed by a host that gave
+// up) answers "stop" for every row, so the loop ends at its next step.
 #include <chrono>
 #include <condition_variable>
 #include <cstring>

@@ -183,14 +183,14 @@ SLIMLLM_AVX512 inline __m512 widen16(const uint8_t* row, int64_t j) {
   }
 }
 
-// Rows run side by side and are short (2 KB of bfloat16 at 1024 columns), so the hardware
-// prefetcher ramps up too late for each: the kernel asks for the same columns kAhead rows on
-// (the next tiles). Measured on the 150M matrices at batch 1: bfloat16 16.9 -> 11.1 ms, int8
-// 9.9 -> 6.7, float32 22.3 -> 20.1. A prefetch past the matrix's end is harmless.
-// Since then the rows are read one after another at one or two rows of x, and the tiles' four
-// rows a quarter of the work item apart: a stream each, which the hardware prefetcher follows.
-// Only the two-row stream still gains by asking (kAskAhead). The 156M model's matrices and LM
-// head, both libraries in one process, both orders, min / median ms:
+// When rows were read side by side (short: 2 KB of bfloat16 at 1024 columns), the hardware
+// prefetcher ramped up too late for each, and asking for the same columns kAhead rows on (the
+// next tiles) paid: the 150M matrices at batch 1, bfloat16 16.9 -> 11.1 ms, int8 9.9 -> 6.7,
+// float32 22.3 -> 20.1. Now the rows are read one after another at one or two rows of x, and
+// the tiles' four rows a quarter of the work item apart: a stream each, which the hardware
+// prefetcher follows. Only the two-row stream still gains by asking (kAskAhead; a prefetch past
+// the matrix's end is harmless). The 156M model's matrices and LM head, both libraries in one
+// process, both orders, min / median ms:
 // - one row of x, without asking: bfloat16 8.05 / 9.58 -> 7.30 / 8.39 and 8.57 / 10.01 ->
 //   7.65 / 8.23, float32 15.14 / 16.87 -> 14.71 / 16.22 and 15.72 / 19.43 -> 12.16 / 17.93,
 //   int8 4.30 / 5.35 -> 4.19 / 5.08;
