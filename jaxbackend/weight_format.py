@@ -41,10 +41,12 @@ except ValueError:  # already registered (module reloaded)
 
 
 def dequantize(q, scale):
-    """q [rows, cols] and scale [rows, n] -> float32 [rows, cols] (groups of cols / n columns)."""
+    """q [rows, cols] and scale [rows, n] (float32, or int4's float16) -> float32 [rows, cols]
+    (groups of cols / n columns)."""
     rows, cols = q.shape
     grouped = q.astype(jnp.float32).reshape(rows, scale.shape[1], -1)  # [r, n, G]
-    return (grouped * scale[..., None]).reshape(rows, cols)  # [r, n, G] * [r, n, 1]
+    wide = scale.astype(jnp.float32)[..., None]  # [r, n, 1]
+    return (grouped * wide).reshape(rows, cols)
 
 
 def unpack_int4(packed):

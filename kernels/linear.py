@@ -115,7 +115,7 @@ def linear(x, w):
     y = call(
         x.reshape(m, cols).astype(jnp.float32),
         values,
-        scale.astype(jnp.float32),
+        scale,  # float32, or int4's float16 (the kernel widens each as it reads it)
         encoding=np.int32(ENCODING[encoding]),
         integer=np.int32(choice() == "fast"),  # x rounded: bfloat16, int8 or 16-bit integers
     )

@@ -9,11 +9,16 @@ of every format equals a float32 matmul on the widened weights (that is the defi
 - float32, float16: NumPy arrays of that dtype.
 - bfloat16: its bit patterns in uint16 (NumPy has no bfloat16; the KV cache does the same), the
   top half of a float32, so widening is exact.
-- int8, int4: symmetric, one float32 scale per output row per group of G input columns. For one
-  group of values w: amax = max|w|, scale = amax / qmax (0 when amax = 0),
-  q = round_half_even(w * (qmax / amax)) in [-qmax, qmax] (qmax 127 or 7; -128 and -8 are never
-  produced), widened value q * scale. int4 packs two values per byte: byte j of a row holds
-  columns 2j (low nibble) and 2j+1 (high nibble), each stored as q + 8 in [1, 15].
+- int8, int4: symmetric, one scale per output row per group of G input columns, stored in the
+  encoding's `scale_dtype`: float32 for int8, float16 for int4 (at int4's 32 columns a float32
+  scale is a fifth of the bytes a step reads; float16, as llama.cpp's Q4_0 keeps it, a tenth).
+  For one group of values w: amax = max|w|, q = round_half_even(w * (qmax / amax)) in
+  [-qmax, qmax] (qmax 127 or 7; -128 and -8 are never produced), scale = amax / qmax (0 when
+  amax = 0) rounded to the scale dtype, widened value q * scale. A float16 scale adds at most
+  2^-11 of amax to a value's error (the codes' rounding adds up to half a scale); one below
+  float16's smallest subnormal (amax < 7 * 2^-25, about 2e-7) is 0 and its group widens to 0,
+  one beyond its range (amax > 7 * 65504) is refused. int4 packs two values per byte: byte j
+  of a row holds columns 2j (low nibble) and 2j+1 (high nibble), each stored as q + 8 in [1, 15].
 
 Which tensors a format compresses (`WeightFormat.tables`): norms and biases stay float32 (they
 are tiny); projections use the format's encoding; the embedding table, the LM head and the
@@ -51,6 +56,7 @@ class Encoding:
     group: int | None  # default columns per scale (None: the whole row, per-channel)
     encode: Callable
     widen: Callable
+    scale_dtype: type = np.float32  # of a scaled encoding's scales
 
     @property
     def scaled(self) -> bool:
@@ -59,7 +65,8 @@ class Encoding:
     def bytes_for(self, rows: int, cols: int, group: int | None = None) -> int:
         """Bytes of a [rows, cols] matrix in this encoding, with its scales."""
         n = rows * (cols // self.pack) * np.dtype(self.storage).itemsize
-        return n + (4 * rows * (cols // (group or cols)) if self.scaled else 0)
+        per_scale = np.dtype(self.scale_dtype).itemsize
+        return n + (per_scale * rows * (cols // (group or cols)) if self.scaled else 0)
 
 
 def check_group(cols: int, group: int | None, pack: int = 1) -> int:
@@ -76,26 +83,39 @@ def check_group(cols: int, group: int | None, pack: int = 1) -> int:
     return g
 
 
-def quantize(w, qmax: int, group: int | None = None):
-    """w [rows, cols] -> (q [rows, cols] int8 in [-qmax, qmax], scale [rows, cols // G] float32),
-    one scale per row per group of G columns (round half to even, as `np.rint`)."""
+def quantize(w, qmax: int, group: int | None = None, scale_dtype=np.float32):
+    """w [rows, cols] -> (q [rows, cols] int8 in [-qmax, qmax], scale [rows, cols // G] in
+    `scale_dtype`), one scale per row per group of G columns (round half to even, as
+    `np.rint`; the scale rounded to its dtype after the codes are made)."""
     w = np.asarray(w, np.float32)
     rows, cols = w.shape
     g = check_group(cols, group)
     grouped = w.reshape(rows, cols // g, g)  # [r, c] -> [r, n, G]
     amax = np.max(np.abs(grouped), axis=-1)  # [r, n]
+    wide = amax / np.float32(qmax)  # [r, n] float32
+    top = float(np.finfo(scale_dtype).max)
+    if wide.size and float(np.max(wide)) > top:
+        r, n = np.unravel_index(int(np.argmax(wide)), wide.shape)
+        raise OptionError(
+            f"a weight of magnitude {float(amax[r, n]):.4g} (row {r}, group {n}) needs a scale"
+            f" beyond {np.dtype(scale_dtype).name}'s range (largest {top:.6g}): this model"
+            f" cannot be stored in this format"
+        )
     safe = np.where(amax > 0, amax, np.float32(1.0))
     inv = np.float32(qmax) / safe  # [r, n]
     q = np.clip(np.rint(grouped * inv[..., None]), -qmax, qmax).astype(np.int8)
-    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(0.0)).astype(np.float32)
+    scale = wide.astype(scale_dtype)  # [r, n] as stored: 0 where amax is 0 (or underflows)
     return q.reshape(rows, cols), scale
 
 
 def dequantize(q, scale):
-    """q [rows, cols] and scale [rows, n] -> float32 [rows, cols] (groups of cols / n columns)."""
+    """q [rows, cols] and scale [rows, n] (any float dtype) -> float32 [rows, cols] (groups of
+    cols / n columns)."""
     rows, cols = q.shape
     grouped = q.astype(np.float32).reshape(rows, scale.shape[1], -1)  # [r, n, G]
-    grouped *= scale[..., None]  # [r, n, G] * [r, n, 1], in place: one float copy, not two
+    grouped *= scale.astype(np.float32)[
+        ..., None
+    ]  # [r, n, G] * [r, n, 1], in place: one float copy, not two
     return grouped.reshape(rows, cols)
 
 
@@ -167,8 +187,11 @@ ENCODINGS = {
             7,
             2,
             32,
-            lambda w, group=None: (lambda q, s: (pack_int4(q), s))(*quantize(w, 7, group)),
+            lambda w, group=None: (lambda q, s: (pack_int4(q), s))(
+                *quantize(w, 7, group, np.float16)
+            ),
             lambda values, scale: dequantize(unpack_int4(values), scale),
+            np.float16,
         ),
     )
 }
@@ -217,9 +240,9 @@ def weight_format(name: str) -> WeightFormat:
 
 @dataclass
 class Compact:
-    """A matrix in a compact encoding: values [rows, cols // pack] and, when scaled, one float32
-    scale per row per group ([rows, cols // group]). `transposed`: the logical matrix is the
-    transpose of the stored one (reference linear weights, [in, out])."""
+    """A matrix in a compact encoding: values [rows, cols // pack] and, when scaled, one scale
+    (the encoding's `scale_dtype`) per row per group ([rows, cols // group]). `transposed`: the
+    logical matrix is the transpose of the stored one (reference linear weights, [in, out])."""
 
     values: np.ndarray
     scale: np.ndarray | None

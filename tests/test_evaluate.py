@@ -170,12 +170,12 @@ def test_memory_report_of_llama3_8b(tmp_path, capsys):
     formats = report["weight_formats"]
     assert formats["float32"]["bytes"] == 4 * 8_029_995_008 + 4 * 65 * 4096
     # int8: a byte per weight and a float32 scale per output row (43008 per layer, 128256 for
-    # each of the embedding and the head); int4: half a byte and a scale per 32 columns in the
-    # projections (6_979_321_856 weights), the embedding and the head in int8.
+    # each of the embedding and the head); int4: half a byte and a float16 scale per 32 columns
+    # in the projections (6_979_321_856 weights), the embedding and the head in int8.
     vectors, rows = 4 * 65 * 4096, 32 * 43008 + 2 * 128256
     assert formats["int8"]["bytes"] == 8_029_995_008 + 4 * rows + vectors
     tables = 2 * 128256 * 4096 + 4 * 2 * 128256
-    assert formats["int4"]["bytes"] == 6_979_321_856 * (1 / 2 + 4 / 32) + tables + vectors
+    assert formats["int4"]["bytes"] == 6_979_321_856 * (1 / 2 + 2 / 32) + tables + vectors
     assert main([*argv, "--weights", "int4", "--memory", "8"]) == 0
     small = json.loads(capsys.readouterr().out)["totals"]
     assert [small[k]["fits"] for k in ("float32", "bfloat16", "int8")] == [False, False, True]

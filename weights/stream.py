@@ -85,8 +85,8 @@ def put(name: str, out, part, a: int, b: int) -> None:
 
 
 # The largest magnitude a weight may have in each storage: beyond it a float16 or bfloat16
-# matrix would hold Inf, and so would a float32 one (or a quantised one's float32 scales) read
-# from float64.
+# matrix would hold Inf, and so would a float32 one read from float64; a quantised one's scale
+# (amax / qmax) must fit its scale dtype (int4's float16: 7 * 65504).
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 LARGEST = {
     "float16": float(np.finfo(np.float16).max),
@@ -96,7 +96,12 @@ LARGEST = {
 
 def largest(name: str, ndim: int, fmt: WeightFormat) -> float:
     """The largest magnitude weight `name` (of `ndim` dims) can be stored with in `fmt`."""
-    return LARGEST.get(encoding_of(name, fmt).name, FLOAT32_MAX) if ndim == 2 else FLOAT32_MAX
+    if ndim != 2:
+        return FLOAT32_MAX
+    enc = encoding_of(name, fmt)
+    if enc.scaled:
+        return min(FLOAT32_MAX, enc.qmax * float(np.finfo(enc.scale_dtype).max))
+    return LARGEST.get(enc.name, FLOAT32_MAX)
 
 
 def peak(w) -> float:

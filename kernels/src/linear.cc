@@ -1,6 +1,7 @@
 // y[m, n] = x[m, k] @ W[n, k]^T for a weight W in any of slimllm's formats (the reference's
 // weight_format.py): float32, float16, bfloat16 (bit patterns), int8 and int4 (two codes per byte,
-// low nibble first, code - 8) with one float32 scale per row per group of columns.
+// low nibble first, code - 8) with one scale per row per group of columns (float32, or float16
+// as int4 stores them: each read widens it, `scale_of`).
 //
 // The arithmetic is the reference's: each weight is widened to float32 (times its scale, the
 // reference's `dequantize`) and multiplied in float32; only the order of the sums differs. It
@@ -46,9 +47,10 @@ constexpr bool scaled(int e) { return e == kInt8 || e == kInt4; }
 struct Problem {
   const float* x;  // [m, k]
   const uint8_t* w;  // [n, row_bytes]
-  const float* scale;  // [n, groups] (scaled encodings)
+  const float* scale;  // [n, groups] (scaled encodings), unless half_scale holds them
   float* y;  // [m, n]
   int64_t m, n, k, row_bytes, groups, group;
+  const uint16_t* half_scale = nullptr;  // [n, groups] float16 scales as stored (int4's)
   const int16_t* xq = nullptr;  // [m, k] x rounded to 16 bits (the integer path)
   const float* xs = nullptr;  // [m] their scales
   const int8_t* x_even = nullptr;  // [m, k/2] x rounded to int8, even columns (int4 bytes)
@@ -83,6 +85,12 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
+// Weight row `row`'s scale of group g as float32, whichever width the scales are stored in.
+float scale_portable(const Problem& p, int64_t row, int64_t g) {
+  const int64_t at = row * p.groups + g;
+  return p.half_scale ? half_to_float(p.half_scale[at]) : p.scale[at];
+}
+
 template <int E>
 float widen_one(const uint8_t* row, int64_t j) {
   if constexpr (E == kFloat32) {
@@ -115,7 +123,7 @@ void rows_portable(const Problem& p, int64_t r0, int64_t r1) {
     const uint8_t* row = p.w + r * p.row_bytes;
     for (int64_t j = 0; j < p.k; ++j) {
       w[j] = widen_one<E>(row, j);
-      if constexpr (scaled(E)) w[j] *= p.scale[r * p.groups + j / p.group];
+      if constexpr (scaled(E)) w[j] *= scale_portable(p, r, j / p.group);
     }
     for (int64_t i = 0; i < p.m; ++i) {
       const float* x = p.x + i * p.k;
@@ -160,6 +168,29 @@ void round_x_bytes(const Problem& p, int8_t* even, int8_t* odd, int32_t* bias, f
 // ---------------------------------------------------------------- AVX-512 path
 
 #if SLIMLLM_X86
+
+// Scales as float32: weight row `row`'s of group g, and `take` of them from group g on (the
+// rest zero). int4 stores them in float16, as Q4_0 does (its matrices read a tenth fewer bytes
+// than with float32 scales), and the roads widen each as they read it (F16C). Widening a work
+// item's scales into a float32 buffer before its rows instead was slower than float32 scales
+// (the 156M model's int4 matrices, min ms: one row of x 2.23 -> 2.41, four rows 5.2 -> 6.3):
+// the item read all of them before its first weight row.
+SLIMLLM_AVX512 inline float scale_of(const Problem& p, int64_t row, int64_t g) {
+  const int64_t at = row * p.groups + g;
+  return p.half_scale ? _cvtsh_ss(p.half_scale[at]) : p.scale[at];
+}
+
+SLIMLLM_AVX512 inline __m128 scales_4(const Problem& p, int64_t row, int64_t g, __mmask8 take) {
+  const int64_t at = row * p.groups + g;
+  if (p.half_scale) return _mm_cvtph_ps(_mm_maskz_loadu_epi16(take, p.half_scale + at));
+  return _mm_maskz_loadu_ps(take, p.scale + at);
+}
+
+SLIMLLM_AVX512 inline __m512 scales_16(const Problem& p, int64_t row, int64_t g, __mmask16 take) {
+  const int64_t at = row * p.groups + g;
+  if (p.half_scale) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(take, p.half_scale + at));
+  return _mm512_maskz_loadu_ps(take, p.scale + at);
+}
 
 // 16 weights of one row from column j (a multiple of 16), as float32 (unscaled).
 template <int E>
@@ -253,7 +284,7 @@ SLIMLLM_AVX512 void tile_avx512(const Problem& p, int64_t r0, int64_t i0, int64_
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 s[RB];
     if constexpr (scaled(E))
-      for (int r = 0; r < RB; ++r) s[r] = _mm512_set1_ps(p.scale[(r0 + r * stride) * p.groups + g]);
+      for (int r = 0; r < RB; ++r) s[r] = _mm512_set1_ps(scale_of(p, r0 + r * stride, g));
     int64_t j = g * p.group, end = (g + 1) * p.group;
     for (; j + 16 * K <= end; j += 16 * K)
       for (int c = 0; c < K; ++c) step_avx512<E, RB, MX>(p, rows, xs, s, j + 16 * c, acc[c]);
@@ -322,7 +353,7 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0, in
     for (; j < b1; j += 32) step_int16<E, RB, MX>(p, rows, xs, j, sum[0]);
     for (int r = 0; r < RB; ++r) {
       __m512 s =
-          _mm512_set1_ps(grouped ? p.scale[(r0 + r * stride) * p.groups + b0 / p.group] : 1.0f);
+          _mm512_set1_ps(grouped ? scale_of(p, r0 + r * stride, b0 / p.group) : 1.0f);
       for (int i = 0; i < MX; ++i) {
         for (int c = 1; c < K; ++c) sum[0][r][i] = _mm512_add_epi32(sum[0][r][i], sum[c][r][i]);
         acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[0][r][i]), s, acc[r][i]);
@@ -330,7 +361,7 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0, in
     }
   }
   for (int r = 0; r < RB; ++r) {
-    float row_scale = grouped ? 1.0f : p.scale[r0 + r * stride];
+    float row_scale = grouped ? 1.0f : scale_of(p, r0 + r * stride, 0);
     for (int i = 0; i < MX; ++i)
       p.y[(i0 + i) * p.n + r0 + r * stride] =
           _mm512_reduce_add_ps(acc[r][i]) * p.xs[i0 + i] * row_scale;
@@ -369,8 +400,7 @@ SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i
   __m512 acc[RB];
   for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
   const uint8_t* rows = p.w + r0 * p.row_bytes;
-  const float* scales = p.scale + r0 * p.groups;
-  const int64_t row_bytes = p.row_bytes * stride, groups = p.groups * stride;
+  const int64_t row_bytes = p.row_bytes * stride;
   const int8_t* xe = p.x_even + i * p.k / 2;
   const int8_t* xo = p.x_odd + i * p.k / 2;
   const int32_t* xb = p.x_bias + i * p.k / 8;
@@ -388,7 +418,7 @@ SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i
       __m512i lo = _mm512_and_si512(b, nibble);
       __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
       __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, even), hi, odd);
-      __m128 group_scales = _mm_maskz_loadu_ps(first, scales + r * groups + g);  // 1, 2 or 4
+      __m128 group_scales = scales_4(p, r0 + r * stride, g, first);  // 1, 2 or 4
       __m512 w_scale = _mm512_permutexvar_ps(pick, _mm512_zextps128_ps512(group_scales));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w_scale, x_scale), acc[r]);
     }
@@ -763,7 +793,6 @@ SLIMLLM_AMX void widen_int4_item(const Problem& p, int64_t n0, int64_t tiles, ui
   const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
   for (int64_t r = 0; r < tiles * kAmxRows; ++r) {
     const uint8_t* w = p.w + (n0 + r) * p.row_bytes;
-    const float* scale = p.scale + (n0 + r) * p.groups;
     uint16_t* to = out + r * kAmxCols;  // tile r / 16, row r % 16 of step 0
     for (int64_t j = 0; j < p.k; j += kAmxCols, to += tiles * kAmxRows * kAmxCols) {
       // a byte: column 2i in its low nibble, 2i + 1 in its high one; the code is nibble - 8
@@ -772,7 +801,7 @@ SLIMLLM_AMX void widen_int4_item(const Problem& p, int64_t n0, int64_t tiles, ui
       __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
       __m128i a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);  // columns j .. j + 16
       __m128i b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);  // j + 16 .. j + 32
-      __m512 sc = _mm512_set1_ps(scale[j / p.group]);  // a step lies in one group
+      __m512 sc = _mm512_set1_ps(scale_of(p, n0 + r, j / p.group));  // a step: one group
       __m512 fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), sc);
       __m512 fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
       _mm512_store_si512(to, (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
@@ -836,7 +865,7 @@ SLIMLLM_AMX void pack_x_int8(const Problem& p, int64_t block, int64_t step, bool
 SLIMLLM_AMX inline void add_int_sums(const Problem& p, const int32_t* c, __m512 xs, int64_t n0,
                                      int64_t g, __m512* acc) {
   for (int64_t r = 0; r < kAmxRows; ++r) {
-    __m512 s = _mm512_mul_ps(xs, _mm512_set1_ps(p.scale[(n0 + r) * p.groups + g]));
+    __m512 s = _mm512_mul_ps(xs, _mm512_set1_ps(scale_of(p, n0 + r, g)));
     __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + r * kAmxRows));
     acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
   }
@@ -995,7 +1024,6 @@ SLIMLLM_AVX512_BF16 void round_row_bf16(const float* x, int64_t k, uint16_t* out
 template <int E>
 SLIMLLM_AVX512_BF16 void widen_row_bf16(const Problem& p, int64_t row, uint16_t* out) {
   const uint8_t* w = p.w + row * p.row_bytes;
-  const float* scale = p.scale + row * p.groups;
   for (int64_t j = 0; j < p.k; j += kPairCols) {
     __m128i a, b;  // the codes of columns j .. j + 16 and j + 16 .. j + 32, as int8
     if constexpr (E == kInt8) {
@@ -1009,7 +1037,7 @@ SLIMLLM_AVX512_BF16 void widen_row_bf16(const Problem& p, int64_t row, uint16_t*
       a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
       b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
     }
-    __m512 sc = _mm512_set1_ps(scale[j / p.group]);  // 32 columns lie in one group
+    __m512 sc = _mm512_set1_ps(scale_of(p, row, j / p.group));  // 32 columns: one group
     __m512 fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), sc);
     __m512 fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
     _mm512_store_si512(out + j, (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
@@ -1241,8 +1269,7 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
     for (int i = 0; i < MX; ++i) {
       __m512 xs = _mm512_loadu_ps(xq.scales + ((i0 + i) * xq.n_spans + s) * 16);
       for (int r = 0; r < RB; ++r) {
-        __m512 sc = grouped ? _mm512_mul_ps(xs, _mm512_set1_ps(p.scale[(r0 + r) * p.groups +
-                                                                          span.group]))
+        __m512 sc = grouped ? _mm512_mul_ps(xs, _mm512_set1_ps(scale_of(p, r0 + r, span.group)))
                             : xs;
         acc[i * RB + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[i * RB + r]), sc, acc[i * RB + r]);
       }
@@ -1252,7 +1279,7 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
   if constexpr (MX * RB == 16 && RB == 4) {
     alignas(64) float sums[16];
     __m512 row_scales = grouped ? _mm512_set1_ps(1.0f)
-                                : _mm512_castps128_ps512(_mm_loadu_ps(p.scale + r0));
+                                : _mm512_castps128_ps512(scales_4(p, r0, 0, 15));
     row_scales = _mm512_shuffle_f32x4(row_scales, row_scales, 0);  // lane i * 4 + r: row r's
     _mm512_store_ps(sums, _mm512_mul_ps(lane_sums(acc), row_scales));
     for (int i = 0; i < MX; ++i) _mm_storeu_ps(y + i * p.n, _mm_load_ps(sums + 4 * i));
@@ -1260,7 +1287,7 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
     for (int i = 0; i < MX; ++i)
       for (int r = 0; r < RB; ++r)
         y[i * p.n + r] =
-            _mm512_reduce_add_ps(acc[i * RB + r]) * (grouped ? 1.0f : p.scale[r0 + r]);
+            _mm512_reduce_add_ps(acc[i * RB + r]) * (grouped ? 1.0f : scale_of(p, r0 + r, 0));
   }
 }
 
@@ -1443,7 +1470,7 @@ SLIMLLM_AVX512_BF16 void lanes_tile(const Problem& p, const LaneX& xl, const uin
     }
     const __mmask16 groups = __mmask16((1u << std::min<int64_t>(16, p.groups - 16 * b)) - 1);
     for (int r = 0; r < RB; ++r) {
-      __m512 ws = _mm512_maskz_loadu_ps(groups, p.scale + (r0 + r) * p.groups + 16 * b);
+      __m512 ws = scales_16(p, r0 + r, 16 * b, groups);
       for (int i = 0; i < MX; ++i) {
         __m512 xs = _mm512_loadu_ps(xl.scales + ((i0 + i) * xl.blocks + b) * 16);
         __m512 sums = _mm512_cvtepi32_ps(sum[i * RB + r]);
@@ -1576,12 +1603,15 @@ const int64_t kPerByte[] = {0, 0, 0, 1, 2};  // values per byte (0: bytes per va
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
-ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale, MatrixResult y,
-                  int32_t encoding, int32_t integer) {
+ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
+                  MatrixResult y, int32_t encoding, int32_t integer) {
   if (encoding < kFloat32 || encoding > kInt4)
     return ffi::Error::InvalidArgument("slimllm_linear: unknown encoding");
   if (w.element_type() != kStorage[encoding] || w.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("slimllm_linear: weight dtype or rank does not match");
+  const bool half = scale.element_type() == ffi::F16;
+  if ((!half && scale.element_type() != ffi::F32) || scale.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("slimllm_linear: scales must be float32 or float16, 2-d");
   auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   int64_t m = xd[0], k = xd[1], n = wd[0];
   int64_t stored = kPerByte[encoding] ? k / kPerByte[encoding] : k;
@@ -1592,7 +1622,7 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale
     return ffi::Error::InvalidArgument("slimllm_linear: scale shape does not match");
   Problem p{x.typed_data(),
             static_cast<const uint8_t*>(w.untyped_data()),
-            scale.typed_data(),
+            half ? nullptr : static_cast<const float*>(scale.untyped_data()),
             y->typed_data(),
             m,
             n,
@@ -1600,6 +1630,7 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix scale
             static_cast<int64_t>(w.size_bytes() / std::max<int64_t>(n, 1)),
             groups,
             k / groups};
+  if (half && scaled(encoding)) p.half_scale = static_cast<const uint16_t*>(scale.untyped_data());
   if (m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
     std::memset(p.y, 0, sizeof(float) * m * n);
@@ -1623,7 +1654,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(slimllm_linear, slimllm::linear,
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<slimllm::Matrix>()
                                   .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<slimllm::Matrix>()
+                                  .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<slimllm::Matrix>()
                                   .Attr<int32_t>("encoding")
                                   .Attr<int32_t>("integer"));

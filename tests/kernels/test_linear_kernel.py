@@ -240,6 +240,39 @@ def test_without_amx_fast_takes_the_pairs_road():
     on_path("avx512-bf16", "test_linear_kernel", "check_products(ms=(1, 5, 16, 40), choice='fast')")
 
 
+@pytest.mark.parametrize("choice", ["auto", "fast"])
+def test_scales_are_read_in_either_float_width_alike(choice):
+    """int4 stores float16 scales, int8 float32 ones; the kernel takes either for any scaled
+    encoding (`scale_of`, `scales_4`, `scales_16` widen float16 ones as they read them). The
+    same values in either width give the same bits on every road (rows leave partial tiles and
+    work items); any other width is refused."""
+    rng = np.random.default_rng(3)
+
+    @jax.jit
+    def product(x, w):
+        with kernels.choose(choice):
+            return kernel.linear(x, w)
+
+    for encoding, group in [("int8", None), ("int8", 64), ("int4", 32), ("int4", 128)]:
+        w = compact(rng.standard_normal((203, 1024)).astype(np.float32), encoding, group)
+        halves = np.asarray(w.scale).astype(np.float16)  # int8's rounded: both widths hold it
+        pair = [
+            Compact(w.values, jnp.asarray(halves.astype(d)), encoding)
+            for d in (np.float16, np.float32)
+        ]
+        for m in (1, 3, 4, 16, 40):
+            x = jnp.asarray(rng.standard_normal((m, 1024)).astype(np.float32))
+            y16, y32 = (product(x, v) for v in pair)
+            if y16 is None:
+                assert y32 is None and m > kernel.MAX_ROWS
+                continue
+            assert np.array_equal(np.asarray(y16), np.asarray(y32)), (encoding, group, m)
+    w = compact(np.ones((32, 64), np.float32), "int4", 32)
+    odd = Compact(w.values, w.scale.astype(jnp.bfloat16), "int4")
+    with pytest.raises(Exception, match="scales must be float32 or float16"):
+        jax.block_until_ready(product(jnp.ones((1, 64), jnp.float32), odd))
+
+
 def test_prefill_rows_take_a_fast_road_only_where_the_cpu_has_one():
     w = compact(np.ones((32, 64), np.float32), "int8", None)
     with kernels.choose("fast"):

@@ -28,6 +28,37 @@ def test_groups_have_their_own_scale_and_zero_groups_widen_to_zero():
     assert np.array_equal(wf.dequantize(q, scale)[0, 2:4], [0.0, 0.0])
 
 
+def test_int4_scales_are_float16_rounded_after_the_codes():
+    """int4 keeps its scales in float16 (as llama.cpp's Q4_0): the codes are the float32
+    definition's, the scale amax / 7 rounded to float16; int8 keeps float32 scales."""
+    w = np.array([[1.0, -0.5, 0.25, 0.0], [3e-4, 1e-4, 0.0, -2e-4], [1e-7, 0.0, 0.0, 0.0]])
+    stored = wf.encode("wq", w.T, wf.weight_format("int4"), 4)
+    assert stored.scale.dtype == np.float16 and stored.scale.shape == (3, 1)
+    q = wf.unpack_int4(stored.values)
+    assert q.tolist() == [[7, -4, 2, 0], [7, 2, 0, -5], [7, 0, 0, 0]]  # -3.5 -> -4, 4.67 -> 5
+    wide = np.float32([1.0, 3e-4, 1e-7]) / np.float32(7)
+    assert np.array_equal(stored.scale[:, 0], wide.astype(np.float16))
+    assert stored.scale[0, 0] == np.float16(0.142822265625)  # 1 / 7 to float16's 11 bits
+    assert stored.scale[1, 0] != 0 and stored.scale[2, 0] == 0  # subnormal kept, 1.4e-8 is 0
+    back = wf.widen(stored).T
+    assert np.array_equal(back, q * stored.scale.astype(np.float32))
+    assert not back[2].any()  # a group below float16's smallest subnormal widens to 0
+    assert wf.ENCODINGS["int8"].scale_dtype == np.float32
+    assert wf.encode("wq", w.T, wf.weight_format("int8")).scale.dtype == np.float32
+    # bytes: half a byte a value and 2 a scale (Q4_0's 18 bytes per 32 values)
+    assert wf.ENCODINGS["int4"].bytes_for(64, 1024, 32) == 64 * 512 + 2 * 64 * 32
+    assert wf.stored_bytes("wq", (1024, 64), wf.weight_format("int4")) == 64 * (512 + 64)
+
+
+def test_a_scale_beyond_float16_is_refused_naming_the_weight():
+    w = np.zeros((2, 64), np.float32)
+    w[1, 40] = 7 * 65504 * 1.01
+    with pytest.raises(ValueError, match=r"magnitude 4\.631e\+05 \(row 1, group 1\) .* float16"):
+        wf.encode("w_up", w.T, wf.weight_format("int4"))
+    int8 = wf.widen(wf.encode("w_up", w.T, wf.weight_format("int8")))  # float32 scales hold it
+    assert np.isclose(int8[40, 1], w[1, 40], rtol=1e-6)
+
+
 def test_int4_packs_two_codes_per_byte_low_nibble_first():
     q = np.array([[4, 0, -7, 2]], np.int8)
     packed = wf.pack_int4(q)
@@ -61,7 +92,10 @@ def test_every_format_keeps_the_logical_shape_and_widens_close_to_the_weights(na
     assert back.dtype == np.float32 and back.shape == w.shape
     # error bounds: half a quantisation step of each group, or the float format's rounding
     step = {"int8": 1 / 127, "int4": 1 / 7}.get(name, 0.0)
-    ulp = {"float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**-11}.get(name, 0.0)
+    # the float formats' rounding, or int4's float16 scale (q * its rounding <= amax * 2^-11)
+    ulp = {"float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**-11, "int4": 2.0**-11}.get(
+        name, 0.0
+    )
     amax = np.abs(w).max()
     assert np.abs(back - w).max() <= amax * (step / 2 + ulp) * (1 + 1e-6)
     x = rng.standard_normal((2, 64)).astype(np.float32)

@@ -233,6 +233,16 @@ def test_weights_too_large_for_the_format_are_refused(tmp_path):
     assert load_checkpoint(d, tokenizer=False, weights="bfloat16").weights == "bfloat16"
 
 
+def test_int4_refuses_weights_whose_scale_float16_cannot_hold(tmp_path):
+    """int4's scales are float16: a group's amax / 7 must stay within 65504 (int8's float32
+    scales take the same weight)."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    d = poisoned(tmp_path, "llama", name, (1, 0), 5e5)  # 5e5 / 7 > 65504
+    with pytest.raises(CheckpointError, match=f"tensor {name}: 1 values are too large for weight"):
+        load_checkpoint(d, tokenizer=False, weights="int4")
+    assert load_checkpoint(d, tokenizer=False, weights="int8").weights == "int8"
+
+
 def test_non_finite_llama2c_weight_is_refused(tmp_path):
     """llama2.c files go through the same encoder: a NaN in layer 1's wq is named."""
     from slimllm.weights.llama2c import HEADER, layout, llama2c_config
