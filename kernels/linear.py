@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slimllm.jaxbackend import weight_format  # noqa: F401 (registers Compact as a pytree)
-from slimllm.reference.weight_format import Compact
+from slimllm.reference.weight_format import ENCODINGS, Compact
 
 from . import active, choice, isa, target
 
@@ -115,7 +115,7 @@ def linear(x, w):
     y = call(
         x.reshape(m, cols).astype(jnp.float32),
         values,
-        scale,  # float32, or int4's float16 (the kernel widens each as it reads it)
+        scale.astype(ENCODINGS[encoding].scale_dtype),  # int4's float16 (a no-op as stored)
         encoding=np.int32(ENCODING[encoding]),
         integer=np.int32(choice() == "fast"),  # x rounded: bfloat16, int8 or 16-bit integers
     )

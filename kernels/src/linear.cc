@@ -85,10 +85,12 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
-// Weight row `row`'s scale of group g as float32, whichever width the scales are stored in.
+// Weight row `row`'s scale of group g as float32 (int4's are stored in float16).
+template <int E>
 float scale_portable(const Problem& p, int64_t row, int64_t g) {
   const int64_t at = row * p.groups + g;
-  return p.half_scale ? half_to_float(p.half_scale[at]) : p.scale[at];
+  if constexpr (E == kInt4) return half_to_float(p.half_scale[at]);
+  return p.scale[at];
 }
 
 template <int E>
@@ -123,7 +125,7 @@ void rows_portable(const Problem& p, int64_t r0, int64_t r1) {
     const uint8_t* row = p.w + r * p.row_bytes;
     for (int64_t j = 0; j < p.k; ++j) {
       w[j] = widen_one<E>(row, j);
-      if constexpr (scaled(E)) w[j] *= scale_portable(p, r, j / p.group);
+      if constexpr (scaled(E)) w[j] *= scale_portable<E>(p, r, j / p.group);
     }
     for (int64_t i = 0; i < p.m; ++i) {
       const float* x = p.x + i * p.k;
@@ -171,24 +173,32 @@ void round_x_bytes(const Problem& p, int8_t* even, int8_t* odd, int32_t* bias, f
 
 // Scales as float32: weight row `row`'s of group g, and `take` of them from group g on (the
 // rest zero). int4 stores them in float16, as Q4_0 does (its matrices read a tenth fewer bytes
-// than with float32 scales), and the roads widen each as they read it (F16C). Widening a work
-// item's scales into a float32 buffer before its rows instead was slower than float32 scales
-// (the 156M model's int4 matrices, min ms: one row of x 2.23 -> 2.41, four rows 5.2 -> 6.3):
-// the item read all of them before its first weight row.
+// than with float32 scales), and the roads widen each as they read it (F16C); int8's are
+// float32. The width follows the encoding at compile time: a run-time test in these helpers
+// (either width for any encoding) made GCC lay out the int8 quads' loop anew, 2.2x slower
+// (128 rows of x, 5632 x 1024: 3.06-3.33 -> 7.04-7.75 ms). Widening a work item's scales into
+// a float32 buffer before its rows was slower than float32 scales (the 156M model's int4
+// matrices, min ms: one row of x 2.23 -> 2.41, four rows 5.2 -> 6.3): the item read all of
+// them before its first weight row.
+template <int E>
 SLIMLLM_AVX512 inline float scale_of(const Problem& p, int64_t row, int64_t g) {
   const int64_t at = row * p.groups + g;
-  return p.half_scale ? _cvtsh_ss(p.half_scale[at]) : p.scale[at];
+  if constexpr (E == kInt4) return _cvtsh_ss(p.half_scale[at]);
+  return p.scale[at];
 }
 
+template <int E>
 SLIMLLM_AVX512 inline __m128 scales_4(const Problem& p, int64_t row, int64_t g, __mmask8 take) {
   const int64_t at = row * p.groups + g;
-  if (p.half_scale) return _mm_cvtph_ps(_mm_maskz_loadu_epi16(take, p.half_scale + at));
+  if constexpr (E == kInt4) return _mm_cvtph_ps(_mm_maskz_loadu_epi16(take, p.half_scale + at));
   return _mm_maskz_loadu_ps(take, p.scale + at);
 }
 
+template <int E>
 SLIMLLM_AVX512 inline __m512 scales_16(const Problem& p, int64_t row, int64_t g, __mmask16 take) {
   const int64_t at = row * p.groups + g;
-  if (p.half_scale) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(take, p.half_scale + at));
+  if constexpr (E == kInt4)
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(take, p.half_scale + at));
   return _mm512_maskz_loadu_ps(take, p.scale + at);
 }
 
@@ -284,7 +294,7 @@ SLIMLLM_AVX512 void tile_avx512(const Problem& p, int64_t r0, int64_t i0, int64_
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 s[RB];
     if constexpr (scaled(E))
-      for (int r = 0; r < RB; ++r) s[r] = _mm512_set1_ps(scale_of(p, r0 + r * stride, g));
+      for (int r = 0; r < RB; ++r) s[r] = _mm512_set1_ps(scale_of<E>(p, r0 + r * stride, g));
     int64_t j = g * p.group, end = (g + 1) * p.group;
     for (; j + 16 * K <= end; j += 16 * K)
       for (int c = 0; c < K; ++c) step_avx512<E, RB, MX>(p, rows, xs, s, j + 16 * c, acc[c]);
@@ -353,7 +363,7 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0, in
     for (; j < b1; j += 32) step_int16<E, RB, MX>(p, rows, xs, j, sum[0]);
     for (int r = 0; r < RB; ++r) {
       __m512 s =
-          _mm512_set1_ps(grouped ? scale_of(p, r0 + r * stride, b0 / p.group) : 1.0f);
+          _mm512_set1_ps(grouped ? scale_of<E>(p, r0 + r * stride, b0 / p.group) : 1.0f);
       for (int i = 0; i < MX; ++i) {
         for (int c = 1; c < K; ++c) sum[0][r][i] = _mm512_add_epi32(sum[0][r][i], sum[c][r][i]);
         acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[0][r][i]), s, acc[r][i]);
@@ -361,7 +371,7 @@ SLIMLLM_AVX512_VNNI void tile_int16(const Problem& p, int64_t r0, int64_t i0, in
     }
   }
   for (int r = 0; r < RB; ++r) {
-    float row_scale = grouped ? 1.0f : scale_of(p, r0 + r * stride, 0);
+    float row_scale = grouped ? 1.0f : scale_of<E>(p, r0 + r * stride, 0);
     for (int i = 0; i < MX; ++i)
       p.y[(i0 + i) * p.n + r0 + r * stride] =
           _mm512_reduce_add_ps(acc[r][i]) * p.xs[i0 + i] * row_scale;
@@ -418,7 +428,7 @@ SLIMLLM_AVX512_VNNI void tile_int4_bytes(const Problem& p, int64_t r0, int64_t i
       __m512i lo = _mm512_and_si512(b, nibble);
       __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
       __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, even), hi, odd);
-      __m128 group_scales = scales_4(p, r0 + r * stride, g, first);  // 1, 2 or 4
+      __m128 group_scales = scales_4<kInt4>(p, r0 + r * stride, g, first);  // 1, 2 or 4
       __m512 w_scale = _mm512_permutexvar_ps(pick, _mm512_zextps128_ps512(group_scales));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w_scale, x_scale), acc[r]);
     }
@@ -801,7 +811,7 @@ SLIMLLM_AMX void widen_int4_item(const Problem& p, int64_t n0, int64_t tiles, ui
       __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
       __m128i a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);  // columns j .. j + 16
       __m128i b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);  // j + 16 .. j + 32
-      __m512 sc = _mm512_set1_ps(scale_of(p, n0 + r, j / p.group));  // a step: one group
+      __m512 sc = _mm512_set1_ps(scale_of<kInt4>(p, n0 + r, j / p.group));  // a step: one group
       __m512 fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), sc);
       __m512 fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
       _mm512_store_si512(to, (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
@@ -862,10 +872,11 @@ SLIMLLM_AMX void pack_x_int8(const Problem& p, int64_t block, int64_t step, bool
 }
 
 // acc[r] += c[r] (int32 sums) * x's scales of the step * the weight row's scale in group g.
+template <int E>
 SLIMLLM_AMX inline void add_int_sums(const Problem& p, const int32_t* c, __m512 xs, int64_t n0,
                                      int64_t g, __m512* acc) {
   for (int64_t r = 0; r < kAmxRows; ++r) {
-    __m512 s = _mm512_mul_ps(xs, _mm512_set1_ps(scale_of(p, n0 + r, g)));
+    __m512 s = _mm512_mul_ps(xs, _mm512_set1_ps(scale_of<E>(p, n0 + r, g)));
     __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + r * kAmxRows));
     acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
   }
@@ -917,18 +928,18 @@ SLIMLLM_AMX void amx_int_item(const Problem& p, const int8_t* xq, const float* x
       __m512 x_scales = _mm512_loadu_ps(bs + (j / step) * kAmxRows);
       int64_t g = j / p.group;
       _tile_stored(0, c, 64);
-      add_int_sums(p, c, x_scales, n0, g, acc);
+      add_int_sums<E>(p, c, x_scales, n0, g, acc);
       if (tiles > 1) {
         _tile_stored(1, c, 64);
-        add_int_sums(p, c, x_scales, n0 + kAmxRows, g, acc + kAmxRows);
+        add_int_sums<E>(p, c, x_scales, n0 + kAmxRows, g, acc + kAmxRows);
       }
       if (tiles > 2) {
         _tile_stored(2, c, 64);
-        add_int_sums(p, c, x_scales, n0 + 2 * kAmxRows, g, acc + 2 * kAmxRows);
+        add_int_sums<E>(p, c, x_scales, n0 + 2 * kAmxRows, g, acc + 2 * kAmxRows);
       }
       if (tiles > 3) {
         _tile_stored(3, c, 64);
-        add_int_sums(p, c, x_scales, n0 + 3 * kAmxRows, g, acc + 3 * kAmxRows);
+        add_int_sums<E>(p, c, x_scales, n0 + 3 * kAmxRows, g, acc + 3 * kAmxRows);
       }
     }
     write_rows(p, block, n0, tiles, acc);
@@ -1037,7 +1048,7 @@ SLIMLLM_AVX512_BF16 void widen_row_bf16(const Problem& p, int64_t row, uint16_t*
       a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
       b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
     }
-    __m512 sc = _mm512_set1_ps(scale_of(p, row, j / p.group));  // 32 columns: one group
+    __m512 sc = _mm512_set1_ps(scale_of<E>(p, row, j / p.group));  // 32 columns: one group
     __m512 fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), sc);
     __m512 fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
     _mm512_store_si512(out + j, (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
@@ -1269,7 +1280,7 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
     for (int i = 0; i < MX; ++i) {
       __m512 xs = _mm512_loadu_ps(xq.scales + ((i0 + i) * xq.n_spans + s) * 16);
       for (int r = 0; r < RB; ++r) {
-        __m512 sc = grouped ? _mm512_mul_ps(xs, _mm512_set1_ps(scale_of(p, r0 + r, span.group)))
+        __m512 sc = grouped ? _mm512_mul_ps(xs, _mm512_set1_ps(scale_of<kInt8>(p, r0 + r, span.group)))
                             : xs;
         acc[i * RB + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[i * RB + r]), sc, acc[i * RB + r]);
       }
@@ -1279,7 +1290,7 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
   if constexpr (MX * RB == 16 && RB == 4) {
     alignas(64) float sums[16];
     __m512 row_scales = grouped ? _mm512_set1_ps(1.0f)
-                                : _mm512_castps128_ps512(scales_4(p, r0, 0, 15));
+                                : _mm512_castps128_ps512(scales_4<kInt8>(p, r0, 0, 15));
     row_scales = _mm512_shuffle_f32x4(row_scales, row_scales, 0);  // lane i * 4 + r: row r's
     _mm512_store_ps(sums, _mm512_mul_ps(lane_sums(acc), row_scales));
     for (int i = 0; i < MX; ++i) _mm_storeu_ps(y + i * p.n, _mm_load_ps(sums + 4 * i));
@@ -1287,7 +1298,7 @@ SLIMLLM_AVX512_BF16 void quads_tile(const Problem& p, const QuadX& xq, const int
     for (int i = 0; i < MX; ++i)
       for (int r = 0; r < RB; ++r)
         y[i * p.n + r] =
-            _mm512_reduce_add_ps(acc[i * RB + r]) * (grouped ? 1.0f : scale_of(p, r0 + r, 0));
+            _mm512_reduce_add_ps(acc[i * RB + r]) * (grouped ? 1.0f : scale_of<kInt8>(p, r0 + r, 0));
   }
 }
 
@@ -1470,7 +1481,7 @@ SLIMLLM_AVX512_BF16 void lanes_tile(const Problem& p, const LaneX& xl, const uin
     }
     const __mmask16 groups = __mmask16((1u << std::min<int64_t>(16, p.groups - 16 * b)) - 1);
     for (int r = 0; r < RB; ++r) {
-      __m512 ws = scales_16(p, r0 + r, 16 * b, groups);
+      __m512 ws = scales_16<kInt4>(p, r0 + r, 16 * b, groups);
       for (int i = 0; i < MX; ++i) {
         __m512 xs = _mm512_loadu_ps(xl.scales + ((i0 + i) * xl.blocks + b) * 16);
         __m512 sums = _mm512_cvtepi32_ps(sum[i * RB + r]);
@@ -1609,9 +1620,11 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuff
     return ffi::Error::InvalidArgument("slimllm_linear: unknown encoding");
   if (w.element_type() != kStorage[encoding] || w.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("slimllm_linear: weight dtype or rank does not match");
-  const bool half = scale.element_type() == ffi::F16;
-  if ((!half && scale.element_type() != ffi::F32) || scale.dimensions().size() != 2)
-    return ffi::Error::InvalidArgument("slimllm_linear: scales must be float32 or float16, 2-d");
+  // int4's scales are float16, every other encoding's float32 (unread where unscaled)
+  const ffi::DataType scale_type = encoding == kInt4 ? ffi::F16 : ffi::F32;
+  if (scale.element_type() != scale_type || scale.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument(
+        "slimllm_linear: scales must be 2-d, float16 for int4 and float32 otherwise");
   auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   int64_t m = xd[0], k = xd[1], n = wd[0];
   int64_t stored = kPerByte[encoding] ? k / kPerByte[encoding] : k;
@@ -1622,7 +1635,7 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuff
     return ffi::Error::InvalidArgument("slimllm_linear: scale shape does not match");
   Problem p{x.typed_data(),
             static_cast<const uint8_t*>(w.untyped_data()),
-            half ? nullptr : static_cast<const float*>(scale.untyped_data()),
+            encoding == kInt4 ? nullptr : static_cast<const float*>(scale.untyped_data()),
             y->typed_data(),
             m,
             n,
@@ -1630,7 +1643,7 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuff
             static_cast<int64_t>(w.size_bytes() / std::max<int64_t>(n, 1)),
             groups,
             k / groups};
-  if (half && scaled(encoding)) p.half_scale = static_cast<const uint16_t*>(scale.untyped_data());
+  if (encoding == kInt4) p.half_scale = static_cast<const uint16_t*>(scale.untyped_data());
   if (m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
     std::memset(p.y, 0, sizeof(float) * m * n);

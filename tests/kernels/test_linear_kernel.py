@@ -241,11 +241,11 @@ def test_without_amx_fast_takes_the_pairs_road():
 
 
 @pytest.mark.parametrize("choice", ["auto", "fast"])
-def test_scales_are_read_in_either_float_width_alike(choice):
-    """int4 stores float16 scales, int8 float32 ones; the kernel takes either for any scaled
-    encoding (`scale_of`, `scales_4`, `scales_16` widen float16 ones as they read them). The
-    same values in either width give the same bits on every road (rows leave partial tiles and
-    work items); any other width is refused."""
+def test_scales_reach_the_kernel_in_their_encodings_width(choice):
+    """int4's scales are float16 (read and widened by every road, `scale_of` in
+    src/linear.cc), int8's float32: `linear` hands a weight's scales over in its encoding's
+    width, so the same values held in the other width give the same bits (rows leave partial
+    tiles and work items), and the kernel refuses a scale array of the wrong width."""
     rng = np.random.default_rng(3)
 
     @jax.jit
@@ -255,7 +255,7 @@ def test_scales_are_read_in_either_float_width_alike(choice):
 
     for encoding, group in [("int8", None), ("int8", 64), ("int4", 32), ("int4", 128)]:
         w = compact(rng.standard_normal((203, 1024)).astype(np.float32), encoding, group)
-        halves = np.asarray(w.scale).astype(np.float16)  # int8's rounded: both widths hold it
+        halves = np.asarray(w.scale).astype(np.float16)  # values both widths hold
         pair = [
             Compact(w.values, jnp.asarray(halves.astype(d)), encoding)
             for d in (np.float16, np.float32)
@@ -268,9 +268,22 @@ def test_scales_are_read_in_either_float_width_alike(choice):
                 continue
             assert np.array_equal(np.asarray(y16), np.asarray(y32)), (encoding, group, m)
     w = compact(np.ones((32, 64), np.float32), "int4", 32)
-    odd = Compact(w.values, w.scale.astype(jnp.bfloat16), "int4")
-    with pytest.raises(Exception, match="scales must be float32 or float16"):
-        jax.block_until_ready(product(jnp.ones((1, 64), jnp.float32), odd))
+    call = jax.ffi.ffi_call(
+        kernels.target("slimllm_linear"), jax.ShapeDtypeStruct((1, 32), jnp.float32)
+    )
+    x = jnp.ones((1, 64), jnp.float32)
+    for encoding, scale in [("int4", w.scale.astype(jnp.float32)), ("int8", w.scale)]:
+        values = w.values if encoding == "int4" else jnp.ones((32, 64), jnp.int8)
+        with pytest.raises(Exception, match="float16 for int4 and float32 otherwise"):
+            jax.block_until_ready(
+                call(
+                    x,
+                    values,
+                    scale,
+                    encoding=np.int32(kernel.ENCODING[encoding]),
+                    integer=np.int32(1),
+                )
+            )
 
 
 def test_prefill_rows_take_a_fast_road_only_where_the_cpu_has_one():
