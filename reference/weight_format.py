@@ -113,9 +113,8 @@ def dequantize(q, scale):
     cols / n columns)."""
     rows, cols = q.shape
     grouped = q.astype(np.float32).reshape(rows, scale.shape[1], -1)  # [r, n, G]
-    grouped *= scale.astype(np.float32)[
-        ..., None
-    ]  # [r, n, G] * [r, n, 1], in place: one float copy, not two
+    wide = scale.astype(np.float32)[..., None]  # [r, n, 1] (int4's float16 widened)
+    grouped *= wide  # [r, n, G] * [r, n, 1], in place: one float copy, not two
     return grouped.reshape(rows, cols)
 
 
