@@ -162,8 +162,11 @@ def encode_rows(name: str, source, fmt: WeightFormat, group: int | None, where: 
             put(name, out, part, a, b)
     check_finite(bad, size, where)
     if over:
+        enc = encoding_of(name, fmt)  # vectors stay float32: only a matrix has scales
+        scaled = enc.scaled and len(source.shape) == 2
+        stored = f"their {np.dtype(enc.scale_dtype).name} scale" if scaled else "they"
         raise CheckpointError(
             f"{where}: {over} values are too large for weight format {fmt.name} "
-            "(they would be stored as Inf)"
+            f"(beyond {limit:.6g}: {stored} would be stored as Inf)"
         )
     return out

@@ -238,7 +238,8 @@ def test_int4_refuses_weights_whose_scale_float16_cannot_hold(tmp_path):
     scales take the same weight)."""
     name = "model.layers.0.mlp.down_proj.weight"
     d = poisoned(tmp_path, "llama", name, (1, 0), 5e5)  # 5e5 / 7 > 65504
-    with pytest.raises(CheckpointError, match=f"tensor {name}: 1 values are too large for weight"):
+    said = f"tensor {name}: 1 values are too large for weight format int4 \\(beyond 458528: "
+    with pytest.raises(CheckpointError, match=said + "their float16 scale would be stored as Inf"):
         load_checkpoint(d, tokenizer=False, weights="int4")
     assert load_checkpoint(d, tokenizer=False, weights="int8").weights == "int8"
 
