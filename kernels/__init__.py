@@ -29,6 +29,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import re
 
 import jax
 
@@ -44,7 +45,10 @@ __all__ = [
     "choice",
     "choose",
     "isa",
+    "linger_taken",
+    "linger_us",
     "peak_macs",
+    "set_linger_us",
     "target",
     "why_unavailable",
 ]
@@ -56,6 +60,7 @@ TIERS = ("portable", "avx512", "avx512-vnni", "avx512-bf16", "avx512-amx")  # SL
 # float32 FMA (16 a time), VDPBF16PS (32 bfloat16 pairs), VPDPBUSD (64 byte products)
 PEAK_INSTRUCTIONS = ("fma", "vdpbf16ps", "vpdpbusd")
 _choice = ["auto"]  # the choice of the program being traced (a stack, see `choose`)
+LINGER_MAX_US = 1_000_000  # src/cpu.cc kLingerMaxUs
 
 
 @functools.cache
@@ -66,6 +71,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     forced = os.environ.get("SLIMLLM_KERNELS_ISA")
     if forced is not None and forced not in TIERS:  # the library would ignore it
         raise OptionError(f"SLIMLLM_KERNELS_ISA={shown(forced)} is not one of {', '.join(TIERS)}")
+    linger = os.environ.get("SLIMLLM_KERNELS_LINGER_US")
+    if linger is not None and not (
+        re.fullmatch(r"[0-9]+", linger) and int(linger) <= LINGER_MAX_US
+    ):
+        raise OptionError(  # the library would take its default
+            f"SLIMLLM_KERNELS_LINGER_US={shown(linger)} is not a whole number of microseconds"
+            f" in 0..{LINGER_MAX_US}"
+        )
     try:
         spec = importlib.util.find_spec(f"{__name__}._native")
     except (ImportError, ValueError):
@@ -149,3 +162,41 @@ def peak_macs(instruction: str, threads: int | None = None, seconds: float = 0.2
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_double]
     rate = fn(PEAK_INSTRUCTIONS.index(instruction), threads, float(seconds))
     return rate if rate > 0 else None
+
+
+def _linger(symbol: str):
+    """The library's linger setter or getter, typed, or None without the library."""
+    lib = _library()[0]
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int64] if symbol == "slimllm_set_linger_us" else []
+    return fn
+
+
+def linger_taken() -> int | None:
+    """How many calls' jobs lingering helpers have taken so far in this process (a counter for
+    tests), or None without the library."""
+    getter = _linger("slimllm_linger_taken")
+    return None if getter is None else int(getter())
+
+
+def set_linger_us(us: int) -> int | None:
+    """How long (microseconds, 0: never) a helper thread keeps watching for the next call after
+    a decode-sized call (16 rows of x or fewer, decode attention) before it returns to XLA's
+    pool, where waking it again took 20-130 us on the 2-core VM of bench/README.md; the default
+    is 200, or SLIMLLM_KERNELS_LINGER_US (at most LINGER_MAX_US, a second). Process-wide, from
+    the next call on. Returns the previous value (None without the library)."""
+    if isinstance(us, bool) or not isinstance(us, int) or not 0 <= us <= LINGER_MAX_US:
+        raise OptionError(
+            f"linger must be a whole number of microseconds in 0..{LINGER_MAX_US}, not {shown(us)}"
+        )
+    setter = _linger("slimllm_set_linger_us")
+    return None if setter is None else int(setter(us))
+
+
+def linger_us() -> int | None:
+    """The current linger in microseconds (see `set_linger_us`), or None without the library."""
+    getter = _linger("slimllm_linger_us")
+    return None if getter is None else int(getter())

@@ -829,13 +829,14 @@ void merge_row(const Problem& p, const Decode& dec, int64_t group, int64_t r) {
 // chunk, as at batch 16: one scheduling of the pool fewer). (At batch 16 the first and last
 // ran on the calling thread alone: a third of the kernel's samples on the 156M shape, `perf`.)
 void decode(ffi::ThreadPool& pool, const Problem& p) {
+  constexpr bool kStay = true;  // decode: helpers linger for the next call (kernels.h)
   Decode dec;
   int64_t groups = p.b * p.kh;
   dec.rows = p.group() * p.t, dec.stride = p.d + 2;
   dec.lo.assign(groups, 0), dec.hi.assign(groups, 0);
   parallel_for(pool, groups, [&](int64_t group) {
     group_extent(p, dec, group, dec.lo[group], dec.hi[group]);
-  });
+  }, kStay);
   int64_t widest = 0;
   for (int64_t group = 0; group < groups; ++group)
     widest = std::max(widest, dec.hi[group] - dec.lo[group]);
@@ -852,7 +853,7 @@ void decode(ffi::ThreadPool& pool, const Problem& p) {
   if (dec.chunks > 1)
     parallel_for(pool, groups, [&](int64_t group) {
       for (int64_t r = 0; r < dec.rows; ++r) merge_row(p, dec, group, r);
-    });
+    }, kStay);
 }
 
 // ---------------------------------------------------------------- the handler

@@ -1,4 +1,5 @@
 // Which path the kernels take on this CPU, decided once per process.
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -84,7 +85,82 @@ bool has_amx() {
   return yes;
 }
 
+Board& board() {
+  static Board* const one = new Board;  // never destroyed: pool threads may outlive exit's
+  return *one;
+}
+
+constexpr int64_t kLingerMaxUs = 1000000;  // a second: longer only burns a core
+
+static std::atomic<int64_t> linger_setting{[] {
+  const char* us = std::getenv("SLIMLLM_KERNELS_LINGER_US");
+  if (us == nullptr || *us == '\0') return int64_t(200000);
+  char* end = nullptr;
+  long long value = std::strtoll(us, &end, 10);  // a bad value is refused in Python
+  if (*end != '\0' || value < 0) return int64_t(200000);
+  return std::min<int64_t>(value, kLingerMaxUs) * 1000;
+}()};
+
+int64_t linger_ns() { return linger_setting.load(std::memory_order_relaxed); }
+
+void linger() {
+  using Clock = std::chrono::steady_clock;
+  Board& b = board();
+  const auto window = std::chrono::nanoseconds(linger_ns());
+  if (window.count() == 0) return;
+  b.watching.fetch_add(1);
+  uint64_t seen = b.posted.load();
+  auto take = [&]() {  // the latest job, if one was posted since `seen`
+    std::lock_guard<std::mutex> hold(b.lock);
+    seen = b.posted.load();
+    b.taken.fetch_add(1, std::memory_order_relaxed);
+    return b.job;
+  };
+  auto until = Clock::now() + window;
+  for (int spins = 1;; ++spins) {
+    if (b.posted.load() != seen) {
+      std::shared_ptr<Job> job = take();
+      if (!(job && job->run())) break;  // a call that does not linger: back to the pool
+      const int64_t ns = linger_ns();  // as set now
+      if (ns == 0) break;
+      until = Clock::now() + std::chrono::nanoseconds(ns);
+    }
+#if SLIMLLM_X86
+    __builtin_ia32_pause();
+#endif
+    if (spins % 256 == 0) {
+      if (Clock::now() > until) break;
+      std::this_thread::yield();  // a core other threads wait for is theirs
+    }
+  }
+  // A call that read `watching` before this helper left scheduled no task for it: take its
+  // job on the way out (posting and `watching` are sequentially consistent, so that call's post
+  // is seen here, or it saw this helper gone and scheduled one).
+  b.watching.fetch_sub(1);
+  if (b.posted.load() != seen) {
+    std::shared_ptr<Job> job = take();
+    if (job) job->run();
+  }
+}
+
 }  // namespace slimllm
+
+// For Python (ctypes): how long helpers linger after decode-sized calls, in microseconds (at
+// most a second; `kernels.set_linger_us`); returns the previous value.
+extern "C" __attribute__((visibility("default"))) int64_t slimllm_set_linger_us(int64_t us) {
+  us = std::min<int64_t>(std::max<int64_t>(us, 0), slimllm::kLingerMaxUs);
+  return slimllm::linger_setting.exchange(us * 1000) / 1000;
+}
+
+// For Python (ctypes): how many jobs lingering helpers have taken from the board so far (tests).
+extern "C" __attribute__((visibility("default"))) int64_t slimllm_linger_taken() {
+  return int64_t(slimllm::board().taken.load());
+}
+
+// For Python (ctypes): the current linger, in microseconds (`kernels.linger_us`).
+extern "C" __attribute__((visibility("default"))) int64_t slimllm_linger_us() {
+  return slimllm::linger_ns() / 1000;
+}
 
 // For Python (ctypes): the instruction set the kernels dispatch to.
 extern "C" __attribute__((visibility("default"))) const char* slimllm_kernels_isa() {

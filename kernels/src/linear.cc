@@ -64,6 +64,7 @@ constexpr int64_t kIntBlock = 2048;  // columns summed in int32 before a float c
 constexpr int64_t kTileRows = 4;  // weight rows per register tile
 constexpr int64_t kTileX = 4;  // rows of x per pass over a tile
 constexpr int64_t kChunkRows = 64;  // weight rows per parallel work item
+constexpr int64_t kStayRows = 16;  // decode-sized: helpers linger after these (kernels.h)
 
 // ---------------------------------------------------------------- portable path
 
@@ -956,11 +957,11 @@ void run_amx_int(ffi::ThreadPool& pool, const Problem& p, int64_t blocks, int64_
   parallel_for(pool, blocks, [&](int64_t block) {
     pack_x_int8(p, block, step, E == kInt4, xq.data() + block * p.k * kAmxRows,
                 xs.data() + block * (p.k / step) * kAmxRows);
-  });
+  }, p.m <= kStayRows);
   parallel_for(pool, items, [&](int64_t item) {
     int64_t n0 = item * per;
     amx_int_item<E>(p, xq.data(), xs.data(), step, n0, std::min(kAmxTiles, (p.n - n0) / kAmxRows));
-  });
+  }, p.m <= kStayRows);
 }
 
 template <int E>
@@ -973,14 +974,14 @@ void run_amx(ffi::ThreadPool& pool, const Problem& p) {
   Aligned<uint16_t> xb(blocks * p.k * kAmxRows);
   parallel_for(pool, blocks, [&](int64_t block) {
     pack_x_block(p, block, xb.data() + block * p.k * kAmxRows);
-  });
+  }, p.m <= kStayRows);
   parallel_for(pool, items, [&](int64_t item) {
     int64_t n0 = item * per, tiles = std::min(kAmxTiles, (p.n - n0) / kAmxRows);
     if constexpr (E == kInt4)
       amx_widened_item(p, xb.data(), n0, tiles);
     else
       amx_bf16_item(p, xb.data(), n0, tiles);
-  });
+  }, p.m <= kStayRows);
 }
 
 // ---------------------------------------------------------------- bfloat16 pairs (kernels "fast")
@@ -1159,7 +1160,7 @@ void run_pairs(ffi::ThreadPool& pool, const Problem& p) {
   parallel_for(pool, chunks, [&](int64_t c) {
     int64_t r0 = c * kChunkRows;
     pairs_chunk<E>(p, xb.data(), r0, std::min(p.n, r0 + kChunkRows));
-  });
+  }, p.m <= kStayRows);
 }
 
 // ---------------------------------------------------------------- int8 quads (kernels "fast")
@@ -1346,7 +1347,7 @@ void run_quads(ffi::ThreadPool& pool, const Problem& p) {
     int64_t r = c * kChunkRows, r1 = std::min(p.n, r + kChunkRows);
     for (; r + kTileRows <= r1; r += kTileRows) quads_rows<kTileRows>(p, xq, r);
     for (; r < r1; ++r) quads_rows<1>(p, xq, r);
-  });
+  }, p.m <= kStayRows);
 }
 
 // ---------------------------------------------------------------- int4 lanes (kernels "fast")
@@ -1544,7 +1545,7 @@ void run_lanes(ffi::ThreadPool& pool, const Problem& p) {
     int64_t r = c * kChunkRows, r1 = std::min(p.n, r + kChunkRows);
     for (; r + kTileRows <= r1; r += kTileRows) lanes_rows<kTileRows>(p, xl, r);
     for (; r < r1; ++r) lanes_rows<1>(p, xl, r);
-  });
+  }, p.m <= kStayRows);
 }
 
 #endif  // SLIMLLM_X86
@@ -1612,7 +1613,7 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
     if (fast) return rows_avx512<E>(p, r0, r1);
 #endif
     rows_portable<E>(p, r0, r1);
-  });
+  }, p.m <= kStayRows);
 }
 
 const ffi::DataType kStorage[] = {ffi::F32, ffi::F16, ffi::U16, ffi::S8, ffi::U8};
