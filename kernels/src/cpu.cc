@@ -106,8 +106,7 @@ int64_t linger_ns() { return linger_setting.load(std::memory_order_relaxed); }
 void linger() {
   using Clock = std::chrono::steady_clock;
   Board& b = board();
-  const auto window = std::chrono::nanoseconds(linger_ns());
-  if (window.count() == 0) return;
+  if (linger_ns() == 0) return;
   b.watching.fetch_add(1);
   uint64_t seen = b.posted.load();
   auto take = [&]() {  // the latest job, if one was posted since `seen`
@@ -116,20 +115,18 @@ void linger() {
     b.taken.fetch_add(1, std::memory_order_relaxed);
     return b.job;
   };
-  auto until = Clock::now() + window;
+  auto since = Clock::now();  // the last job's end (the window follows the setting as it is now)
   for (int spins = 1;; ++spins) {
     if (b.posted.load() != seen) {
       std::shared_ptr<Job> job = take();
       if (!(job && job->run())) break;  // a call that does not linger: back to the pool
-      const int64_t ns = linger_ns();  // as set now
-      if (ns == 0) break;
-      until = Clock::now() + std::chrono::nanoseconds(ns);
+      since = Clock::now();
     }
 #if SLIMLLM_X86
     __builtin_ia32_pause();
 #endif
     if (spins % 256 == 0) {
-      if (Clock::now() > until) break;
+      if (Clock::now() - since > std::chrono::nanoseconds(linger_ns())) break;
       std::this_thread::yield();  // a core other threads wait for is theirs
     }
   }
