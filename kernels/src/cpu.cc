@@ -91,13 +91,13 @@ Board& board() {
 }
 
 constexpr int64_t kLingerMaxUs = 1000000;  // a second: longer only burns a core
+constexpr int64_t kLingerDefaultUs = 200;
 
 static std::atomic<int64_t> linger_setting{[] {
   const char* us = std::getenv("SLIMLLM_KERNELS_LINGER_US");
-  if (us == nullptr || *us == '\0') return int64_t(200000);
   char* end = nullptr;
-  long long value = std::strtoll(us, &end, 10);  // a bad value is refused in Python
-  if (*end != '\0' || value < 0) return int64_t(200000);
+  long long value = us ? std::strtoll(us, &end, 10) : -1;  // a bad value is refused in Python
+  if (!us || *us == '\0' || *end != '\0' || value < 0) value = kLingerDefaultUs;
   return std::min<int64_t>(value, kLingerMaxUs) * 1000;
 }()};
 
