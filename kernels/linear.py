@@ -7,7 +7,8 @@ Prefill's many rows stay with XLA's matrix products, which block for the caches,
 roads of kernels "fast" for more than 4 rows of x, which take any number of rows: the AMX road
 (bfloat16 weights against x rounded to bfloat16, int8/int4 codes against x rounded to int8, in
 tiles; int4 against more than 16 rows as bfloat16 values) and, on a CPU with AVX512-BF16 but
-no AMX, the bfloat16 pairs road (x rounded to bfloat16 against bfloat16 weights, in VDPBF16PS;
+no AMX, the bfloat16 pairs road (x rounded to bfloat16 against bfloat16 weights, in VDPBF16PS,
+with x's pairs broadcast against a block of weight rows for more than 16 rows of x;
 x rounded to int8 against int8 codes and int4 codes in groups of 32, in VPDPBUSD; other codes
 widened to bfloat16 values).
 """

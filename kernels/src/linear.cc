@@ -24,7 +24,8 @@
 // (section "AMX path" below): decoding a batch multiplies 16 rows of x per weight read, which
 // the float32 road can only do at the FMA units' peak (~300 GFLOP/s on 2 cores here). Without
 // AMX, on a CPU with AVX512-BF16 (Zen 4), they take the bfloat16 pairs road and, for int8
-// codes and int4 codes in groups of 32, its int8 quads and int4 lanes (sections below).
+// codes and int4 codes in groups of 32, its int8 quads and int4 lanes; bfloat16 weights against
+// prefill's rows take its columns (sections below).
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -1163,6 +1164,137 @@ void run_pairs(ffi::ThreadPool& pool, const Problem& p) {
   }, p.m <= kStayRows);
 }
 
+// ---------------------------------------------------------------- bfloat16 columns (prefill)
+//
+// At prefill's row counts (more than 16 rows of x), bfloat16 weights meet x the other
+// way round from the pairs: a work item copies its block of 16 V weight rows once into pair
+// order (for each pair of columns, the block's rows side by side: a 16 x 16 transpose of 32-bit
+// pairs per 16 rows and 32 columns), then every row of x passes over the copy with each of its
+// pairs broadcast to a whole vector (VDPBF16PS's 32-bit broadcast operand), so that lane t sums
+// weight row t's products. A register tile of kColumnsX rows of x against 3 vectors of rows
+// holds 24 sums and loads 3 vectors per 24 instructions (the pairs' 4 x 4 tile loads 8 per 16),
+// and its sums need no reduction across lanes. While its tiles multiply, a block asks for the
+// stored rows of the block two on (the other thread takes the one between), so that the next
+// copy reads from the cache; without that the copies left memory idle and the road lost to the
+// pairs at 128 rows. The copy costs the same whatever m is: at 16 rows of x it cost more than
+// the tile saved, so decode batches keep the pairs. The rounding is the pairs' (x to bfloat16
+// once per call); only the order of the float32 sums differs.
+
+constexpr int64_t kColumnsX = 8;  // rows of x per register tile
+constexpr int kColumnsVectors = 3;  // vectors of 16 weight rows per block (a work item)
+constexpr int64_t kColumnsBlock = 16 * kColumnsVectors;
+constexpr int64_t kColumnsMinX = kStayRows + 1;  // at 16 rows the copy costs more than it saves
+
+// r[t] lane c becomes r[c] lane t (32-bit lanes): 32-bit, then 64-bit interleaves within
+// 128-bit blocks, then two rounds of 128-bit block shuffles.
+SLIMLLM_AVX512_BF16 inline void transpose16(__m512i* r) {
+  __m512i a[16], b[16];
+  for (int t = 0; t < 16; t += 2) {
+    a[t] = _mm512_unpacklo_epi32(r[t], r[t + 1]);
+    a[t + 1] = _mm512_unpackhi_epi32(r[t], r[t + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // b[g + c], 128-bit block l: rows g .. g + 3 of column 4l + c
+    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit blocks
+    __m512i lo = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x88);  // blocks 0, 2 of each
+    __m512i hi = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xdd);  // blocks 1, 3
+    __m512i lo2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x88);
+    __m512i hi2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(lo, lo2, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(lo, lo2, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(hi, hi2, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(hi, hi2, 0xdd);
+  }
+}
+
+// Weight rows r0 .. r0 + 16 V in pair order: out[16 V j + t] holds row r0 + t's columns 2j and
+// 2j + 1.
+template <int V>
+SLIMLLM_AVX512_BF16 void pair_order(const Problem& p, int64_t r0, uint32_t* out) {
+  for (int64_t j = 0; j < p.k; j += kPairCols)
+    for (int v = 0; v < V; ++v) {
+      __m512i r[16];
+      const uint8_t* rows = p.w + (r0 + 16 * v) * p.row_bytes + 2 * j;
+      for (int t = 0; t < 16; ++t) r[t] = _mm512_loadu_si512(rows + t * p.row_bytes);
+      transpose16(r);
+      for (int c = 0; c < 16; ++c) _mm512_store_si512(out + (j / 2 + c) * 16 * V + 16 * v, r[c]);
+    }
+}
+
+// y[i, t] for MX rows of x (bfloat16, k apart from xb) against the 16 V weight rows in pair
+// order at w; y's rows are n apart.
+template <int V, int MX>
+SLIMLLM_AVX512_BF16 void columns_tile(const uint32_t* w, const uint16_t* xb, int64_t k, float* y,
+                                      int64_t n, const uint8_t* ahead, int64_t lines) {
+  __m512 acc[MX][V];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k / 2; ++j) {
+    if (j < lines) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * j), _MM_HINT_T0);
+    __m512bh wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = (__m512bh)_mm512_load_si512(w + (j * V + v) * 16);
+    for (int i = 0; i < MX; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, xb + i * k + 2 * j, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], wv[v], xv);
+    }
+  }
+  for (int i = 0; i < MX; ++i)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + i * n + 16 * v, acc[i][v]);
+}
+
+// The last m % kColumnsX rows of x (`left` of them, fewer than MX + 1) in one tile.
+template <int V, int MX>
+SLIMLLM_AVX512_BF16 void columns_rest(const uint32_t* w, const uint16_t* xb, int64_t k, float* y,
+                                      int64_t n, int64_t left) {
+  if constexpr (MX > 0) {
+    if (left == MX) return columns_tile<V, MX>(w, xb, k, y, n, nullptr, 0);
+    columns_rest<V, MX - 1>(w, xb, k, y, n, left);
+  }
+}
+
+// Weight rows r0 .. r0 + 16 V against every row of x.
+template <int V>
+SLIMLLM_AVX512_BF16 void columns_block(const Problem& p, const uint16_t* xb, int64_t r0) {
+  auto* w = reinterpret_cast<uint32_t*>(item_buffer(16 * V * p.k * 2));
+  pair_order<V>(p, r0, w);
+  float* y = p.y + r0;
+  // the block two on (the other thread's items lie between), its lines spread over the tiles
+  const uint8_t* next = p.w + (r0 + 2 * kColumnsBlock) * p.row_bytes;
+  const int64_t total = r0 + 3 * kColumnsBlock <= p.n ? kColumnsBlock * p.row_bytes / 64 : 0;
+  const int64_t per = (total + p.m / kColumnsX - 1) / std::max<int64_t>(1, p.m / kColumnsX);
+  int64_t i = 0;
+  for (int64_t t = 0; i + kColumnsX <= p.m; i += kColumnsX, ++t)
+    columns_tile<V, kColumnsX>(w, xb + i * p.k, p.k, y + i * p.n, p.n, next + 64 * per * t,
+                               std::max<int64_t>(0, std::min(per, total - per * t)));
+  columns_rest<V, kColumnsX - 1>(w, xb + i * p.k, p.k, y + i * p.n, p.n, p.m - i);
+}
+
+void run_columns(ffi::ThreadPool& pool, const Problem& p) {
+  Aligned<uint16_t> xb(p.m * p.k);
+  for (int64_t i = 0; i < p.m; ++i) round_row_bf16(p.x + i * p.k, p.k, xb.data() + i * p.k);
+  const int64_t blocks = (p.n + kColumnsBlock - 1) / kColumnsBlock;
+  parallel_for(pool, blocks, [&](int64_t b) {
+    const int64_t r0 = b * kColumnsBlock, rows = std::min(kColumnsBlock, p.n - r0);
+    static_assert(kColumnsVectors == 3);
+    switch (rows / 16) {
+      case 3: columns_block<3>(p, xb.data(), r0); break;
+      case 2: columns_block<2>(p, xb.data(), r0); break;
+      case 1: columns_block<1>(p, xb.data(), r0); break;
+      default: break;
+    }
+    for (int64_t r = r0 + rows / 16 * 16; r < r0 + rows; ++r) {  // the last n % 16 rows
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(p.w + r * p.row_bytes);
+      pairs_rows<1>(p, xb.data(), &w, r, nullptr, 0, 0);
+    }
+  });
+}
+
 // ---------------------------------------------------------------- int8 quads (kernels "fast")
 //
 // int8 codes on the same CPUs and batches (more than kTileX rows of x, no AMX) meet x in
@@ -1572,6 +1704,7 @@ void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
       p.k % kPairCols == 0 && p.group % kPairCols == 0) {
     if (E == kInt8 && p.group % kQuadCols == 0) return run_quads(pool, p);
     if (E == kInt4 && p.group == 32) return run_lanes(pool, p);
+    if (E == kBFloat16 && p.m >= kColumnsMinX) return run_columns(pool, p);
     return run_pairs<E>(pool, p);
   }
 #endif

@@ -240,13 +240,14 @@ def check_products(
 def test_products_match_the_reference_widening(choice):
     """auto: float32 arithmetic; fast: x rounded. For 5 rows of x or more (prefill's too): to
     bfloat16 or int8 in AMX tiles where the CPU has AMX (int4 weights widened to bfloat16
-    against more than 16 rows), else in AVX512-BF16 pairs where it has those (int8 codes in
+    against more than 16 rows), else in AVX512-BF16 pairs where it has those (bfloat16 weights
+    against more than 16 rows in the pairs' columns, 19 rows leaving a partial tile; int8 codes in
     VPDPBUSD quads where the groups come in 64 columns, int4 codes in groups of 32 in VPDPBUSD
     group lanes; other codes widened to bfloat16). Off
     those roads int8 codes meet x rounded to 16 bits and int4 codes x rounded to int8 per 32
     columns (AVX512-VNNI; 16 bits where the columns do not come in blocks of 128)."""
     cols = (16, 96, 256, 1024, 2176)
-    ms = (1, 2, 3, 4, 5, 16, 40) if choice == "fast" else (1, 4, 5, 16)
+    ms = (1, 2, 3, 4, 5, 16, 19, 40) if choice == "fast" else (1, 4, 5, 16)
     check_products(cols_list=cols, ms=ms, choice=choice)
 
 
