@@ -198,10 +198,10 @@ def covering(rows_list, cols_list, ms) -> list[tuple[int, int, int]]:
 def test_the_covering_meets_every_pair():
     rows_list, cols_list, ms = (1, 5, 67, 32), (16, 96, 1024), (1, 3, 16)
     shapes = covering(rows_list, cols_list, ms)
+    axes = (rows_list, cols_list, ms)
     for a, b in ((0, 1), (0, 2), (1, 2)):
-        dims = ((rows_list, cols_list, ms)[a], (rows_list, cols_list, ms)[b])
         met = {(s[a], s[b]) for s in shapes}
-        assert met == {(u, v) for u in dims[0] for v in dims[1]}, (a, b)
+        assert met == {(u, v) for u in axes[a] for v in axes[b]}, (a, b)
     assert len(shapes) < len(rows_list) * len(cols_list) * len(ms)
 
 
