@@ -6,6 +6,8 @@ for different reasons); a ragged batch row generates what it generates alone, gr
 seeded; the JAX engine's programs are shared with the other stories tests (session fixture).
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,32 @@ def test_ragged_batch_rows_equal_rows_alone(setup, sampling):
         )
 
     rows_equal_alone(run, rows, [3, 4, 5])
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["channel", "per-token"])
+def test_the_prefill_clock_stops_before_the_first_token(setup, logits):
+    """generate queues the token loop behind the prefill before it waits for the prefill's
+    logits; the prefill's clock must still stop at those logits, not after the loop."""
+    model, rows, _ = setup
+    stamps = []
+    for _ in range(2):  # the second call compiles nothing
+        stamps.clear()
+        t0 = time.perf_counter()
+        out = slimllm.generate(
+            model,
+            ids=rows,
+            max_new_tokens=MAX_NEW,
+            eos_ids=(),
+            cache_len=CACHE,
+            backend="jax",
+            mode="stream",
+            return_logits=logits,
+            on_token=lambda row, token: stamps.append(time.perf_counter()),
+        )
+        t1 = time.perf_counter()
+    assert len(stamps) == len(rows) * MAX_NEW
+    assert 0 < out.prefill_seconds and t0 + out.prefill_seconds <= stamps[0]
+    assert 0 < out.decode_seconds and out.prefill_seconds + out.decode_seconds <= t1 - t0
 
 
 def test_the_greedy_choice_is_numpys_argmax():
