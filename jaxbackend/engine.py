@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
+from slimllm.kernels import linear as kernel
 from slimllm.reference.config import ModelConfig
 from slimllm.reference.errors import OptionError
 from slimllm.reference.model import TRACE_KEYS
@@ -153,15 +154,17 @@ class Engine:
         self.cfg = cfg  # the model's own config, never edited for a shard
         self.plan = ShardPlan.of(cfg, rt.tp)
         self.mesh = None
+        self.pairs = kernel.pair_order_wanted(rt.kernels)  # bfloat16 weights' layout (params.py)
         if rt.tp == 1:
-            self.comm, self.params = SINGLE, to_device(params, consume=consume)
+            self.comm, self.params = SINGLE, to_device(params, consume=consume, pairs=self.pairs)
         else:
             prepared = sharding.prepare(params, cfg, self.plan)
             self.comm = TRANSPORTS[rt.transport](rt.tp)
             if self.comm.per_process:
                 if mpi.size() != rt.tp:
                     raise OptionError(f"tp={rt.tp} but the MPI job has {mpi.size()} ranks")
-                self.params = to_device(sharding.local_slice(prepared, mpi.rank(), rt.tp))
+                local = sharding.local_slice(prepared, mpi.rank(), rt.tp)
+                self.params = to_device(local, pairs=self.pairs)
             else:
                 devices = jax.devices()
                 if len(devices) < rt.tp:
@@ -171,7 +174,7 @@ class Engine:
                         f"{rt.tp} before jax is imported, or run under mpiexec)"
                     )
                 self.mesh = jax.sharding.Mesh(np.array(devices[: rt.tp]), (tp.AXIS,))
-                self.params = sharding.shard_params(prepared, self.mesh)
+                self.params = sharding.shard_params(prepared, self.mesh, self.pairs)
         self.programs: dict = {}
         self.compile_seconds = 0.0
         self.loud = not self.comm.per_process or mpi.rank() == 0  # one notice per MPI job

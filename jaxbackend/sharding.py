@@ -217,7 +217,7 @@ def device_spec(name: str, w=None):
         return spec
     per_channel = w.scale is None or w.scale.shape[1] == 1
     scale_spec = REPLICATED if per_channel and spec == P(None, AXIS) else spec
-    return Compact(spec, None if w.scale is None else scale_spec, w.encoding)
+    return Compact(spec, None if w.scale is None else scale_spec, w.encoding, pairs=w.pairs)
 
 
 def spec_tree(params: Params) -> Params:
@@ -247,10 +247,10 @@ def cache_specs(cache):
     )
 
 
-def shard_params(params: Params, mesh):
-    """Place prepared NumPy params on the mesh devices, in the device layout, following the
-    table."""
-    device = to_device(params, ranks=mesh.size)
+def shard_params(params: Params, mesh, pairs: bool = False):
+    """Place prepared NumPy params on the mesh devices, in the device layout (bfloat16 in pair
+    order with `pairs`), following the table."""
+    device = to_device(params, ranks=mesh.size, pairs=pairs)
     specs = spec_tree(device)
     return jax.tree_util.tree_map(
         lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),

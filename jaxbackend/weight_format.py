@@ -34,7 +34,7 @@ TRANSPOSED_TILE_COLS = 3072  # widest tile written transposed (above the 150M pr
 
 try:
     jax.tree_util.register_dataclass(
-        Compact, data_fields=["values", "scale"], meta_fields=["encoding", "transposed"]
+        Compact, data_fields=["values", "scale"], meta_fields=["encoding", "transposed", "pairs"]
     )
 except ValueError:  # already registered (module reloaded)
     pass
@@ -62,6 +62,24 @@ def from_bf16_bits(bits):
     return lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
 
 
+PAIR_ROWS = 16  # rows of a block in pair order (`Compact.pairs`): one vector of 32-bit lanes
+
+
+def to_pair_order(values):
+    """[rows, cols] -> [rows / 16, 16 cols] in pair order (`Compact.pairs`); NumPy or jnp."""
+    rows, cols = values.shape
+    blocks = values.reshape(rows // PAIR_ROWS, PAIR_ROWS, cols // 2, 2)  # [b, t, j, i]
+    return blocks.transpose(0, 2, 1, 3).reshape(rows // PAIR_ROWS, PAIR_ROWS * cols)
+
+
+def from_pair_order(values):
+    """The inverse of `to_pair_order`: [rows / 16, 16 cols] -> [rows, cols]."""
+    blocks, width = values.shape
+    cols = width // PAIR_ROWS
+    pairs = values.reshape(blocks, cols // 2, PAIR_ROWS, 2)  # [b, j, t, i]
+    return pairs.transpose(0, 2, 1, 3).reshape(blocks * PAIR_ROWS, cols)
+
+
 # name -> widen(values, scale) -> float32 [rows, cols]; the encodings of the reference's table.
 WIDEN = {
     "float32": lambda values, scale: values,
@@ -77,15 +95,16 @@ def widen(w):
     """A weight as float32 (a whole matrix: for tables and tests; products use `linear`)."""
     if not isinstance(w, Compact):
         return w.astype(jnp.float32)
-    return WIDEN[w.encoding](w.values, w.scale)
+    return WIDEN[w.encoding](from_pair_order(w.values) if w.pairs else w.values, w.scale)
 
 
 def compact_linear(x, w: Compact):
     """x @ widen(w).T for a compact device weight [out, in]: [..., in] -> [..., out], widened one
     tile of TILE_ROWS output rows at a time (module docstring). When the tiles do not divide the
     rows, the last tile starts earlier and overlaps the one before it (those rows are kept
-    once), so no weight is ever padded or copied."""
-    rows, cols = w.values.shape[0], x.shape[-1]
+    once), so no weight is ever padded or copied. Values in pair order are sliced by blocks of
+    16 rows (every tile's start is a multiple of 16 then) and put back in rows per tile."""
+    rows, cols = w.stored_shape[0], x.shape[-1]
     t = min(TILE_ROWS, rows)
     n = -(-rows // t)  # tiles
     flat = x.reshape(-1, x.shape[-1])  # [m, in]
@@ -93,9 +112,13 @@ def compact_linear(x, w: Compact):
 
     def step(carry, i):
         start = jnp.minimum(i * t, rows - t)
-        tile = jax.tree_util.tree_map(
-            lambda a: lax.dynamic_slice_in_dim(a, start, t), (w.values, w.scale)
-        )  # [t, ...] of the values and the scales
+        if w.pairs:  # bfloat16: no scales
+            block = lax.dynamic_slice_in_dim(w.values, start // PAIR_ROWS, t // PAIR_ROWS)
+            tile = (from_pair_order(block), None)
+        else:
+            tile = jax.tree_util.tree_map(
+                lambda a: lax.dynamic_slice_in_dim(a, start, t), (w.values, w.scale)
+            )  # [t, ...] of the values and the scales
         wide = widen_tile(*tile)  # [t, in] float32
         if cols <= TRANSPOSED_TILE_COLS:  # the widened tile is written as [in, t]
             return carry, flat @ wide.T  # [m, in] x [in, t] -> [m, t]
@@ -113,6 +136,7 @@ def take_rows(table, ids):
     """Rows `ids` of a table [v, e] as float32: [...] -> [..., e], widening only those rows."""
     if not isinstance(table, Compact):
         return table[ids].astype(jnp.float32)
+    assert not table.pairs, "tables keep their rows (params.py never puts them in pair order)"
     scale = None if table.scale is None else table.scale[ids.reshape(-1)]
     rows = WIDEN[table.encoding](table.values[ids.reshape(-1)], scale)  # [n, e]
     return rows.reshape(*ids.shape, rows.shape[-1])

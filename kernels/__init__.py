@@ -12,9 +12,10 @@ float32 arithmetic; "fast": also weight products on x rounded: for more than 4 r
 tiles where the CPU has AMX (to bfloat16 for bfloat16 weights, to int8 per 32 or 64 columns for
 int8/int4; int4 against more than 16 rows meets x in bfloat16, its codes widened to bfloat16
 values), else in AVX512-BF16 / VNNI dot products where the CPU has them (x to bfloat16 against
-bfloat16 weights; to int8 per lane of 64-column steps against int8 codes, per 32 columns against
-int4 codes in groups of 32; other codes widened to bfloat16 values); otherwise to 16-bit
-integers for int8/int4 weights; "xla": never).
+bfloat16 weights, at any number of rows where an engine stored them in pair order; to int8 per
+lane of 64-column steps against int8 codes, per 32 columns against int4 codes in groups of 32;
+other codes widened to bfloat16 values); otherwise to 16-bit integers for int8/int4 weights;
+"xla": never).
 `choose(...)` sets that choice while a program is traced (`model.forward` does), and a
 kernel's wrapper (`linear.py`) asks `active()` before it emits its custom call; the engine keys
 its compiled programs by the Runtime, so both paths can live in one process.

@@ -8,7 +8,8 @@ roads of kernels "fast" for more than 4 rows of x, which take any number of rows
 (bfloat16 weights against x rounded to bfloat16, int8/int4 codes against x rounded to int8, in
 tiles; int4 against more than 16 rows as bfloat16 values) and, on a CPU with AVX512-BF16 but
 no AMX, the bfloat16 pairs road (x rounded to bfloat16 against bfloat16 weights, in VDPBF16PS,
-with x's pairs broadcast against a block of weight rows for more than 16 rows of x;
+with x's pairs broadcast against a block of weight rows for more than 16 rows of x, and for
+any number of rows where the weights are stored in pair order, `Compact.pairs`;
 x rounded to int8 against int8 codes and int4 codes in groups of 32, in VPDPBUSD; other codes
 widened to bfloat16 values).
 """
@@ -24,7 +25,7 @@ import numpy as np
 from slimllm.jaxbackend import weight_format  # noqa: F401 (registers Compact as a pytree)
 from slimllm.reference.weight_format import ENCODINGS, Compact
 
-from . import active, choice, isa, target
+from . import active, available, choice, isa, target
 
 # The kernel's numbering of the reference's encodings (src/linear.cc, enum Encoding).
 ENCODING = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4}
@@ -40,6 +41,8 @@ def applies(m: int, cols: int, w) -> bool:
     """Can the kernel multiply m rows of `cols` columns by w?"""
     if not active() or m < 1 or cols % LANES:
         return False
+    if isinstance(w, Compact) and w.pairs:
+        return columns_road(cols)  # any number of rows
     if isinstance(w, Compact):
         groups = 1 if w.scale is None else w.scale.shape[1]
         fits = w.encoding in ENCODING and not w.transposed and (cols // groups) % LANES == 0
@@ -70,6 +73,21 @@ def pairs_road(group: int, w: Compact) -> bool:
         and group % PAIR_COLS == 0
         and not amx_road(group, w)
     )
+
+
+def columns_road(cols: int) -> bool:
+    """Does the kernel read bfloat16 weights stored in pair order (`Compact.pairs`), `cols`
+    columns, in this program? Only the pairs' columns road does: kernels "fast" on a CPU with
+    AVX512-BF16 and no AMX."""
+    return choice() == "fast" and isa() == "avx512-bf16" and cols % PAIR_COLS == 0
+
+
+def pair_order_wanted(kernels: str) -> bool:
+    """Should an engine for Runtime.kernels `kernels` store its bfloat16 linear weights in pair
+    order (`jaxbackend/params.py`)? Where the columns road reads them: it multiplies any number
+    of rows of x without copying the weights first (programs with another choice widen them in
+    XLA)."""
+    return kernels == "fast" and available() and isa() == "avx512-bf16"
 
 
 def batched_instruction(encoding: str, group: int | None, kernels: str) -> str | None:
@@ -106,7 +124,8 @@ def linear(x, w):
     )
     if scale is None:
         scale = jnp.zeros((1, 1), jnp.float32)  # unread: the encoding has no scales
-    rows = values.shape[0]
+    pairs = isinstance(w, Compact) and w.pairs
+    rows = w.stored_shape[0] if pairs else values.shape[0]
     traced[encoding] += 1
     call = jax.ffi.ffi_call(
         target("slimllm_linear"),
@@ -119,5 +138,6 @@ def linear(x, w):
         scale.astype(ENCODINGS[encoding].scale_dtype),  # int4's float16 (a no-op as stored)
         encoding=np.int32(ENCODING[encoding]),
         integer=np.int32(choice() == "fast"),  # x rounded: bfloat16, int8 or 16-bit integers
+        pairs=np.int32(pairs),
     )
     return y.reshape(*x.shape[:-1], rows)

@@ -36,7 +36,8 @@ TRANSPORTS = ("devices", "mpi")  # tensor parallelism over XLA devices or MPI pr
 # rounded to bfloat16 or to int8 per 32/64 columns in AMX tiles (int4 against more than 16 rows:
 # its values widened to bfloat16, x to bfloat16); without AMX but with AVX512-BF16 (Zen 4) the
 # same products take x rounded to bfloat16 (bfloat16 weights, codes widened to bfloat16) or to
-# int8 (int8 codes, int4 codes in groups of 32) in dot-product instructions; otherwise int8
+# int8 (int8 codes, int4 codes in groups of 32) in dot-product instructions, and bfloat16
+# weights, stored in pair order for it, at every batch size (decode's too); otherwise int8
 # products round x to 16-bit integers and int4 products to int8 per 32 columns (bounds in
 # kernels/src/linear.cc); "xla" never calls them
 KERNELS = ("auto", "fast", "xla")

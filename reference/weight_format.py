@@ -241,12 +241,17 @@ def weight_format(name: str) -> WeightFormat:
 class Compact:
     """A matrix in a compact encoding: values [rows, cols // pack] and, when scaled, one scale
     (the encoding's `scale_dtype`) per row per group ([rows, cols // group]). `transposed`: the
-    logical matrix is the transpose of the stored one (reference linear weights, [in, out])."""
+    logical matrix is the transpose of the stored one (reference linear weights, [in, out]).
+    `pairs`: bfloat16 values [rows / 16, 16 cols] in pair order, each block of 16 rows stored
+    column pair by column pair, the block's 16 rows side by side (values[b, 32 j + 2 t + i] is
+    row 16 b + t, column 2 j + i): the JAX backend's device layout for its bfloat16 kernel
+    (`jaxbackend/params.py`); the reference never makes one."""
 
     values: np.ndarray
     scale: np.ndarray | None
     encoding: str
     transposed: bool = False
+    pairs: bool = False
 
     @property
     def enc(self) -> Encoding:
@@ -255,6 +260,8 @@ class Compact:
     @property
     def stored_shape(self) -> tuple[int, int]:
         rows, packed = self.values.shape
+        if self.pairs:
+            return rows * 16, packed // 16
         return rows, packed * self.enc.pack
 
     @property

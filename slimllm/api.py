@@ -101,9 +101,12 @@ class Model:
         again from the loaded weights, the loaded ones are read again from `source`."""
         rt = self.placed(rt)
         fmt = self.format_of(rt)
-        key = (rt.tp, rt.transport, *fmt)
+        # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
+        from slimllm.kernels.linear import pair_order_wanted
+
+        # bfloat16 weights are laid out for the kernels choice (jaxbackend/params.py)
+        key = (rt.tp, rt.transport, *fmt, fmt[0] == "bfloat16" and pair_order_wanted(rt.kernels))
         if key not in self._engines:
-            # jax (~0.5 s to import) only once needed; the device count for tp is set by then.
             from slimllm.jaxbackend.engine import Engine
             from slimllm.jaxbackend.sharding import check_groups, check_tp
 

@@ -52,6 +52,7 @@ struct Problem {
   float* y;  // [m, n]
   int64_t m, n, k, row_bytes, groups, group;
   const uint16_t* half_scale = nullptr;  // [n, groups] float16 scales as stored (int4's)
+  bool pairs = false;  // bfloat16 w in pair order, [n / 16, 16 k]: the columns road reads it
   const int16_t* xq = nullptr;  // [m, k] x rounded to 16 bits (the integer path)
   const float* xs = nullptr;  // [m] their scales
   const int8_t* x_even = nullptr;  // [m, k/2] x rounded to int8, even columns (int4 bytes)
@@ -1179,6 +1180,9 @@ void run_pairs(ffi::ThreadPool& pool, const Problem& p) {
 // pairs at 128 rows. The copy costs the same whatever m is: at 16 rows of x it cost more than
 // the tile saved, so decode batches keep the pairs. The rounding is the pairs' (x to bfloat16
 // once per call); only the order of the float32 sums differs.
+//   Weights stored in pair order (`Problem::pairs`: the JAX backend puts bfloat16 linear
+// weights so for kernels "fast" on these CPUs) need no copy: every block's 16-row groups are
+// read where they lie, for any number of rows of x, decode's included.
 
 constexpr int64_t kColumnsX = 8;  // rows of x per register tile
 constexpr int kColumnsVectors = 3;  // vectors of 16 weight rows per block (a work item)
@@ -1225,9 +1229,17 @@ SLIMLLM_AVX512_BF16 void pair_order(const Problem& p, int64_t r0, uint32_t* out)
     }
 }
 
+// Where pair j of 16-row group v lies in a block in pair order: the copy interleaves its V
+// groups (pair j of all 16 V rows side by side), stored weights keep each group whole (8 k
+// pairs a group).
+template <int V, bool Stored>
+inline const uint32_t* pair_at(const uint32_t* w, int64_t k, int64_t j, int v) {
+  return Stored ? w + v * 8 * k + j * 16 : w + (j * V + v) * 16;
+}
+
 // y[i, t] for MX rows of x (bfloat16, k apart from xb) against the 16 V weight rows in pair
 // order at w; y's rows are n apart.
-template <int V, int MX>
+template <int V, int MX, bool Stored>
 SLIMLLM_AVX512_BF16 void columns_tile(const uint32_t* w, const uint16_t* xb, int64_t k, float* y,
                                       int64_t n, const uint8_t* ahead, int64_t lines) {
   __m512 acc[MX][V];
@@ -1236,7 +1248,8 @@ SLIMLLM_AVX512_BF16 void columns_tile(const uint32_t* w, const uint16_t* xb, int
   for (int64_t j = 0; j < k / 2; ++j) {
     if (j < lines) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * j), _MM_HINT_T0);
     __m512bh wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = (__m512bh)_mm512_load_si512(w + (j * V + v) * 16);
+    for (int v = 0; v < V; ++v)
+      wv[v] = (__m512bh)_mm512_loadu_si512(pair_at<V, Stored>(w, k, j, v));
     for (int i = 0; i < MX; ++i) {
       int32_t pair;
       std::memcpy(&pair, xb + i * k + 2 * j, 4);
@@ -1249,20 +1262,24 @@ SLIMLLM_AVX512_BF16 void columns_tile(const uint32_t* w, const uint16_t* xb, int
 }
 
 // The last m % kColumnsX rows of x (`left` of them, fewer than MX + 1) in one tile.
-template <int V, int MX>
+template <int V, int MX, bool Stored>
 SLIMLLM_AVX512_BF16 void columns_rest(const uint32_t* w, const uint16_t* xb, int64_t k, float* y,
                                       int64_t n, int64_t left) {
   if constexpr (MX > 0) {
-    if (left == MX) return columns_tile<V, MX>(w, xb, k, y, n, nullptr, 0);
-    columns_rest<V, MX - 1>(w, xb, k, y, n, left);
+    if (left == MX) return columns_tile<V, MX, Stored>(w, xb, k, y, n, nullptr, 0);
+    columns_rest<V, MX - 1, Stored>(w, xb, k, y, n, left);
   }
 }
 
-// Weight rows r0 .. r0 + 16 V against every row of x.
-template <int V>
+// Weight rows r0 .. r0 + 16 V against every row of x (copied into pair order unless Stored so).
+template <int V, bool Stored>
 SLIMLLM_AVX512_BF16 void columns_block(const Problem& p, const uint16_t* xb, int64_t r0) {
-  auto* w = reinterpret_cast<uint32_t*>(item_buffer(16 * V * p.k * 2));
-  pair_order<V>(p, r0, w);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(p.w + r0 * p.row_bytes);
+  if constexpr (!Stored) {
+    auto* copy = reinterpret_cast<uint32_t*>(item_buffer(16 * V * p.k * 2));
+    pair_order<V>(p, r0, copy);
+    w = copy;
+  }
   float* y = p.y + r0;
   // the block two on (the other thread's items lie between), its lines spread over the tiles
   const uint8_t* next = p.w + (r0 + 2 * kColumnsBlock) * p.row_bytes;
@@ -1270,9 +1287,20 @@ SLIMLLM_AVX512_BF16 void columns_block(const Problem& p, const uint16_t* xb, int
   const int64_t per = (total + p.m / kColumnsX - 1) / std::max<int64_t>(1, p.m / kColumnsX);
   int64_t i = 0;
   for (int64_t t = 0; i + kColumnsX <= p.m; i += kColumnsX, ++t)
-    columns_tile<V, kColumnsX>(w, xb + i * p.k, p.k, y + i * p.n, p.n, next + 64 * per * t,
-                               std::max<int64_t>(0, std::min(per, total - per * t)));
-  columns_rest<V, kColumnsX - 1>(w, xb + i * p.k, p.k, y + i * p.n, p.n, p.m - i);
+    columns_tile<V, kColumnsX, Stored>(w, xb + i * p.k, p.k, y + i * p.n, p.n, next + 64 * per * t,
+                                       std::max<int64_t>(0, std::min(per, total - per * t)));
+  columns_rest<V, kColumnsX - 1, Stored>(w, xb + i * p.k, p.k, y + i * p.n, p.n, p.m - i);
+}
+
+template <bool Stored>
+void columns_rows(const Problem& p, const uint16_t* xb, int64_t r0, int64_t rows) {
+  static_assert(kColumnsVectors == 3);
+  switch (rows / 16) {
+    case 3: columns_block<3, Stored>(p, xb, r0); break;
+    case 2: columns_block<2, Stored>(p, xb, r0); break;
+    case 1: columns_block<1, Stored>(p, xb, r0); break;
+    default: break;
+  }
 }
 
 void run_columns(ffi::ThreadPool& pool, const Problem& p) {
@@ -1281,18 +1309,13 @@ void run_columns(ffi::ThreadPool& pool, const Problem& p) {
   const int64_t blocks = (p.n + kColumnsBlock - 1) / kColumnsBlock;
   parallel_for(pool, blocks, [&](int64_t b) {
     const int64_t r0 = b * kColumnsBlock, rows = std::min(kColumnsBlock, p.n - r0);
-    static_assert(kColumnsVectors == 3);
-    switch (rows / 16) {
-      case 3: columns_block<3>(p, xb.data(), r0); break;
-      case 2: columns_block<2>(p, xb.data(), r0); break;
-      case 1: columns_block<1>(p, xb.data(), r0); break;
-      default: break;
-    }
+    if (p.pairs) return columns_rows<true>(p, xb.data(), r0, rows);  // n % 16 == 0 (`linear`)
+    columns_rows<false>(p, xb.data(), r0, rows);
     for (int64_t r = r0 + rows / 16 * 16; r < r0 + rows; ++r) {  // the last n % 16 rows
       const uint16_t* w = reinterpret_cast<const uint16_t*>(p.w + r * p.row_bytes);
       pairs_rows<1>(p, xb.data(), &w, r, nullptr, 0, 0);
     }
-  });
+  }, p.m <= kStayRows);
 }
 
 // ---------------------------------------------------------------- int8 quads (kernels "fast")
@@ -1697,6 +1720,7 @@ template <int E>
 void run(ffi::ThreadPool& pool, Problem p, bool allow_integer) {
   bool fast = SLIMLLM_X86 && has_avx512() && p.k % 16 == 0 && p.group % 16 == 0;
 #if SLIMLLM_X86
+  if (p.pairs) return run_columns(pool, p);  // bfloat16, checked by `linear`
   if (allow_integer && fast && has_amx() && p.m > kTileX && (E == kBFloat16 || scaled(E)) &&
       p.k % kAmxCols == 0 && p.group % kAmxCols == 0 && p.n % kAmxRows == 0)
     return run_amx<E>(pool, p);
@@ -1756,7 +1780,7 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
 ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
-                  MatrixResult y, int32_t encoding, int32_t integer) {
+                  MatrixResult y, int32_t encoding, int32_t integer, int32_t pairs) {
   if (encoding < kFloat32 || encoding > kInt4)
     return ffi::Error::InvalidArgument("slimllm_linear: unknown encoding");
   if (w.element_type() != kStorage[encoding] || w.dimensions().size() != 2)
@@ -1767,10 +1791,16 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuff
     return ffi::Error::InvalidArgument(
         "slimllm_linear: scales must be 2-d, float16 for int4 and float32 otherwise");
   auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
-  int64_t m = xd[0], k = xd[1], n = wd[0];
-  int64_t stored = kPerByte[encoding] ? k / kPerByte[encoding] : k;
+  int64_t m = xd[0], k = xd[1], n = pairs ? 16 * wd[0] : wd[0];
+  int64_t stored = pairs ? 16 * k : kPerByte[encoding] ? k / kPerByte[encoding] : k;
   if (wd[1] != stored || yd[0] != m || yd[1] != n)
     return ffi::Error::InvalidArgument("slimllm_linear: shapes do not match");
+  // weights in pair order: only the columns road reads them
+  if (pairs && (encoding != kBFloat16 || !integer || !SLIMLLM_X86 || !has_avx512_bf16() ||
+                k % kPairCols))
+    return ffi::Error::InvalidArgument(
+        "slimllm_linear: weights in pair order need bfloat16, kernels \"fast\", AVX512-BF16 "
+        "and columns in steps of 32");
   int64_t groups = scaled(encoding) ? sd[1] : 1;
   if (scaled(encoding) && (sd[0] != n || groups < 1 || k % groups))
     return ffi::Error::InvalidArgument("slimllm_linear: scale shape does not match");
@@ -1783,7 +1813,9 @@ ffi::Error linear(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ffi::AnyBuff
             k,
             static_cast<int64_t>(w.size_bytes() / std::max<int64_t>(n, 1)),
             groups,
-            k / groups};
+            k / groups,
+            nullptr,
+            pairs != 0};
   if (encoding == kInt4) p.half_scale = static_cast<const uint16_t*>(scale.untyped_data());
   if (m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
@@ -1811,4 +1843,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(slimllm_linear, slimllm::linear,
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<slimllm::Matrix>()
                                   .Attr<int32_t>("encoding")
-                                  .Attr<int32_t>("integer"));
+                                  .Attr<int32_t>("integer")
+                                  .Attr<int32_t>("pairs"));

@@ -9,7 +9,9 @@ tp=1 is computed here, in the pytest process. The two tp=2 sides are background 
 `tp_worker.py` over all cases (one process with two XLA devices; `mpiexec -n 2`), started by the
 session's first tensor-parallel test module (`tp_cases.start_early`) so that they compile on the
 other core meanwhile; each is one process start and one JAX import for all cases, not one per
-case. Measured tp=2 vs tp=1 logits errors are below 2.1e-6 for every case, both transports.
+case. Measured tp=2 vs tp=1 logits errors are below 2.1e-6 for every case, both transports,
+but the one with kernels "fast" (bfloat16 weights in pair order, x rounded to bfloat16: a last-
+bit difference in x can move its rounding a whole bfloat16 step), 1.8e-3 .. 3.8e-3 on one device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from conftest import FIXTURES
 from slimllm.conformance.tolerances import THROUGH_CACHE, rel_err
 
 CASES = tp_cases.plan(FIXTURES)
+FAST_ROUNDING = 1e-2  # measured 1.8e-3 .. 3.8e-3 (chatglm3, qwen3, llama; qwen1 0)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,8 @@ def assert_same(want: dict, got: dict, case, where: str) -> None:
     # rounding tie can land on the neighbouring int8 step when the tp=2 sum differs in the last
     # bit (seen: llama31, 2.2e-5), so the bound is one storage quantum through the cache.
     bound = THROUGH_CACHE[case.kv_dtype]
+    if case.kernels == "fast":  # x rounded to bfloat16 on both sides: where the sums' order
+        bound = FAST_ROUNDING  # moved x in its last bit, its rounding can move a whole step
     assert got["logits"].shape == want["logits"].shape, where
     for row, (g, w) in enumerate(zip(got["logits"], want["logits"], strict=True)):
         err = rel_err(g, w)

@@ -57,11 +57,13 @@ class Case:
     weights: str = "float32"
     sampling: str = "greedy"  # "greedy" or a key of SAMPLINGS
     mode: str = "stream"  # "stream" (host sees every token; logits) or "loop" (one program)
+    kernels: str = "auto"  # Runtime.kernels: "fast" stores bfloat16 weights in pair order
 
     @property
     def key(self) -> str:
         parts = (self.attention, self.kv_dtype, self.weights, self.sampling, self.mode)
-        return "-".join((self.fixture, *parts))
+        fast = ("fast",) if self.kernels == "fast" else ()
+        return "-".join((self.fixture, *parts, *fast))
 
     @property
     def with_logits(self) -> bool:
@@ -111,6 +113,12 @@ def plan(fixtures: Path) -> list[Case]:
     if not names:
         return greedy
     first = next(c for c in greedy if c.fixture == sampled_fixture(names))
+    # kernels "fast" on bfloat16 weights: where the CPU has the columns road, each rank's
+    # weights in pair order (a mesh shards the global layout, an MPI rank lays out its slice)
+    paired = next(c for c in greedy if c.weights == "bfloat16")
+    greedy.append(
+        Case(paired.fixture, paired.attention, paired.kv_dtype, "bfloat16", kernels="fast")
+    )
     return greedy + [
         Case(first.fixture, first.attention, first.kv_dtype, first.weights, s, mode)
         for s in SAMPLINGS
@@ -150,6 +158,7 @@ def run(fixtures: Path, case: Case, tp: int) -> dict[str, np.ndarray]:
         kv_dtype=case.kv_dtype,
         weights=case.weights,
         mode=case.mode,
+        kernels=case.kernels,
         return_logits=case.with_logits,
         tp=tp,
         **SAMPLINGS.get(case.sampling, {}),

@@ -22,6 +22,7 @@ import slimllm
 from conftest import FIXTURES, ROOT, STORIES
 from kernel_paths import needs_library, on_path
 from slimllm import kernels
+from slimllm.jaxbackend.weight_format import compact_linear, to_pair_order
 from slimllm.kernels import linear as kernel
 from slimllm.reference.weight_format import ENCODINGS, Compact
 
@@ -270,6 +271,75 @@ def test_without_amx_fast_takes_the_pairs_road():
     on_path("avx512-bf16", "test_linear_kernel", "check_products(ms=(1, 5, 16, 40), choice='fast')")
 
 
+def check_pair_order(
+    rows_list=(16, 48, 80, 208), cols_list=(32, 96, 1024), ms=(1, 3, 8, 16, 19, 40)
+):
+    """bfloat16 weights stored in pair order (`Compact.pairs`): with kernels "fast" where the
+    CPU has the columns road (AVX512-BF16, no AMX) the kernel takes them at every row count
+    (blocks of 48, 32 and 16 rows; full and partial tiles of x), within the pairs' bound (x
+    rounded to bfloat16) and, above 16 rows, with the very bits of the same weights stored by
+    rows (the same tiles, the copy skipped); elsewhere and with "auto" `linear` declines them,
+    and XLA's product reads them as it reads rows."""
+    rng = np.random.default_rng(5)
+
+    def product(choice):
+        def f(x, w):
+            with kernels.choose(choice):
+                return kernel.linear(x, w)
+
+        return jax.jit(f)
+
+    fast, auto, xla = product("fast"), product("auto"), jax.jit(compact_linear)
+    road = kernels.isa() == "avx512-bf16"
+    for rows, cols, m in covering(rows_list, cols_list, ms):
+        w = compact(rng.standard_normal((rows, cols)).astype(np.float32), "bfloat16", None)
+        paired = Compact(to_pair_order(w.values), None, "bfloat16", pairs=True)
+        wide = widened(w, "bfloat16").astype(np.float64)
+        x = rng.standard_normal((m, cols)).astype(np.float32)
+        x[:, 0] = 8.0
+        y = fast(jnp.asarray(x), paired)
+        assert (y is not None) == road, (rows, cols, m)
+        if road:
+            err = np.abs(np.asarray(y) - x.astype(np.float64) @ wide.T)
+            bound = error_bound(x, wide, "fast", "bfloat16", None, max(m, 5))  # the pairs'
+            assert (err <= bound + 1e-30).all(), (rows, cols, m)
+            if m > kernel.MAX_ROWS:
+                assert np.array_equal(np.asarray(y), np.asarray(fast(jnp.asarray(x), w)))
+        assert auto(jnp.asarray(x), paired) is None
+        got, want = (np.asarray(xla(jnp.asarray(x), v)) for v in (paired, w))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_weights_in_pair_order_take_the_columns_at_every_row_count():
+    check_pair_order()
+    if kernels.isa() == "avx512-amx":  # the road runs only with AMX turned off
+        on_path("avx512-bf16", "test_linear_kernel", "check_pair_order(ms=(1, 19))")
+
+
+def test_the_kernel_reads_pair_order_only_on_the_columns_road():
+    """The custom call refuses weights in pair order it cannot read (another encoding, x not
+    rounded): an error naming the layout, never a product of misread values."""
+    call = jax.ffi.ffi_call(
+        kernels.target("slimllm_linear"), jax.ShapeDtypeStruct((1, 32), jnp.float32)
+    )
+    x, scale = jnp.ones((1, 64), jnp.float32), jnp.ones((32, 1), jnp.float32)
+    for encoding, values, integer in [
+        ("int8", jnp.ones((2, 1024), jnp.int8), 1),
+        ("bfloat16", jnp.ones((2, 1024), jnp.uint16), 0),
+    ]:
+        with pytest.raises(Exception, match="weights in pair order need bfloat16"):
+            jax.block_until_ready(
+                call(
+                    x,
+                    values,
+                    scale,
+                    encoding=np.int32(kernel.ENCODING[encoding]),
+                    integer=np.int32(integer),
+                    pairs=np.int32(1),
+                )
+            )
+
+
 @pytest.mark.parametrize("choice", ["auto", "fast"])
 def test_scales_reach_the_kernel_in_their_encodings_width(choice):
     """int4's scales are float16 (read and widened by every road, `scale_of` in
@@ -312,6 +382,7 @@ def test_scales_reach_the_kernel_in_their_encodings_width(choice):
                     scale,
                     encoding=np.int32(kernel.ENCODING[encoding]),
                     integer=np.int32(1),
+                    pairs=np.int32(0),
                 )
             )
 
