@@ -316,28 +316,28 @@ def test_weights_in_pair_order_take_the_columns_at_every_row_count():
         on_path("avx512-bf16", "test_linear_kernel", "check_pair_order(ms=(1, 19))")
 
 
+def raw_call(x, values, scale, encoding: str, integer: int, pairs: int, rows: int):
+    """The custom call itself, its attributes as given (for the kernel's own refusals)."""
+    call = jax.ffi.ffi_call(
+        kernels.target("slimllm_linear"), jax.ShapeDtypeStruct((x.shape[0], rows), jnp.float32)
+    )
+    encoding = np.int32(kernel.ENCODING[encoding])
+    integer, pairs = np.int32(integer), np.int32(pairs)
+    return jax.block_until_ready(
+        call(x, values, scale, encoding=encoding, integer=integer, pairs=pairs)
+    )
+
+
 def test_the_kernel_reads_pair_order_only_on_the_columns_road():
     """The custom call refuses weights in pair order it cannot read (another encoding, x not
     rounded): an error naming the layout, never a product of misread values."""
-    call = jax.ffi.ffi_call(
-        kernels.target("slimllm_linear"), jax.ShapeDtypeStruct((1, 32), jnp.float32)
-    )
     x, scale = jnp.ones((1, 64), jnp.float32), jnp.ones((32, 1), jnp.float32)
     for encoding, values, integer in [
         ("int8", jnp.ones((2, 1024), jnp.int8), 1),
         ("bfloat16", jnp.ones((2, 1024), jnp.uint16), 0),
     ]:
         with pytest.raises(Exception, match="weights in pair order need bfloat16"):
-            jax.block_until_ready(
-                call(
-                    x,
-                    values,
-                    scale,
-                    encoding=np.int32(kernel.ENCODING[encoding]),
-                    integer=np.int32(integer),
-                    pairs=np.int32(1),
-                )
-            )
+            raw_call(x, values, scale, encoding, integer, 1, 32)
 
 
 @pytest.mark.parametrize("choice", ["auto", "fast"])
@@ -368,23 +368,11 @@ def test_scales_reach_the_kernel_in_their_encodings_width(choice):
                 continue
             assert np.array_equal(np.asarray(y16), np.asarray(y32)), (encoding, group, m)
     w = compact(np.ones((32, 64), np.float32), "int4", 32)
-    call = jax.ffi.ffi_call(
-        kernels.target("slimllm_linear"), jax.ShapeDtypeStruct((1, 32), jnp.float32)
-    )
     x = jnp.ones((1, 64), jnp.float32)
     for encoding, scale in [("int4", w.scale.astype(jnp.float32)), ("int8", w.scale)]:
         values = w.values if encoding == "int4" else jnp.ones((32, 64), jnp.int8)
         with pytest.raises(Exception, match="float16 for int4 and float32 otherwise"):
-            jax.block_until_ready(
-                call(
-                    x,
-                    values,
-                    scale,
-                    encoding=np.int32(kernel.ENCODING[encoding]),
-                    integer=np.int32(1),
-                    pairs=np.int32(0),
-                )
-            )
+            raw_call(x, values, scale, encoding, 1, 0, 32)
 
 
 def test_prefill_rows_take_a_fast_road_only_where_the_cpu_has_one():
